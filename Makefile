@@ -1,0 +1,73 @@
+# fastpath-gateway — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMPS := .stamps
+RUST_SRC := $(shell find crates -name '*.rs' -o -name 'Cargo.toml' 2>/dev/null) Cargo.toml
+export PYO3_PYTHON := $(abspath $(PY))
+export CARGO_TERM_COLOR := never
+
+.PHONY: help install build-dev build-release run serve test test-rust test-python lint fmt bench-deps bench clean
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(UV) pip install -q -p $(PY) -r pyproject.toml --extra dev
+	touch $@
+
+$(STAMPS)/build-release: $(STAMPS)/venv $(RUST_SRC) pyproject.toml
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release --uv -q
+	rm -f $(STAMPS)/build-dev
+	touch $@
+
+install: $(STAMPS)/build-release ## create .venv, install deps, build the Rust extension (release)
+
+build-release: $(STAMPS)/build-release ## (re)build the extension in release mode if sources changed
+
+build-dev: $(STAMPS)/venv ## build the extension in debug mode (faster compile)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --uv -q
+	rm -f $(STAMPS)/build-release
+
+run: install ## install everything and run the gateway + its local upstream (Ctrl-C stops both)
+	$(VENV)/bin/fastpath-gateway run-local
+
+serve: install ## run only the gateway on the embedded default config
+	$(VENV)/bin/fastpath-gateway serve
+
+lint: $(STAMPS)/venv ## ruff, mypy, rustfmt, clippy
+	$(VENV)/bin/ruff check python tests benchmarks
+	$(VENV)/bin/ruff format --check python tests benchmarks
+	$(VENV)/bin/mypy
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -q -- -D warnings
+
+fmt: $(STAMPS)/venv ## format Python and Rust
+	$(VENV)/bin/ruff format python tests benchmarks
+	$(VENV)/bin/ruff check --fix python tests benchmarks
+	cargo fmt --all
+
+test-rust: $(STAMPS)/venv ## Rust unit tests
+	cargo test --workspace -q
+
+test-python: install ## Python tests (real sockets, real upstream processes)
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test: lint test-rust test-python ## everything CI runs: lint, Rust and Python tests
+
+bench-deps: ## system tools for benchmarks (wrk, nginx); not needed for tests
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
+	  (sudo -n true 2>/dev/null && S=sudo || S=; $$S apt-get update -q && $$S apt-get install -y -q wrk nginx-light || $$S apt-get install -y -q wrk nginx)
+
+bench: install bench-deps ## first measurement: direct vs through the gateway (wrk)
+	$(PY) benchmarks/proxy_overhead.py
+
+clean: ## remove build outputs and the venv
+	rm -rf $(VENV) $(STAMPS) target

@@ -1,0 +1,252 @@
+"""First measurement: what one hop through the gateway adds, against baselines in the same run.
+
+Upstream: nginx answering a fixed 366-byte chat.completion instantly (never the bottleneck).
+Targets: direct to that upstream, nginx `proxy_pass` (keep-alive pool: a well-made proxy hop,
+our practical floor), and fastpath-gateway (1 worker). Load: wrk (native, closed loop).
+Reports RPS, latency percentiles, gateway CPU per request (from /proc) and /proc/loadavg.
+
+    .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--warmup 3] [--repeat 2]
+
+Not run in CI. Needs `wrk` and `nginx` (`make bench-deps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BODY = (
+    '{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"mock-echo",'
+    '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},'
+    '"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,'
+    '"total_tokens":21},"system_fingerprint":"fp_bench"}'
+)
+REQUEST = '{"model":"bench","messages":[{"role":"user","content":"Hello, how are you?"}],"max_tokens":16}'
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 20) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            req = urllib.request.Request(url, data=REQUEST.encode(), headers={"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready")
+
+
+def nginx_conf(tmp: Path, upstream_port: int, proxy_port: int) -> Path:
+    body = BODY.replace("'", "\\'")
+    conf = f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{upstream_port};
+    location / {{ default_type application/json; return 200 '{body}'; }}
+  }}
+  upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{proxy_port};
+    location / {{
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+    path = tmp / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+def proc_cpu_s(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICK
+
+
+def tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    for k in kids:
+        out += tree(int(k))
+    return out
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+@dataclass
+class Row:
+    target: str
+    conc: int
+    rps: float
+    p50: float
+    p90: float
+    p99: float
+    errors: int
+    cpu_us: float | None
+    rss: float | None
+    loadavg: str
+
+
+def to_ms(v: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    if not m:
+        return float("nan")
+    x = float(m.group(1))
+    return {"us": x / 1000, "ms": x, "s": x * 1000}[m.group(2)]
+
+
+def run_wrk(url: str, conc: int, duration: int, script: Path) -> tuple[float, dict[str, float], int, int]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conc}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    pct = {p: to_ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M)}
+    errs = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errs += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errs += sum(int(x) for x in m.groups())
+    return rps, pct, errs, total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--conc", default="1,16")
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"{tool} not found: run `make bench-deps`")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    tmp = Path(tempfile.mkdtemp(prefix="fpbench-"))
+    up, px, gw = free_port(), free_port(), free_port()
+    lua = tmp / "post.lua"
+    lua.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [[{REQUEST}]]\n"
+    )
+    cfg = tmp / "gateway.yaml"
+    cfg.write_text(
+        "server: {host: 127.0.0.1}\n"
+        f"providers: [{{name: up, base_url: 'http://127.0.0.1:{up}/v1'}}]\n"
+        "models: [{name: bench, provider: up, upstream_model: mock-echo}]\n"
+    )
+    ngx = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(nginx_conf(tmp, up, px))])
+    gwp = subprocess.Popen(
+        [str(REPO / ".venv/bin/fastpath-gateway"), "serve", "--config", str(cfg), "--port", str(gw),
+         "--workers", str(args.workers), "--log-level", "error"],
+        stdout=subprocess.DEVNULL,
+    )
+    rows: list[Row] = []
+    try:
+        targets = {
+            "direct (nginx static)": f"http://127.0.0.1:{up}/v1/chat/completions",
+            "nginx proxy_pass": f"http://127.0.0.1:{px}/v1/chat/completions",
+            "fastpath-gateway": f"http://127.0.0.1:{gw}/v1/chat/completions",
+        }
+        for url in targets.values():
+            wait_http(url)
+        gw_pids = [p for p in tree(gwp.pid) if p != gwp.pid] or [gwp.pid]
+        for conc in (int(c) for c in args.conc.split(",")):
+            for rep in range(args.repeat):
+                for name, url in targets.items():
+                    if rep == 0:
+                        run_wrk(url, conc, args.warmup, lua)
+                    is_gw = name == "fastpath-gateway"
+                    cpu0 = proc_cpu_s(gw_pids) if is_gw else 0.0
+                    rps, pct, errs, total = run_wrk(url, conc, args.duration, lua)
+                    cpu = (proc_cpu_s(gw_pids) - cpu0) / total * 1e6 if is_gw and total else None
+                    rows.append(
+                        Row(name, conc, rps, pct.get("50", 0), pct.get("90", 0), pct.get("99", 0), errs, cpu,
+                            rss_mb(gw_pids) if is_gw else None, open("/proc/loadavg").read().split(" ")[0])
+                    )
+                    print(f"  {name:24} c={conc:<3} rps={rps:>9.0f} p50={pct.get('50', 0):.3f}ms", flush=True)
+    finally:
+        gwp.terminate()
+        ngx.terminate()
+        gwp.wait(10)
+        ngx.wait(10)
+    from gateway import BUILD_PROFILE, __version__
+
+    print(f"\n## proxy overhead — {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"python {platform.python_version()}, fastpath-gateway {__version__} ({BUILD_PROFILE}), "
+          f"gateway workers={args.workers}; wrk -t1, {args.warmup}s warm-up, {args.duration}s per cell\n")
+    print("| target | c | RPS | p50 ms | p90 ms | p99 ms | errors | gw CPU µs/req | gw RSS MB | load1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "—"
+        rss = f"{r.rss:.0f}" if r.rss is not None else "—"
+        print(f"| {r.target} | {r.conc} | {r.rps:.0f} | {r.p50:.3f} | {r.p90:.3f} | {r.p99:.3f} | {r.errors} "
+              f"| {cpu} | {rss} | {r.loadavg} |")
+    print()
+    for conc in sorted({r.conc for r in rows}):
+        def best(name: str, c: int = conc) -> list[Row]:
+            return [r for r in rows if r.target.startswith(name) and r.conc == c]
+        d, n, g = best("direct"), best("nginx"), best("fastpath")
+        if d and g and n:
+            added = [x.p50 - y.p50 for x, y in zip(g, d, strict=False)]
+            print(f"c={conc}: gateway RPS / direct = {', '.join(f'{x.rps / y.rps:.2f}' for x, y in zip(g, d, strict=False))}; "
+                  f"gateway RPS / nginx proxy = {', '.join(f'{x.rps / y.rps:.2f}' for x, y in zip(g, n, strict=False))}; "
+                  f"added p50 vs direct = {', '.join(f'{a:.3f} ms' for a in added)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

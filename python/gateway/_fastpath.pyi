@@ -1,0 +1,133 @@
+"""Type stubs for the Rust extension `gateway._fastpath` (crates/fastpath).
+
+Hot per-byte / per-token loops live here: BPE token counting, the incremental SSE parser,
+the OpenAI stream re-framer and the chunk emitter.
+"""
+
+from typing import Final
+
+__version__: Final[str]
+BUILD_PROFILE: Final[str]  # "release" or "debug"
+
+class FastpathError(ValueError):
+    """Base class of every error raised by the extension."""
+
+class UnknownEncodingError(FastpathError): ...
+
+class SseError(FastpathError):
+    """An SSE event (or line) exceeded the parser's size limit."""
+
+# ---- tokens ---------------------------------------------------------------------------------
+def encoding_for_model(model: str) -> str:
+    """'o200k_base' or 'cl100k_base'; unknown models map to 'o200k_base'."""
+
+def count_tokens(text: str, encoding: str = "o200k_base") -> int:
+    """Exact BPE token count (ordinary tokens; special-token text is counted as text).
+    Releases the GIL for large inputs. Raises UnknownEncodingError."""
+
+def encode(text: str, encoding: str = "o200k_base") -> list[int]:
+    """Token ids (ordinary encoding), for tests and tools."""
+
+def estimate_tokens(text: str) -> int:
+    """Cheap upper-leaning estimate without BPE: ceil(utf8_len / 4) for ASCII-heavy text,
+    one token per non-ASCII char cluster otherwise; never 0 for non-empty text."""
+
+def count_chat_tokens(body: bytes, encoding: str = "o200k_base") -> int:
+    """Prompt tokens of an OpenAI chat request body (raw JSON bytes), following OpenAI's
+    cookbook rules: 3 per message + tokens of every string field (role, content text / text
+    parts, name (+1), tool_calls function name + arguments, tool_call_id) + 3 reply priming.
+    `/v1/completions` bodies (`prompt` string or list of strings) are counted as plain text.
+    Raises FastpathError on invalid JSON. Releases the GIL."""
+
+# ---- SSE ------------------------------------------------------------------------------------
+class SseEvent:
+    event: str | None
+    data: str
+    id: str | None
+    retry: int | None
+
+class SseParser:
+    """Incremental WHATWG `text/event-stream` parser: bytes split anywhere in, whole events out.
+    Handles LF, CR and CRLF line ends (also split across feeds), comments, multi-line data,
+    a leading BOM, and fields without a value. Events with no data lines are not dispatched."""
+
+    def __init__(self, max_event_bytes: int = 1_048_576) -> None: ...
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        """Raises SseError if one pending line/event grows beyond max_event_bytes."""
+    def finish(self) -> list[SseEvent]:
+        """End of stream: per the spec a pending, unterminated event is discarded (returns [])."""
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete event (for back-pressure accounting)."""
+
+class ChatStreamReframer:
+    """Re-frames an upstream OpenAI-compatible SSE stream (chat.completion.chunk or
+    text_completion) for the client, in one call per upstream read:
+
+    * every data event is re-emitted as b"data: <data>\\n\\n" (comments, event/id fields dropped);
+    * `data: [DONE]` sets `done` and is NOT emitted (the gateway writes its own end);
+    * a chunk that carries `usage` and has empty `choices` sets `usage`; it is emitted only when
+      strip_usage is False;  a chunk with non-empty choices and usage records usage and is emitted;
+    * a data payload with a top-level "error" object sets `error` (its JSON text) and is emitted;
+    * the text of choices[].delta.content, choices[].text and
+      choices[].delta.tool_calls[].function.arguments is appended to the completion text
+      (for token counting); choices[].finish_reason is recorded per index;
+    * id / model / created of the first chunk are remembered for synthesized chunks;
+    * data that is not JSON is emitted unchanged and counted in `invalid_events`."""
+
+    def __init__(self, strip_usage: bool, max_event_bytes: int = 1_048_576) -> None: ...
+    def feed(self, chunk: bytes) -> bytes: ...
+    def finish(self) -> bytes:
+        """End of upstream bytes: returns any bytes still to emit (normally b"")."""
+    @property
+    def done(self) -> bool: ...
+    @property
+    def usage(self) -> tuple[int, int, int] | None:
+        """(prompt_tokens, completion_tokens, total_tokens) from the upstream, if any."""
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def events(self) -> int:
+        """Number of data events seen (including [DONE])."""
+    @property
+    def invalid_events(self) -> int: ...
+    @property
+    def completion_text(self) -> str: ...
+    @property
+    def finish_reason(self) -> str | None:
+        """finish_reason of choice 0, if seen."""
+    @property
+    def chunk_id(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def created(self) -> int | None: ...
+    def completion_tokens(self, encoding: str = "o200k_base") -> int:
+        """BPE count of completion_text."""
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """A synthesized final `data: {...,"choices":[],"usage":{...}}\\n\\n` frame using the
+        remembered id/model/created (object 'chat.completion.chunk' or 'text_completion')."""
+
+class ChunkEmitter:
+    """Writes OpenAI `chat.completion.chunk` SSE frames (serde_json escaping, no Python formatting)."""
+
+    def __init__(self, id: str, model: str, created: int) -> None: ...
+    def role(self, role: str = "assistant", index: int = 0) -> bytes:
+        """data: {"id":..,"object":"chat.completion.chunk","created":..,"model":..,
+        "choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\\n\\n"""
+    def content(self, text: str, index: int = 0) -> bytes: ...
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        """A chunk with an empty delta and the finish_reason."""
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """A chunk with "choices":[] and "usage":{prompt,completion,total}."""
+
+def sse_error(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    """b'data: {"error":{"message":..,"type":..,"param":..,"code":..}}\\n\\n'"""
+
+DONE: Final[bytes]  # b"data: [DONE]\n\n"
+PING: Final[bytes]  # b": ping\n\n"
+
+# ---- request limits -------------------------------------------------------------------------
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """True if the JSON text nests arrays/objects deeper than `limit` (strings are skipped,
+    escapes honoured; invalid JSON is not an error here: decoding reports it)."""

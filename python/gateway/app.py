@@ -1,0 +1,242 @@
+"""The RSGI application: one instance per granian worker process.
+
+Per-worker state (upstream pools, routes, the pipeline) is built in `__rsgi_init__`, once the
+worker's event loop exists; workers share nothing in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import msgspec
+from granian._granian import RSGIProtocolClosed as ProtocolClosed
+
+from . import config as config_mod
+from .config import Config
+from .context import Endpoint, RequestContext
+from .errors import Fault, GatewayError
+from .pipeline import Pipeline, respond
+from .routing import Route, build_routes
+from .schemas import ModelCard, ModelList
+from .upstreams.openai_http import OpenAIHttpAdapter
+
+log = logging.getLogger("gateway")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_JSON_TYPES = ("application/json", "application/json; charset=utf-8")
+_encode = msgspec.json.Encoder().encode
+_HEALTH_BODY = b'{"status":"ok"}'
+_INTERNAL = GatewayError(Fault.INTERNAL, "The gateway failed to handle the request.")
+_READY_CACHE_S = 1.0
+_READY_TIMEOUT_S = 2.0
+
+
+class Gateway:
+    """RSGI app object (granian calls `__rsgi__` per request)."""
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        self.cfg = cfg if cfg is not None else config_mod.load_for_worker()
+        s = self.cfg.server
+        self.max_body = s.max_body_bytes
+        self.max_header_bytes = s.max_header_bytes
+        self.max_headers = s.max_headers
+        self.body_timeout_s = s.body_read_timeout_ms / 1000
+        self._id_prefix = os.urandom(6).hex() + "-"
+        self._id_counter = 0
+        self.adapters: dict[str, OpenAIHttpAdapter] = {}
+        self.routes: dict[str, Route] = {}
+        self.pipeline: Pipeline | None = None
+        self._models_body = b""
+        self._ready: tuple[float, int, bytes] | None = None
+        self._inference = {e.value: e for e in Endpoint}
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.adapters = {p.name: OpenAIHttpAdapter(p, loop) for p in self.cfg.providers}
+        self.routes = build_routes(self.cfg, self.adapters)
+        self.pipeline = Pipeline(self.cfg, self.routes)
+        created = int(time.time())
+        self._models_body = _encode(
+            ModelList([ModelCard(m.name, created, m.owned_by) for m in self.cfg.models])
+        )
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        for adapter in self.adapters.values():
+            adapter.close()
+
+    # ---- dispatch -----------------------------------------------------------------------------
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        if scope.proto != "http":
+            return
+        headers = scope.headers
+        request_id = self._request_id(headers.get("x-request-id"))
+        path = scope.path
+        endpoint = self._inference.get(path)
+        try:
+            self._check_headers(headers)
+            if endpoint is not None:
+                if scope.method != "POST":
+                    raise _method_not_allowed("POST")
+                await self._infer(endpoint, request_id, headers, protocol)
+            elif path in ("/v1/models", "/models"):
+                self._only_get(scope)
+                protocol.response_bytes(200, [respond.JSON, ("x-request-id", request_id)], self._models_body)
+            elif path == "/healthz":
+                self._only_get(scope)
+                protocol.response_bytes(200, [respond.JSON, ("x-request-id", request_id)], _HEALTH_BODY)
+            elif path == "/readyz":
+                self._only_get(scope)
+                status, body = await self._readiness(request_id)
+                protocol.response_bytes(status, [respond.JSON, ("x-request-id", request_id)], body)
+            else:
+                raise GatewayError(Fault.ROUTE_NOT_FOUND, f"Unknown route: {scope.method} {path}")
+        except GatewayError as err:
+            respond.send_error(protocol, request_id, err)
+
+    async def _infer(self, endpoint: Endpoint, request_id: str, headers: Any, protocol: Any) -> None:
+        start = time.perf_counter_ns()
+        ctype = headers.get("content-type")
+        if ctype is not None and ctype.lower() not in _JSON_TYPES and not _is_json_type(ctype):
+            raise GatewayError(
+                Fault.UNSUPPORTED_MEDIA_TYPE,
+                f"Unsupported Content-Type {ctype[:100]!r}; send application/json.",
+            )
+        body = await self._read_body(headers, protocol)
+        ctx = RequestContext(request_id, endpoint, body, start)
+        assert self.pipeline is not None
+        task = asyncio.current_task()
+        watch = asyncio.ensure_future(_cancel_on_disconnect(protocol, task)) if task else None
+        try:
+            await self.pipeline.handle(ctx, protocol)
+        except GatewayError as err:
+            if ctx.status == 0:
+                respond.send_error(protocol, request_id, err)
+            else:
+                log.warning("request %s: error after the response started: %s", request_id, err.message)
+        except asyncio.CancelledError:
+            if watch is None or not watch.done() or watch.cancelled():
+                raise
+            log.info("request %s: client disconnected; upstream call cancelled", request_id)
+        except ProtocolClosed:
+            log.info("request %s: client disconnected mid-response", request_id)
+        except Exception:
+            log.exception("request %s: internal error", request_id)
+            if ctx.status == 0:
+                respond.send_error(
+                    protocol,
+                    request_id,
+                    _INTERNAL,
+                )
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    # ---- request hygiene ----------------------------------------------------------------------
+    def _request_id(self, incoming: str | None) -> str:
+        if incoming is not None and _REQUEST_ID.fullmatch(incoming):
+            return incoming
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:x}"
+
+    def _check_headers(self, headers: Any) -> None:
+        items = headers.items()
+        if len(items) > self.max_headers:
+            raise GatewayError(
+                Fault.HEADERS_TOO_LARGE, f"Too many request headers (limit {self.max_headers})."
+            )
+        size = 0
+        for k, v in items:
+            size += len(k) + len(v) + 4
+        if size > self.max_header_bytes:
+            raise GatewayError(
+                Fault.HEADERS_TOO_LARGE, f"Request headers are larger than {self.max_header_bytes} bytes."
+            )
+
+    async def _read_body(self, headers: Any, protocol: Any) -> bytes:
+        """Read the body under a size limit (checked before reading where the length is
+        declared, and as chunks arrive otherwise) and a deadline (slow-loris bodies)."""
+        limit = self.max_body
+        declared = headers.get("content-length")
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                if declared is not None:
+                    if not declared.isdigit():
+                        raise GatewayError(Fault.INVALID_REQUEST, "Invalid Content-Length header.")
+                    if int(declared) > limit:
+                        raise _too_large(limit)
+                    body: bytes = await protocol()
+                    if len(body) > limit:
+                        raise _too_large(limit)
+                    return body
+                parts: list[bytes] = []
+                total = 0
+                async for chunk in protocol:
+                    total += len(chunk)
+                    if total > limit:
+                        raise _too_large(limit)
+                    parts.append(chunk)
+                return b"".join(parts)
+        except TimeoutError:
+            raise GatewayError(
+                Fault.REQUEST_TIMEOUT, f"The request body was not received within {self.body_timeout_s:g} s."
+            ) from None
+
+    @staticmethod
+    def _only_get(scope: Any) -> None:
+        if scope.method not in ("GET", "HEAD"):
+            raise _method_not_allowed("GET")
+
+    # ---- readiness ----------------------------------------------------------------------------
+    async def _readiness(self, request_id: str) -> tuple[int, bytes]:
+        """Ready when every upstream answers HTTP (any status below 500) within 2 s."""
+        loop = asyncio.get_running_loop()
+        cached = self._ready
+        if cached is not None and loop.time() - cached[0] < _READY_CACHE_S:
+            return cached[1], cached[2]
+
+        async def probe(adapter: OpenAIHttpAdapter) -> dict[str, Any]:
+            try:
+                status, _ = await adapter.get("/models", request_id, _READY_TIMEOUT_S)
+            except GatewayError as err:
+                return {"ready": False, "detail": err.message}
+            return {"ready": status < 500, "detail": f"HTTP {status}"}
+
+        results = await asyncio.gather(*(probe(a) for a in self.adapters.values()))
+        upstreams = dict(zip(self.adapters, results, strict=True))
+        ok = all(r["ready"] for r in results)
+        body = _encode({"status": "ready" if ok else "not_ready", "upstreams": upstreams})
+        status = 200 if ok else 503
+        self._ready = (loop.time(), status, body)
+        return status, body
+
+
+async def _cancel_on_disconnect(protocol: Any, task: asyncio.Task[Any]) -> None:
+    """The RSGI disconnect signal (never polled) cancels the request task, which closes the
+    upstream connection on its way out."""
+    await protocol.client_disconnect()
+    task.cancel()
+
+
+def _is_json_type(ctype: str) -> bool:
+    main = ctype.split(";", 1)[0].strip().lower()
+    return main == "application/json" or (main.startswith("application/") and main.endswith("+json"))
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(Fault.BODY_TOO_LARGE, f"The request body is larger than {limit} bytes.")
+
+
+def _method_not_allowed(allowed: str) -> GatewayError:
+    return GatewayError(
+        Fault.METHOD_NOT_ALLOWED, f"Method not allowed; use {allowed}.", headers=(("allow", allowed),)
+    )
+
+
+def create_app() -> Gateway:
+    """granian factory target (`gateway.app:create_app`): runs in each worker process."""
+    return Gateway()

@@ -1,0 +1,196 @@
+"""Static configuration: one YAML file decoded strictly into msgspec Structs.
+
+Unknown keys are errors (with their path), durations and sizes carry their unit in the name,
+and `${VAR}` / `${VAR:-default}` pull secrets from the environment. The config is decoded once
+per process and never mutated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+from . import envvars
+
+
+class ConfigError(ValueError):
+    """A config that cannot be served; the message names the offending path."""
+
+
+class ProviderKind(StrEnum):
+    OPENAI = "openai"
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 0  # 0 = one per CPU core
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    max_json_depth: int = 64
+    header_read_timeout_ms: int = 10_000
+    body_read_timeout_ms: int = 30_000
+    max_stream_duration_ms: int = 900_000
+    stream_ping_interval_ms: int = 15_000
+    shutdown_grace_ms: int = 30_000
+    backlog: int = 2048
+
+
+class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    base_url: str
+    kind: ProviderKind = ProviderKind.OPENAI
+    api_key: str | None = None
+    headers: dict[str, str] = {}
+    connect_timeout_ms: int = 3_000
+    first_byte_timeout_ms: int = 120_000
+    idle_timeout_ms: int = 60_000
+    total_timeout_ms: int = 900_000
+    max_idle_connections: int = 256
+    max_response_bytes: int = 64 * 1024 * 1024
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    provider: str
+    upstream_model: str | None = None  # defaults to `name`
+    owned_by: str = "fastpath-gateway"
+    encoding: str | None = None  # tokenizer for counted usage; default: by model name
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    providers: list[ProviderConfig]
+    models: list[ModelConfig]
+    server: ServerConfig = ServerConfig()
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _interpolate(node: Any, path: str) -> Any:
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                if m.group(2) is None:
+                    raise ConfigError(f"{path}: environment variable {m.group(1)} is not set")
+                return m.group(2)
+            return value
+
+        return _ENV_REF.sub(sub, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+def _check_positive(path: str, value: int, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _validate(cfg: Config) -> None:
+    s = cfg.server
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"$.server.port: must be 0..65535, got {s.port}")
+    _check_positive("$.server.workers", s.workers, allow_zero=True)
+    for field in (
+        "max_body_bytes",
+        "max_header_bytes",
+        "max_headers",
+        "max_json_depth",
+        "header_read_timeout_ms",
+        "body_read_timeout_ms",
+        "max_stream_duration_ms",
+        "stream_ping_interval_ms",
+        "backlog",
+    ):
+        _check_positive(f"$.server.{field}", getattr(s, field))
+    if not cfg.providers:
+        raise ConfigError("$.providers: at least one provider is required")
+    names: set[str] = set()
+    for i, p in enumerate(cfg.providers):
+        where = f"$.providers[{i}]"
+        if p.name in names:
+            raise ConfigError(f"{where}.name: duplicate provider name {p.name!r}")
+        names.add(p.name)
+        url = urlsplit(p.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"{where}.base_url: must be an http(s) URL with a host, got {p.base_url!r}")
+        if url.query or url.fragment:
+            raise ConfigError(f"{where}.base_url: must not have a query or fragment")
+        for field in (
+            "connect_timeout_ms",
+            "first_byte_timeout_ms",
+            "idle_timeout_ms",
+            "total_timeout_ms",
+            "max_response_bytes",
+        ):
+            _check_positive(f"{where}.{field}", getattr(p, field))
+        _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
+        for h in p.headers:
+            if not re.fullmatch(r"[A-Za-z0-9-]+", h):
+                raise ConfigError(f"{where}.headers: invalid header name {h!r}")
+    if not cfg.models:
+        raise ConfigError("$.models: at least one model is required")
+    seen: set[str] = set()
+    for i, m in enumerate(cfg.models):
+        where = f"$.models[{i}]"
+        if m.name in seen:
+            raise ConfigError(f"{where}.name: duplicate model name {m.name!r}")
+        seen.add(m.name)
+        if m.provider not in names:
+            raise ConfigError(
+                f"{where}.provider: unknown provider {m.provider!r} (known: {', '.join(sorted(names))})"
+            )
+        if m.encoding is not None and m.encoding not in ("o200k_base", "cl100k_base"):
+            raise ConfigError(f"{where}.encoding: must be o200k_base or cl100k_base, got {m.encoding!r}")
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Decode, interpolate and validate config text. Raises ConfigError with a field path."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    raw = _interpolate(raw, "$")
+    try:
+        cfg = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+    _validate(cfg)
+    return cfg
+
+
+def default_text() -> str:
+    return resources.files("gateway").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def load(path: str | Path | None) -> Config:
+    """Load `path`, or the embedded default config when path is None."""
+    if path is None:
+        return parse(default_text(), "<embedded default>")
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    return parse(text, str(p))
+
+
+def load_for_worker() -> Config:
+    """Workers re-read the config the CLI validated (path passed through the environment)."""
+    return load(os.environ.get(envvars.CONFIG) or None)

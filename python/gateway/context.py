@@ -1,0 +1,49 @@
+"""The typed per-request context passed through the pipeline stages (instead of a dict)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .routing import Route
+    from .schemas import RequestView, Usage
+
+
+class Endpoint(Enum):
+    CHAT = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+
+
+class RequestContext:
+    """One request's state. Slotted: created per request, read by every stage."""
+
+    __slots__ = (
+        "body",
+        "client_wants_usage",
+        "endpoint",
+        "request_id",
+        "route",
+        "start_ns",
+        "status",
+        "stream",
+        "timings",
+        "upstream_body",
+        "usage",
+        "view",
+    )
+
+    def __init__(self, request_id: str, endpoint: Endpoint, body: bytes, start_ns: int) -> None:
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.body = body
+        self.start_ns = start_ns
+        self.view: RequestView | None = None
+        self.stream = False
+        self.client_wants_usage = False
+        self.route: Route | None = None
+        self.upstream_body = b""
+        self.usage: Usage | None = None
+        self.status = 0
+        #: stage name -> nanoseconds spent, for the server-timing header and benchmarks
+        self.timings: dict[str, int] = {}

@@ -1,0 +1,1 @@
+"""Development-only helpers (mock upstreams for tests, ``make run`` and benchmarks)."""

@@ -1,0 +1,1154 @@
+"""Deterministic OpenAI-compatible upstream for end-to-end tests, ``make run`` and benchmarks.
+
+It stands in for OpenAI/vLLM, which cannot run here. The HTTP/1.1 server is written directly on
+``asyncio.Protocol`` (no web framework) so that the bytes on the wire are under our control: exact
+chunked framing (one HTTP chunk per SSE event), abrupt drops, verbatim raw responses, stalled
+requests and write back-pressure are all things a gateway must be tested against.
+
+Usage::
+
+    python -m gateway.dev.openai_mock --host 127.0.0.1 --port 9100 [--ready-file PATH]
+
+Per-request behaviour is steered by an optional top-level ``"mock": {...}`` object in the request
+body (see :class:`Knobs`); observability for tests lives under ``/_mock/events`` and ``/_mock/stats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import orjson
+
+__all__ = ["MODEL_IDS", "Knobs", "MockServer", "MockState", "main", "serve"]
+
+log = logging.getLogger("gateway.dev.openai_mock")
+
+JSONDict = dict[str, Any]
+
+MODEL_IDS: Final[tuple[str, ...]] = ("mock-echo", "mock-slow", "gpt-4o-mini", "gpt-4o")
+#: Fixed ``created`` of the model list, so ``/v1/models`` is byte-for-byte reproducible.
+MODELS_CREATED: Final = 1_700_000_000
+#: ``mock-slow`` streams with this inter-chunk delay unless the request overrides it.
+SLOW_MODEL_CHUNK_DELAY_MS: Final = 50.0
+TOOL_CALL_ID: Final = "call_mock_0"
+
+MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+#: Transport write-buffer high-water mark; above it a stream waits for ``resume_writing``.
+WRITE_HIGH_WATER: Final = 64 * 1024
+DEFAULT_MAX_EVENTS: Final = 10_000
+
+_WORD_RE: Final = re.compile(r"\S+")
+_PIECE_RE: Final = re.compile(r"\S+\s*")
+_LEADING_WS_RE: Final = re.compile(r"\s*")
+_HEX_RE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DONE_FRAME: Final = b"data: [DONE]\n\n"
+_CHUNKED_END: Final = b"0\r\n\r\n"
+_ERROR_TYPES: Final[dict[int, tuple[str, str | None]]] = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("not_found_error", None),
+    409: ("conflict_error", None),
+    422: ("invalid_request_error", None),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors, knobs and the deterministic "model"
+# --------------------------------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """An error answered in OpenAI's ``{"error": {...}}`` shape; raising it keeps validation linear."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        default_type, default_code = _ERROR_TYPES.get(
+            status, ("invalid_request_error", None) if status < 500 else ("server_error", None)
+        )
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else default_code
+        self.type = type_ if type_ is not None else default_type
+
+    def body(self) -> bytes:
+        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return orjson.dumps({"error": err})
+
+
+def _get_int(obj: JSONDict, key: str, *, minimum: int, param: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise HTTPError(400, f"{param} must be an integer >= {minimum}", param=param)
+    return value
+
+
+def _get_float(obj: JSONDict, key: str, *, param: str) -> float:
+    value = obj.get(key, 0)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise HTTPError(400, f"{param} must be a number >= 0", param=param)
+    return float(value)
+
+
+def _get_bool(obj: JSONDict, key: str, *, param: str) -> bool:
+    value = obj.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise HTTPError(400, f"{param} must be a boolean", param=param)
+    return value
+
+
+@dataclass(slots=True)
+class Knobs:
+    """Per-request behaviour, from the request's optional top-level ``"mock"`` object.
+
+    The gateway forwards unknown body fields, so tests steer the upstream from the client side.
+    """
+
+    first_delay_ms: float = 0.0  #: sleep before the response headers / first chunk
+    chunk_delay_ms: float = 0.0  #: sleep between stream chunks (SSE events)
+    words: int | None = None  #: generate ``"w0 w1 ..."`` with this many words instead of echoing
+    status: int | None = None  #: answer with this HTTP status and an OpenAI error "mock error"
+    #: stream: close the connection (FIN, buffered bytes flushed) after N SSE events, counting the role
+    #: chunk; no ``[DONE]``, no chunked terminator. N >= the event count before [DONE] means no drop.
+    drop_after_chunks: int | None = None
+    no_usage: bool = False  #: omit ``usage`` everywhere
+    hang: bool = False  #: accept the request and never answer
+    raw: str | None = None  #: written verbatim as the whole HTTP response, then the connection closes
+
+    @classmethod
+    def from_body(cls, body: JSONDict, model: str) -> Knobs:
+        mock = body.get("mock")
+        if mock is None:
+            mock = {}
+        if not isinstance(mock, dict):
+            raise HTTPError(400, "mock must be an object", param="mock")
+        chunk_delay = _get_float(mock, "chunk_delay_ms", param="mock.chunk_delay_ms")
+        if model == "mock-slow" and "chunk_delay_ms" not in mock:
+            chunk_delay = SLOW_MODEL_CHUNK_DELAY_MS
+        status = _get_int(mock, "status", minimum=200, param="mock.status")
+        if status is not None and status > 599:
+            raise HTTPError(400, "mock.status must be a valid HTTP status", param="mock.status")
+        raw = mock.get("raw")
+        if raw is not None and not isinstance(raw, str):
+            raise HTTPError(400, "mock.raw must be a string", param="mock.raw")
+        return cls(
+            first_delay_ms=_get_float(mock, "first_delay_ms", param="mock.first_delay_ms"),
+            chunk_delay_ms=chunk_delay,
+            words=_get_int(mock, "words", minimum=0, param="mock.words"),
+            status=status,
+            drop_after_chunks=_get_int(mock, "drop_after_chunks", minimum=0, param="mock.drop_after_chunks"),
+            no_usage=_get_bool(mock, "no_usage", param="mock.no_usage"),
+            hang=_get_bool(mock, "hang", param="mock.hang"),
+            raw=raw,
+        )
+
+
+def count_words(text: str) -> int:
+    """The mock's "tokenizer": one token per whitespace-separated word."""
+    return len(_WORD_RE.findall(text))
+
+
+def split_pieces(text: str) -> list[str]:
+    """Split ``text`` into per-token stream deltas that concatenate back to ``text`` exactly.
+
+    Each piece is a word plus its trailing whitespace; leading whitespace sticks to the first piece.
+    """
+    pieces: list[str] = _PIECE_RE.findall(text)
+    if not pieces:
+        return [text] if text else []
+    lead = _LEADING_WS_RE.match(text)
+    if lead is not None and lead.end():
+        pieces[0] = text[: lead.end()] + pieces[0]
+    return pieces
+
+
+def truncate(pieces: list[str], limit: int | None) -> tuple[list[str], bool]:
+    """Apply ``max_tokens``; a truncated text loses the whitespace after its last word."""
+    if limit is None or len(pieces) <= limit:
+        return pieces, False
+    out = pieces[:limit]
+    if out:
+        out[-1] = out[-1].rstrip()
+    return out, True
+
+
+def content_text(content: object) -> str:
+    """Text of a message ``content``: a string, or the text parts of a content list joined by spaces."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        ]
+        return " ".join(texts)
+    return ""
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything needed to render one completion, streamed or not, so both paths agree exactly."""
+
+    chat: bool
+    rid: str
+    model: str
+    created: int
+    choices: list[list[str]]  #: per choice: content pieces (tool-call argument pieces for tool calls)
+    finish: list[str]
+    tool_name: str | None
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+    knobs: Knobs
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(pieces) for pieces in self.choices)
+
+    def usage(self) -> JSONDict:
+        completion = self.completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+
+def _require_model(body: JSONDict) -> str:
+    model = body.get("model")
+    if model is None:
+        raise HTTPError(400, "you must provide a model parameter")
+    if not isinstance(model, str) or not model:
+        raise HTTPError(400, "model must be a non-empty string", param="model")
+    return model
+
+
+def _common(body: JSONDict, model: str) -> tuple[int, bool, bool, int | None, Knobs]:
+    n = _get_int(body, "n", minimum=1, param="n") or 1
+    if n > 128:
+        raise HTTPError(400, "n must be <= 128", param="n")
+    stream = _get_bool(body, "stream", param="stream")
+    opts = body.get("stream_options")
+    include_usage = False
+    if isinstance(opts, dict):
+        include_usage = _get_bool(opts, "include_usage", param="stream_options.include_usage")
+    elif opts is not None:
+        raise HTTPError(400, "stream_options must be an object", param="stream_options")
+    limits = [
+        v
+        for v in (
+            _get_int(body, "max_tokens", minimum=1, param="max_tokens"),
+            _get_int(body, "max_completion_tokens", minimum=1, param="max_completion_tokens"),
+        )
+        if v is not None
+    ]
+    return n, stream, include_usage, min(limits) if limits else None, Knobs.from_body(body, model)
+
+
+def _tool_name(body: JSONDict) -> str | None:
+    """Name of the function to call, when ``tools`` + ``tool_choice`` force a tool call."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise HTTPError(400, "tool_choice.function.name must be a string", param="tool_choice")
+        return name
+    if choice == "required":
+        first = tools[0]
+        fn = first.get("function") if isinstance(first, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise HTTPError(400, "tools[0].function.name must be a string", param="tools")
+        return name
+    return None
+
+
+def plan_chat(body: JSONDict, rid: str) -> Plan:
+    model = _require_model(body)
+    messages = body.get("messages")
+    if messages is None:
+        raise HTTPError(
+            400,
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise HTTPError(400, "messages must be a non-empty array of objects", param="messages")
+    n, stream, include_usage, limit, knobs = _common(body, model)
+    prompt_tokens = sum(count_words(content_text(m.get("content"))) + 3 for m in messages)
+    last_user = next(
+        (content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
+    )
+    echo = " ".join(f"w{i}" for i in range(knobs.words)) if knobs.words is not None else last_user
+    tool_name = _tool_name(body)
+    fmt = body.get("response_format")
+    json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+    if tool_name is not None or json_mode:
+        text = orjson.dumps({"echo": echo}).decode()
+    elif knobs.words is not None:
+        text = echo
+    else:
+        text = "You said: " + echo
+    pieces, truncated = truncate(split_pieces(text), limit)
+    done = "tool_calls" if tool_name is not None else "stop"
+    return Plan(
+        chat=True,
+        rid=rid,
+        model=model,
+        created=int(time.time()),
+        choices=[list(pieces) for _ in range(n)],
+        finish=["length" if truncated else done] * n,
+        tool_name=tool_name,
+        prompt_tokens=prompt_tokens,
+        stream=stream,
+        include_usage=include_usage,
+        knobs=knobs,
+    )
+
+
+def _prompts(prompt: object) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return [str(p) for p in prompt]
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [" ".join(str(p) for p in prompt)]
+        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+            return [" ".join(str(t) for t in p) for p in prompt]
+    raise HTTPError(400, "prompt must be a string, an array of strings or an array of tokens", param="prompt")
+
+
+def plan_completion(body: JSONDict, rid: str) -> Plan:
+    model = _require_model(body)
+    if body.get("prompt") is None:
+        raise HTTPError(
+            400, "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
+        )
+    prompts = _prompts(body["prompt"])
+    n, stream, include_usage, limit, knobs = _common(body, model)
+    choices: list[list[str]] = []
+    finish: list[str] = []
+    for prompt in prompts:
+        text = (
+            " ".join(f"w{i}" for i in range(knobs.words)) if knobs.words is not None else " echo: " + prompt
+        )
+        pieces, truncated = truncate(split_pieces(text), limit)
+        for _ in range(n):
+            choices.append(list(pieces))
+            finish.append("length" if truncated else "stop")
+    return Plan(
+        chat=False,
+        rid=rid,
+        model=model,
+        created=int(time.time()),
+        choices=choices,
+        finish=finish,
+        tool_name=None,
+        prompt_tokens=sum(count_words(p) for p in prompts),
+        stream=stream,
+        include_usage=include_usage,
+        knobs=knobs,
+    )
+
+
+def render_body(plan: Plan) -> JSONDict:
+    """The non-streamed response object."""
+    choices: list[JSONDict] = []
+    for i, pieces in enumerate(plan.choices):
+        text = "".join(pieces)
+        if not plan.chat:
+            choices.append({"text": text, "index": i, "logprobs": None, "finish_reason": plan.finish[i]})
+            continue
+        message: JSONDict
+        if plan.tool_name is not None:
+            call = {
+                "id": TOOL_CALL_ID,
+                "type": "function",
+                "function": {"name": plan.tool_name, "arguments": text},
+            }
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        else:
+            message = {"role": "assistant", "content": text}
+        choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": plan.finish[i]})
+    body: JSONDict = {
+        "id": plan.rid,
+        "object": "chat.completion" if plan.chat else "text_completion",
+        "created": plan.created,
+        "model": plan.model,
+        "choices": choices,
+    }
+    if not plan.knobs.no_usage:
+        body["usage"] = plan.usage()
+    return body
+
+
+def render_stream(plan: Plan) -> Iterator[bytes]:
+    """The SSE events (``data: ...\\n\\n``) of a streamed response, without HTTP chunk framing."""
+    usage_on = plan.include_usage and not plan.knobs.no_usage
+    obj_name = "chat.completion.chunk" if plan.chat else "text_completion"
+    head = {"id": plan.rid, "object": obj_name, "created": plan.created, "model": plan.model}
+
+    def frame(choices: list[JSONDict]) -> bytes:
+        obj: JSONDict = {**head, "choices": choices}
+        if usage_on:
+            obj["usage"] = None
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def choice(i: int, delta: JSONDict, piece: str, finish: str | None) -> JSONDict:
+        if plan.chat:
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"text": piece, "index": i, "logprobs": None, "finish_reason": finish}
+
+    if plan.chat:
+        for i in range(len(plan.choices)):
+            first: JSONDict = {"role": "assistant", "content": ""}
+            if plan.tool_name is not None:
+                fn = {"name": plan.tool_name, "arguments": ""}
+                call = {"index": 0, "id": TOOL_CALL_ID, "type": "function", "function": fn}
+                first = {"role": "assistant", "content": None, "tool_calls": [call]}
+            yield frame([choice(i, first, "", None)])
+    steps = max((len(p) for p in plan.choices), default=0)
+    for step in range(steps):
+        for i, pieces in enumerate(plan.choices):
+            if step >= len(pieces):
+                continue
+            piece = pieces[step]
+            if plan.tool_name is not None:
+                delta: JSONDict = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+            else:
+                delta = {"content": piece}
+            yield frame([choice(i, delta, piece, None)])
+    for i in range(len(plan.choices)):
+        yield frame([choice(i, {}, "", plan.finish[i])])
+    if usage_on:
+        yield b"data: " + orjson.dumps({**head, "choices": [], "usage": plan.usage()}) + b"\n\n"
+    yield _DONE_FRAME
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared state: events and counters for tests
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ActiveStream:
+    """A stream in flight; exposed live in ``/_mock/stats`` so tests can watch back-pressure."""
+
+    stream: str
+    conn: int
+    path: str
+    model: str
+    chunks_written: int = 0
+    write_paused: bool = False
+
+
+class MockState:
+    """Events and counters shared by all connections of one server.
+
+    Events live in a bounded deque so that a long benchmark cannot grow the mock without limit.
+    """
+
+    def __init__(self, max_events: int = DEFAULT_MAX_EVENTS) -> None:
+        self.events: deque[JSONDict] = deque(maxlen=max_events)
+        self.conns: set[MockConnection] = set()
+        self.active: dict[str, ActiveStream] = {}
+        self.total_connections = 0
+        self.requests = 0
+        self.streams = 0
+        self.completed_streams = 0
+        self.aborted_streams = 0
+        self.dropped_streams = 0
+        self.aborted_requests = 0
+        self._conn_counter = 0
+        self._request_counter = 0
+
+    def next_conn_id(self) -> int:
+        self._conn_counter += 1
+        return self._conn_counter
+
+    def next_request_id(self) -> int:
+        self._request_counter += 1
+        return self._request_counter
+
+    def record(
+        self, event: str, conn: int, path: str | None = None, model: str | None = None, **extra: Any
+    ) -> None:
+        self.events.append(
+            {"t": time.monotonic(), "event": event, "conn": conn, "path": path, "model": model, **extra}
+        )
+
+    def stats(self) -> JSONDict:
+        return {
+            "open_connections": len(self.conns),
+            "total_connections": self.total_connections,
+            "requests": self.requests,
+            "streams": self.streams,
+            "completed_streams": self.completed_streams,
+            "aborted_streams": self.aborted_streams,
+            "dropped_streams": self.dropped_streams,
+            "aborted_requests": self.aborted_requests,
+            "active_streams": [
+                {
+                    "stream": s.stream,
+                    "conn": s.conn,
+                    "path": s.path,
+                    "model": s.model,
+                    "chunks_written": s.chunks_written,
+                    "write_paused": s.write_paused,
+                }
+                for s in self.active.values()
+            ],
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP/1.1
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    keep_alive: bool
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+
+
+def response_bytes(
+    status: int, body: bytes, *, keep_alive: bool, content_type: str = "application/json"
+) -> bytes:
+    head = (
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    )
+    return _status_line(status) + head.encode("latin-1") + body
+
+
+def chunk(payload: bytes) -> bytes:
+    """Frame ``payload`` as one HTTP/1.1 chunk."""
+    return b"%x\r\n" % len(payload) + payload + b"\r\n"
+
+
+def parse_chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """Decode a chunked body starting at ``pos``; ``None`` while incomplete, else (body, end offset)."""
+    out = bytearray()
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            if len(buf) - pos > 4096:
+                raise HTTPError(400, "invalid chunk size line")
+            return None
+        size_field = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+        if not _HEX_RE.fullmatch(size_field):
+            raise HTTPError(400, "invalid chunk size")
+        size = int(size_field, 16)
+        pos = eol + 2
+        if size == 0:
+            while True:  # optional trailers, ended by an empty line
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    return None
+                if eol == pos:
+                    return bytes(out), eol + 2
+                pos = eol + 2
+        if len(out) + size > MAX_BODY_BYTES:
+            raise HTTPError(413, "request body too large")
+        if len(buf) < pos + size + 2:
+            return None
+        if buf[pos + size : pos + size + 2] != b"\r\n":
+            raise HTTPError(400, "chunk data not followed by CRLF")
+        out += buf[pos : pos + size]
+        pos += size + 2
+
+
+class MockConnection(asyncio.Protocol):
+    """One client connection: parses requests, answers simple ones inline and slow ones in a task.
+
+    Only one request is in flight per connection (no pipelining); bytes that arrive meanwhile are
+    buffered. When the peer goes away the running task is cancelled, which is how a stream learns it
+    was aborted even while it sleeps between chunks.
+    """
+
+    def __init__(self, state: MockState) -> None:
+        self.state = state
+        self.id = 0
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._open = False  # False once either side started closing
+        self._lost = False
+        self._busy = False
+        self._wrote = False  # whether the current request got any response bytes
+        self._continue_sent = False
+        self._task: asyncio.Task[None] | None = None
+        self._write_ok = asyncio.Event()
+        self._write_ok.set()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self._open = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:  # e.g. a non-TCP socket; latency only, not correctness
+                log.debug("TCP_NODELAY not set: %s", exc)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        st = self.state
+        self.id = st.next_conn_id()
+        st.conns.add(self)
+        st.total_connections += 1
+        st.record("conn_open", self.id)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self._busy:
+            if len(self._buf) > MAX_HEADER_BYTES + MAX_BODY_BYTES:
+                self.abort()
+            return
+        self._process()
+
+    def eof_received(self) -> bool:
+        # A half-closed client is treated as gone: that is what a cancelling client looks like.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._open = False
+        self._lost = True
+        self._write_ok.set()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.state.conns.discard(self)
+        self.state.record("conn_close", self.id, error=repr(exc) if exc else None)
+
+    def pause_writing(self) -> None:
+        self._write_ok.clear()
+
+    def resume_writing(self) -> None:
+        self._write_ok.set()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self._wrote = True
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Close after flushing what was written (FIN, not RST)."""
+        self._open = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._open = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        return task
+
+    def send_error(self, err: HTTPError, *, keep_alive: bool) -> None:
+        self.write(response_bytes(err.status, err.body(), keep_alive=keep_alive))
+
+    def send_json(self, obj: object, *, keep_alive: bool, status: int = 200) -> None:
+        self.write(response_bytes(status, orjson.dumps(obj), keep_alive=keep_alive))
+
+    def _parse(self) -> Request | None:
+        buf = self._buf
+        while buf.startswith(b"\r\n"):  # RFC 9112: ignore stray CRLFs before a request line
+            del buf[:2]
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEADER_BYTES:
+                raise HTTPError(431, "request headers too large")
+            return None
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise HTTPError(400, "malformed request line")
+        method, target, version = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise HTTPError(400, "malformed header line")
+            headers[name.lower()] = value.strip()
+        start = end + 4
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            if te.lower() != "chunked":
+                raise HTTPError(501, f"unsupported transfer-encoding {te!r}")
+            parsed = parse_chunked(buf, start)
+            if parsed is None:
+                self._maybe_continue(headers)
+                return None
+            body, stop = parsed
+        else:
+            length = headers.get("content-length", "0")
+            if not (length.isascii() and length.isdigit()):
+                raise HTTPError(400, "invalid content-length")
+            size = int(length)
+            if size > MAX_BODY_BYTES:
+                raise HTTPError(413, "request body too large")
+            if len(buf) < start + size:
+                self._maybe_continue(headers)
+                return None
+            body, stop = bytes(buf[start : start + size]), start + size
+        del buf[:stop]
+        self._continue_sent = False
+        conn_hdr = headers.get("connection", "").lower()
+        keep_alive = "close" not in conn_hdr if version == "HTTP/1.1" else "keep-alive" in conn_hdr
+        return Request(method, target.split("?", 1)[0], headers, body, keep_alive)
+
+    def _maybe_continue(self, headers: dict[str, str]) -> None:
+        if not self._continue_sent and headers.get("expect", "").lower() == "100-continue":
+            self._continue_sent = True
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _process(self) -> None:
+        """Answer every complete buffered request until one needs a task or the buffer runs dry."""
+        while self._open and not self._busy:
+            try:
+                req = self._parse()
+            except HTTPError as err:
+                self.send_error(err, keep_alive=False)
+                self.close()
+                return
+            if req is None:
+                return
+            self._wrote = False
+            try:
+                coro = route(self, req)
+            except HTTPError as err:
+                self.send_error(err, keep_alive=req.keep_alive)
+                coro = None
+            except Exception:
+                log.exception("handler failed for %s %s", req.method, req.path)
+                self._fail()
+                return
+            if coro is not None:
+                self._busy = True
+                self._task = asyncio.get_running_loop().create_task(self._run(coro, req))
+                return
+            if not req.keep_alive:
+                self.close()
+                return
+
+    async def _run(self, coro: Coroutine[Any, Any, None], req: Request) -> None:
+        try:
+            await coro
+        except HTTPError as err:
+            if self._open:
+                self.send_error(err, keep_alive=req.keep_alive)
+        except Exception:
+            log.exception("handler failed for %s %s", req.method, req.path)
+            self._fail()
+        finally:
+            self._task = None
+            self._busy = False
+            if self._open:
+                if req.keep_alive:
+                    self._process()
+                else:
+                    self.close()
+
+    def _fail(self) -> None:
+        """A bug in the mock: answer 500 if nothing was sent yet, else cut the connection."""
+        if self._open and not self._wrote:
+            self.send_error(HTTPError(500, "openai-mock internal error"), keep_alive=False)
+            self.close()
+        else:
+            self.abort()
+
+    async def wait_writable(self, active: ActiveStream) -> None:
+        """Back-pressure: wait while the transport buffer is above the high-water mark."""
+        if not self._write_ok.is_set():
+            active.write_paused = True
+            try:
+                await self._write_ok.wait()
+            finally:
+                active.write_paused = False
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+
+# --------------------------------------------------------------------------------------------------
+# Routes
+# --------------------------------------------------------------------------------------------------
+
+Handler = Coroutine[Any, Any, None]
+
+
+def _invalid_url(req: Request) -> HTTPError:
+    return HTTPError(404, f"Invalid URL ({req.method} {req.path})", type_="invalid_request_error")
+
+
+def route(conn: MockConnection, req: Request) -> Handler | None:
+    """Answer ``req`` inline, or return a coroutine for answers that must wait (delays, streams, hang)."""
+    path, method, state = req.path, req.method, conn.state
+    if path.startswith("/_mock/"):
+        if path == "/_mock/events" and method == "GET":
+            conn.send_json({"events": list(state.events)}, keep_alive=req.keep_alive)
+        elif path == "/_mock/events" and method == "DELETE":
+            state.events.clear()
+            conn.send_json({"cleared": True}, keep_alive=req.keep_alive)
+        elif path == "/_mock/stats" and method == "GET":
+            loop_module = type(asyncio.get_running_loop()).__module__  # "uvloop" or "asyncio.*"
+            conn.send_json({**state.stats(), "loop": loop_module}, keep_alive=req.keep_alive)
+        else:
+            raise _invalid_url(req)
+        return None
+
+    state.requests += 1
+    if path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
+        return _completion(conn, req, chat=path == "/v1/chat/completions")
+    state.record("request", conn.id, path, None, method=method, stream=False, headers=req.headers, body=None)
+    if method == "GET" and path == "/health":
+        conn.send_json({"status": "ok"}, keep_alive=req.keep_alive)
+    elif method == "GET" and path == "/v1/models":
+        conn.send_json({"object": "list", "data": [_model(m) for m in MODEL_IDS]}, keep_alive=req.keep_alive)
+    elif method == "GET" and path.startswith("/v1/models/"):
+        model_id = path[len("/v1/models/") :]
+        if model_id not in MODEL_IDS:
+            raise HTTPError(
+                404, f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+            )
+        conn.send_json(_model(model_id), keep_alive=req.keep_alive)
+    else:
+        raise _invalid_url(req)
+    return None
+
+
+def _model(model_id: str) -> JSONDict:
+    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "fastpath-mock"}
+
+
+def _completion(conn: MockConnection, req: Request, *, chat: bool) -> Handler | None:
+    state = conn.state
+    try:
+        body = orjson.loads(req.body)
+    except orjson.JSONDecodeError:
+        body = None
+    model = body.get("model") if isinstance(body, dict) else None
+    state.record(
+        "request",
+        conn.id,
+        req.path,
+        model if isinstance(model, str) else None,
+        method=req.method,
+        stream=isinstance(body, dict) and body.get("stream") is True,
+        headers=req.headers,
+        body=body,
+    )
+    if not isinstance(body, dict):
+        raise HTTPError(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+            "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was "
+            "not valid JSON.)",
+        )
+    counter = state.next_request_id()
+    plan = (
+        plan_chat(body, f"chatcmpl-mock-{counter}") if chat else plan_completion(body, f"cmpl-mock-{counter}")
+    )
+    knobs = plan.knobs
+    first_delay = knobs.first_delay_ms / 1000.0
+    if knobs.raw is not None:
+        return _raw(conn, req, plan, knobs.raw.encode("utf-8"), first_delay)
+    if knobs.hang:
+        return _hang(conn, req, plan)
+    if knobs.status is not None and knobs.status != 200:
+        err = HTTPError(knobs.status, f"mock error (status {knobs.status})")
+        data = response_bytes(knobs.status, err.body(), keep_alive=req.keep_alive)
+    elif plan.stream:
+        return _stream(conn, req, plan)
+    else:
+        data = response_bytes(200, orjson.dumps(render_body(plan)), keep_alive=req.keep_alive)
+    if first_delay > 0:
+        return _delayed(conn, req, plan, data, first_delay)
+    conn.write(data)
+    return None
+
+
+async def _guard_request(conn: MockConnection, req: Request, plan: Plan, work: Callable[[], Handler]) -> None:
+    """Run ``work``, recording ``request_aborted`` if the peer leaves before it is answered."""
+    try:
+        await work()
+    except asyncio.CancelledError:
+        if conn.lost:
+            conn.state.aborted_requests += 1
+            conn.state.record("request_aborted", conn.id, req.path, plan.model, id=plan.rid)
+        raise
+
+
+async def _delayed(conn: MockConnection, req: Request, plan: Plan, data: bytes, delay: float) -> None:
+    async def work() -> None:
+        await asyncio.sleep(delay)
+        conn.write(data)
+
+    await _guard_request(conn, req, plan, work)
+
+
+async def _raw(conn: MockConnection, req: Request, plan: Plan, data: bytes, delay: float) -> None:
+    async def work() -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        conn.write(data)
+        conn.close()  # the framing of a raw response is unknown, so the connection cannot be reused
+
+    await _guard_request(conn, req, plan, work)
+
+
+async def _hang(conn: MockConnection, req: Request, plan: Plan) -> None:
+    async def work() -> None:
+        await asyncio.get_running_loop().create_future()  # resolved never; cancelled when the peer leaves
+
+    await _guard_request(conn, req, plan, work)
+
+
+def _stream_head(keep_alive: bool) -> bytes:
+    return _status_line(200) + (
+        "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    ).encode("latin-1")
+
+
+async def _stream(conn: MockConnection, req: Request, plan: Plan) -> None:
+    """Write the SSE stream, one HTTP chunk per event, honouring delays, drops and back-pressure."""
+    state, knobs = conn.state, plan.knobs
+    active = ActiveStream(plan.rid, conn.id, req.path, plan.model)
+    state.streams += 1
+    state.active[plan.rid] = active
+    state.record("stream_start", conn.id, req.path, plan.model, stream=plan.rid)
+    outcome = "aborted"
+    try:
+        if knobs.first_delay_ms > 0:
+            await asyncio.sleep(knobs.first_delay_ms / 1000.0)
+        head_bytes = _stream_head(req.keep_alive)
+        head: bytes | None = head_bytes  # None once sent: headers ride with the first event
+        drop = knobs.drop_after_chunks
+        delay = knobs.chunk_delay_ms / 1000.0
+        if drop == 0:
+            conn.write(head_bytes)
+            conn.close()
+            outcome = "dropped"
+            return
+        for payload in render_stream(plan):
+            if head is None:  # not the first event: pace, and let the loop notice a departed peer
+                await asyncio.sleep(delay)
+            await conn.wait_writable(active)
+            if conn.lost:
+                return
+            data = chunk(payload)
+            if payload is _DONE_FRAME:
+                data += _CHUNKED_END
+            if head is not None:
+                data = head + data
+                head = None
+            conn.write(data)
+            active.chunks_written += 1
+            if drop is not None and active.chunks_written >= drop and payload is not _DONE_FRAME:
+                conn.close()
+                outcome = "dropped"
+                return
+        outcome = "completed"
+    except OSError as exc:  # the write itself failed: the peer is gone
+        log.debug("stream write failed: %s", exc)
+    finally:
+        state.active.pop(plan.rid, None)
+        _finish_stream(conn, req, plan, active, outcome)
+
+
+def _finish_stream(
+    conn: MockConnection, req: Request, plan: Plan, active: ActiveStream, outcome: str
+) -> None:
+    state = conn.state
+    extra = {"stream": plan.rid, "chunks_written": active.chunks_written}
+    if outcome == "completed":
+        state.completed_streams += 1
+        state.record("stream_end", conn.id, req.path, plan.model, dropped=False, **extra)
+    elif outcome == "dropped":
+        state.dropped_streams += 1
+        state.record("stream_end", conn.id, req.path, plan.model, dropped=True, **extra)
+    else:
+        state.aborted_streams += 1
+        state.record("stream_aborted", conn.id, req.path, plan.model, **extra)
+        log.warning(
+            "stream_aborted conn=%d path=%s model=%s stream=%s chunks_written=%d",
+            conn.id,
+            req.path,
+            plan.model,
+            plan.rid,
+            active.chunks_written,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Server lifecycle and CLI
+# --------------------------------------------------------------------------------------------------
+
+
+class MockServer:
+    """A running mock: the ``asyncio.Server`` plus its :class:`MockState`, usable as an async context."""
+
+    def __init__(self, server: asyncio.Server, state: MockState, host: str) -> None:
+        self.server = server
+        self.state = state
+        self.host = host
+        self.port: int = server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT`` (no ``/v1``)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client wants as ``base_url``."""
+        return self.url + "/v1"
+
+    async def aclose(self) -> None:
+        """Stop listening, cut every connection and wait for in-flight handlers to unwind."""
+        self.server.close()
+        tasks = [t for t in (c.cancel() for c in list(self.state.conns)) if t is not None]
+        for conn in list(self.state.conns):
+            conn.abort()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def __aenter__(self) -> MockServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def serve(
+    host: str = "127.0.0.1", port: int = 0, *, max_events: int = DEFAULT_MAX_EVENTS, backlog: int = 1024
+) -> MockServer:
+    """Start listening on the running loop and return at once; ``port=0`` picks a free port."""
+    state = MockState(max_events)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: MockConnection(state), host, port, backlog=backlog, reuse_address=True
+    )
+    return MockServer(server, state, host)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.dev.openai_mock", description="Deterministic OpenAI-compatible mock upstream."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100, help="0 picks a free port (default: %(default)s)")
+    parser.add_argument("--ready-file", help="write 'http://HOST:PORT' here once listening; removed on exit")
+    parser.add_argument("--max-events", type=int, default=DEFAULT_MAX_EVENTS, help="events kept in memory")
+    parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def _write_ready_file(path: str, url: str) -> None:
+    """Atomically, so a poller never reads a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(url + "\n")
+    os.replace(tmp, path)
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    mock = await serve(args.host, args.port, max_events=args.max_events)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"openai-mock listening on {mock.url}", flush=True)
+    if args.ready_file:
+        _write_ready_file(args.ready_file, mock.url)
+    try:
+        await stop.wait()
+    finally:
+        await mock.aclose()
+        if args.ready_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.ready_file)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="openai-mock: %(message)s", stream=sys.stderr)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if not args.no_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop not installed; using the asyncio loop")
+        else:
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

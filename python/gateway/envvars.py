@@ -1,0 +1,15 @@
+"""Every environment variable the gateway reads, declared once, with one prefix."""
+
+from __future__ import annotations
+
+#: Path of the YAML config a worker loads (set by `fastpath-gateway serve --config`). Empty:
+#: the embedded default config.
+CONFIG = "FASTPATH_GATEWAY_CONFIG"
+#: Overrides of `server.host`, `server.port` and `server.workers` (the CLI flags win).
+HOST = "FASTPATH_GATEWAY_HOST"
+PORT = "FASTPATH_GATEWAY_PORT"
+WORKERS = "FASTPATH_GATEWAY_WORKERS"
+#: Log level of the gateway's own logger (debug, info, warning, error).
+LOG_LEVEL = "FASTPATH_GATEWAY_LOG_LEVEL"
+
+ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL)

@@ -1,0 +1,108 @@
+"""The one error taxonomy: every failure the gateway reports is a `Fault` that knows its HTTP
+status, OpenAI `type`, log level and whether a retry may help. Handlers never build error JSON
+by hand; they raise `GatewayError(Fault.X, message)` and the app turns it into a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+import msgspec
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    status: int
+    type: str
+    retryable: bool = False
+    log_level: int = logging.DEBUG
+
+
+class Fault(Enum):
+    """Error variants. The enum name, lower-cased, is the OpenAI `code`."""
+
+    INVALID_JSON = _Spec(400, "invalid_request_error")
+    INVALID_REQUEST = _Spec(400, "invalid_request_error")
+    JSON_TOO_DEEP = _Spec(400, "invalid_request_error")
+    UNSUPPORTED_PARAMETER = _Spec(400, "invalid_request_error")
+    UNAUTHORIZED = _Spec(401, "authentication_error")
+    FORBIDDEN = _Spec(403, "permission_error")
+    MODEL_NOT_FOUND = _Spec(404, "not_found_error")
+    ROUTE_NOT_FOUND = _Spec(404, "not_found_error")
+    METHOD_NOT_ALLOWED = _Spec(405, "invalid_request_error")
+    REQUEST_TIMEOUT = _Spec(408, "invalid_request_error")
+    BODY_TOO_LARGE = _Spec(413, "invalid_request_error")
+    UNSUPPORTED_MEDIA_TYPE = _Spec(415, "invalid_request_error")
+    HEADERS_TOO_LARGE = _Spec(431, "invalid_request_error")
+    RATE_LIMITED = _Spec(429, "rate_limit_error", retryable=True)
+    UPSTREAM_RATE_LIMITED = _Spec(429, "rate_limit_error", retryable=True, log_level=logging.INFO)
+    UPSTREAM_REJECTED = _Spec(400, "invalid_request_error", log_level=logging.INFO)
+    UPSTREAM_AUTH = _Spec(502, "upstream_error", log_level=logging.ERROR)
+    UPSTREAM_ERROR = _Spec(502, "upstream_error", retryable=True, log_level=logging.WARNING)
+    UPSTREAM_BAD_RESPONSE = _Spec(502, "upstream_error", retryable=True, log_level=logging.WARNING)
+    UPSTREAM_UNAVAILABLE = _Spec(503, "upstream_error", retryable=True, log_level=logging.WARNING)
+    UPSTREAM_TIMEOUT = _Spec(504, "timeout_error", retryable=True, log_level=logging.WARNING)
+    STREAM_TIMEOUT = _Spec(504, "timeout_error", log_level=logging.INFO)
+    INTERNAL = _Spec(500, "api_error", log_level=logging.ERROR)
+
+    @property
+    def status(self) -> int:
+        return self.value.status
+
+    @property
+    def type(self) -> str:
+        return self.value.type
+
+    @property
+    def code(self) -> str:
+        return self.name.lower()
+
+
+class ErrorDetail(msgspec.Struct, gc=False):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(msgspec.Struct, gc=False):
+    error: ErrorDetail
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class GatewayError(Exception):
+    """A failure with a known place in the taxonomy; safe to show to the client."""
+
+    __slots__ = ("fault", "headers", "message", "param")
+
+    def __init__(
+        self,
+        fault: Fault,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.fault = fault
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+    @property
+    def status(self) -> int:
+        return self.fault.status
+
+    def detail(self) -> ErrorDetail:
+        return ErrorDetail(self.message, self.fault.type, self.param, self.fault.code)
+
+    def body(self) -> bytes:
+        return _encode(ErrorBody(self.detail()))
+
+
+def error_body(fault: Fault, message: str, param: str | None = None) -> bytes:
+    return GatewayError(fault, message, param=param).body()

@@ -1,0 +1,73 @@
+"""Stage `decode`: validate the body as an OpenAI request and decode a typed view of it.
+
+The body stays bytes (forwarded as sent, unknown fields included); msgspec decodes only the
+fields the gateway reads, straight from the bytes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from .. import _fastpath
+from ..config import ServerConfig
+from ..context import Endpoint, RequestContext
+from ..errors import Fault, GatewayError
+from ..schemas import ChatRequestView, CompletionRequestView, RequestView
+
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def _param_of(message: str) -> str | None:
+    m = _PATH.search(message)
+    return m.group(1) or None if m else None
+
+
+class DecodeStage:
+    name = "decode"
+    __slots__ = ("_decoders", "max_depth")
+
+    def __init__(self, server: ServerConfig) -> None:
+        self.max_depth = server.max_json_depth
+        self._decoders: dict[Endpoint, msgspec.json.Decoder[RequestView]] = {
+            Endpoint.CHAT: msgspec.json.Decoder(ChatRequestView),
+            Endpoint.COMPLETIONS: msgspec.json.Decoder(CompletionRequestView),
+        }
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        body = ctx.body
+        if not body.strip():
+            raise GatewayError(Fault.INVALID_JSON, "The request body is empty; expected a JSON object.")
+        # Cheap bound first: fewer brackets than the limit cannot nest deeper than it.
+        if body.count(b"[") + body.count(b"{") > self.max_depth and _fastpath.json_depth_exceeds(
+            body, self.max_depth
+        ):
+            raise GatewayError(
+                Fault.JSON_TOO_DEEP, f"The request JSON is nested deeper than {self.max_depth} levels."
+            )
+        try:
+            view = self._decoders[ctx.endpoint].decode(body)
+        except msgspec.ValidationError as exc:
+            msg = str(exc)
+            raise GatewayError(
+                Fault.INVALID_REQUEST, f"Invalid request: {msg}", param=_param_of(msg)
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise GatewayError(Fault.INVALID_JSON, f"The request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise GatewayError(Fault.JSON_TOO_DEEP, "The request JSON is nested too deeply.") from None
+        if isinstance(view, ChatRequestView) and not view.messages:
+            raise GatewayError(
+                Fault.INVALID_REQUEST, "`messages` must contain at least one message.", param="messages"
+            )
+        if view.n is not None and not 1 <= view.n <= 128:
+            raise GatewayError(Fault.INVALID_REQUEST, "`n` must be between 1 and 128.", param="n")
+        if view.max_tokens is not None and view.max_tokens < 0:
+            raise GatewayError(Fault.INVALID_REQUEST, "`max_tokens` must be >= 0.", param="max_tokens")
+        if not view.model:
+            raise GatewayError(Fault.INVALID_REQUEST, "`model` must be a non-empty string.", param="model")
+        ctx.view = view
+        ctx.stream = view.stream is True
+        opts = view.stream_options
+        ctx.client_wants_usage = ctx.stream and opts is not None and opts.include_usage is True

@@ -1,0 +1,183 @@
+"""Stage `reframe`: upstream answers -> what the client gets, with `usage` always known.
+
+Unary: the body passes through; if the upstream gave no `usage`, the fastpath counts it and
+the gateway adds it. Streams: the Rust `ChatStreamReframer` re-frames each upstream read in one
+call, records usage (stripping the usage chunk the gateway asked for if the client did not),
+and the relay here adds keep-alive pings, deadlines, and always ends with `[DONE]` or an
+explicit error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from .. import _fastpath
+from ..context import RequestContext
+from ..errors import Fault, GatewayError
+from ..schemas import ResponseChoicesView, ResponseUsageView, Usage
+from ..upstreams.httpclient import Connection, UpstreamProtocolError, UpstreamTimeout
+from ..upstreams.openai_http import map_transport_error
+from . import respond
+
+log = logging.getLogger("gateway.reframe")
+
+_usage_view = msgspec.json.Decoder(ResponseUsageView)
+_choices_view = msgspec.json.Decoder(ResponseChoicesView)
+_raw_top = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_encode = msgspec.json.Encoder().encode
+
+
+def counted_prompt_tokens(ctx: RequestContext) -> int:
+    assert ctx.route is not None
+    try:
+        return _fastpath.count_chat_tokens(ctx.body, ctx.route.encoding)
+    except _fastpath.FastpathError:
+        return _fastpath.estimate_tokens(ctx.body.decode("utf-8", "replace"))
+
+
+def fill_usage(ctx: RequestContext, body: bytes) -> bytes:
+    """Record usage from a unary upstream body, adding counted usage if the upstream had none."""
+    try:
+        usage = _usage_view.decode(body).usage
+    except msgspec.DecodeError:
+        raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned invalid JSON.") from None
+    except msgspec.ValidationError:
+        usage = None
+    if usage is not None:
+        ctx.usage = usage
+        return body
+    assert ctx.route is not None
+    encoding = ctx.route.encoding
+    completion = 0
+    try:
+        for choice in _choices_view.decode(body).choices:
+            text = choice.text if choice.message is None else choice.message.content
+            if text:
+                completion += _fastpath.count_tokens(text, encoding)
+            if choice.message is not None and choice.message.tool_calls:
+                for call in choice.message.tool_calls:
+                    if call.function is not None and call.function.arguments:
+                        completion += _fastpath.count_tokens(call.function.arguments, encoding)
+        top = _raw_top.decode(body)
+    except msgspec.DecodeError:
+        raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned invalid JSON.") from None
+    except msgspec.ValidationError:
+        return body  # not an object with choices: pass it on as the upstream sent it
+    prompt = counted_prompt_tokens(ctx)
+    usage = Usage(prompt, completion, prompt + completion)
+    ctx.usage = usage
+    top["usage"] = msgspec.Raw(_encode(usage))
+    return _encode(top)
+
+
+class StreamLimits:
+    __slots__ = ("idle_s", "ping_s", "stream_deadline")
+
+    def __init__(self, idle_s: float, ping_s: float, stream_deadline: float) -> None:
+        self.idle_s = idle_s
+        self.ping_s = ping_s
+        self.stream_deadline = stream_deadline
+
+
+def _error_event(fault: Fault, message: str) -> bytes:
+    return _fastpath.sse_error(message, fault.type, fault.code)
+
+
+async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, limits: StreamLimits) -> None:
+    """Upstream SSE -> client SSE. Headers go out with the first upstream event, so an error
+    the upstream reports before any content becomes a proper JSON error reply instead."""
+    loop = asyncio.get_running_loop()
+    reframer = _fastpath.ChatStreamReframer(strip_usage=not ctx.client_wants_usage)
+    t0 = time.perf_counter_ns()
+    try:
+        first = await conn.read(min(limits.stream_deadline, loop.time() + limits.idle_s), "first byte")
+    except (UpstreamTimeout, UpstreamProtocolError) as exc:
+        conn.abort()
+        raise map_transport_error(exc) from None
+    out = reframer.feed(first)
+    if reframer.error is not None and reframer.events <= 1:
+        conn.abort()
+        raise GatewayError(Fault.UPSTREAM_ERROR, f"The upstream failed the stream: {reframer.error[:500]}")
+    ctx.timings["ttfb"] = time.perf_counter_ns() - t0
+    transport = respond.start_stream(protocol, ctx)
+    ended_ok = False
+    try:
+        if out:
+            await transport.send_bytes(out)
+        idle_deadline = loop.time() + limits.idle_s
+        next_ping = loop.time() + limits.ping_s
+        while first:
+            deadline, phase = idle_deadline, "idle"
+            if next_ping < deadline:
+                deadline, phase = next_ping, "ping"
+            if limits.stream_deadline < deadline:
+                deadline, phase = limits.stream_deadline, "stream"
+            try:
+                data = await conn.read(deadline, phase)
+            except UpstreamTimeout as exc:
+                if exc.phase != "ping":
+                    raise
+                await transport.send_bytes(_fastpath.PING)
+                next_ping = loop.time() + limits.ping_s
+                continue
+            if not data:
+                break
+            now = loop.time()
+            idle_deadline = now + limits.idle_s
+            next_ping = now + limits.ping_s
+            out = reframer.feed(data)
+            if out:
+                await transport.send_bytes(out)
+        tail = reframer.finish()
+        if reframer.done:
+            if ctx.client_wants_usage and reframer.usage is None:
+                tail += reframer.usage_chunk(*_stream_usage(ctx, reframer))
+            await transport.send_bytes(tail + _fastpath.DONE)
+            ended_ok = True
+        else:
+            await transport.send_bytes(
+                tail
+                + _error_event(Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without [DONE].")
+                + _fastpath.DONE
+            )
+    except UpstreamTimeout as exc:
+        fault = Fault.STREAM_TIMEOUT if exc.phase == "stream" else Fault.UPSTREAM_TIMEOUT
+        msg = (
+            "The stream exceeded its maximum duration."
+            if exc.phase == "stream"
+            else f"The upstream went silent mid-stream ({exc})."
+        )
+        await _end_with_error(transport, fault, msg)
+    except UpstreamProtocolError as exc:
+        await _end_with_error(transport, Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}")
+    finally:
+        if ended_ok:
+            conn.release()
+        else:
+            conn.abort()
+        _settle_stream_usage(ctx, reframer)
+
+
+async def _end_with_error(transport: Any, fault: Fault, message: str) -> None:
+    log.info("stream ended with error: %s", message)
+    await transport.send_bytes(_error_event(fault, message) + _fastpath.DONE)
+
+
+def _stream_usage(ctx: RequestContext, reframer: _fastpath.ChatStreamReframer) -> tuple[int, int]:
+    assert ctx.route is not None
+    return counted_prompt_tokens(ctx), reframer.completion_tokens(ctx.route.encoding)
+
+
+def _settle_stream_usage(ctx: RequestContext, reframer: _fastpath.ChatStreamReframer) -> None:
+    """What this stream cost, also when it broke off: the upstream's numbers, else our counts."""
+    usage = reframer.usage
+    if usage is not None:
+        ctx.usage = Usage(*usage)
+    elif ctx.route is not None:
+        prompt, completion = _stream_usage(ctx, reframer)
+        ctx.usage = Usage(prompt, completion, prompt + completion)

@@ -1,0 +1,39 @@
+"""Stage `respond`: status, headers and body onto the RSGI protocol.
+
+Every reply carries `x-request-id`; error replies are always OpenAI error JSON from the
+taxonomy. Streams are unbuffered (`cache-control: no-cache`, `x-accel-buffering: no`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..context import RequestContext
+from ..errors import GatewayError
+
+JSON = ("content-type", "application/json")
+SSE_HEADERS = (
+    ("content-type", "text/event-stream; charset=utf-8"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+)
+
+
+def server_timing(ctx: RequestContext) -> tuple[str, str]:
+    parts = [f"{k};dur={v / 1e6:.3f}" for k, v in ctx.timings.items()]
+    return ("server-timing", ", ".join(parts))
+
+
+def send_json(protocol: Any, ctx: RequestContext, status: int, body: bytes) -> None:
+    ctx.status = status
+    protocol.response_bytes(status, [JSON, ("x-request-id", ctx.request_id), server_timing(ctx)], body)
+
+
+def send_error(protocol: Any, request_id: str, err: GatewayError) -> None:
+    headers = [JSON, ("x-request-id", request_id), *err.headers]
+    protocol.response_bytes(err.status, headers, err.body())
+
+
+def start_stream(protocol: Any, ctx: RequestContext) -> Any:
+    ctx.status = 200
+    return protocol.response_stream(200, [*SSE_HEADERS, ("x-request-id", ctx.request_id)])

@@ -1,0 +1,65 @@
+"""Stage `route`: public model -> upstream target, and the body the upstream will get.
+
+The client's bytes are forwarded untouched unless something must change (upstream model name,
+`stream_options.include_usage` so the gateway always learns usage, host-choosing fields). Then
+only the top level is re-encoded: nested values stay raw bytes (`msgspec.Raw`).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..context import RequestContext
+from ..errors import Fault, GatewayError
+from ..routing import Route
+
+#: Fields some proxies honour to pick the upstream host or key (an SSRF / key-injection vector
+#: in peers); never forwarded.
+_HOST_CHOOSING = (b'"api_base"', b'"base_url"', b'"api_key"', b'"custom_llm_provider"', b'"extra_headers"')
+_HOST_CHOOSING_KEYS = tuple(k.strip(b'"').decode() for k in _HOST_CHOOSING)
+_INCLUDE_USAGE = msgspec.Raw(b'{"include_usage":true}')
+
+_raw_top = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_any = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder().encode
+
+
+class RouteStage:
+    name = "route"
+    __slots__ = ("routes",)
+
+    def __init__(self, routes: dict[str, Route]) -> None:
+        self.routes = routes
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        view = ctx.view
+        assert view is not None
+        route = self.routes.get(view.model)
+        if route is None:
+            raise GatewayError(
+                Fault.MODEL_NOT_FOUND,
+                f"The model `{view.model}` does not exist or you do not have access to it.",
+                param="model",
+            )
+        ctx.route = route
+        body = ctx.body
+        inject_usage = ctx.stream and not ctx.client_wants_usage
+        strip = any(k in body for k in _HOST_CHOOSING)
+        if route.passthrough_model and not inject_usage and not strip:
+            ctx.upstream_body = body
+            return
+        top = _raw_top.decode(body)
+        if not route.passthrough_model:
+            top["model"] = msgspec.Raw(route.upstream_model_json)
+        if inject_usage:
+            prior = top.get("stream_options")
+            opts = _any.decode(prior) if prior is not None else None
+            if isinstance(opts, dict):
+                opts["include_usage"] = True
+                top["stream_options"] = msgspec.Raw(_encode(opts))
+            else:
+                top["stream_options"] = _INCLUDE_USAGE
+        if strip:
+            for key in _HOST_CHOOSING_KEYS:
+                top.pop(key, None)
+        ctx.upstream_body = _encode(top)

@@ -1,0 +1,115 @@
+"""Request and response views: small msgspec Structs holding only what a stage reads.
+
+The client's body is forwarded as bytes (unknown fields kept); these views validate the fields
+the gateway relies on and give type errors with their JSON path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class StreamOptions(msgspec.Struct, gc=False):
+    include_usage: bool | None = None
+
+
+class ContentPart(msgspec.Struct, gc=False):
+    type: str
+    text: str | None = None
+
+
+class ToolCallFunction(msgspec.Struct, gc=False):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(msgspec.Struct, gc=False):
+    function: ToolCallFunction | None = None
+    id: str | None = None
+    type: str | None = None
+
+
+class Message(msgspec.Struct, gc=False):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatRequestView(msgspec.Struct, gc=False):
+    model: str
+    messages: list[Message]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequestView(msgspec.Struct, gc=False):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    max_tokens: int | None = None
+
+
+RequestView = ChatRequestView | CompletionRequestView
+
+
+class Usage(msgspec.Struct, gc=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ResponseUsageView(msgspec.Struct, gc=False):
+    """Just enough of a chat.completion / text_completion body to settle usage."""
+
+    usage: Usage | None = None
+
+
+class ChoiceMessageView(msgspec.Struct, gc=False):
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChoiceView(msgspec.Struct, gc=False):
+    message: ChoiceMessageView | None = None
+    text: str | None = None
+
+
+class ResponseChoicesView(msgspec.Struct, gc=False):
+    choices: list[ChoiceView] = []
+
+
+class UpstreamErrorDetail(msgspec.Struct, gc=False):
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+    param: str | None = None
+
+
+class UpstreamErrorView(msgspec.Struct, gc=False):
+    error: UpstreamErrorDetail | str | None = None
+    message: str | None = None  # some servers answer {"message": ...} or {"detail": ...}
+    detail: str | None = None
+
+
+class ModelCard(msgspec.Struct, gc=False):
+    id: str
+    created: int
+    owned_by: str
+    object: str = "model"
+
+
+class ModelList(msgspec.Struct, gc=False):
+    data: list[ModelCard]
+    object: str = "list"

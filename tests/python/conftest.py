@@ -1,0 +1,168 @@
+"""Shared fixtures: real processes on real sockets (the OpenAI-wire mock upstream, the gateway).
+
+Integration tests start the server in its own process and wait for readiness (as granian's
+own test suite does); nothing here is mocked in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def wait_http(url: str, timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited early with {proc.returncode} while waiting for {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready within {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class MockUpstream:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes]) -> None:
+        self.port = port
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+
+    def events(self) -> list[dict[str, object]]:
+        import json
+
+        with urllib.request.urlopen(f"{self.url}/_mock/events", timeout=5) as r:
+            return list(json.loads(r.read())["events"])
+
+    def clear(self) -> None:
+        req = urllib.request.Request(f"{self.url}/_mock/events", method="DELETE")
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+
+
+@contextlib.contextmanager
+def run_mock(port: int | None = None) -> Iterator[MockUpstream]:
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.dev.openai_mock", "--host", "127.0.0.1", "--port", str(port)],
+        env=_env(),
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        yield MockUpstream(port, proc)
+    finally:
+        stop(proc)
+
+
+def gateway_config(upstream_port: int, **server: object) -> str:
+    lines = ["server:", "  host: 127.0.0.1"]
+    lines += [f"  {k}: {v}" for k, v in server.items()]
+    lines += [
+        "providers:",
+        "  - name: mock",
+        f"    base_url: http://127.0.0.1:{upstream_port}/v1",
+        "    api_key: ${MOCK_UPSTREAM_KEY:-sk-upstream-secret}",
+        "    first_byte_timeout_ms: 5000",
+        "    idle_timeout_ms: 5000",
+        "models:",
+        "  - name: echo",
+        "    provider: mock",
+        "    upstream_model: mock-echo",
+        "  - name: mock-echo",
+        "    provider: mock",
+        "  - name: slow",
+        "    provider: mock",
+        "    upstream_model: mock-slow",
+        "  - name: gpt-4o-mini",
+        "    provider: mock",
+        "    upstream_model: mock-echo",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class Gateway:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], upstream: MockUpstream | None) -> None:
+        self.port = port
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.upstream = upstream
+
+
+@contextlib.contextmanager
+def run_gateway(
+    tmp: Path, upstream: MockUpstream, workers: int = 1, config_text: str | None = None, **server: object
+) -> Iterator[Gateway]:
+    port = free_port()
+    cfg = tmp / f"gateway-{port}.yaml"
+    cfg.write_text(config_text or gateway_config(upstream.port, **server))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--config",
+            str(cfg),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+        ],
+        env=_env(),
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        yield Gateway(port, proc, upstream)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mock_upstream() -> Iterator[MockUpstream]:
+    with run_mock() as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def gateway(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with run_gateway(tmp_path_factory.mktemp("gw"), mock_upstream) as g:
+        yield g
