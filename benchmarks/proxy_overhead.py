@@ -47,7 +47,9 @@ def wait_http(url: str, timeout_s: float = 20) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         try:
-            req = urllib.request.Request(url, data=REQUEST.encode(), headers={"content-type": "application/json"})
+            req = urllib.request.Request(
+                url, data=REQUEST.encode(), headers={"content-type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=1) as r:
                 if r.status == 200:
                     return
@@ -162,6 +164,14 @@ def run_wrk(url: str, conc: int, duration: int, script: Path) -> tuple[float, di
     return rps, pct, errs, total
 
 
+def _cells(rows: list[Row], name: str, conc: int) -> list[Row]:
+    return [r for r in rows if r.target.startswith(name) and r.conc == conc]
+
+
+def _ratios(a: list[Row], b: list[Row]) -> str:
+    return ", ".join(f"{x.rps / y.rps:.2f}" for x, y in zip(a, b, strict=False))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
@@ -178,8 +188,7 @@ def main() -> int:
     up, px, gw = free_port(), free_port(), free_port()
     lua = tmp / "post.lua"
     lua.write_text(
-        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = [[{REQUEST}]]\n"
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[{REQUEST}]]\n'
     )
     cfg = tmp / "gateway.yaml"
     cfg.write_text(
@@ -189,8 +198,18 @@ def main() -> int:
     )
     ngx = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(nginx_conf(tmp, up, px))])
     gwp = subprocess.Popen(
-        [str(REPO / ".venv/bin/fastpath-gateway"), "serve", "--config", str(cfg), "--port", str(gw),
-         "--workers", str(args.workers), "--log-level", "error"],
+        [
+            str(REPO / ".venv/bin/fastpath-gateway"),
+            "serve",
+            "--config",
+            str(cfg),
+            "--port",
+            str(gw),
+            "--workers",
+            str(args.workers),
+            "--log-level",
+            "error",
+        ],
         stdout=subprocess.DEVNULL,
     )
     rows: list[Row] = []
@@ -213,8 +232,18 @@ def main() -> int:
                     rps, pct, errs, total = run_wrk(url, conc, args.duration, lua)
                     cpu = (proc_cpu_s(gw_pids) - cpu0) / total * 1e6 if is_gw and total else None
                     rows.append(
-                        Row(name, conc, rps, pct.get("50", 0), pct.get("90", 0), pct.get("99", 0), errs, cpu,
-                            rss_mb(gw_pids) if is_gw else None, open("/proc/loadavg").read().split(" ")[0])
+                        Row(
+                            name,
+                            conc,
+                            rps,
+                            pct.get("50", 0),
+                            pct.get("90", 0),
+                            pct.get("99", 0),
+                            errs,
+                            cpu,
+                            rss_mb(gw_pids) if is_gw else None,
+                            Path("/proc/loadavg").read_text().split(" ")[0],
+                        )
                     )
                     print(f"  {name:24} c={conc:<3} rps={rps:>9.0f} p50={pct.get('50', 0):.3f}ms", flush=True)
     finally:
@@ -225,26 +254,29 @@ def main() -> int:
     from gateway import BUILD_PROFILE, __version__
 
     print(f"\n## proxy overhead — {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-          f"python {platform.python_version()}, fastpath-gateway {__version__} ({BUILD_PROFILE}), "
-          f"gateway workers={args.workers}; wrk -t1, {args.warmup}s warm-up, {args.duration}s per cell\n")
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"python {platform.python_version()}, fastpath-gateway {__version__} ({BUILD_PROFILE}), "
+        f"gateway workers={args.workers}; wrk -t1, {args.warmup}s warm-up, {args.duration}s per cell\n"
+    )
     print("| target | c | RPS | p50 ms | p90 ms | p99 ms | errors | gw CPU µs/req | gw RSS MB | load1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "—"
         rss = f"{r.rss:.0f}" if r.rss is not None else "—"
-        print(f"| {r.target} | {r.conc} | {r.rps:.0f} | {r.p50:.3f} | {r.p90:.3f} | {r.p99:.3f} | {r.errors} "
-              f"| {cpu} | {rss} | {r.loadavg} |")
+        print(
+            f"| {r.target} | {r.conc} | {r.rps:.0f} | {r.p50:.3f} | {r.p90:.3f} | {r.p99:.3f} | {r.errors} "
+            f"| {cpu} | {rss} | {r.loadavg} |"
+        )
     print()
     for conc in sorted({r.conc for r in rows}):
-        def best(name: str, c: int = conc) -> list[Row]:
-            return [r for r in rows if r.target.startswith(name) and r.conc == c]
-        d, n, g = best("direct"), best("nginx"), best("fastpath")
-        if d and g and n:
-            added = [x.p50 - y.p50 for x, y in zip(g, d, strict=False)]
-            print(f"c={conc}: gateway RPS / direct = {', '.join(f'{x.rps / y.rps:.2f}' for x, y in zip(g, d, strict=False))}; "
-                  f"gateway RPS / nginx proxy = {', '.join(f'{x.rps / y.rps:.2f}' for x, y in zip(g, n, strict=False))}; "
-                  f"added p50 vs direct = {', '.join(f'{a:.3f} ms' for a in added)}")
+        d, n, g = (_cells(rows, name, conc) for name in ("direct", "nginx", "fastpath"))
+        if d and n and g:
+            print(
+                f"c={conc}: gateway RPS / direct = {_ratios(g, d)}; gateway RPS / nginx proxy = "
+                f"{_ratios(g, n)}; added p50 vs direct = "
+                + ", ".join(f"{x.p50 - y.p50:.3f} ms" for x, y in zip(g, d, strict=False))
+            )
     return 0
 
 

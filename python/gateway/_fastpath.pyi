@@ -29,22 +29,33 @@ def encode(text: str, encoding: str = "o200k_base") -> list[int]:
     """Token ids (ordinary encoding), for tests and tools."""
 
 def estimate_tokens(text: str) -> int:
-    """Cheap upper-leaning estimate without BPE: ceil(utf8_len / 4) for ASCII-heavy text,
-    one token per non-ASCII char cluster otherwise; never 0 for non-empty text."""
+    """Cheap upper-leaning estimate without BPE: ceil(ascii_bytes / 4) + one token per non-ASCII
+    code point (so ceil(len / 4) for ASCII text, one per char for CJK); never 0 for non-empty text."""
 
 def count_chat_tokens(body: bytes, encoding: str = "o200k_base") -> int:
     """Prompt tokens of an OpenAI chat request body (raw JSON bytes), following OpenAI's
     cookbook rules: 3 per message + tokens of every string field (role, content text / text
     parts, name (+1), tool_calls function name + arguments, tool_call_id) + 3 reply priming.
-    `/v1/completions` bodies (`prompt` string or list of strings) are counted as plain text.
-    Raises FastpathError on invalid JSON. Releases the GIL."""
+    Only the text of text parts counts (image parts add nothing); other request fields
+    (tools, response_format, ...) are not counted.
+    `/v1/completions` bodies (`prompt` string or list of strings) are counted as plain text;
+    pre-tokenized prompts (a list of token ids, or of such lists) count one per id.
+    Raises FastpathError on invalid JSON, a shape that is not a request (e.g. `messages` not a
+    list), or a body with neither `messages` nor `prompt`. Releases the GIL for large bodies."""
 
 # ---- SSE ------------------------------------------------------------------------------------
 class SseEvent:
+    """A dispatched event (frozen; compares by value)."""
+
     event: str | None
+    """The `event` field of this event; None when absent or empty (the spec's "message")."""
     data: str
+    """The `data` lines joined with "\n" (UTF-8, invalid bytes replaced by U+FFFD)."""
     id: str | None
+    """The last event ID: per the spec it persists across events; None until an `id` field
+    (without NUL) was seen; an empty `id:` sets it to ""."""
     retry: int | None
+    """A valid `retry` field (ASCII digits, < 2**64) in this event's own block, else None."""
 
 class SseParser:
     """Incremental WHATWG `text/event-stream` parser: bytes split anywhere in, whole events out.
@@ -53,7 +64,8 @@ class SseParser:
 
     def __init__(self, max_event_bytes: int = 1_048_576) -> None: ...
     def feed(self, chunk: bytes) -> list[SseEvent]:
-        """Raises SseError if one pending line/event grows beyond max_event_bytes."""
+        """Raises SseError if one pending line/event grows beyond max_event_bytes; the pending
+        event is then dropped (the stream is corrupt: abandon it)."""
     def finish(self) -> list[SseEvent]:
         """End of stream: per the spec a pending, unterminated event is discarded (returns [])."""
     @property
@@ -64,21 +76,28 @@ class ChatStreamReframer:
     """Re-frames an upstream OpenAI-compatible SSE stream (chat.completion.chunk or
     text_completion) for the client, in one call per upstream read:
 
-    * every data event is re-emitted as b"data: <data>\\n\\n" (comments, event/id fields dropped);
+    * every data event is re-emitted as b"data: <data>\\n\\n", the data bytes exactly as received
+      (comments, event/id/retry fields dropped; multi-line data goes out as one `data: ` line
+      per line, so it parses back to the same data);
     * `data: [DONE]` sets `done` and is NOT emitted (the gateway writes its own end);
     * a chunk that carries `usage` and has empty `choices` sets `usage`; it is emitted only when
       strip_usage is False;  a chunk with non-empty choices and usage records usage and is emitted;
-    * a data payload with a top-level "error" object sets `error` (its JSON text) and is emitted;
+    * a data payload with a top-level "error" object sets `error` (the first such object's raw
+      JSON text) and is emitted;
     * the text of choices[].delta.content, choices[].text and
       choices[].delta.tool_calls[].function.arguments is appended to the completion text
-      (for token counting); choices[].finish_reason is recorded per index;
+      (for token counting); choices[0].finish_reason (index 0, or no index) is recorded;
     * id / model / created of the first chunk are remembered for synthesized chunks;
-    * data that is not JSON is emitted unchanged and counted in `invalid_events`."""
+    * data that is not JSON, or JSON not shaped like a chunk (e.g. `choices` not a list), is
+      emitted unchanged, contributes nothing, and is counted in `invalid_events`.
+    feed() raises SseError like SseParser.feed."""
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = 1_048_576) -> None: ...
     def feed(self, chunk: bytes) -> bytes: ...
     def finish(self) -> bytes:
-        """End of upstream bytes: returns any bytes still to emit (normally b"")."""
+        """End of upstream bytes: returns any bytes still to emit (normally b""). Leniently, an
+        event whose data lines all ended but whose closing blank line never came is still
+        processed (and emitted); an unterminated last line is dropped."""
     @property
     def done(self) -> bool: ...
     @property
@@ -106,7 +125,8 @@ class ChatStreamReframer:
         """BPE count of completion_text."""
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """A synthesized final `data: {...,"choices":[],"usage":{...}}\\n\\n` frame using the
-        remembered id/model/created (object 'chat.completion.chunk' or 'text_completion')."""
+        remembered id/model/created (object 'chat.completion.chunk', or 'text_completion' when the
+        upstream's was); before any chunk: id "", model "", created = now."""
 
 class ChunkEmitter:
     """Writes OpenAI `chat.completion.chunk` SSE frames (serde_json escaping, no Python formatting)."""

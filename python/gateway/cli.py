@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -80,7 +81,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
         log_level=LogLevels(level),
         workers_kill_timeout=max(1, cfg.server.shutdown_grace_ms // 1000),
-        process_name="fastpath-gateway",
+        # granian refuses to start with `process_name` unless its `pname` extra (setproctitle) is
+        # installed; the name is cosmetic, so set it only where it can be.
+        process_name="fastpath-gateway" if importlib.util.find_spec("setproctitle") else None,
     )
     print(f"fastpath-gateway: serving on http://{host}:{port} with {workers} worker(s)", flush=True)
     server.serve()

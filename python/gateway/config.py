@@ -73,6 +73,28 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerConfig = ServerConfig()
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one,
+    so a repeated `api_key:` or `server:` would override without a word)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if duplicate:
+            mark = key_node.start_mark
+            raise ConfigError(f"line {mark.line + 1}: duplicate key {key!r}")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
@@ -105,6 +127,7 @@ def _validate(cfg: Config) -> None:
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"$.server.port: must be 0..65535, got {s.port}")
     _check_positive("$.server.workers", s.workers, allow_zero=True)
+    _check_positive("$.server.shutdown_grace_ms", s.shutdown_grace_ms, allow_zero=True)
     for field in (
         "max_body_bytes",
         "max_header_bytes",
@@ -128,6 +151,10 @@ def _validate(cfg: Config) -> None:
         url = urlsplit(p.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(f"{where}.base_url: must be an http(s) URL with a host, got {p.base_url!r}")
+        try:
+            url.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+        except ValueError:
+            raise ConfigError(f"{where}.base_url: invalid port in {p.base_url!r}") from None
         if url.query or url.fragment:
             raise ConfigError(f"{where}.base_url: must not have a query or fragment")
         for field in (
@@ -161,16 +188,20 @@ def _validate(cfg: Config) -> None:
 def parse(text: str, source: str = "<config>") -> Config:
     """Decode, interpolate and validate config text. Raises ConfigError with a field path."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     raw = _interpolate(raw, "$")
     try:
         cfg = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(str(exc)) from None
+        msg = str(exc)
+        # msgspec names no path for the top level ("Object contains unknown field `x`").
+        raise ConfigError(msg if " - at `" in msg else f"{msg} - at `$`") from None
     _validate(cfg)
     return cfg
 
@@ -188,6 +219,8 @@ def load(path: str | Path | None) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: the config is not valid UTF-8 (byte {exc.start})") from None
     return parse(text, str(p))
 
 

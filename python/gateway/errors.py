@@ -12,7 +12,8 @@ from enum import Enum
 import msgspec
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: variants with equal specs must stay distinct enum members, not aliases.
+@dataclass(frozen=True, slots=True, eq=False)
 class _Spec:
     status: int
     type: str

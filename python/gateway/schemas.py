@@ -54,7 +54,7 @@ class ChatRequestView(msgspec.Struct, gc=False):
 
 class CompletionRequestView(msgspec.Struct, gc=False):
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[Any]  # strings or token ids (msgspec allows one array type per union)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None

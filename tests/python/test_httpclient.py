@@ -48,7 +48,12 @@ def serve(script: Script, body: Callable[[HttpPool], Awaitable[None]], connect_t
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         pool = HttpPool(
-            asyncio.get_running_loop(), "127.0.0.1", port, tls=False, max_idle=4, connect_timeout_s=connect_timeout
+            asyncio.get_running_loop(),
+            "127.0.0.1",
+            port,
+            tls=False,
+            max_idle=4,
+            connect_timeout_s=connect_timeout,
         )
         try:
             await asyncio.wait_for(body(pool), 10)
@@ -192,8 +197,13 @@ def test_truncated_body_is_a_protocol_error() -> None:
 
 @pytest.mark.parametrize(
     "answer",
-    [b"garbage\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
-     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"],
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+    ],
     ids=["not-http", "bad-status", "bad-header", "bad-te", "bad-length"],
 )
 def test_malformed_heads_are_protocol_errors(answer: bytes) -> None:
@@ -246,7 +256,9 @@ def test_connect_refused() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        pool = HttpPool(asyncio.get_running_loop(), "127.0.0.1", port, tls=False, max_idle=1, connect_timeout_s=2)
+        pool = HttpPool(
+            asyncio.get_running_loop(), "127.0.0.1", port, tls=False, max_idle=1, connect_timeout_s=2
+        )
         with pytest.raises(UpstreamConnectError):
             await pool.request(REQ, head_deadline=None)
 

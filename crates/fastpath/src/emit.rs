@@ -57,7 +57,13 @@ fn finish_usage(out: &mut Vec<u8>, usage: Usage) -> serde_json::Result<()> {
 }
 
 /// A final `"choices":[]` frame carrying `usage`.
-pub fn usage_frame(id: &str, object: &str, created: i64, model: &str, usage: Usage) -> serde_json::Result<Vec<u8>> {
+pub fn usage_frame(
+    id: &str,
+    object: &str,
+    created: i64,
+    model: &str,
+    usage: Usage,
+) -> serde_json::Result<Vec<u8>> {
     let mut out = chunk_prefix(id, object, created, model)?;
     finish_usage(&mut out, usage)?;
     Ok(out)
@@ -93,7 +99,12 @@ struct ErrorObject<'a> {
 }
 
 /// `data: {"error":{"message":..,"type":..,"param":..,"code":..}}` + blank line.
-pub fn error_frame(message: &str, kind: &str, code: Option<&str>, param: Option<&str>) -> serde_json::Result<Vec<u8>> {
+pub fn error_frame(
+    message: &str,
+    kind: &str,
+    code: Option<&str>,
+    param: Option<&str>,
+) -> serde_json::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(64 + message.len());
     out.extend_from_slice(b"data: ");
     put(
@@ -124,7 +135,12 @@ impl ChunkEmitter {
         })
     }
 
-    fn choice(&self, index: u32, extra: usize, body: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) -> serde_json::Result<Vec<u8>> {
+    fn choice(
+        &self,
+        index: u32,
+        extra: usize,
+        body: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+    ) -> serde_json::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(self.prefix.len() + extra + 80);
         out.extend_from_slice(&self.prefix);
         out.extend_from_slice(br#"{"index":"#);
@@ -174,7 +190,11 @@ mod tests {
 
     fn payload(frame: &[u8]) -> Value {
         let text = std::str::from_utf8(frame).unwrap();
-        let body = text.strip_prefix("data: ").unwrap().strip_suffix("\n\n").unwrap();
+        let body = text
+            .strip_prefix("data: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
         assert!(!body.contains('\n'), "one line per frame: {text:?}");
         serde_json::from_str(body).unwrap()
     }
@@ -182,7 +202,8 @@ mod tests {
     #[test]
     fn chunk_frames() {
         let e = ChunkEmitter::new("id\"1", "m\n", 7).unwrap();
-        let head = json!({"id": "id\"1", "object": "chat.completion.chunk", "created": 7, "model": "m\n"});
+        let head =
+            json!({"id": "id\"1", "object": "chat.completion.chunk", "created": 7, "model": "m\n"});
         let with = |choices: Value| {
             let mut v = head.clone();
             v["choices"] = choices;
@@ -190,7 +211,9 @@ mod tests {
         };
         assert_eq!(
             payload(&e.role("assistant", 0).unwrap()),
-            with(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))
+            with(
+                json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])
+            )
         );
         let text = "say \"hi\"\n\t\u{1F600}\u{0}\\";
         assert_eq!(
@@ -209,7 +232,9 @@ mod tests {
     #[test]
     fn error_frames() {
         assert_eq!(
-            payload(&error_frame("bad \"x\"\n", "invalid_request_error", None, Some("model")).unwrap()),
+            payload(
+                &error_frame("bad \"x\"\n", "invalid_request_error", None, Some("model")).unwrap()
+            ),
             json!({"error": {"message": "bad \"x\"\n", "type": "invalid_request_error", "param": "model", "code": null}})
         );
     }

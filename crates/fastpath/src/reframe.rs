@@ -57,7 +57,8 @@ impl Reframer {
     pub fn feed(&mut self, chunk: &[u8]) -> Result<&[u8], SseError> {
         let state = &mut self.state;
         state.out.clear();
-        self.parser.feed(chunk, &mut |e: &Event<'_>| state.on_data(e.data))?;
+        self.parser
+            .feed(chunk, &mut |e: &Event<'_>| state.on_data(e.data))?;
         Ok(&self.state.out)
     }
 
@@ -66,7 +67,8 @@ impl Reframer {
     pub fn finish(&mut self) -> &[u8] {
         let state = &mut self.state;
         state.out.clear();
-        self.parser.flush(&mut |e: &Event<'_>| state.on_data(e.data));
+        self.parser
+            .flush(&mut |e: &Event<'_>| state.on_data(e.data));
         &self.state.out
     }
 
@@ -116,7 +118,11 @@ impl Reframer {
     }
 
     /// A final `"choices":[]` frame with this usage, in the upstream's id/model/created/object.
-    pub fn usage_chunk(&self, prompt_tokens: u64, completion_tokens: u64) -> serde_json::Result<Vec<u8>> {
+    pub fn usage_chunk(
+        &self,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> serde_json::Result<Vec<u8>> {
         let s = &self.state;
         let object = if s.text_completion == Some(true) {
             "text_completion"
@@ -150,14 +156,13 @@ impl State {
         let parsed = FrameSeed(&mut self.completion)
             .deserialize(&mut de)
             .and_then(|frame| de.end().map(|()| frame));
-        let emit = match parsed {
-            Ok(frame) => self.record(frame),
-            Err(_) => {
-                // Not JSON, or not the shape of a chunk: pass it on untouched, count nothing.
-                self.completion.truncate(text_len);
-                self.invalid_events += 1;
-                true
-            }
+        let emit = if let Ok(frame) = parsed {
+            self.record(frame)
+        } else {
+            // Not JSON, or not the shape of a chunk: pass it on untouched, count nothing.
+            self.completion.truncate(text_len);
+            self.invalid_events += 1;
+            true
         };
         if emit {
             emit::data_frame(&mut self.out, data);
@@ -182,12 +187,18 @@ impl State {
             self.finish_reason = Some(reason.0.into_owned());
         }
         if self.error.is_none() {
-            self.error = f.error.filter(|e| e.get().starts_with('{')).map(|e| e.get().to_owned());
+            self.error = f
+                .error
+                .filter(|e| e.get().starts_with('{'))
+                .map(|e| e.get().to_owned());
         }
         let Some(usage) = f.usage else {
             return true;
         };
-        let (p, c) = (usage.prompt_tokens.unwrap_or(0), usage.completion_tokens.unwrap_or(0));
+        let (p, c) = (
+            usage.prompt_tokens.unwrap_or(0),
+            usage.completion_tokens.unwrap_or(0),
+        );
         self.usage = Some(Usage {
             prompt_tokens: p,
             completion_tokens: c,
@@ -214,6 +225,7 @@ struct Frame<'a> {
 }
 
 #[derive(Deserialize)]
+#[expect(clippy::struct_field_names, reason = "the wire names")]
 struct UsageView {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
@@ -510,7 +522,10 @@ data: [DONE]\n\n";
 
     fn data_lines(bytes: &[u8]) -> Vec<String> {
         let text = std::str::from_utf8(bytes).unwrap();
-        text.split("\n\n").filter(|s| !s.is_empty()).map(str::to_owned).collect()
+        text.split("\n\n")
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     #[test]
@@ -518,13 +533,25 @@ data: [DONE]\n\n";
         let (r, out) = run(true, &[UPSTREAM]);
         let frames = data_lines(&out);
         assert_eq!(frames.len(), 4, "{frames:#?}");
-        assert!(frames.iter().all(|f| f.starts_with("data: {\"id\":\"c-1\"")));
+        assert!(frames
+            .iter()
+            .all(|f| f.starts_with("data: {\"id\":\"c-1\"")));
         assert!(!String::from_utf8_lossy(&out).contains("DONE"));
         assert!(r.done());
-        assert_eq!(r.usage(), Some(Usage { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 }));
+        assert_eq!(
+            r.usage(),
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 3,
+                total_tokens: 8
+            })
+        );
         assert_eq!(r.completion_text(), "Hi \"you\"\n\u{e9}\u{1F600}{\"a\"");
         assert_eq!(r.finish_reason(), Some("stop"));
-        assert_eq!((r.chunk_id(), r.model(), r.created()), (Some("c-1"), Some("gpt-4o"), Some(17)));
+        assert_eq!(
+            (r.chunk_id(), r.model(), r.created()),
+            (Some("c-1"), Some("gpt-4o"), Some(17))
+        );
         assert_eq!((r.events(), r.invalid_events(), r.error()), (6, 0, None));
 
         let (r, kept) = run(false, &[UPSTREAM]);
@@ -549,7 +576,11 @@ data: [DONE]\n\n";
             &[b"data: not json\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x\"}}], oops\n\ndata: {\"choices\":7}\n\ndata: {\"error\":{\"message\":\"boom\",\"code\":null}}\n\n"],
         );
         assert_eq!(r.invalid_events(), 3);
-        assert_eq!(r.completion_text(), "", "text of an invalid payload is not kept");
+        assert_eq!(
+            r.completion_text(),
+            "",
+            "text of an invalid payload is not kept"
+        );
         assert_eq!(r.error(), Some("{\"message\":\"boom\",\"code\":null}"));
         assert_eq!(data_lines(&out).len(), 4);
         assert!(!r.done());
@@ -562,8 +593,18 @@ data: [DONE]\n\n";
             &[b"data: {\"object\":\"text_completion\",\"choices\":[{\"text\":\"ab\",\"index\":0,\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n"],
         );
         assert_eq!(data_lines(&out).len(), 1);
-        assert_eq!(r.usage(), Some(Usage { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 }));
-        assert_eq!((r.completion_text(), r.finish_reason()), ("ab", Some("length")));
+        assert_eq!(
+            r.usage(),
+            Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                total_tokens: 3
+            })
+        );
+        assert_eq!(
+            (r.completion_text(), r.finish_reason()),
+            ("ab", Some("length"))
+        );
         let frame = r.usage_chunk(4, 5).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&frame[6..frame.len() - 2]).unwrap();
         assert_eq!(v["object"], "text_completion");

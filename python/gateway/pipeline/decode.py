@@ -17,11 +17,18 @@ from ..errors import Fault, GatewayError
 from ..schemas import ChatRequestView, CompletionRequestView, RequestView
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]*)`")
 
 
 def _param_of(message: str) -> str | None:
+    """The offending parameter of a msgspec validation message (`messages[0].role`); for a
+    missing field that is the field itself, not the object that lacks it."""
     m = _PATH.search(message)
-    return m.group(1) or None if m else None
+    path = m.group(1) if m else ""
+    missing = _MISSING.match(message)
+    if missing is not None:
+        return f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or None
 
 
 class DecodeStage:
@@ -55,6 +62,9 @@ class DecodeStage:
             ) from None
         except msgspec.DecodeError as exc:
             raise GatewayError(Fault.INVALID_JSON, f"The request body is not valid JSON: {exc}") from None
+        except UnicodeDecodeError:
+            # msgspec reports invalid UTF-8 inside a JSON string this way, not as a DecodeError.
+            raise GatewayError(Fault.INVALID_JSON, "The request body is not valid UTF-8.") from None
         except RecursionError:
             raise GatewayError(Fault.JSON_TOO_DEEP, "The request JSON is nested too deeply.") from None
         if isinstance(view, ChatRequestView) and not view.messages:

@@ -99,16 +99,20 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
     except (UpstreamTimeout, UpstreamProtocolError) as exc:
         conn.abort()
         raise map_transport_error(exc) from None
-    out = reframer.feed(first)
+    try:
+        out = reframer.feed(first)
+    except _fastpath.SseError as exc:
+        conn.abort()
+        raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream is malformed: {exc}") from None
     if reframer.error is not None and reframer.events <= 1:
         conn.abort()
         raise GatewayError(Fault.UPSTREAM_ERROR, f"The upstream failed the stream: {reframer.error[:500]}")
     ctx.timings["ttfb"] = time.perf_counter_ns() - t0
-    transport = respond.start_stream(protocol, ctx)
+    writer = respond.start_stream(protocol, ctx)
     ended_ok = False
     try:
         if out:
-            await transport.send_bytes(out)
+            await writer.send(out)
         idle_deadline = loop.time() + limits.idle_s
         next_ping = loop.time() + limits.ping_s
         while first:
@@ -122,7 +126,7 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
             except UpstreamTimeout as exc:
                 if exc.phase != "ping":
                     raise
-                await transport.send_bytes(_fastpath.PING)
+                await writer.send(_fastpath.PING)
                 next_ping = loop.time() + limits.ping_s
                 continue
             if not data:
@@ -132,15 +136,15 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
             next_ping = now + limits.ping_s
             out = reframer.feed(data)
             if out:
-                await transport.send_bytes(out)
+                await writer.send(out)
         tail = reframer.finish()
         if reframer.done:
             if ctx.client_wants_usage and reframer.usage is None:
                 tail += reframer.usage_chunk(*_stream_usage(ctx, reframer))
-            await transport.send_bytes(tail + _fastpath.DONE)
+            await writer.send(tail + _fastpath.DONE)
             ended_ok = True
         else:
-            await transport.send_bytes(
+            await writer.send(
                 tail
                 + _error_event(Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without [DONE].")
                 + _fastpath.DONE
@@ -152,10 +156,11 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
             if exc.phase == "stream"
             else f"The upstream went silent mid-stream ({exc})."
         )
-        await _end_with_error(transport, fault, msg)
-    except UpstreamProtocolError as exc:
-        await _end_with_error(transport, Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}")
+        await _end_with_error(writer, fault, msg)
+    except (UpstreamProtocolError, _fastpath.SseError) as exc:
+        await _end_with_error(writer, Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}")
     finally:
+        writer.close()
         if ended_ok:
             conn.release()
         else:
@@ -163,9 +168,9 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
         _settle_stream_usage(ctx, reframer)
 
 
-async def _end_with_error(transport: Any, fault: Fault, message: str) -> None:
+async def _end_with_error(writer: respond.StreamWriter, fault: Fault, message: str) -> None:
     log.info("stream ended with error: %s", message)
-    await transport.send_bytes(_error_event(fault, message) + _fastpath.DONE)
+    await writer.send(_error_event(fault, message) + _fastpath.DONE)
 
 
 def _stream_usage(ctx: RequestContext, reframer: _fastpath.ChatStreamReframer) -> tuple[int, int]:

@@ -34,6 +34,27 @@ def send_error(protocol: Any, request_id: str, err: GatewayError) -> None:
     protocol.response_bytes(err.status, headers, err.body())
 
 
-def start_stream(protocol: Any, ctx: RequestContext) -> Any:
+class StreamWriter:
+    """Owns the RSGI stream transport and drops it explicitly on close().
+
+    granian ends a streamed HTTP response when the transport object is freed. An exception's
+    traceback cycle (asyncio futures make them) can keep a frame that references it alive
+    until the next GC pass, leaving the client waiting for the final chunk; so no frame holds
+    the transport itself, only this writer, and the pipeline closes it when the stream ends."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    async def send(self, data: bytes) -> None:
+        if self._transport is not None:
+            await self._transport.send_bytes(data)
+
+    def close(self) -> None:
+        self._transport = None
+
+
+def start_stream(protocol: Any, ctx: RequestContext) -> StreamWriter:
     ctx.status = 200
-    return protocol.response_stream(200, [*SSE_HEADERS, ("x-request-id", ctx.request_id)])
+    return StreamWriter(protocol.response_stream(200, [*SSE_HEADERS, ("x-request-id", ctx.request_id)]))

@@ -44,7 +44,8 @@ class RouteStage:
         ctx.route = route
         body = ctx.body
         inject_usage = ctx.stream and not ctx.client_wants_usage
-        strip = any(k in body for k in _HOST_CHOOSING)
+        # A `\u` escape can spell a key without its literal bytes: then look at decoded keys.
+        strip = b"\\u" in body or any(k in body for k in _HOST_CHOOSING)
         if route.passthrough_model and not inject_usage and not strip:
             ctx.upstream_body = body
             return

@@ -13,7 +13,7 @@ import contextlib
 import socket
 import ssl as ssl_mod
 from collections import deque
-from typing import Final
+from typing import Final, cast
 
 _HEAD_LIMIT: Final = 64 * 1024
 #: Pause reading from the upstream socket once this much body is waiting for the consumer
@@ -85,8 +85,8 @@ class Connection(asyncio.Protocol):
 
     # ---- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; they have the same API.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Two small writes without NODELAY wait ~40 ms for a delayed ACK (PERFORMANCE.md).
@@ -205,8 +205,6 @@ class Connection(asyncio.Protocol):
             if not sep:
                 raise UpstreamProtocolError("bad upstream header line")
             headers[name.strip().lower()] = value.strip()
-        self.status = status
-        self.headers = headers
         conn = headers.get(b"connection", b"").lower()
         self._keep_alive = b"close" not in conn if parts[0] == b"HTTP/1.1" else b"keep-alive" in conn
         te = headers.get(b"transfer-encoding")
@@ -226,6 +224,9 @@ class Connection(asyncio.Protocol):
         else:
             self._keep_alive = False
             self._state = _S_EOF
+        # Published only once the framing is known to be valid: a waiter sees a usable head.
+        self.status = status
+        self.headers = headers
         self._wake()
 
     def _deliver(self, data: bytes) -> None:

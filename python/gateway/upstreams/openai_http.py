@@ -152,9 +152,9 @@ def map_upstream_status(status: int, headers: dict[bytes, bytes], raw: bytes) ->
     detail = _upstream_message(raw)
     suffix = f": {detail}" if detail else ""
     origin: tuple[tuple[str, str], ...] = (("x-upstream-error-code", str(status)),)
-    retry_after = headers.get(b"retry-after")
-    if retry_after is not None and retry_after.isdigit():
-        origin += (("retry-after", retry_after.decode()),)
+    if status in (429, 503):
+        retry_after = headers.get(b"retry-after", b"")
+        origin += (("retry-after", retry_after.decode() if retry_after.isdigit() else "1"),)
     if 300 <= status < 400:
         fault, msg = (
             Fault.UPSTREAM_BAD_RESPONSE,

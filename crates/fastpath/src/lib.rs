@@ -1,0 +1,11 @@
+//! `gateway._fastpath`: the gateway's per-byte and per-token hot loops, in plain Rust.
+//!
+//! Every module is pyo3-free and tested with `cargo test`; `py` is the one thin binding layer.
+
+pub mod emit;
+pub mod limits;
+pub mod reframe;
+pub mod sse;
+pub mod tokens;
+
+mod py;
