@@ -19,7 +19,7 @@ help: ## list targets
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(PY) -m pip install -q --disable-pip-version-check uv "maturin>=1.8,<2"
 	$(UV) pip install -q -p $(PY) -r pyproject.toml --extra dev
 	touch $@
 
