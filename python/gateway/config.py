@@ -122,24 +122,32 @@ def _check_positive(path: str, value: int, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_all(where: str, obj: object, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        _check_positive(f"{where}.{field}", getattr(obj, field))
+
+
 def _validate(cfg: Config) -> None:
     s = cfg.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"$.server.port: must be 0..65535, got {s.port}")
     _check_positive("$.server.workers", s.workers, allow_zero=True)
     _check_positive("$.server.shutdown_grace_ms", s.shutdown_grace_ms, allow_zero=True)
-    for field in (
-        "max_body_bytes",
-        "max_header_bytes",
-        "max_headers",
-        "max_json_depth",
-        "header_read_timeout_ms",
-        "body_read_timeout_ms",
-        "max_stream_duration_ms",
-        "stream_ping_interval_ms",
-        "backlog",
-    ):
-        _check_positive(f"$.server.{field}", getattr(s, field))
+    _check_all(
+        "$.server",
+        s,
+        (
+            "max_body_bytes",
+            "max_header_bytes",
+            "max_headers",
+            "max_json_depth",
+            "header_read_timeout_ms",
+            "body_read_timeout_ms",
+            "max_stream_duration_ms",
+            "stream_ping_interval_ms",
+            "backlog",
+        ),
+    )
     if not cfg.providers:
         raise ConfigError("$.providers: at least one provider is required")
     names: set[str] = set()
@@ -157,14 +165,17 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.base_url: invalid port in {p.base_url!r}") from None
         if url.query or url.fragment:
             raise ConfigError(f"{where}.base_url: must not have a query or fragment")
-        for field in (
-            "connect_timeout_ms",
-            "first_byte_timeout_ms",
-            "idle_timeout_ms",
-            "total_timeout_ms",
-            "max_response_bytes",
-        ):
-            _check_positive(f"{where}.{field}", getattr(p, field))
+        _check_all(
+            where,
+            p,
+            (
+                "connect_timeout_ms",
+                "first_byte_timeout_ms",
+                "idle_timeout_ms",
+                "total_timeout_ms",
+                "max_response_bytes",
+            ),
+        )
         _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
         for h in p.headers:
             if not re.fullmatch(r"[A-Za-z0-9-]+", h):

@@ -7,6 +7,7 @@ own test suite does); nothing here is mocked in-process.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -14,12 +15,29 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def assert_rss_bounded(run: Callable[[int], None], calls: int = 20_000, limit: int = 4 * 1024 * 1024) -> None:
+    """Native hygiene (orjson's test_memory.py): after a warm-up, `calls` more calls must not
+    grow RSS by more than `limit` bytes."""
+
+    def rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    run(2_000)  # warm-up: allocator arenas, lazily built tables
+    gc.collect()
+    before = rss_bytes()
+    run(calls)
+    gc.collect()
+    growth = rss_bytes() - before
+    assert growth < limit, f"RSS grew {growth} bytes over {calls} calls"
 
 
 def free_port() -> int:

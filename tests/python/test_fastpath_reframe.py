@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import os
 from typing import Any
 
 import pytest
+from conftest import assert_rss_bounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -259,11 +259,6 @@ def test_constants() -> None:
 # ---- native hygiene ---------------------------------------------------------------------------
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
 def test_reframer_memory_is_bounded() -> None:
     chunks, usage = payloads(ensure_ascii=True)
@@ -280,10 +275,4 @@ def test_reframer_memory_is_bounded() -> None:
                 r.usage_chunk(1, 2)
                 r.finish()
 
-    run(2_000)  # warm-up: allocator arenas, lazily built tables
-    gc.collect()
-    before = rss_bytes()
-    run(20_000)
-    gc.collect()
-    growth = rss_bytes() - before
-    assert growth < 4 * 1024 * 1024, f"RSS grew {growth} bytes over 20,000 feeds"
+    assert_rss_bounded(run)

@@ -3,7 +3,6 @@ bundles: tiktoken checks their official sha256, so equal counts also prove the v
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import assert_rss_bounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -307,11 +307,6 @@ def test_threads_count_concurrently_and_agree() -> None:
     assert results == [want] * 40
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
 def test_count_tokens_memory_is_bounded() -> None:
     texts = [*CORPUS[1:10], "x" * 5000]  # the last one takes the detached path
@@ -323,10 +318,4 @@ def test_count_tokens_memory_is_bounded() -> None:
             if n % 10 == 0:
                 _fastpath.count_chat_tokens(b'{"messages":[{"role":"user","content":"hi"}]}')
 
-    run(2_000)  # warm-up: both vocabularies built, allocator arenas grown
-    gc.collect()
-    before = rss_bytes()
-    run(20_000)
-    gc.collect()
-    growth = rss_bytes() - before
-    assert growth < 4 * 1024 * 1024, f"RSS grew {growth} bytes over 20,000 calls"
+    assert_rss_bounded(run)
