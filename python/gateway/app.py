@@ -34,6 +34,8 @@ _HEALTH_BODY = b'{"status":"ok"}'
 _INTERNAL = GatewayError(Fault.INTERNAL, "The gateway failed to handle the request.")
 _READY_CACHE_S = 1.0
 _READY_TIMEOUT_S = 2.0
+_DISCONNECT_GRACE_S = 0.05
+_BODY_TIMEOUT = "fastpath: request body deadline"
 
 
 class Gateway:
@@ -110,7 +112,8 @@ class Gateway:
         ctx = RequestContext(request_id, endpoint, body, start)
         assert self.pipeline is not None
         task = asyncio.current_task()
-        watch = asyncio.ensure_future(_cancel_on_disconnect(protocol, task)) if task else None
+        assert task is not None
+        watch = _DisconnectWatch(protocol, task)
         try:
             await self.pipeline.handle(ctx, protocol)
         except GatewayError as err:
@@ -119,8 +122,9 @@ class Gateway:
             else:
                 log.warning("request %s: error after the response started: %s", request_id, err.message)
         except asyncio.CancelledError:
-            if watch is None or not watch.done() or watch.cancelled():
+            if not watch.fired:
                 raise
+            task.uncancel()
             log.info("request %s: client disconnected; upstream call cancelled", request_id)
         except ProtocolClosed:
             log.info("request %s: client disconnected mid-response", request_id)
@@ -133,8 +137,7 @@ class Gateway:
                     _INTERNAL,
                 )
         finally:
-            if watch is not None:
-                watch.cancel()
+            watch.stop()
 
     # ---- request hygiene ----------------------------------------------------------------------
     def _request_id(self, incoming: str | None) -> str:
@@ -162,29 +165,37 @@ class Gateway:
         declared, and as chunks arrive otherwise) and a deadline (slow-loris bodies)."""
         limit = self.max_body
         declared = headers.get("content-length")
+        # A timer handle that cancels the task is cheaper per request than asyncio.timeout().
+        task = asyncio.current_task()
+        assert task is not None
+        timer = asyncio.get_running_loop().call_later(self.body_timeout_s, task.cancel, _BODY_TIMEOUT)
         try:
-            async with asyncio.timeout(self.body_timeout_s):
-                if declared is not None:
-                    if not declared.isdigit():
-                        raise GatewayError(Fault.INVALID_REQUEST, "Invalid Content-Length header.")
-                    if int(declared) > limit:
-                        raise _too_large(limit)
-                    body: bytes = await protocol()
-                    if len(body) > limit:
-                        raise _too_large(limit)
-                    return body
-                parts: list[bytes] = []
-                total = 0
-                async for chunk in protocol:
-                    total += len(chunk)
-                    if total > limit:
-                        raise _too_large(limit)
-                    parts.append(chunk)
-                return b"".join(parts)
-        except TimeoutError:
+            if declared is not None:
+                if not declared.isdigit():
+                    raise GatewayError(Fault.INVALID_REQUEST, "Invalid Content-Length header.")
+                if int(declared) > limit:
+                    raise _too_large(limit)
+                body: bytes = await protocol()
+                if len(body) > limit:
+                    raise _too_large(limit)
+                return body
+            parts: list[bytes] = []
+            total = 0
+            async for chunk in protocol:
+                total += len(chunk)
+                if total > limit:
+                    raise _too_large(limit)
+                parts.append(chunk)
+            return b"".join(parts)
+        except asyncio.CancelledError as exc:
+            if exc.args != (_BODY_TIMEOUT,):
+                raise
+            task.uncancel()
             raise GatewayError(
                 Fault.REQUEST_TIMEOUT, f"The request body was not received within {self.body_timeout_s:g} s."
             ) from None
+        finally:
+            timer.cancel()
 
     @staticmethod
     def _only_get(scope: Any) -> None:
@@ -215,11 +226,36 @@ class Gateway:
         return status, body
 
 
-async def _cancel_on_disconnect(protocol: Any, task: asyncio.Task[Any]) -> None:
+class _DisconnectWatch:
     """The RSGI disconnect signal (never polled) cancels the request task, which closes the
-    upstream connection on its way out."""
-    await protocol.client_disconnect()
-    task.cancel()
+    upstream connection on its way out. Armed after a short grace period: requests that finish
+    sooner (most unary calls) never pay for the watcher task and its native future."""
+
+    __slots__ = ("_handle", "_protocol", "_task", "_watcher", "fired")
+
+    def __init__(self, protocol: Any, task: asyncio.Task[Any]) -> None:
+        self._protocol = protocol
+        self._task = task
+        self._watcher: asyncio.Future[None] | None = None
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            _DISCONNECT_GRACE_S, self._arm
+        )
+
+    def _arm(self) -> None:
+        self._handle = None
+        self._watcher = asyncio.ensure_future(self._wait())
+
+    async def _wait(self) -> None:
+        await self._protocol.client_disconnect()
+        self.fired = True
+        self._task.cancel()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 def _is_json_type(ctype: str) -> bool:
