@@ -90,35 +90,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_run_local(args: argparse.Namespace) -> int:
-    """The embedded default config plus the local upstream it routes to, stopped together."""
-    mock = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.dev.openai_mock",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(args.upstream_port),
-        ]
-    )
-    try:
-        time.sleep(0.3)
-        if mock.poll() is not None:
-            print("error: the local mock upstream failed to start (is port in use?)", file=sys.stderr)
-            return 1
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", *(["--port", str(args.port)] if args.port else [])]
+    """The embedded default config plus the local upstream it routes to, stopped together
+    (Ctrl-C or SIGTERM reach both)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fastpath-run-") as tmp:
+        ready = Path(tmp) / "mock.ready"
+        mock = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.dev.openai_mock",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(args.upstream_port),
+                "--ready-file",
+                str(ready),
+            ]
         )
+        children = [mock]
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
+            deadline = time.monotonic() + 15
+            while not ready.exists():
+                if mock.poll() is not None or time.monotonic() > deadline:
+                    print(
+                        f"error: the local mock upstream did not start on port {args.upstream_port}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                time.sleep(0.05)
+            env = dict(os.environ)
+            env[envvars.LOCAL_MOCK_URL] = f"http://127.0.0.1:{args.upstream_port}/v1"
+            port = ["--port", str(args.port)] if args.port else []
+            serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *port], env=env)
+            children.append(serve)
             return serve.wait()
         except KeyboardInterrupt:
-            serve.send_signal(signal.SIGINT)
-            return serve.wait()
-    finally:
-        mock.terminate()
-        mock.wait()
+            return 0
+        finally:
+            for child in reversed(children):
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)
+            for child in children:
+                try:
+                    child.wait(15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
 
 
 def cmd_print_default_config(_: argparse.Namespace) -> int:

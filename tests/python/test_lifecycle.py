@@ -4,12 +4,16 @@ call cancels the upstream request."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import Gateway, MockUpstream, run_gateway
+from conftest import Gateway, MockUpstream, free_port, run_gateway, wait_http
 from test_streaming import data_events, open_stream, sse_lines, stream_request, wait_for
 
 
@@ -51,3 +55,39 @@ def test_client_leaving_a_unary_call_cancels_the_upstream(
         return [e for e in mock_upstream.events() if e["event"] == "request_aborted"]
 
     assert wait_for(aborted, timeout_s=10)
+
+
+def test_run_local_serves_the_default_config_and_ctrl_c_stops_both() -> None:
+    """What `make run` runs: the embedded default config plus its local upstream."""
+    port, upstream = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "run-local",
+            "--port",
+            str(port),
+            "--upstream-port",
+            str(upstream),
+        ],
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=b'{"model":"local-echo","messages":[{"role":"user","content":"hello there"}]}',
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.loads(r.read())["choices"][0]["message"]["content"] == "You said: hello there"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for p in (port, upstream):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still served after Ctrl-C"
