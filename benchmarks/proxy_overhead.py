@@ -34,6 +34,25 @@ BODY = (
     '"total_tokens":21},"system_fingerprint":"fp_bench"}'
 )
 REQUEST = '{"model":"bench","messages":[{"role":"user","content":"Hello, how are you?"}],"max_tokens":16}'
+STREAM_REQUEST = REQUEST.replace('{"model":"bench",', '{"model":"bench","stream":true,')
+
+
+def sse_body(chunks: int = 64) -> str:
+    """An upstream stream: role chunk, content chunks, finish chunk, usage chunk, [DONE]."""
+    base = '{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,"model":"mock-echo",'
+    frames = [
+        base + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
+    ]
+    frames += [
+        base + f'"choices":[{{"index":0,"delta":{{"content":"tok{i} "}},"finish_reason":null}}]}}'
+        for i in range(chunks - 2)
+    ]
+    frames.append(base + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}')
+    usage = f'{{"prompt_tokens":12,"completion_tokens":{chunks - 2},"total_tokens":{chunks + 10}}}'
+    frames.append(base + f'"choices":[],"usage":{usage}}}')
+    return "".join(f"data: {f}\n\n" for f in frames) + "data: [DONE]\n\n"
+
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -43,12 +62,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout_s: float = 20) -> None:
+def wait_http(url: str, body: str, timeout_s: float = 20) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         try:
             req = urllib.request.Request(
-                url, data=REQUEST.encode(), headers={"content-type": "application/json"}
+                url, data=body.encode(), headers={"content-type": "application/json"}
             )
             with urllib.request.urlopen(req, timeout=1) as r:
                 if r.status == 200:
@@ -58,8 +77,16 @@ def wait_http(url: str, timeout_s: float = 20) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
-def nginx_conf(tmp: Path, upstream_port: int, proxy_port: int) -> Path:
+def nginx_conf(tmp: Path, upstream_port: int, proxy_port: int, stream: bool) -> Path:
     body = BODY.replace("'", "\\'")
+    (tmp / "stream.sse").write_text(sse_body())
+    # Streams: the static 64-chunk SSE file for POSTs too (nginx answers POST to a file with 405).
+    upstream_location = (
+        f"root {tmp}; types {{ text/event-stream sse; }} "
+        "location / { try_files /stream.sse =404; error_page 405 =200 /stream.sse; }"
+        if stream
+        else f"location / {{ default_type application/json; return 200 '{body}'; }}"
+    )
     conf = f"""
 worker_processes 1;
 daemon off;
@@ -73,7 +100,7 @@ http {{
   keepalive_requests 1000000;
   server {{
     listen 127.0.0.1:{upstream_port};
-    location / {{ default_type application/json; return 200 '{body}'; }}
+    {upstream_location}
   }}
   upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
   server {{
@@ -179,16 +206,19 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--conc", default="1,16")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--stream", action="store_true", help="64-chunk SSE responses instead of JSON")
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"{tool} not found: run `make bench-deps`")
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     tmp = Path(tempfile.mkdtemp(prefix="fpbench-"))
+    tmp.chmod(0o755)  # nginx workers run as another user and read stream.sse from here
     up, px, gw = free_port(), free_port(), free_port()
     lua = tmp / "post.lua"
     lua.write_text(
-        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[{REQUEST}]]\n'
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [[{STREAM_REQUEST if args.stream else REQUEST}]]\n"
     )
     cfg = tmp / "gateway.yaml"
     cfg.write_text(
@@ -196,7 +226,7 @@ def main() -> int:
         f"providers: [{{name: up, base_url: 'http://127.0.0.1:{up}/v1'}}]\n"
         "models: [{name: bench, provider: up, upstream_model: mock-echo}]\n"
     )
-    ngx = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(nginx_conf(tmp, up, px))])
+    ngx = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(nginx_conf(tmp, up, px, args.stream))])
     gwp = subprocess.Popen(
         [
             str(REPO / ".venv/bin/fastpath-gateway"),
@@ -220,7 +250,7 @@ def main() -> int:
             "fastpath-gateway": f"http://127.0.0.1:{gw}/v1/chat/completions",
         }
         for url in targets.values():
-            wait_http(url)
+            wait_http(url, STREAM_REQUEST if args.stream else REQUEST)
         gw_pids = [p for p in tree(gwp.pid) if p != gwp.pid] or [gwp.pid]
         for conc in (int(c) for c in args.conc.split(",")):
             for rep in range(args.repeat):
@@ -253,7 +283,8 @@ def main() -> int:
         ngx.wait(10)
     from gateway import BUILD_PROFILE, __version__
 
-    print(f"\n## proxy overhead — {time.strftime('%Y-%m-%d %H:%M')}")
+    kind = "streamed 64-chunk SSE" if args.stream else "non-streamed JSON"
+    print(f"\n## proxy overhead ({kind}) — {time.strftime('%Y-%m-%d %H:%M')}")
     print(
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"python {platform.python_version()}, fastpath-gateway {__version__} ({BUILD_PROFILE}), "
