@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMPS := .stamps
-RUST_SRC := $(shell find crates -name '*.rs' -o -name 'Cargo.toml' 2>/dev/null) Cargo.toml
+# The extension's sources (crates/bench is the separate fastpath-bench binary, built by its own stamp).
+RUST_SRC := $(shell find crates -path crates/bench -prune -o \( -name '*.rs' -o -name 'Cargo.toml' \) -print 2>/dev/null) Cargo.toml
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR := never
 
@@ -28,7 +29,14 @@ $(STAMPS)/build-release: $(STAMPS)/venv $(RUST_SRC) pyproject.toml
 	rm -f $(STAMPS)/build-dev
 	touch $@
 
-install: $(STAMPS)/build-release ## create .venv, install deps, build the Rust extension (release)
+BENCH_SRC := $(shell find crates/bench -name '*.rs' -o -name 'Cargo.toml' 2>/dev/null) Cargo.toml Cargo.lock
+
+$(STAMPS)/bench: $(BENCH_SRC)
+	@mkdir -p $(STAMPS)
+	cargo build --release -q -p fastpath-bench
+	touch $@
+
+install: $(STAMPS)/build-release $(STAMPS)/bench ## create .venv, install deps, build the Rust extension and fastpath-bench (release)
 
 build-release: $(STAMPS)/build-release ## (re)build the extension in release mode if sources changed
 

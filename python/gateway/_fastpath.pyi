@@ -151,3 +151,32 @@ PING: Final[bytes]  # b": ping\n\n"
 def json_depth_exceeds(body: bytes, limit: int) -> bool:
     """True if the JSON text nests arrays/objects deeper than `limit` (strings are skipped,
     escapes honoured; invalid JSON is not an error here: decoding reports it)."""
+
+# ---- rate limits ----------------------------------------------------------------------------
+class LocalLimiter:
+    """Token buckets (GCRA on integers, exact for any rate) keyed by string, for one worker.
+
+    Each bucket holds up to `burst` tokens and refills at `rate_per_min`. Time is a monotonic
+    clock of the limiter's own (or `now_ns`, any fixed monotonic origin, for tests; do not mix
+    the two on one limiter). The store keeps at most `max_keys` buckets: full (idle) buckets are
+    dropped first, which changes no decision; beyond that, busy ones are dropped (they start
+    over full) and counted in `evicted_busy`. Not thread-safe by design: one worker = one thread."""
+
+    def __init__(self, max_keys: int = 100_000) -> None: ...
+    def acquire(
+        self, key: str, cost: int, rate_per_min: int, burst: int, now_ns: int | None = None
+    ) -> tuple[bool, int, int, int]:
+        """Take `cost` tokens if they fit: (allowed, remaining, reset_ms, retry_after_ms).
+        remaining: tokens left after this decision; reset_ms: until the bucket is full again;
+        retry_after_ms: until this cost would fit (0 when allowed; for cost > burst, which never
+        fits, reset_ms). A refused request changes nothing. cost 0 only reads. Times round up.
+        Raises FastpathError if rate_per_min or burst is 0."""
+    def refund(self, key: str, amount: int) -> None:
+        """Return unused reserved tokens (never fills past the burst)."""
+    def charge(self, key: str, amount: int, rate_per_min: int, now_ns: int | None = None) -> None:
+        """Take tokens unconditionally (real use beyond a reservation)."""
+    def sweep(self, now_ns: int | None = None) -> int:
+        """Drop idle (full) buckets now; returns how many remain."""
+    @property
+    def evicted_busy(self) -> int: ...
+    def __len__(self) -> int: ...

@@ -109,7 +109,7 @@ class Gateway:
                 f"Unsupported Content-Type {ctype[:100]!r}; send application/json.",
             )
         body = await self._read_body(headers, protocol)
-        ctx = RequestContext(request_id, endpoint, body, start)
+        ctx = RequestContext(request_id, endpoint, body, start, headers)
         assert self.pipeline is not None
         task = asyncio.current_task()
         assert task is not None
@@ -118,7 +118,7 @@ class Gateway:
             await self.pipeline.handle(ctx, protocol)
         except GatewayError as err:
             if ctx.status == 0:
-                respond.send_error(protocol, request_id, err)
+                respond.send_error(protocol, request_id, err, ctx.ratelimit_headers)
             else:
                 log.warning("request %s: error after the response started: %s", request_id, err.message)
         except asyncio.CancelledError:
@@ -131,11 +131,7 @@ class Gateway:
         except Exception:
             log.exception("request %s: internal error", request_id)
             if ctx.status == 0:
-                respond.send_error(
-                    protocol,
-                    request_id,
-                    _INTERNAL,
-                )
+                respond.send_error(protocol, request_id, _INTERNAL, ctx.ratelimit_headers)
         finally:
             watch.stop()
 

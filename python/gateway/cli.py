@@ -1,4 +1,4 @@
-"""`fastpath-gateway` command line: serve, check-config, run-local, print-default-config, version."""
+"""`fastpath-gateway` command line: serve, check-config, run-local, bench, print-default-config, version."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,31 @@ def cmd_version(_: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_BINARY = "fastpath-bench"
+
+
+def find_bench_binary() -> str | None:
+    """The Rust load generator: ``<repo>/target/release/fastpath-bench`` (``make install`` builds
+    it), else one on PATH."""
+    built = Path(__file__).resolve().parents[2] / "target" / "release" / BENCH_BINARY
+    if built.is_file() and os.access(built, os.X_OK):
+        return str(built)
+    return shutil.which(BENCH_BINARY)
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """Hand every argument to the native load generator (its own ``--help`` documents them)."""
+    binary = find_bench_binary()
+    if binary is None:
+        print(
+            f"error: {BENCH_BINARY} is not built; run `make install` "
+            f"(or `cargo build --release -p {BENCH_BINARY}`) in the repository",
+            file=sys.stderr,
+        )
+        return 2
+    os.execv(binary, [binary, *argv])  # replaces this process: signals and exit code are the binary's
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpath-gateway", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, help="gateway port (default: the config's)")
     r.add_argument("--upstream-port", type=int, default=9100)
     r.set_defaults(func=cmd_run_local)
+    # Listed for `--help`; main() hands `bench ...` to the native binary before argparse runs.
+    sub.add_parser(
+        "bench", add_help=False, help="load generator for OpenAI-compatible endpoints (bench --help)"
+    )
     d = sub.add_parser("print-default-config", help="print the embedded default config")
     d.set_defaults(func=cmd_print_default_config)
     v = sub.add_parser("version", help="print versions and build profile")
@@ -182,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

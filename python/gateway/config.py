@@ -7,8 +7,10 @@ per process and never mutated.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from datetime import datetime
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -67,10 +69,83 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     encoding: str | None = None  # tokenizer for counted usage; default: by model name
 
 
+class TierConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Per-key limits of a tier; None = unlimited. Each per-minute limit is also the burst."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+class KeyConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A bootstrap API key. Exactly one of `key` (the secret, normally `${ENV}`; replaced by its
+    hash while the config is parsed, so no Config object ever holds it) or `key_hash`."""
+
+    id: str  # a name for logs and limits; never the secret
+    key: str | None = None
+    key_hash: str | None = None  # "sha256:" + hex(sha256(salt + key))
+    team: str = "default"
+    tier: str = "default"
+    models: list[str] = []  # allowed public models; empty = all
+    expires_at: datetime | None = None  # with a timezone: 2030-01-01T00:00:00Z
+    disabled: bool = False
+
+
+class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: bool = False
+    #: Per-deployment salt of the key hashes (required when any key is given as `key_hash`).
+    #: Empty: a random salt per process, which is enough when every key is given as `key`.
+    salt: str = ""
+    keys: list[KeyConfig] = []
+
+
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    #: Completion tokens reserved for a request that sets no max_tokens / max_completion_tokens.
+    default_max_tokens: int = 4_096
+    #: Buckets kept per worker (idle ones are dropped first).
+    max_tracked_keys: int = 100_000
+
+
+def _default_tiers() -> dict[str, TierConfig]:
+    return {"default": TierConfig()}
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     providers: list[ProviderConfig]
     models: list[ModelConfig]
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    tiers: dict[str, TierConfig] = msgspec.field(default_factory=_default_tiers)
+    limits: LimitsConfig = LimitsConfig()
+
+
+_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+_MIN_KEY_CHARS = 16
+_MIN_SALT_CHARS = 16
+
+
+def hash_key(salt: str, key: str) -> str:
+    """The stored form of an API key: `sha256:` + hex(sha256(salt + key)).
+
+    Why a fast hash and not scrypt: API keys are long random secrets, not passwords, so a
+    slow KDF adds no security and would cost milliseconds per request. The salt (per
+    deployment) keeps one deployment's hashes useless against another's. The same value
+    is easy to compute outside the gateway: `printf %s "$SALT$KEY" | sha256sum`."""
+    return "sha256:" + hashlib.sha256((salt + key).encode()).hexdigest()
+
+
+def _hash_keys(cfg: Config) -> Config:
+    """Replace every plaintext `key` by its `key_hash` (the secret is not kept)."""
+    auth = cfg.auth
+    plain = [k for k in auth.keys if k.key is not None]
+    if not plain:
+        return cfg
+    salt = auth.salt or os.urandom(16).hex()
+    keys = [
+        k if k.key is None else msgspec.structs.replace(k, key=None, key_hash=hash_key(salt, k.key))
+        for k in auth.keys
+    ]
+    return msgspec.structs.replace(cfg, auth=msgspec.structs.replace(auth, salt=salt, keys=keys))
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -194,6 +269,49 @@ def _validate(cfg: Config) -> None:
             )
         if m.encoding is not None and m.encoding not in ("o200k_base", "cl100k_base"):
             raise ConfigError(f"{where}.encoding: must be o200k_base or cl100k_base, got {m.encoding!r}")
+    _validate_auth(cfg)
+
+
+def _validate_auth(cfg: Config) -> None:
+    for name, tier in cfg.tiers.items():
+        for field in ("rpm", "tpm", "max_concurrent"):
+            value = getattr(tier, field)
+            if value is not None:
+                _check_positive(f"$.tiers.{name}.{field}", value)
+    _check_all("$.limits", cfg.limits, ("default_max_tokens", "max_tracked_keys"))
+    auth = cfg.auth
+    if auth.salt and len(auth.salt) < _MIN_SALT_CHARS:
+        raise ConfigError(f"$.auth.salt: must be at least {_MIN_SALT_CHARS} characters")
+    ids: set[str] = set()
+    secrets: set[str] = set()
+    for i, k in enumerate(auth.keys):
+        where = f"$.auth.keys[{i}]"
+        if not k.id:
+            raise ConfigError(f"{where}.id: must be a non-empty string")
+        if k.id in ids:
+            raise ConfigError(f"{where}.id: duplicate key id {k.id!r}")
+        ids.add(k.id)
+        if (k.key is None) == (k.key_hash is None):
+            raise ConfigError(f"{where}: set exactly one of `key` and `key_hash`")
+        if k.key is not None and len(k.key) < _MIN_KEY_CHARS:
+            # The message never echoes the secret.
+            raise ConfigError(f"{where}.key: must be at least {_MIN_KEY_CHARS} characters")
+        if k.key_hash is not None:
+            if not _KEY_HASH.fullmatch(k.key_hash):
+                raise ConfigError(f"{where}.key_hash: must be 'sha256:' followed by 64 lowercase hex digits")
+            if not auth.salt:
+                raise ConfigError("$.auth.salt: required when a key is given as `key_hash`")
+        secret = k.key if k.key is not None else k.key_hash
+        assert secret is not None
+        if secret in secrets:
+            raise ConfigError(f"{where}: the same secret is configured twice")
+        secrets.add(secret)
+        if k.tier not in cfg.tiers:
+            raise ConfigError(
+                f"{where}.tier: unknown tier {k.tier!r} (known: {', '.join(sorted(cfg.tiers))})"
+            )
+        if k.expires_at is not None and k.expires_at.tzinfo is None:
+            raise ConfigError(f"{where}.expires_at: needs a timezone, e.g. 2030-01-01T00:00:00Z")
 
 
 def parse(text: str, source: str = "<config>") -> Config:
@@ -214,7 +332,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         # msgspec names no path for the top level ("Object contains unknown field `x`").
         raise ConfigError(msg if " - at `" in msg else f"{msg} - at `$`") from None
     _validate(cfg)
-    return cfg
+    return _hash_keys(cfg)
 
 
 def default_text() -> str:

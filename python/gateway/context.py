@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .pipeline.auth import Principal
+    from .pipeline.limits import Lease
     from .routing import Route
     from .schemas import RequestView, Usage
 
@@ -22,6 +24,10 @@ class RequestContext:
         "body",
         "client_wants_usage",
         "endpoint",
+        "headers",
+        "lease",
+        "principal",
+        "ratelimit_headers",
         "request_id",
         "route",
         "start_ns",
@@ -33,11 +39,19 @@ class RequestContext:
         "view",
     )
 
-    def __init__(self, request_id: str, endpoint: Endpoint, body: bytes, start_ns: int) -> None:
+    def __init__(self, request_id: str, endpoint: Endpoint, body: bytes, start_ns: int, headers: Any) -> None:
         self.request_id = request_id
         self.endpoint = endpoint
         self.body = body
         self.start_ns = start_ns
+        #: the RSGI request headers (`.get(name)` with lower-case names)
+        self.headers = headers
+        #: who is calling (stage `auth`); None when auth is off
+        self.principal: Principal | None = None
+        #: what stage `limits` reserved for this request, until it is settled
+        self.lease: Lease | None = None
+        #: `x-ratelimit-*` headers for every reply to this request, set by stage `limits`
+        self.ratelimit_headers: tuple[tuple[str, str], ...] = ()
         self.view: RequestView | None = None
         self.stream = False
         self.client_wants_usage = False

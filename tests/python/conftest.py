@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,8 +146,15 @@ class Gateway:
 
 @contextlib.contextmanager
 def run_gateway(
-    tmp: Path, upstream: MockUpstream, workers: int = 1, config_text: str | None = None, **server: object
+    tmp: Path,
+    upstream: MockUpstream,
+    workers: int = 1,
+    config_text: str | None = None,
+    log_level: str = "warning",
+    output: Any = None,
+    **server: object,
 ) -> Iterator[Gateway]:
+    """`output`: where the gateway's stdout and stderr (its logs) go; default: inherited."""
     port = free_port()
     cfg = tmp / f"gateway-{port}.yaml"
     cfg.write_text(config_text or gateway_config(upstream.port, **server))
@@ -163,9 +171,11 @@ def run_gateway(
             "--workers",
             str(workers),
             "--log-level",
-            "warning",
+            log_level,
         ],
         env=_env(),
+        stdout=output,
+        stderr=output,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)

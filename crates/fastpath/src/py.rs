@@ -2,12 +2,14 @@
 //! exception classes, GIL release. Behaviour lives in the plain-Rust modules.
 
 use std::borrow::Cow;
+use std::time::Instant;
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
+use crate::buckets::LocalLimiter;
 use crate::emit::{self, ChunkEmitter};
 use crate::reframe::Reframer;
 use crate::sse::{self, Parser};
@@ -341,6 +343,78 @@ fn json_depth_exceeds(body: &[u8], limit: usize) -> bool {
     crate::limits::json_depth_exceeds(body, limit)
 }
 
+// ---- rate limits -----------------------------------------------------------------------------
+
+/// The local limiter store. Why no lock or atomics: each granian worker is one process with one
+/// thread running the event loop, and every call holds the GIL, so pyo3's borrow flag is the only
+/// synchronisation needed. Cross-worker limits belong to the Redis backend, not to this type.
+#[pyclass(name = "LocalLimiter", module = "gateway._fastpath")]
+struct PyLocalLimiter {
+    inner: LocalLimiter,
+    origin: Instant,
+}
+
+impl PyLocalLimiter {
+    fn now(&self, now_ns: Option<u64>) -> u64 {
+        now_ns
+            .unwrap_or_else(|| u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+#[pymethods]
+impl PyLocalLimiter {
+    #[new]
+    #[pyo3(signature = (max_keys = 100_000))]
+    fn new(max_keys: usize) -> Self {
+        Self {
+            inner: LocalLimiter::new(max_keys),
+            origin: Instant::now(),
+        }
+    }
+
+    #[pyo3(signature = (key, cost, rate_per_min, burst, now_ns = None))]
+    fn acquire(
+        &mut self,
+        key: &str,
+        cost: u64,
+        rate_per_min: u64,
+        burst: u64,
+        now_ns: Option<u64>,
+    ) -> PyResult<(bool, u64, u64, u64)> {
+        let now = self.now(now_ns);
+        let d = self
+            .inner
+            .acquire(key, cost, rate_per_min, burst, now)
+            .ok_or_else(|| FastpathError::new_err("rate_per_min and burst must be > 0"))?;
+        Ok((d.allowed, d.remaining, d.reset_ms, d.retry_after_ms))
+    }
+
+    fn refund(&mut self, key: &str, amount: u64) {
+        self.inner.refund(key, amount);
+    }
+
+    #[pyo3(signature = (key, amount, rate_per_min, now_ns = None))]
+    fn charge(&mut self, key: &str, amount: u64, rate_per_min: u64, now_ns: Option<u64>) {
+        let now = self.now(now_ns);
+        self.inner.charge(key, amount, rate_per_min, now);
+    }
+
+    #[pyo3(signature = (now_ns = None))]
+    fn sweep(&mut self, now_ns: Option<u64>) -> usize {
+        let now = self.now(now_ns);
+        self.inner.sweep(now)
+    }
+
+    #[getter]
+    fn evicted_busy(&self) -> u64 {
+        self.inner.evicted_busy()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+}
+
 #[pymodule]
 #[pyo3(name = "_fastpath")]
 fn fastpath_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -373,5 +447,6 @@ fn fastpath_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySseParser>()?;
     m.add_class::<PyReframer>()?;
     m.add_class::<PyChunkEmitter>()?;
+    m.add_class::<PyLocalLimiter>()?;
     Ok(())
 }

@@ -1,9 +1,13 @@
 """The request pipeline (DESIGN.md §2):
 
-    decode -> [auth -> limits -> guard] -> route -> upstream -> reframe -> respond -> account
+    decode -> [auth] -> route -> [limits] -> upstream -> reframe -> respond -> [limits.on_finish]
 
 Stages the config does not enable are not in the chain at all. A request stage either returns
 (continue) or raises `GatewayError` (a local error reply); nothing else escapes into the server.
+`auth` runs after `decode` because the key's model allow-list needs the model; `limits` runs
+after `route` because counting prompt tokens needs the route's tokenizer (and an unknown model
+is refused before it costs the key anything). Finish stages run in reverse order in a `finally`
+whatever happened (settlement), and before a unary reply is sent.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from ..config import Config
 from ..context import RequestContext
 from ..routing import Route
 from . import reframe, respond, upstream
+from .auth import AuthStage
 from .decode import DecodeStage
+from .limits import LimitsStage
 from .route import RouteStage
 
 
@@ -26,29 +32,54 @@ class RequestStage(Protocol):
     async def on_request(self, ctx: RequestContext) -> None: ...
 
 
+class FinishStage(Protocol):
+    name: str
+
+    def on_finish(self, ctx: RequestContext) -> None:
+        """Runs at least once per request that reached the pipeline; must be idempotent."""
+
+
 class Pipeline:
-    __slots__ = ("max_stream_s", "ping_s", "request_stages")
+    __slots__ = ("finish_stages", "max_stream_s", "ping_s", "request_stages")
 
     def __init__(self, cfg: Config, routes: dict[str, Route]) -> None:
-        self.request_stages: tuple[RequestStage, ...] = (DecodeStage(cfg.server), RouteStage(routes))
+        stages: list[RequestStage] = [DecodeStage(cfg.server)]
+        finish: list[FinishStage] = []
+        if cfg.auth.enabled:
+            stages.append(AuthStage(cfg))
+        stages.append(RouteStage(routes))
+        if cfg.auth.enabled and any(
+            t.rpm is not None or t.tpm is not None or t.max_concurrent is not None for t in cfg.tiers.values()
+        ):
+            limits = LimitsStage(cfg)
+            stages.append(limits)
+            finish.append(limits)
+        self.request_stages: tuple[RequestStage, ...] = tuple(stages)
+        self.finish_stages: tuple[FinishStage, ...] = tuple(reversed(finish))
         self.max_stream_s = cfg.server.max_stream_duration_ms / 1000
         self.ping_s = cfg.server.stream_ping_interval_ms / 1000
 
     async def handle(self, ctx: RequestContext, protocol: Any) -> None:
-        for stage in self.request_stages:
-            await stage.on_request(ctx)
-        route = ctx.route
-        assert route is not None
-        adapter = route.adapter
-        now = asyncio.get_running_loop().time()
-        if ctx.stream:
-            deadline = now + min(self.max_stream_s, adapter.total_timeout_s)
-            conn = await upstream.open_upstream(ctx, deadline)
-            limits = reframe.StreamLimits(adapter.idle_timeout_s, self.ping_s, deadline)
-            await reframe.relay_stream(ctx, protocol, conn, limits)
-        else:
-            deadline = now + adapter.total_timeout_s
-            conn = await upstream.open_upstream(ctx, deadline)
-            body = reframe.fill_usage(ctx, await upstream.fetch_body(ctx, conn, deadline))
-            ctx.timings["total"] = time.perf_counter_ns() - ctx.start_ns
-            respond.send_json(protocol, ctx, 200, body)
+        try:
+            for stage in self.request_stages:
+                await stage.on_request(ctx)
+            route = ctx.route
+            assert route is not None
+            adapter = route.adapter
+            now = asyncio.get_running_loop().time()
+            if ctx.stream:
+                deadline = now + min(self.max_stream_s, adapter.total_timeout_s)
+                conn = await upstream.open_upstream(ctx, deadline)
+                limits = reframe.StreamLimits(adapter.idle_timeout_s, self.ping_s, deadline)
+                await reframe.relay_stream(ctx, protocol, conn, limits)
+            else:
+                deadline = now + adapter.total_timeout_s
+                conn = await upstream.open_upstream(ctx, deadline)
+                body = reframe.fill_usage(ctx, await upstream.fetch_body(ctx, conn, deadline))
+                for finish in self.finish_stages:
+                    finish.on_finish(ctx)
+                ctx.timings["total"] = time.perf_counter_ns() - ctx.start_ns
+                respond.send_json(protocol, ctx, 200, body)
+        finally:
+            for finish in self.finish_stages:
+                finish.on_finish(ctx)

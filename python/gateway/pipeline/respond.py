@@ -26,11 +26,18 @@ def server_timing(ctx: RequestContext) -> tuple[str, str]:
 
 def send_json(protocol: Any, ctx: RequestContext, status: int, body: bytes) -> None:
     ctx.status = status
-    protocol.response_bytes(status, [JSON, ("x-request-id", ctx.request_id), server_timing(ctx)], body)
+    protocol.response_bytes(
+        status,
+        [JSON, ("x-request-id", ctx.request_id), server_timing(ctx), *ctx.ratelimit_headers],
+        body,
+    )
 
 
-def send_error(protocol: Any, request_id: str, err: GatewayError) -> None:
-    headers = [JSON, ("x-request-id", request_id), *err.headers]
+def send_error(
+    protocol: Any, request_id: str, err: GatewayError, extra: tuple[tuple[str, str], ...] = ()
+) -> None:
+    """`extra`: the request's `x-ratelimit-*` headers, once stage `limits` has run."""
+    headers = [JSON, ("x-request-id", request_id), *err.headers, *extra]
     protocol.response_bytes(err.status, headers, err.body())
 
 
@@ -57,4 +64,8 @@ class StreamWriter:
 
 def start_stream(protocol: Any, ctx: RequestContext) -> StreamWriter:
     ctx.status = 200
-    return StreamWriter(protocol.response_stream(200, [*SSE_HEADERS, ("x-request-id", ctx.request_id)]))
+    return StreamWriter(
+        protocol.response_stream(
+            200, [*SSE_HEADERS, ("x-request-id", ctx.request_id), *ctx.ratelimit_headers]
+        )
+    )

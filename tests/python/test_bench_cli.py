@@ -1,0 +1,135 @@
+"""`fastpath-gateway bench` end to end: the native load generator against the real mock upstream."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MockUpstream
+
+from gateway.cli import find_bench_binary
+
+pytestmark = pytest.mark.skipif(
+    find_bench_binary() is None, reason="fastpath-bench is not built (make install builds it)"
+)
+
+
+def _ordered(p: dict[str, float | None]) -> None:
+    p50, p99, top = p["p50"], p["p99"], p["max"]
+    assert p50 is not None and p99 is not None and top is not None, p
+    assert 0 <= p50 <= p99 <= top, p
+
+
+def test_bench_streamed_against_mock_reports_ordered_percentiles(
+    mock_upstream: MockUpstream, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    csv = tmp_path / "bench.csv"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "bench",
+            "--url",
+            f"{mock_upstream.url}/v1/chat/completions",
+            "--model",
+            "mock-echo",
+            "--stream",
+            "--concurrency",
+            "4",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--input-tokens",
+            "uniform:8:32",
+            "--max-tokens",
+            "16",
+            "--slo",
+            "ttft_ms=1000",
+            "--slo",
+            "itl_ms=1000",
+            "--json",
+            str(out),
+            "--csv",
+            str(csv),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ttft" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["tool"] == "fastpath-bench"
+    (run,) = result["runs"]
+    assert run["requests"] > 0
+    assert run["errors"] == 0, run["error_kinds"]
+    assert run["output_tokens"] > 0 and run["input_tokens"] > 0
+    for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "send_lag_ms"):
+        _ordered(run[key])
+    assert run["ttft_ms"]["p50"] <= run["e2e_ms"]["p50"]
+    assert run["goodput"]["good_requests"] == run["requests"]
+    rows = csv.read_text().splitlines()
+    assert rows[0].startswith("run,index,scheduled_ms")
+    assert len(rows) - 1 == run["requests"]
+
+
+def test_bench_compare_prints_ratios(tmp_path: Path) -> None:
+    binary = find_bench_binary()
+    assert binary is not None
+    run = {
+        "label": "x",
+        "mode": "closed",
+        "concurrency": 1,
+        "rate": None,
+        "stream": True,
+        "window_s": 1.0,
+        "requests": 10,
+        "sent_total": 10,
+        "errors": 0,
+        "error_rate": 0.0,
+        "request_throughput": 100.0,
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "output_token_throughput": 1.0,
+        "input_tokens_are_words": True,
+        **{
+            k: {
+                "count": 1,
+                "mean": 1.0,
+                "min": 1.0,
+                "p50": 1.0,
+                "p90": 1.0,
+                "p95": 1.0,
+                "p99": 1.0,
+                "p999": 1.0,
+                "max": 1.0,
+            }
+            for k in ("ttft_ms", "first_event_ms", "itl_ms", "tpot_ms", "e2e_ms", "send_lag_ms")
+        },
+        "goodput": None,
+        "client_cpu_us_per_request": None,
+        "error_kinds": {},
+    }
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"tool": "fastpath-bench", "version": "0", "config": {}, "runs": [run]}))
+    b.write_text(
+        json.dumps(
+            {
+                "tool": "fastpath-bench",
+                "version": "0",
+                "config": {},
+                "runs": [dict(run, request_throughput=200.0)],
+            }
+        )
+    )
+    proc = subprocess.run([binary, "compare", str(a), str(b)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.startswith("req/s") and line.endswith("2.000") for line in proc.stdout.splitlines())
