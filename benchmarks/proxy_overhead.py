@@ -34,6 +34,13 @@ BODY = (
     '"total_tokens":21},"system_fingerprint":"fp_bench"}'
 )
 REQUEST = '{"model":"bench","messages":[{"role":"user","content":"Hello, how are you?"}],"max_tokens":16}'
+API_KEY = "sk-bench-0123456789abcdef"
+# Limits high enough never to refuse: the cost of checking them is what is measured.
+AUTH_CONFIG = (
+    "auth: {enabled: true, salt: bench-salt-0123456789, "
+    f"keys: [{{id: bench, key: {API_KEY}, tier: pro}}]}}\n"
+    "tiers: {pro: {rpm: 100000000, tpm: 100000000000, max_concurrent: 100000}}\n"
+)
 STREAM_REQUEST = REQUEST.replace('{"model":"bench",', '{"model":"bench","stream":true,')
 
 
@@ -62,12 +69,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, body: str, timeout_s: float = 20) -> None:
+def wait_http(url: str, body: str, key: str, timeout_s: float = 20) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         try:
             req = urllib.request.Request(
-                url, data=body.encode(), headers={"content-type": "application/json"}
+                url,
+                data=body.encode(),
+                headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
             )
             with urllib.request.urlopen(req, timeout=1) as r:
                 if r.status == 200:
@@ -192,7 +201,7 @@ def run_wrk(url: str, conc: int, duration: int, script: Path) -> tuple[float, di
 
 
 def _cells(rows: list[Row], name: str, conc: int) -> list[Row]:
-    return [r for r in rows if r.target.startswith(name) and r.conc == conc]
+    return [r for r in rows if r.target == name and r.conc == conc]
 
 
 def _ratios(a: list[Row], b: list[Row]) -> str:
@@ -207,6 +216,11 @@ def main() -> int:
     ap.add_argument("--conc", default="1,16")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--stream", action="store_true", help="64-chunk SSE responses instead of JSON")
+    ap.add_argument(
+        "--auth",
+        action="store_true",
+        help="add a second gateway with auth + local limits (RPM, TPM, concurrency) on, same run",
+    )
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -226,41 +240,55 @@ def main() -> int:
         f"providers: [{{name: up, base_url: 'http://127.0.0.1:{up}/v1'}}]\n"
         "models: [{name: bench, provider: up, upstream_model: mock-echo}]\n"
     )
+    cfg_auth = tmp / "gateway-auth.yaml"
+    cfg_auth.write_text(cfg.read_text() + AUTH_CONFIG)
+    lua_auth = tmp / "post-auth.lua"
+    lua_auth.write_text(lua.read_text() + f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n')
     ngx = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(nginx_conf(tmp, up, px, args.stream))])
-    gwp = subprocess.Popen(
-        [
-            str(REPO / ".venv/bin/fastpath-gateway"),
-            "serve",
-            "--config",
-            str(cfg),
-            "--port",
-            str(gw),
-            "--workers",
-            str(args.workers),
-            "--log-level",
-            "error",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    gateways = {"fastpath-gateway": (gw, cfg)}
+    if args.auth:
+        gateways["fastpath-gateway +auth+limits"] = (free_port(), cfg_auth)
+    procs = {
+        name: subprocess.Popen(
+            [
+                str(REPO / ".venv/bin/fastpath-gateway"),
+                "serve",
+                "--config",
+                str(c),
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+                "--log-level",
+                "error",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for name, (port, c) in gateways.items()
+    }
     rows: list[Row] = []
     try:
-        targets = {
-            "direct (nginx static)": f"http://127.0.0.1:{up}/v1/chat/completions",
-            "nginx proxy_pass": f"http://127.0.0.1:{px}/v1/chat/completions",
-            "fastpath-gateway": f"http://127.0.0.1:{gw}/v1/chat/completions",
+        targets: dict[str, tuple[str, Path]] = {
+            "direct (nginx static)": (f"http://127.0.0.1:{up}/v1/chat/completions", lua),
+            "nginx proxy_pass": (f"http://127.0.0.1:{px}/v1/chat/completions", lua),
         }
-        for url in targets.values():
-            wait_http(url, STREAM_REQUEST if args.stream else REQUEST)
-        gw_pids = [p for p in tree(gwp.pid) if p != gwp.pid] or [gwp.pid]
+        for name, (port, _) in gateways.items():
+            targets[name] = (
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                lua_auth if "auth" in name else lua,
+            )
+        for url, _ in targets.values():
+            wait_http(url, STREAM_REQUEST if args.stream else REQUEST, API_KEY)
+        pids = {name: [p for p in tree(pr.pid) if p != pr.pid] or [pr.pid] for name, pr in procs.items()}
         for conc in (int(c) for c in args.conc.split(",")):
             for rep in range(args.repeat):
-                for name, url in targets.items():
+                for name, (url, script) in targets.items():
                     if rep == 0:
-                        run_wrk(url, conc, args.warmup, lua)
-                    is_gw = name == "fastpath-gateway"
-                    cpu0 = proc_cpu_s(gw_pids) if is_gw else 0.0
-                    rps, pct, errs, total = run_wrk(url, conc, args.duration, lua)
-                    cpu = (proc_cpu_s(gw_pids) - cpu0) / total * 1e6 if is_gw and total else None
+                        run_wrk(url, conc, args.warmup, script)
+                    gw_pids = pids.get(name, [])
+                    cpu0 = proc_cpu_s(gw_pids)
+                    rps, pct, errs, total = run_wrk(url, conc, args.duration, script)
+                    cpu = (proc_cpu_s(gw_pids) - cpu0) / total * 1e6 if gw_pids and total else None
                     rows.append(
                         Row(
                             name,
@@ -271,16 +299,16 @@ def main() -> int:
                             pct.get("99", 0),
                             errs,
                             cpu,
-                            rss_mb(gw_pids) if is_gw else None,
+                            rss_mb(gw_pids) if gw_pids else None,
                             Path("/proc/loadavg").read_text().split(" ")[0],
                         )
                     )
                     print(f"  {name:24} c={conc:<3} rps={rps:>9.0f} p50={pct.get('50', 0):.3f}ms", flush=True)
     finally:
-        gwp.terminate()
-        ngx.terminate()
-        gwp.wait(10)
-        ngx.wait(10)
+        for pr in [*procs.values(), ngx]:
+            pr.terminate()
+        for pr in [*procs.values(), ngx]:
+            pr.wait(10)
     from gateway import BUILD_PROFILE, __version__
 
     kind = "streamed 64-chunk SSE" if args.stream else "non-streamed JSON"
@@ -301,12 +329,26 @@ def main() -> int:
         )
     print()
     for conc in sorted({r.conc for r in rows}):
-        d, n, g = (_cells(rows, name, conc) for name in ("direct", "nginx", "fastpath"))
+        d, n, g = (
+            _cells(rows, name, conc)
+            for name in ("direct (nginx static)", "nginx proxy_pass", "fastpath-gateway")
+        )
         if d and n and g:
             print(
                 f"c={conc}: gateway RPS / direct = {_ratios(g, d)}; gateway RPS / nginx proxy = "
                 f"{_ratios(g, n)}; added p50 vs direct = "
                 + ", ".join(f"{x.p50 - y.p50:.3f} ms" for x, y in zip(g, d, strict=False))
+            )
+        a = _cells(rows, "fastpath-gateway +auth+limits", conc)
+        if a and g:
+            print(
+                f"c={conc}: auth+limits vs without, same run: CPU/request ratio = "
+                + ", ".join(
+                    f"{x.cpu_us / y.cpu_us:.2f} (+{x.cpu_us - y.cpu_us:.0f} µs)"
+                    for x, y in zip(a, g, strict=False)
+                    if x.cpu_us and y.cpu_us
+                )
+                + f"; RPS ratio = {_ratios(a, g)}"
             )
     return 0
 

@@ -60,9 +60,12 @@ class Pipeline:
         self.ping_s = cfg.server.stream_ping_interval_ms / 1000
 
     async def handle(self, ctx: RequestContext, protocol: Any) -> None:
+        timings = ctx.timings
         try:
             for stage in self.request_stages:
+                t = time.perf_counter_ns()
                 await stage.on_request(ctx)
+                timings[stage.name] = time.perf_counter_ns() - t
             route = ctx.route
             assert route is not None
             adapter = route.adapter

@@ -75,6 +75,39 @@ def fill_usage(ctx: RequestContext, body: bytes) -> bytes:
     return _encode(top)
 
 
+#: A client sending this request header gets, before `[DONE]`, an SSE comment with the stream's
+#: timing as the gateway saw it (TTFT from request arrival, gaps between upstream reads), so a
+#: benchmark can split model latency from gateway latency. Comments are ignored by SSE clients.
+TIMING_HEADER = "x-fastpath-timing"
+
+
+class _ReadGaps:
+    """Gaps between upstream reads (the inter-token latency as the gateway sees it)."""
+
+    __slots__ = ("count", "last", "max", "total")
+
+    def __init__(self, start: float) -> None:
+        self.last = start
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+
+    def add(self, now: float) -> None:
+        gap = now - self.last
+        self.last = now
+        self.count += 1
+        self.total += gap
+        if gap > self.max:
+            self.max = gap
+
+    def comment(self, ttft_ms: float) -> bytes:
+        mean = self.total / self.count * 1e3 if self.count else 0.0
+        return (
+            f": server-timing ttft;dur={ttft_ms:.3f}, gap-mean;dur={mean:.3f}, "
+            f'gap-max;dur={self.max * 1e3:.3f}, reads;desc="{self.count + 1}"\n\n'
+        ).encode()
+
+
 class StreamLimits:
     __slots__ = ("idle_s", "ping_s", "stream_deadline")
 
@@ -107,8 +140,10 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
     if reframer.error is not None and reframer.events <= 1:
         conn.abort()
         raise GatewayError(Fault.UPSTREAM_ERROR, f"The upstream failed the stream: {reframer.error[:500]}")
-    ctx.timings["ttfb"] = time.perf_counter_ns() - t0
+    first_ns = time.perf_counter_ns()
+    ctx.timings["ttfb"] = first_ns - t0
     writer = respond.start_stream(protocol, ctx)
+    gaps = _ReadGaps(loop.time())
     ended_ok = False
     try:
         if out:
@@ -132,6 +167,7 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
             if not data:
                 break
             now = loop.time()
+            gaps.add(now)
             idle_deadline = now + limits.idle_s
             next_ping = now + limits.ping_s
             out = reframer.feed(data)
@@ -141,6 +177,8 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
         if reframer.done:
             if ctx.client_wants_usage and reframer.usage is None:
                 tail += reframer.usage_chunk(*_stream_usage(ctx, reframer))
+            if ctx.headers.get(TIMING_HEADER) is not None:
+                tail += gaps.comment((first_ns - ctx.start_ns) / 1e6)
             await writer.send(tail + _fastpath.DONE)
             ended_ok = True
         else:

@@ -66,6 +66,7 @@ def start_stream(protocol: Any, ctx: RequestContext) -> StreamWriter:
     ctx.status = 200
     return StreamWriter(
         protocol.response_stream(
-            200, [*SSE_HEADERS, ("x-request-id", ctx.request_id), *ctx.ratelimit_headers]
+            200,
+            [*SSE_HEADERS, ("x-request-id", ctx.request_id), server_timing(ctx), *ctx.ratelimit_headers],
         )
     )
