@@ -133,3 +133,52 @@ def test_bench_compare_prints_ratios(tmp_path: Path) -> None:
     proc = subprocess.run([binary, "compare", str(a), str(b)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert any(line.startswith("req/s") and line.endswith("2.000") for line in proc.stdout.splitlines())
+
+
+def _bench_json(mock_upstream: MockUpstream, tmp_path: Path, *load: str) -> dict[str, object]:
+    out = tmp_path / f"bench-{'-'.join(load)}.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "bench",
+            "--url",
+            f"{mock_upstream.url}/v1/chat/completions",
+            "--model",
+            "mock-echo",
+            *load,
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "--extra-body",
+            '{"mock":{"first_delay_ms":500}}',
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    assert isinstance(run, dict)
+    return run
+
+
+def test_open_loop_keeps_its_schedule_when_the_server_stalls(
+    mock_upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """Every answer stalls 500 ms. Open loop at 50/s for 1 s still sends all 50 requests, and their
+    latency, measured from the scheduled send time, includes the stall; a closed loop of 2 can
+    only send a handful (the coordinated omission the open loop avoids)."""
+    opened = _bench_json(mock_upstream, tmp_path, "--rate", "50")
+    assert opened["requests"] == 50 and opened["errors"] == 0
+    assert opened["e2e_ms"]["p50"] >= 500  # type: ignore[index]
+    closed = _bench_json(mock_upstream, tmp_path, "--concurrency", "2")
+    # each of the 2 slots completes at most one request per 500 ms stall within the 1 s window,
+    # plus the ones in flight when it ends
+    assert 0 < closed["requests"] <= 2 * (1 + 1000 // 500)  # type: ignore[operator]
