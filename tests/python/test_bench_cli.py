@@ -17,6 +17,28 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _run_bench(mock_upstream: MockUpstream, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fastpath-gateway bench` against the mock's chat endpoint (model mock-echo)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "bench",
+            "--url",
+            f"{mock_upstream.url}/v1/chat/completions",
+            "--model",
+            "mock-echo",
+            "--no-progress",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def _ordered(p: dict[str, float | None]) -> None:
     p50, p99, top = p["p50"], p["p99"], p["max"]
     assert p50 is not None and p99 is not None and top is not None, p
@@ -28,41 +50,27 @@ def test_bench_streamed_against_mock_reports_ordered_percentiles(
 ) -> None:
     out = tmp_path / "bench.json"
     csv = tmp_path / "bench.csv"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "bench",
-            "--url",
-            f"{mock_upstream.url}/v1/chat/completions",
-            "--model",
-            "mock-echo",
-            "--stream",
-            "--concurrency",
-            "4",
-            "--duration",
-            "1s",
-            "--warmup",
-            "200ms",
-            "--input-tokens",
-            "uniform:8:32",
-            "--max-tokens",
-            "16",
-            "--slo",
-            "ttft_ms=1000",
-            "--slo",
-            "itl_ms=1000",
-            "--json",
-            str(out),
-            "--csv",
-            str(csv),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = _run_bench(
+        mock_upstream,
+        "--stream",
+        "--concurrency",
+        "4",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--input-tokens",
+        "uniform:8:32",
+        "--max-tokens",
+        "16",
+        "--slo",
+        "ttft_ms=1000",
+        "--slo",
+        "itl_ms=1000",
+        "--json",
+        str(out),
+        "--csv",
+        str(csv),
     )
     assert proc.returncode == 0, proc.stderr
     assert "ttft" in proc.stdout
@@ -137,31 +145,17 @@ def test_bench_compare_prints_ratios(tmp_path: Path) -> None:
 
 def _bench_json(mock_upstream: MockUpstream, tmp_path: Path, *load: str) -> dict[str, object]:
     out = tmp_path / f"bench-{'-'.join(load)}.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "bench",
-            "--url",
-            f"{mock_upstream.url}/v1/chat/completions",
-            "--model",
-            "mock-echo",
-            *load,
-            "--duration",
-            "1s",
-            "--warmup",
-            "0s",
-            "--extra-body",
-            '{"mock":{"first_delay_ms":500}}',
-            "--json",
-            str(out),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = _run_bench(
+        mock_upstream,
+        *load,
+        "--duration",
+        "1s",
+        "--warmup",
+        "0s",
+        "--extra-body",
+        '{"mock":{"first_delay_ms":500}}',
+        "--json",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr
     (run,) = json.loads(out.read_text())["runs"]
