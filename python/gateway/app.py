@@ -62,12 +62,15 @@ class Gateway:
         self.adapters = {p.name: OpenAIHttpAdapter(p, loop) for p in self.cfg.providers}
         self.routes = build_routes(self.cfg, self.adapters)
         self.pipeline = Pipeline(self.cfg, self.routes)
+        self.pipeline.start(loop)
         created = int(time.time())
         self._models_body = _encode(
             ModelList([ModelCard(m.name, created, m.owned_by) for m in self.cfg.models])
         )
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close(loop)
         for adapter in self.adapters.values():
             adapter.close()
 

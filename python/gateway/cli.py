@@ -1,20 +1,26 @@
-"""`fastpath-gateway` command line: serve, check-config, run-local, bench, print-default-config, version."""
+"""`fastpath-gateway` command line: serve, check-config, run-local, keys, bench, print-default-config,
+version."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import config as config_mod
-from . import envvars
+from . import envvars, keystore
 
 
 def _env_int(name: str) -> int | None:
@@ -113,7 +119,8 @@ def cmd_run_local(args: argparse.Namespace) -> int:
                 str(args.upstream_port),
                 "--ready-file",
                 str(ready),
-            ]
+            ],
+            start_new_session=True,
         )
         children = [mock]
         signal.signal(signal.SIGTERM, _interrupt)
@@ -130,20 +137,201 @@ def cmd_run_local(args: argparse.Namespace) -> int:
             env = dict(os.environ)
             env[envvars.LOCAL_MOCK_URL] = f"http://127.0.0.1:{args.upstream_port}/v1"
             port = ["--port", str(args.port)] if args.port else []
-            serve = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *port], env=env)
+            serve = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", *port], env=env, start_new_session=True
+            )
             children.append(serve)
             return serve.wait()
         except KeyboardInterrupt:
             return 0
         finally:
-            for child in reversed(children):
-                if child.poll() is None:
-                    child.send_signal(signal.SIGINT)
-            for child in children:
-                try:
-                    child.wait(15)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            _stop_groups(children)
+
+
+def _stop_groups(children: list[subprocess.Popen[bytes]]) -> None:
+    """SIGINT each child's process group (each child leads its own session), wait, then SIGKILL
+    what is left of the group: a granian worker still starting when Ctrl-C arrives can outlive
+    its parent and keep the port."""
+    for child in reversed(children):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGINT)
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+# ---- keys ---------------------------------------------------------------------------------------
+_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+_TEAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/ -]{0,127}")
+KEY_PREFIX = "sk-fp-"
+
+
+def _usage_error(message: str) -> SystemExit:
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _keys_setup(
+    args: argparse.Namespace, *, readonly: bool = False
+) -> tuple[config_mod.Config, keystore.KeyStore]:
+    """The config (`--config`, else the one `serve` was given, else the embedded default) and
+    its key store (opened lazily: nothing is created before the first write)."""
+    cfg = _load(args.config or os.environ.get(envvars.CONFIG) or None)
+    store_cfg = cfg.auth.store
+    if store_cfg is None or store_cfg.kind is config_mod.StoreKind.NONE:
+        raise _usage_error(
+            "this config has no key store: set `auth.salt` (a long random per-deployment secret; "
+            "stored key hashes need a stable salt) and leave `auth.store.kind` at sqlite"
+        )
+    try:
+        store = keystore.open_store(cfg, readonly=readonly)
+    except keystore.KeyStoreError as exc:
+        raise _usage_error(str(exc)) from None
+    assert store is not None
+    return cfg, store
+
+
+def _parse_expiry(text: str) -> float:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise _usage_error(f"--expires: not an ISO 8601 time: {text!r} (e.g. 2030-01-01T00:00:00Z)") from None
+    if when.tzinfo is None:
+        raise _usage_error("--expires: needs a timezone, e.g. 2030-01-01T00:00:00Z")
+    at = when.timestamp()
+    if at <= time.time():
+        raise _usage_error("--expires: is in the past")
+    return at
+
+
+def _iso(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    cfg, store = _keys_setup(args)
+    if args.tier not in cfg.tiers:
+        raise _usage_error(f"unknown tier {args.tier!r} (known: {', '.join(sorted(cfg.tiers))})")
+    if not _TEAM.fullmatch(args.team):
+        raise _usage_error(
+            "--team: 1-128 letters, digits, spaces and ._:@/- (starting with a letter or digit)"
+        )
+    models = tuple(dict.fromkeys(m.strip() for m in (args.models or "").split(",") if m.strip()))
+    known = {m.name for m in cfg.models}
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise _usage_error(
+            f"--models: unknown model(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    key_id = args.id or f"key-{secrets.token_hex(6)}"
+    if not _KEY_ID.fullmatch(key_id):
+        raise _usage_error("--id: 1-64 letters, digits and ._:@- (starting with a letter or digit)")
+    if key_id in {k.id for k in cfg.auth.keys}:
+        raise _usage_error(f"--id: {key_id!r} is already a key id in the config")
+    expires_at = _parse_expiry(args.expires) if args.expires else None
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = keystore.StoredKey(
+        id=key_id,
+        key_hash=config_mod.hash_key(cfg.auth.salt, secret),
+        team=args.team,
+        tier=args.tier,
+        models=models,
+        expires_at=expires_at,
+        created_at=time.time(),
+    )
+    try:
+        store.create(key)
+    except keystore.KeyExistsError as exc:
+        raise _usage_error(f"--id: {exc}") from None
+    except keystore.KeyStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(
+        f"created key {key_id}: team {args.team}, tier {args.tier}, "
+        f"models {', '.join(models) or 'all'}, expires {_iso(expires_at) if expires_at else 'never'}"
+    )
+    if not cfg.auth.enabled:
+        print(
+            "note: `auth.enabled` is false in this config: gateways serving it ignore keys", file=sys.stderr
+        )
+    print("The secret below is shown only this once; the gateway keeps only its salted hash:")
+    print(secret, flush=True)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    _, store = _keys_setup(args, readonly=True)
+    try:
+        keys = store.list_keys()
+    except keystore.KeyStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    now = time.time()
+    rows = [
+        {
+            "id": k.id,
+            "team": k.team,
+            "tier": k.tier,
+            "models": list(k.models),
+            "status": k.status(now),
+            "created_at": _iso(k.created_at),
+            "expires_at": _iso(k.expires_at) if k.expires_at is not None else None,
+            "revoked_at": _iso(k.revoked_at) if k.revoked_at is not None else None,
+        }
+        for k in keys
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("ID", "TEAM", "TIER", "MODELS", "STATUS", "CREATED", "EXPIRES")
+    table = [header] + [
+        (
+            str(r["id"]),
+            str(r["team"]),
+            str(r["tier"]),
+            ",".join(k.models) or "all",
+            str(r["status"]),
+            str(r["created_at"]),
+            str(r["expires_at"] or "never"),
+        )
+        for r, k in zip(rows, keys, strict=True)
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    cfg, store = _keys_setup(args)
+    if args.id in {k.id for k in cfg.auth.keys}:
+        store.close()
+        raise _usage_error(
+            f"{args.id!r} is a config key: remove it from the config (or set `disabled: true`)"
+        )
+    try:
+        if store.revoke(args.id, time.time()):
+            print(f"revoked key {args.id} (running gateways refuse it within seconds)")
+            return 0
+        if any(k.id == args.id for k in store.list_keys()):
+            print(f"key {args.id} was already revoked")
+            return 0
+    except keystore.KeyStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"error: no stored key with id {args.id!r}", file=sys.stderr)
+    return 1
 
 
 def cmd_print_default_config(_: argparse.Namespace) -> int:
@@ -204,6 +392,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench", add_help=False, help="load generator for OpenAI-compatible endpoints (bench --help)"
     )
+    cfg_opt = argparse.ArgumentParser(add_help=False)
+    cfg_opt.add_argument(
+        "--config", help="YAML config file (for auth.salt, auth.store, tiers; default: the embedded one)"
+    )
+    k = sub.add_parser("keys", help="create, list and revoke API keys in the key store")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser(
+        "create", parents=[cfg_opt], help="create a key; prints its secret alone on the last line"
+    )
+    kc.add_argument("--team", required=True)
+    kc.add_argument("--tier", required=True, help="a tier name from the config's `tiers:`")
+    kc.add_argument("--models", help="comma-separated allowed public models (default: all)")
+    kc.add_argument("--expires", help="expiry time with a timezone, e.g. 2030-01-01T00:00:00Z")
+    kc.add_argument("--id", help="a name for logs and limits (default: generated)")
+    kc.set_defaults(func=cmd_keys_create)
+    kl = ksub.add_parser("list", parents=[cfg_opt], help="list stored keys (never secrets)")
+    kl.add_argument("--json", action="store_true", help="print JSON")
+    kl.set_defaults(func=cmd_keys_list)
+    kr = ksub.add_parser("revoke", parents=[cfg_opt], help="revoke a stored key")
+    kr.add_argument("id")
+    kr.set_defaults(func=cmd_keys_revoke)
     d = sub.add_parser("print-default-config", help="print the embedded default config")
     d.set_defaults(func=cmd_print_default_config)
     v = sub.add_parser("version", help="print versions and build profile")

@@ -91,12 +91,56 @@ class KeyConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     disabled: bool = False
 
 
+class StoreKind(StrEnum):
+    SQLITE = "sqlite"
+    NONE = "none"  # config keys only
+
+
+class KeyStoreConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where keys made with `fastpath-gateway keys create` live (see `gateway.keystore`)."""
+
+    kind: StoreKind = StoreKind.SQLITE
+    #: SQLite file; empty = `$FASTPATH_GATEWAY_DATA_DIR/keys.db` (data dir default: `.fastpath`,
+    #: relative to the working directory).
+    path: str = ""
+    #: How often each worker checks the store for created or revoked keys.
+    poll_interval_ms: int = 1_000
+
+
 class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     enabled: bool = False
     #: Per-deployment salt of the key hashes (required when any key is given as `key_hash`).
     #: Empty: a random salt per process, which is enough when every key is given as `key`.
     salt: str = ""
     keys: list[KeyConfig] = []
+    #: Absent: SQLite in the data dir when a salt is configured, else none (stored hashes need a
+    #: stable salt). Never None once the config is parsed.
+    store: KeyStoreConfig | None = None
+
+
+class LimitsBackend(StrEnum):
+    LOCAL = "local"
+    REDIS = "redis"
+
+
+class OnError(StrEnum):
+    FAIL_OPEN = "fail_open"
+    FAIL_CLOSED = "fail_closed"
+
+
+class RedisLimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Deadline of every Redis call (a decision, a settlement, a lease renewal).
+    timeout_ms: int = 50
+    key_prefix: str = "fastpath:rl:"
+    #: Redis down or slow: `fail_open` = this worker's local limits (logged); `fail_closed` = 503.
+    on_error: OnError = OnError.FAIL_OPEN
+    #: After a failed call, Redis is tried again this much later (meanwhile: `on_error`).
+    retry_interval_ms: int = 1_000
+    #: A concurrency slot is a lease that expires this long after its last renewal (renewed
+    #: every third of it while the request runs), so a crashed worker cannot leak slots.
+    lease_ttl_ms: int = 30_000
+    max_connections: int = 64
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -104,6 +148,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     default_max_tokens: int = 4_096
     #: Buckets kept per worker (idle ones are dropped first).
     max_tracked_keys: int = 100_000
+    #: `local`: buckets per worker process; `redis`: shared by every worker and instance.
+    backend: LimitsBackend = LimitsBackend.LOCAL
+    redis: RedisLimitsConfig = RedisLimitsConfig()
 
 
 def _default_tiers() -> dict[str, TierConfig]:
@@ -137,6 +184,10 @@ def hash_key(salt: str, key: str) -> str:
 def _hash_keys(cfg: Config) -> Config:
     """Replace every plaintext `key` by its `key_hash` (the secret is not kept)."""
     auth = cfg.auth
+    if auth.store is None:  # the default store needs a configured (stable) salt
+        kind = StoreKind.SQLITE if auth.salt else StoreKind.NONE
+        auth = msgspec.structs.replace(auth, store=KeyStoreConfig(kind=kind))
+        cfg = msgspec.structs.replace(cfg, auth=auth)
     plain = [k for k in auth.keys if k.key is not None]
     if not plain:
         return cfg
@@ -279,9 +330,16 @@ def _validate_auth(cfg: Config) -> None:
             if value is not None:
                 _check_positive(f"$.tiers.{name}.{field}", value)
     _check_all("$.limits", cfg.limits, ("default_max_tokens", "max_tracked_keys"))
+    if cfg.limits.backend is LimitsBackend.REDIS:
+        _validate_redis_limits(cfg)
     auth = cfg.auth
     if auth.salt and len(auth.salt) < _MIN_SALT_CHARS:
         raise ConfigError(f"$.auth.salt: must be at least {_MIN_SALT_CHARS} characters")
+    store = auth.store
+    if store is not None and store.kind is StoreKind.SQLITE:
+        if not auth.salt:
+            raise ConfigError("$.auth.salt: required by auth.store (stored key hashes need a stable salt)")
+        _check_positive("$.auth.store.poll_interval_ms", store.poll_interval_ms)
     ids: set[str] = set()
     secrets: set[str] = set()
     for i, k in enumerate(auth.keys):
@@ -312,6 +370,26 @@ def _validate_auth(cfg: Config) -> None:
             )
         if k.expires_at is not None and k.expires_at.tzinfo is None:
             raise ConfigError(f"{where}.expires_at: needs a timezone, e.g. 2030-01-01T00:00:00Z")
+
+
+#: The Redis limiter keeps a bucket's debt in units of 1/60,000,000 token (microseconds per
+#: minute), as integers in Lua doubles: exact up to 2**53, i.e. limits up to this many per minute.
+REDIS_MAX_RATE = 150_000_000
+
+
+def _validate_redis_limits(cfg: Config) -> None:
+    r = cfg.limits.redis
+    if urlsplit(r.url).scheme not in ("redis", "rediss", "unix"):
+        # never echo the URL: it may carry a password
+        raise ConfigError("$.limits.redis.url: must be a redis://, rediss:// or unix:// URL")
+    _check_all("$.limits.redis", r, ("timeout_ms", "retry_interval_ms", "lease_ttl_ms", "max_connections"))
+    for name, tier in cfg.tiers.items():
+        for field in ("rpm", "tpm"):
+            value = getattr(tier, field)
+            if value is not None and value > REDIS_MAX_RATE:
+                raise ConfigError(
+                    f"$.tiers.{name}.{field}: at most {REDIS_MAX_RATE} with limits.backend redis"
+                )
 
 
 def parse(text: str, source: str = "<config>") -> Config:

@@ -12,7 +12,11 @@ WORKERS = "FASTPATH_GATEWAY_WORKERS"
 #: Log level of the gateway's own logger (debug, info, warning, error).
 LOG_LEVEL = "FASTPATH_GATEWAY_LOG_LEVEL"
 
+#: Directory of the gateway's own files (the SQLite key store); default `.fastpath` in the
+#: working directory.
+DATA_DIR = "FASTPATH_GATEWAY_DATA_DIR"
+
 #: Base URL of the local mock upstream in the embedded default config (`run-local` sets it).
 LOCAL_MOCK_URL = "FASTPATH_LOCAL_MOCK_URL"
 
-ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL, LOCAL_MOCK_URL)
+ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL, DATA_DIR, LOCAL_MOCK_URL)

@@ -39,6 +39,8 @@ class Fault(Enum):
     HEADERS_TOO_LARGE = _Spec(431, "invalid_request_error")
     RATE_LIMITED = _Spec(429, "rate_limit_error", retryable=True)
     UPSTREAM_RATE_LIMITED = _Spec(429, "rate_limit_error", retryable=True, log_level=logging.INFO)
+    #: limits.backend redis with on_error fail_closed, and Redis is down or slow
+    LIMITER_UNAVAILABLE = _Spec(503, "api_error", retryable=True, log_level=logging.WARNING)
     UPSTREAM_REJECTED = _Spec(400, "invalid_request_error", log_level=logging.INFO)
     UPSTREAM_AUTH = _Spec(502, "upstream_error", log_level=logging.ERROR)
     UPSTREAM_ERROR = _Spec(502, "upstream_error", retryable=True, log_level=logging.WARNING)

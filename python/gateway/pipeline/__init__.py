@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config import Config
+from ..config import Config, LimitsBackend
 from ..context import RequestContext
+from ..keystore import open_store
 from ..routing import Route
 from . import reframe, respond, upstream
 from .auth import AuthStage
 from .decode import DecodeStage
 from .limits import LimitsStage
 from .route import RouteStage
+
+if TYPE_CHECKING:
+    from .limits_redis import RedisLimitsStage
 
 
 class RequestStage(Protocol):
@@ -40,24 +44,41 @@ class FinishStage(Protocol):
 
 
 class Pipeline:
-    __slots__ = ("finish_stages", "max_stream_s", "ping_s", "request_stages")
+    __slots__ = ("auth", "finish_stages", "max_stream_s", "ping_s", "request_stages")
 
     def __init__(self, cfg: Config, routes: dict[str, Route]) -> None:
         stages: list[RequestStage] = [DecodeStage(cfg.server)]
         finish: list[FinishStage] = []
+        self.auth: AuthStage | None = None
         if cfg.auth.enabled:
-            stages.append(AuthStage(cfg))
+            self.auth = AuthStage(cfg, open_store(cfg, readonly=True))
+            stages.append(self.auth)
         stages.append(RouteStage(routes))
         if cfg.auth.enabled and any(
             t.rpm is not None or t.tpm is not None or t.max_concurrent is not None for t in cfg.tiers.values()
         ):
-            limits = LimitsStage(cfg)
+            limits: LimitsStage | RedisLimitsStage
+            if cfg.limits.backend is LimitsBackend.REDIS:
+                from .limits_redis import RedisLimitsStage  # imports redis only when used
+
+                limits = RedisLimitsStage(cfg)
+            else:
+                limits = LimitsStage(cfg)
             stages.append(limits)
             finish.append(limits)
         self.request_stages: tuple[RequestStage, ...] = tuple(stages)
         self.finish_stages: tuple[FinishStage, ...] = tuple(reversed(finish))
         self.max_stream_s = cfg.server.max_stream_duration_ms / 1000
         self.ping_s = cfg.server.stream_ping_interval_ms / 1000
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Per-worker background work (key store polling); called from `__rsgi_init__`."""
+        if self.auth is not None:
+            self.auth.start(loop)
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.auth is not None:
+            self.auth.close(loop)
 
     async def handle(self, ctx: RequestContext, protocol: Any) -> None:
         timings = ctx.timings

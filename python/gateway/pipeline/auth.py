@@ -4,18 +4,32 @@ Keys are known only by their salted hash (`config.hash_key`): the stage hashes w
 sent and looks the digest up in a dict built once per worker, then compares the digests in
 constant time. Timing can only tell an attacker about a salted hash, never about a key. No
 message or log line ever contains what the client sent.
+
+Keys come from the config (bootstrap) and from the key store (`gateway.keystore`). Each worker
+polls the store's version every `auth.store.poll_interval_ms` in a thread (never on the event
+loop) and, when it changed, swaps in a new digest table: created and revoked keys take effect
+within about a second, without a restart. Config keys win over stored ones with the same id.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
+import logging
 import math
+import re
 import time
+from collections.abc import Iterable
 
 from ..config import Config, TierConfig
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
+from ..keystore import KeyStore, KeyStoreError, StoredKey
+
+log = logging.getLogger("gateway.auth")
+_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class Principal:
@@ -65,27 +79,139 @@ def build_principals(cfg: Config) -> dict[bytes, Principal]:
     table: dict[bytes, Principal] = {}
     for k in cfg.auth.keys:
         assert k.key_hash is not None  # config.parse replaced every plaintext key
-        digest = bytes.fromhex(k.key_hash.removeprefix("sha256:"))
-        table[digest] = Principal(
-            k.id,
-            digest,
-            k.team,
-            k.tier,
-            cfg.tiers[k.tier],
-            frozenset(k.models) if k.models else None,
-            k.expires_at.timestamp() if k.expires_at is not None else math.inf,
-            k.disabled,
-        )
+        expires = k.expires_at.timestamp() if k.expires_at is not None else None
+        p = _principal(k.id, k.key_hash, k.team, k.tier, cfg.tiers[k.tier], k.models, expires, k.disabled)
+        table[p.digest] = p
     return table
+
+
+def _principal(
+    key_id: str,
+    key_hash: str,
+    team: str,
+    tier_name: str,
+    tier: TierConfig,
+    models: Iterable[str] | None,
+    expires_at: float | None,
+    disabled: bool,
+) -> Principal:
+    """One principal from a config or stored key (`key_hash` is `sha256:<hex>`)."""
+    digest = bytes.fromhex(key_hash.removeprefix("sha256:"))
+    return Principal(
+        key_id,
+        digest,
+        team,
+        tier_name,
+        tier,
+        frozenset(models) if models else None,
+        math.inf if expires_at is None else expires_at,
+        disabled,
+    )
 
 
 class AuthStage:
     name = "auth"
-    __slots__ = ("_principals", "_salt")
+    __slots__ = (
+        "_bootstrap",
+        "_bootstrap_ids",
+        "_error",
+        "_poll_s",
+        "_principals",
+        "_salt",
+        "_store",
+        "_task",
+        "_tiers",
+        "_version",
+    )
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, store: KeyStore | None = None) -> None:
         self._salt = cfg.auth.salt.encode()
-        self._principals = build_principals(cfg)
+        self._bootstrap = build_principals(cfg)
+        self._bootstrap_ids = frozenset(p.key_id for p in self._bootstrap.values())
+        #: replaced whole (never mutated) when the store changes
+        self._principals = self._bootstrap
+        self._tiers = cfg.tiers
+        self._store = store
+        store_cfg = cfg.auth.store
+        self._poll_s = store_cfg.poll_interval_ms / 1000 if store_cfg is not None else 1.0
+        self._version: int | None = None
+        self._error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- the key store ------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Load the stored keys (before the worker serves) and start polling for changes."""
+        if self._store is None:
+            return
+        self.refresh()
+        self._task = loop.create_task(self._poll())
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            if not loop.is_running() and not loop.is_closed():
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(task)
+        if self._store is not None:
+            self._store.close()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:
+                log.exception("auth: reloading the key store failed")
+
+    def refresh(self) -> bool:
+        """Reload the stored keys if the store changed; True if the key table was replaced.
+        Blocking (small queries): runs in a thread once the worker serves. On an error the
+        previous keys stay in force."""
+        store = self._store
+        if store is None:
+            return False
+        try:
+            version = store.version()
+            if version == self._version:
+                return False
+            keys: list[StoredKey] = []
+            if version is not None:
+                version, keys = store.load_all()
+        except KeyStoreError as exc:
+            message = str(exc)
+            if message != self._error:  # once per distinct problem, not every poll
+                log.error("auth: cannot read the key store (keeping the keys loaded before): %s", message)
+                self._error = message
+            return False
+        if self._error is not None:
+            log.info("auth: the key store is readable again")
+            self._error = None
+        self._principals = self._merge(keys)  # one reference swap: requests see old or new
+        self._version = version
+        log.info("auth: %d stored key(s) in force (key store version %s)", len(keys), version)
+        return True
+
+    def _merge(self, keys: Iterable[StoredKey]) -> dict[bytes, Principal]:
+        table: dict[bytes, Principal] = {}
+        for k in keys:
+            tier = self._tiers.get(k.tier)
+            why = None
+            if tier is None:
+                why = f"unknown tier {k.tier!r}"
+            elif k.id in self._bootstrap_ids:
+                why = "a config key has the same id"
+            elif not _KEY_HASH.fullmatch(k.key_hash):
+                why = "malformed hash"
+            if why is not None or tier is None:
+                log.warning("auth: stored key %r ignored: %s", k.id, why)
+                continue
+            p = _principal(k.id, k.key_hash, k.team, k.tier, tier, k.models, k.expires_at, k.disabled)
+            table[p.digest] = p
+        table.update(self._bootstrap)
+        return table
+
+    # ---- per request --------------------------------------------------------------------------
 
     async def on_request(self, ctx: RequestContext) -> None:
         headers = ctx.headers

@@ -9,7 +9,8 @@ in a `finally`; the lease makes a second call a no-op).
 
 Backend `local`: `_fastpath.LocalLimiter` buckets in this worker process. Exact for one worker;
 with N workers each enforces the full limit on its own share of the traffic (up to N x the
-limit in total) until the Redis backend holds limits across workers and machines.
+limit in total). Backend `redis` (`limits_redis.RedisLimitsStage`, same interface) holds them
+exactly across workers and machines, and falls back to this stage when Redis fails open.
 """
 
 from __future__ import annotations
@@ -142,14 +143,7 @@ class LimitsStage:
         tpm = lease.tpm
         if tpm is None:
             return
-        usage = ctx.usage
-        if usage is not None:
-            used = usage.prompt_tokens + usage.completion_tokens
-        elif "upstream_head" in ctx.timings:
-            used = lease.prompt_tokens  # the upstream answered but reported nothing
-        else:
-            used = 0  # the upstream never answered: nothing was spent
-        unused = lease.reserved_tokens - used
+        unused = lease.reserved_tokens - tokens_used(ctx, lease.prompt_tokens)
         if unused > 0:
             self._tokens.refund(key, unused)
         elif unused < 0:
@@ -204,3 +198,14 @@ class LimitsStage:
             ("x-ratelimit-remaining-tokens", str(tokens[1])),
             ("x-ratelimit-reset-tokens", duration(tokens[2])),
         )
+
+
+def tokens_used(ctx: RequestContext, prompt_tokens: int) -> int:
+    """What a request spent, for settlement: the reported usage; the prompt if the upstream
+    answered but reported nothing; nothing if it never answered."""
+    usage = ctx.usage
+    if usage is not None:
+        return usage.prompt_tokens + usage.completion_tokens
+    if "upstream_head" in ctx.timings:
+        return prompt_tokens
+    return 0

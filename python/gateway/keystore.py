@@ -1,0 +1,334 @@
+"""The key store: API keys created at run time (`fastpath-gateway keys create`), beside the
+config's bootstrap keys.
+
+A store keeps each key's salted hash (`config.hash_key`, with the config's `auth.salt`), never
+the secret. Every write bumps a `version` in the same transaction, so a running gateway finds
+out that something changed with one tiny query (`version()`) and only then reloads the keys
+(`load_all()`). The CLI writes; gateway workers only read (SQLite: a read-only connection).
+
+`KeyStore` is the interface a PostgreSQL store would implement too; `SqliteKeyStore` (stdlib
+sqlite3, one file in the data dir) is the default. SQL is parameterized everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from . import envvars
+from .config import Config, KeyStoreConfig, StoreKind
+
+
+class KeyStoreError(Exception):
+    """A store that cannot be read or written. Messages never contain secrets or hashes."""
+
+
+class KeyExistsError(KeyStoreError):
+    """A key with this id is already stored (revoked keys keep their id)."""
+
+
+class StoredKey(msgspec.Struct, frozen=True):
+    id: str
+    key_hash: str  # "sha256:" + hex(sha256(salt + key))
+    team: str
+    tier: str
+    models: tuple[str, ...] = ()  # allowed public models; empty = all
+    expires_at: float | None = None  # Unix time
+    disabled: bool = False
+    created_at: float = 0.0
+    revoked_at: float | None = None
+
+    def status(self, now: float | None = None) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.disabled:
+            return "disabled"
+        if self.expires_at is not None and self.expires_at <= (time.time() if now is None else now):
+            return "expired"
+        return "active"
+
+    def __repr__(self) -> str:  # never the hash
+        return f"StoredKey(id={self.id!r}, team={self.team!r}, tier={self.tier!r}, status={self.status()!r})"
+
+
+class KeyStore(Protocol):
+    def version(self) -> int | None:
+        """A number that changes with every write; None: the store does not exist (yet)."""
+
+    def load_all(self) -> tuple[int, list[StoredKey]]:
+        """The version and every key that is not revoked, read consistently."""
+
+    def create(self, key: StoredKey) -> None:
+        """Store a new key; KeyExistsError if its id is taken."""
+
+    def revoke(self, key_id: str, at: float) -> bool:
+        """Revoke a key; False if there is no such key or it was already revoked."""
+
+    def list_keys(self) -> list[StoredKey]:
+        """Every key, revoked ones included, oldest first."""
+
+    def close(self) -> None: ...
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(envvars.DATA_DIR) or ".fastpath")
+
+
+def store_path(store: KeyStoreConfig) -> Path:
+    return Path(store.path) if store.path else data_dir() / "keys.db"
+
+
+def salt_check(salt: str) -> str:
+    """A fingerprint of the salt, kept in the store so that a store is never read with the wrong
+    salt (every key would silently stop working). It reveals no more about the salt than a
+    stored key hash does."""
+    return hashlib.sha256(b"fastpath-gateway key store salt\0" + salt.encode()).hexdigest()[:32]
+
+
+def open_store(cfg: Config, *, readonly: bool) -> KeyStore | None:
+    """The configured store; None when `auth.store.kind` is none (or no salt is configured)."""
+    store = cfg.auth.store
+    if store is None or store.kind is StoreKind.NONE:
+        return None
+    return SqliteKeyStore(store_path(store), cfg.auth.salt, readonly=readonly)
+
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        id TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL UNIQUE,
+        team TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        models TEXT NOT NULL DEFAULT '[]',
+        expires_at REAL,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    )""",
+)
+# Whole statements, never built from values: every value is a `?` parameter.
+_SELECT_ACTIVE = (
+    "SELECT id, key_hash, team, tier, models, expires_at, disabled, created_at, revoked_at"
+    " FROM api_keys WHERE revoked_at IS NULL ORDER BY created_at, id"
+)
+_SELECT_ALL = (
+    "SELECT id, key_hash, team, tier, models, expires_at, disabled, created_at, revoked_at"
+    " FROM api_keys ORDER BY created_at, id"
+)
+_INSERT = (
+    "INSERT INTO api_keys (id, key_hash, team, tier, models, expires_at, disabled, created_at, revoked_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SCHEMA_VERSION = "1"
+_RowType = tuple[str, str, str, str, str, float | None, int, float, float | None]
+
+
+def _row_to_key(row: _RowType) -> StoredKey:
+    models = json.loads(row[4])
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise KeyStoreError(f"key {row[0]!r}: malformed models column")
+    return StoredKey(row[0], row[1], row[2], row[3], tuple(models), row[5], bool(row[6]), row[7], row[8])
+
+
+class SqliteKeyStore:
+    """One SQLite file. Readers (gateway workers) open it read-only and never create it: a
+    missing file is an empty store, and a file replaced on disk is reopened. The writer (CLI)
+    creates the file (mode 0600, its directory 0700) and the schema. Thread-safe: calls are
+    serialized, so a worker may poll it from a thread."""
+
+    def __init__(self, path: Path, salt: str, *, readonly: bool, timeout_s: float = 5.0) -> None:
+        if not salt:
+            raise KeyStoreError("the key store needs `auth.salt` (stored key hashes need a stable salt)")
+        self.path = path
+        self._salt_check = salt_check(salt)
+        self._readonly = readonly
+        self._timeout_s = timeout_s
+        self._conn: sqlite3.Connection | None = None
+        self._ident: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    # ---- connection ---------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._readonly:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                self._disconnect()
+                return None
+            ident = (st.st_dev, st.st_ino)
+            if self._conn is not None and ident == self._ident:
+                return self._conn
+            self._disconnect()
+            uri = self.path.absolute().as_uri() + "?mode=ro"
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=self._timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn, self._ident = conn, ident
+            return conn
+        if self._conn is None:
+            self._conn = self._create()
+        return self._conn
+
+    def _create(self) -> sqlite3.Connection:
+        path = self.path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created here (not by sqlite) to be private from the first byte; sqlite gives its
+        # journal the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(str(path), timeout=self._timeout_s, isolation_level=None)
+        try:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.executemany(
+                    "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
+                    [("schema", _SCHEMA_VERSION), ("version", "0"), ("salt_check", self._salt_check)],
+                )
+                self._check(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check(self, conn: sqlite3.Connection) -> None:
+        rows = dict(
+            conn.execute("SELECT name, value FROM meta WHERE name IN (?, ?)", ("schema", "salt_check"))
+        )
+        if rows.get("schema") != _SCHEMA_VERSION:
+            raise KeyStoreError(f"{self.path}: unknown key store schema {rows.get('schema')!r}")
+        if rows.get("salt_check") != self._salt_check:
+            raise KeyStoreError(
+                f"{self.path}: this key store was made with a different `auth.salt`; "
+                "its keys cannot be verified with this config"
+            )
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn, self._ident = None, None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise KeyStoreError(f"{self.path}: {exc}") from None
+
+    # ---- KeyStore -----------------------------------------------------------------------------
+    def version(self) -> int | None:
+        with self._locked():
+            conn = self._connect()
+            if conn is None:
+                return None
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE name = ?", ("version",)).fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # being created right now
+                    return None
+                raise
+            return None if row is None else int(row[0])
+
+    def load_all(self) -> tuple[int, list[StoredKey]]:
+        with self._locked():
+            conn = self._connect()
+            if conn is None:
+                return 0, []
+            with _transaction(conn, "BEGIN"):
+                self._check(conn)
+                row = conn.execute("SELECT value FROM meta WHERE name = ?", ("version",)).fetchone()
+                rows = conn.execute(_SELECT_ACTIVE).fetchall()
+            return int(row[0]), [_row_to_key(r) for r in rows]
+
+    def list_keys(self) -> list[StoredKey]:
+        with self._locked():
+            conn = self._connect()
+            if conn is None:
+                return []
+            with _transaction(conn, "BEGIN"):
+                self._check(conn)
+                rows = conn.execute(_SELECT_ALL).fetchall()
+            return [_row_to_key(r) for r in rows]
+
+    def create(self, key: StoredKey) -> None:
+        self._require_writer()
+        with self._locked():
+            conn = self._connect()
+            assert conn is not None
+            try:
+                with _transaction(conn, "BEGIN IMMEDIATE"):
+                    conn.execute(
+                        _INSERT,
+                        (
+                            key.id,
+                            key.key_hash,
+                            key.team,
+                            key.tier,
+                            json.dumps(list(key.models)),
+                            key.expires_at,
+                            int(key.disabled),
+                            key.created_at,
+                            key.revoked_at,
+                        ),
+                    )
+                    _bump(conn)
+            except sqlite3.IntegrityError:
+                if conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key.id,)).fetchone():
+                    raise KeyExistsError(f"a key with id {key.id!r} already exists") from None
+                raise KeyStoreError("a key with the same hash already exists") from None
+
+    def revoke(self, key_id: str, at: float) -> bool:
+        self._require_writer()
+        with self._locked():
+            conn = self._connect()
+            assert conn is not None
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                cur = conn.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (at, key_id)
+                )
+                if cur.rowcount != 1:
+                    return False
+                _bump(conn)
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._disconnect()
+
+    def _require_writer(self) -> None:
+        if self._readonly:
+            raise KeyStoreError("this key store was opened read-only")
+
+
+def _bump(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE name = ?", ("version",))
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
+    """An explicit transaction (the connection is in autocommit mode): committed when the block
+    ends (also by `return`), rolled back on an exception."""
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    conn.execute("COMMIT")
+
+
+def expiry(key: StoredKey) -> float:
+    return math.inf if key.expires_at is None else key.expires_at
