@@ -1,11 +1,10 @@
 """Accuracy of `fastpath-bench` against a paced upstream with a known schedule.
 
-The mock upstream (`gateway.dev.openai_mock`, uvloop) is told per request to wait
-`first_delay_ms` before the first SSE event (the role chunk), then `chunk_delay_ms` before each
-further event (content words, finish, usage, [DONE]). So the schedule is:
-first event at FIRST ms, first content token (TTFT) at FIRST + CHUNK ms, inter-token gap CHUNK ms.
-The mock is Python: its own timer lateness (asyncio sleeps wake late, more so under load) is part
-of the "ground truth" and shows up as a positive error for any client.
+The upstream is `fastpath-bench paced-upstream` (native, one OS thread per connection, sleeps until
+`--spin-us` before each absolute deadline then spins): response head at once, first content chunk
+at FIRST ms after the request arrived (= TTFT), then one content chunk every CHUNK ms (= ITL). Its
+own write lateness (actual write minus deadline, from `GET /stats`) is printed beside bench's error
+so the two can be told apart. Each spin setting is run (default: 200 µs and 0 = sleep only).
 
     .venv/bin/python benchmarks/bench_accuracy.py [--first-ms 20] [--chunk-ms 5] [--duration 5]
 
@@ -47,82 +46,105 @@ def wait_http(url: str, timeout_s: float = 20) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
+def run_level(args: argparse.Namespace, spin_us: int, conc: int, tmp: Path) -> tuple[dict, dict]:
+    port = free_port()
+    up = subprocess.Popen(
+        [
+            str(BINARY),
+            "paced-upstream",
+            "--port",
+            str(port),
+            "--first-token-ms",
+            str(args.first_ms),
+            "--interval-ms",
+            str(args.chunk_ms),
+            "--chunks",
+            str(args.words),
+            "--spin-us",
+            str(spin_us),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/health")
+        out = tmp / f"s{spin_us}c{conc}.json"
+        cmd = [
+            str(BINARY),
+            "--url",
+            f"{base}/v1/chat/completions",
+            "--model",
+            "paced",
+            "--stream",
+            "--concurrency",
+            str(conc),
+            "--duration",
+            f"{args.duration}s",
+            "--warmup",
+            f"{args.warmup}s",
+            "--input-tokens",
+            "fixed:16",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with urllib.request.urlopen(f"{base}/stats", timeout=5) as resp:
+            stats = json.loads(resp.read())
+        (run,) = json.loads(out.read_text())["runs"]
+        return run, stats
+    finally:
+        up.terminate()
+        up.wait(10)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--first-ms", type=float, default=20.0)
     ap.add_argument("--chunk-ms", type=float, default=5.0)
-    ap.add_argument("--words", type=int, default=32)
+    ap.add_argument("--words", type=int, default=32, help="content chunks per stream")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--concurrency", default="1,64")
+    ap.add_argument("--spin-us", default="200,0", help="upstream spin settings to run, e.g. 200,0")
     args = ap.parse_args()
     if not BINARY.exists():
         print(f"error: {BINARY} missing; run `make install`", file=sys.stderr)
         return 2
-    port = free_port()
-    mock = subprocess.Popen(
-        [sys.executable, "-m", "gateway.dev.openai_mock", "--port", str(port), "--log-level", "WARNING"],
-        cwd=REPO,
-    )
-    extra = {"mock": {"first_delay_ms": args.first_ms, "chunk_delay_ms": args.chunk_ms, "words": args.words}}
     rows = []
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health")
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        for spin in [int(x) for x in args.spin_us.split(",")]:
             for conc in [int(c) for c in args.concurrency.split(",")]:
-                out = Path(tmp) / f"c{conc}.json"
-                cmd = [
-                    str(BINARY),
-                    "--url",
-                    f"http://127.0.0.1:{port}/v1/chat/completions",
-                    "--model",
-                    "mock-echo",
-                    "--stream",
-                    "--concurrency",
-                    str(conc),
-                    "--duration",
-                    f"{args.duration}s",
-                    "--warmup",
-                    f"{args.warmup}s",
-                    "--input-tokens",
-                    "fixed:16",
-                    "--extra-body",
-                    json.dumps(extra),
-                    "--no-progress",
-                    "--json",
-                    str(out),
-                ]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                (run,) = json.loads(out.read_text())["runs"]
-                rows.append((conc, run))
-    finally:
-        mock.terminate()
-        mock.wait(10)
-    ttft_sched = args.first_ms + args.chunk_ms
+                load_before = Path("/proc/loadavg").read_text().split()[:3]
+                run, stats = run_level(args, spin, conc, Path(tmp))
+                rows.append((spin, conc, run, stats, load_before))
     print(f"# fastpath-bench accuracy ({time.strftime('%Y-%m-%d %H:%M')})")
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print(
-        f"schedule: first event {args.first_ms} ms, TTFT (first content) {ttft_sched} ms, "
-        f"ITL {args.chunk_ms} ms; {args.words} words/stream; {args.duration} s per level after "
-        f"{args.warmup} s warm-up; mock = Python asyncio + uvloop"
+        f"schedule: TTFT {args.first_ms} ms, ITL {args.chunk_ms} ms; {args.words} chunks/stream; "
+        f"{args.duration} s per level after {args.warmup} s warm-up; upstream = fastpath-bench paced-upstream"
     )
     print()
     print(
-        "| c | requests | first event p50 (err) | TTFT p50 (err) | TTFT p99 | ITL p50 (err) | ITL p99 "
-        "| client CPU µs/req |"
+        "| spin µs | c | requests | TTFT p50 (err) | TTFT p99 (err) | ITL p50 (err) | ITL p99 (err) "
+        "| upstream write late p50 / p99 / max | loadavg before |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for conc, r in rows:
-        fe, tt, itl = r["first_event_ms"], r["ttft_ms"], r["itl_ms"]
-        cpu = r.get("client_cpu_us_per_request")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for spin, conc, r, st, load in rows:
+        tt, itl = r["ttft_ms"], r["itl_ms"]
+
+        def cell(v: float | None, sched: float) -> str:
+            return "-" if v is None else f"{v:.3f} ({v - sched:+.3f})"
+
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
         print(
-            f"| {conc} | {r['requests']} | {fe['p50']:.3f} ({fe['p50'] - args.first_ms:+.3f}) "
-            f"| {tt['p50']:.3f} ({tt['p50'] - ttft_sched:+.3f}) | {tt['p99']:.3f} "
-            f"| {itl['p50']:.3f} ({itl['p50'] - args.chunk_ms:+.3f}) | {itl['p99']:.3f} "
-            f"| {cpu:.1f} |"
-            if cpu is not None
-            else f"| {conc} | {r['requests']} | {fe['p50']:.3f} | {tt['p50']:.3f} | {tt['p99']:.3f} "
-            f"| {itl['p50']:.3f} | {itl['p99']:.3f} | - |"
+            f"| {spin} | {conc} | {r['requests']} | {cell(tt['p50'], args.first_ms)} "
+            f"| {cell(tt['p99'], args.first_ms)} | {cell(itl['p50'], args.chunk_ms)} "
+            f"| {cell(itl['p99'], args.chunk_ms)} "
+            f"| {ms(st.get('p50_ms'))} / {ms(st.get('p99_ms'))} / {ms(st.get('max_ms'))} "
+            f"| {' '.join(load)} |"
         )
     return 0
 

@@ -176,3 +176,77 @@ def test_open_loop_keeps_its_schedule_when_the_server_stalls(
     # each of the 2 slots completes at most one request per 500 ms stall within the 1 s window,
     # plus the ones in flight when it ends
     assert 0 < closed["requests"] <= 2 * (1 + 1000 // 500)  # type: ignore[operator]
+
+
+def test_bench_against_paced_upstream(tmp_path: Path) -> None:
+    """The native paced upstream: bench sees TTFT >= first_token_ms and ITL near the interval."""
+    import socket
+    import time
+    import urllib.request
+
+    binary = find_bench_binary()
+    assert binary is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    up = subprocess.Popen(
+        [
+            binary,
+            "paced-upstream",
+            "--port",
+            str(port),
+            "--first-token-ms",
+            "10",
+            "--interval-ms",
+            "2",
+            "--chunks",
+            "4",
+            "--spin-us",
+            "0",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.02)
+        out = tmp_path / "paced.json"
+        proc = subprocess.run(
+            [
+                binary,
+                "--url",
+                f"{base}/v1/chat/completions",
+                "--model",
+                "paced",
+                "--stream",
+                "--requests",
+                "5",
+                "--warmup",
+                "0s",
+                "--no-progress",
+                "--json",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        (run,) = json.loads(out.read_text())["runs"]
+        assert run["errors"] == 0, run
+        assert run["output_tokens"] == 5 * 4, run
+        assert run["ttft_ms"]["p50"] >= 10.0, run["ttft_ms"]
+        assert run["itl_ms"]["p50"] > 0, run["itl_ms"]
+        with urllib.request.urlopen(f"{base}/stats?reset=1", timeout=5) as resp:
+            stats = json.loads(resp.read())
+        assert stats["n"] == 5 * 4, stats
+        with urllib.request.urlopen(f"{base}/stats", timeout=5) as resp:
+            assert json.loads(resp.read())["n"] == 0
+    finally:
+        up.terminate()
+        up.wait(10)

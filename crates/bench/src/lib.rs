@@ -3,6 +3,7 @@
 //! request loop.
 
 pub mod hist;
+pub mod paced;
 pub mod report;
 pub mod runner;
 pub mod schedule;

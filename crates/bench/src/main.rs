@@ -97,6 +97,49 @@ struct Args {
     compare: Option<Vec<std::path::PathBuf>>,
 }
 
+/// `fastpath-bench paced-upstream`: an OpenAI-compatible streaming upstream with a known
+/// schedule (ground truth for client timing). `GET /stats[?reset=1]` gives its own write lateness.
+#[derive(Parser, Debug)]
+#[command(name = "fastpath-bench paced-upstream")]
+struct PacedArgs {
+    /// TCP port to listen on (127.0.0.1 unless --host).
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// First content chunk this long after the request arrived.
+    #[arg(long, default_value_t = 20.0)]
+    first_token_ms: f64,
+    /// Then one content chunk every interval.
+    #[arg(long, default_value_t = 5.0)]
+    interval_ms: f64,
+    /// Content chunks per response.
+    #[arg(long, default_value_t = 32)]
+    chunks: u32,
+    /// Sleep until this many µs before each deadline, then spin (0: sleep only).
+    #[arg(long, default_value_t = 200)]
+    spin_us: u64,
+}
+
+fn paced_main(argv: &[std::ffi::OsString]) -> Result<(), String> {
+    let a = PacedArgs::try_parse_from(argv).map_err(|e| e.to_string())?;
+    let cfg = fastpath_bench::paced::Config {
+        schedule: fastpath_bench::paced::Schedule::from_ms(
+            a.first_token_ms,
+            a.interval_ms,
+            a.chunks,
+        )?,
+        spin: Duration::from_micros(a.spin_us),
+    };
+    let listener = std::net::TcpListener::bind((a.host.as_str(), a.port))
+        .map_err(|e| format!("bind {}:{}: {e}", a.host, a.port))?;
+    eprintln!(
+        "paced-upstream on http://{}:{} first_token={}ms interval={}ms chunks={} spin={}µs",
+        a.host, a.port, a.first_token_ms, a.interval_ms, a.chunks, a.spin_us
+    );
+    fastpath_bench::paced::serve(&listener, &cfg)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
@@ -357,6 +400,16 @@ fn main() -> ExitCode {
             _ => Err("usage: fastpath-bench compare A.json B.json".into()),
         };
         return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fastpath-bench: error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if raw.get(1).is_some_and(|a| a == "paced-upstream") {
+        let argv: Vec<std::ffi::OsString> = raw.iter().skip(1).cloned().collect();
+        return match paced_main(&argv) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("fastpath-bench: error: {e}");
