@@ -107,6 +107,46 @@ class KeyStoreConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     poll_interval_ms: int = 1_000
 
 
+class JwtConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """JWT bearer tokens (see `gateway.pipeline.jwt_auth`): pinned algorithms, configured keys only."""
+
+    issuer: str
+    audience: str
+    #: HS256, RS256 and/or ES256 (never `none`)
+    algorithms: list[str]
+    #: Required when (and only allowed when) HS256 is allowed; at least 32 characters.
+    hs256_secret: str = ""
+    #: JWKS JSON file with the RS256/ES256 public keys (each with a `kid`).
+    jwks_file: str = ""
+    team_claim: str = "team"
+    tier_claim: str = "tier"
+    #: Claim with the list of allowed models; empty = all models.
+    models_claim: str = ""
+    leeway_s: int = 30
+    required_claims: list[str] = msgspec.field(default_factory=lambda: ["exp"])
+
+
+_JWT_ALGS = ("HS256", "RS256", "ES256")
+
+
+def validate_jwt(j: JwtConfig, where: str = "$.auth.jwt") -> None:
+    if not j.algorithms:
+        raise ConfigError(f"{where}.algorithms: required (pin HS256, RS256 and/or ES256)")
+    for i, alg in enumerate(j.algorithms):
+        if alg not in _JWT_ALGS:
+            raise ConfigError(f"{where}.algorithms[{i}]: {alg!r} not allowed (HS256, RS256, ES256)")
+    if "HS256" in j.algorithms and len(j.hs256_secret) < 32:
+        raise ConfigError(f"{where}.hs256_secret: required (at least 32 characters) when HS256 is allowed")
+    if "HS256" not in j.algorithms and j.hs256_secret:
+        raise ConfigError(f"{where}.hs256_secret: only allowed when HS256 is in algorithms")
+    if ("RS256" in j.algorithms or "ES256" in j.algorithms) and not j.jwks_file:
+        raise ConfigError(f"{where}.jwks_file: required when RS256 or ES256 is allowed")
+    if not j.issuer or not j.audience:
+        raise ConfigError(f"{where}: issuer and audience are required")
+    if j.leeway_s < 0:
+        raise ConfigError(f"{where}.leeway_s: must be >= 0")
+
+
 class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     enabled: bool = False
     #: Per-deployment salt of the key hashes (required when any key is given as `key_hash`).
@@ -116,6 +156,8 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Absent: SQLite in the data dir when a salt is configured, else none (stored hashes need a
     #: stable salt). Never None once the config is parsed.
     store: KeyStoreConfig | None = None
+    #: JWT bearer tokens as a second auth kind (absent: API keys only).
+    jwt: JwtConfig | None = None
 
 
 class LimitsBackend(StrEnum):
@@ -333,6 +375,11 @@ def _validate_auth(cfg: Config) -> None:
     if cfg.limits.backend is LimitsBackend.REDIS:
         _validate_redis_limits(cfg)
     auth = cfg.auth
+    if auth.jwt is not None:
+        validate_jwt(auth.jwt)
+        for claim in ("team_claim", "tier_claim"):
+            if not getattr(auth.jwt, claim):
+                raise ConfigError(f"$.auth.jwt.{claim}: must not be empty")
     if auth.salt and len(auth.salt) < _MIN_SALT_CHARS:
         raise ConfigError(f"$.auth.salt: must be at least {_MIN_SALT_CHARS} characters")
     store = auth.store

@@ -27,6 +27,7 @@ from ..config import Config, TierConfig
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
 from ..keystore import KeyStore, KeyStoreError, StoredKey
+from .jwt_auth import JwtRejected, JwtVerifier, looks_like_jwt
 
 log = logging.getLogger("gateway.auth")
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -115,6 +116,7 @@ class AuthStage:
         "_bootstrap",
         "_bootstrap_ids",
         "_error",
+        "_jwt",
         "_poll_s",
         "_principals",
         "_salt",
@@ -137,6 +139,7 @@ class AuthStage:
         self._version: int | None = None
         self._error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._jwt = JwtVerifier(cfg.auth.jwt) if cfg.auth.jwt is not None else None
 
     # ---- the key store ------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -221,6 +224,9 @@ class AuthStage:
             if scheme.lower() != "bearer":
                 raise _BAD_SCHEME
             token = token.strip()
+            if self._jwt is not None and looks_like_jwt(token):
+                self._admit(ctx, self._jwt_principal(self._jwt, token))
+                return
         else:
             api_key: str | None = headers.get("x-api-key")
             if api_key is None:
@@ -234,6 +240,45 @@ class AuthStage:
             raise _DISABLED
         if principal.expires_at <= time.time():
             raise _EXPIRED
+        self._admit(ctx, principal)
+
+    def _jwt_principal(self, verifier: JwtVerifier, token: str) -> Principal:
+        """A verified token's claims -> a principal. An unknown tier is refused (403), never
+        silently mapped to a default tier."""
+        try:
+            claims = verifier.verify(token)
+        except JwtRejected as exc:
+            raise _unauthorized(f"Invalid token: {exc}") from None
+        cfg = verifier.config
+        team = claims.get(cfg.team_claim)
+        tier_name = claims.get(cfg.tier_claim)
+        if not isinstance(team, str) or not isinstance(tier_name, str):
+            need = f"`{cfg.team_claim}` and `{cfg.tier_claim}`"
+            raise _unauthorized(f"Invalid token: claims {need} are required.")
+        tier = self._tiers.get(tier_name)
+        if tier is None:
+            raise GatewayError(Fault.FORBIDDEN, f"The token's tier {tier_name!r} is not configured.")
+        models: list[str] | None = None
+        if cfg.models_claim:
+            raw = claims.get(cfg.models_claim)
+            if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+                raise _unauthorized(f"Invalid token: claim `{cfg.models_claim}` must be a list of models.")
+            models = raw
+        exp = claims.get("exp")
+        expires = float(exp) if isinstance(exp, (int, float)) else math.inf
+        return Principal(
+            claims["sub"],
+            b"",
+            team,
+            tier_name,
+            tier,
+            frozenset(models) if models is not None else None,
+            expires,
+            False,
+        )
+
+    @staticmethod
+    def _admit(ctx: RequestContext, principal: Principal) -> None:
         view = ctx.view
         assert view is not None
         if principal.models is not None and view.model not in principal.models:
