@@ -105,7 +105,3 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return _encode(ErrorBody(self.detail()))
-
-
-def error_body(fault: Fault, message: str, param: str | None = None) -> bytes:
-    return GatewayError(fault, message, param=param).body()

@@ -112,14 +112,7 @@ class LimitsStage:
                     self._requests.refund(key, 1)
                     requests = (False, requests[1] + 1, requests[2], requests[3])
                 ctx.ratelimit_headers = self._headers(principal, requests, tokens)
-                if reserved > tpm:
-                    message = (
-                        f"This request needs {reserved} tokens (prompt + max_tokens), more than this "
-                        f"API key's limit of {tpm} tokens per minute; lower max_tokens."
-                    )
-                else:
-                    message = f"Rate limit reached: {tpm} tokens per minute for this API key."
-                raise _rate_limited(message, tokens[3])
+                raise _rate_limited(tokens_refused_message(reserved, tpm), tokens[3])
         if max_concurrent is not None:
             self._inflight[key] = self._inflight.get(key, 0) + 1
         ctx.lease = Lease(key, tpm, prompt, reserved, max_concurrent is not None)
@@ -209,3 +202,13 @@ def tokens_used(ctx: RequestContext, prompt_tokens: int) -> int:
     if "upstream_head" in ctx.timings:
         return prompt_tokens
     return 0
+
+
+def tokens_refused_message(reserved: int, tpm: int) -> str:
+    """Why a token reservation was refused: over the per-minute limit on its own, or not now."""
+    if reserved > tpm:
+        return (
+            f"This request needs {reserved} tokens (prompt + max_tokens), more than this "
+            f"API key's limit of {tpm} tokens per minute; lower max_tokens."
+        )
+    return f"Rate limit reached: {tpm} tokens per minute for this API key."

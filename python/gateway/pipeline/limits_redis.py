@@ -52,6 +52,7 @@ from .limits import (
     LimitsStage,
     _rate_limited,
     duration,
+    tokens_refused_message,
     tokens_used,
 )
 from .reframe import counted_prompt_tokens
@@ -325,14 +326,7 @@ class RedisLimitsStage:
         if code == 2:
             raise _rate_limited(f"Rate limit reached: {rpm} requests per minute for this API key.", r_retry)
         assert tpm is not None
-        if reserved > tpm:
-            message = (
-                f"This request needs {reserved} tokens (prompt + max_tokens), more than this "
-                f"API key's limit of {tpm} tokens per minute; lower max_tokens."
-            )
-        else:
-            message = f"Rate limit reached: {tpm} tokens per minute for this API key."
-        raise _rate_limited(message, t_retry)
+        raise _rate_limited(tokens_refused_message(reserved, tpm), t_retry)
 
     async def _fallback(self, ctx: RequestContext, cause: BaseException | None) -> None:
         now = asyncio.get_running_loop().time()
