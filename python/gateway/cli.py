@@ -123,7 +123,10 @@ def cmd_run_local(args: argparse.Namespace) -> int:
             start_new_session=True,
         )
         children = [mock]
+        # Both explicitly: a shell starting us in the background leaves SIGINT ignored, and the
+        # children (each in its own session) only stop when this process forwards the signal.
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
         try:
             deadline = time.monotonic() + 15
             while not ready.exists():
