@@ -12,7 +12,7 @@ RUST_SRC := $(shell find crates -path crates/bench -prune -o \( -name '*.rs' -o 
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR := never
 
-.PHONY: help install build-dev build-release run serve test test-rust test-python lint fmt bench-deps bench clean
+.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python lint fmt bench-deps bench clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -36,7 +36,17 @@ $(STAMPS)/bench: $(BENCH_SRC)
 	cargo build --release -q -p fastpath-bench
 	touch $@
 
-install: $(STAMPS)/build-release $(STAMPS)/bench ## create .venv, install deps, build the Rust extension and fastpath-bench (release)
+# The Triton venv: tritonserver from nvidia-pytriton and our models' imports, apart from the gateway's
+# (its Python-backend stub needs numpy<2). --no-deps: the pins are the whole closure (no torch).
+TRITON_VENV := .venv-triton
+$(STAMPS)/triton-venv: triton_models/requirements.txt $(STAMPS)/venv
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(UV) pip install -q -p $(TRITON_VENV)/bin/python --no-deps -r triton_models/requirements.txt
+	touch $@
+
+triton-venv: $(STAMPS)/triton-venv ## the Triton venv (.venv-triton) with tritonserver and the models' deps
+
+install: $(STAMPS)/build-release $(STAMPS)/bench $(STAMPS)/triton-venv ## create .venv, install deps, build the Rust extension and fastpath-bench (release)
 
 build-release: $(STAMPS)/build-release ## (re)build the extension in release mode if sources changed
 
@@ -78,4 +88,4 @@ bench: install bench-deps ## first measurement: direct vs through the gateway (w
 	$(PY) benchmarks/proxy_overhead.py
 
 clean: ## remove build outputs and the venv
-	rm -rf $(VENV) $(STAMPS) target
+	rm -rf $(VENV) $(TRITON_VENV) $(STAMPS) target
