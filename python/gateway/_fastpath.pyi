@@ -180,3 +180,41 @@ class LocalLimiter:
     @property
     def evicted_busy(self) -> int: ...
     def __len__(self) -> int: ...
+
+# ---- generated text (Triton) ----------------------------------------------------------------
+class TextStream:
+    """Generated-text deltas -> `chat.completion.chunk` frames (role, content, finish, usage).
+
+    Incomplete UTF-8 at the end of a delta is carried to the next one; text that could begin a
+    stop sequence is held back until it is known not to; the first stop sequence ends the text
+    before it (TensorRT-LLM keeps the stop word in its output, OpenAI does not). `frames=False`
+    only collects the text (a non-streamed reply); every method then returns b""."""
+
+    def __init__(
+        self, id: str, model: str, created: int, stops: list[str] = ..., frames: bool = True
+    ) -> None: ...
+    def role(self) -> bytes: ...
+    def push_tensor(self, raw: bytes) -> bytes:
+        """A raw Triton BYTES tensor (u32-LE length + bytes per element) with the next delta.
+        Raises FastpathError on a malformed tensor."""
+    def push_bytes(self, delta: bytes) -> bytes: ...
+    def finish(self, reason: str) -> bytes:
+        """Flush held-back text, then the finish frame: "stop" after a stop sequence, else `reason`."""
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes: ...
+    @property
+    def stopped(self) -> bool:
+        """A stop sequence was seen: the caller should cancel the generation."""
+    @property
+    def text(self) -> str:
+        """The text emitted so far (without the stop sequence)."""
+    def completion_tokens(self, encoding: str = "o200k_base") -> int: ...
+
+# ---- prompt rules (guard) -------------------------------------------------------------------
+class PromptRules:
+    """Known injection phrases (Aho-Corasick; case-insensitive, whitespace runs = one space) and
+    secret patterns (one RegexSet over the original text). Raises FastpathError on an empty
+    phrase or an invalid regex."""
+
+    def __init__(self, phrases: list[tuple[str, str]], patterns: list[tuple[str, str]]) -> None: ...
+    def first_match(self, text: str) -> str | None:
+        """The rule name of the first phrase (else pattern) found in `text`."""

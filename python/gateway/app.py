@@ -17,13 +17,14 @@ import msgspec
 from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
 from . import config as config_mod
-from .config import Config
+from .config import Config, ProviderKind
 from .context import Endpoint, RequestContext
 from .errors import Fault, GatewayError
 from .pipeline import Pipeline, respond
 from .routing import Route, build_routes
 from .schemas import ModelCard, ModelList
 from .upstreams.openai_http import OpenAIHttpAdapter
+from .upstreams.triton_grpc import TritonAdapter
 
 log = logging.getLogger("gateway")
 
@@ -50,7 +51,7 @@ class Gateway:
         self.body_timeout_s = s.body_read_timeout_ms / 1000
         self._id_prefix = os.urandom(6).hex() + "-"
         self._id_counter = 0
-        self.adapters: dict[str, OpenAIHttpAdapter] = {}
+        self.adapters: dict[str, OpenAIHttpAdapter | TritonAdapter] = {}
         self.routes: dict[str, Route] = {}
         self.pipeline: Pipeline | None = None
         self._models_body = b""
@@ -59,9 +60,12 @@ class Gateway:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.adapters = {p.name: OpenAIHttpAdapter(p, loop) for p in self.cfg.providers}
+        self.adapters = {
+            p.name: TritonAdapter(p, loop) if p.kind is ProviderKind.TRITON else OpenAIHttpAdapter(p, loop)
+            for p in self.cfg.providers
+        }
         self.routes = build_routes(self.cfg, self.adapters)
-        self.pipeline = Pipeline(self.cfg, self.routes)
+        self.pipeline = Pipeline(self.cfg, self.routes, self.adapters)
         self.pipeline.start(loop)
         created = int(time.time())
         self._models_body = _encode(
@@ -121,7 +125,7 @@ class Gateway:
             await self.pipeline.handle(ctx, protocol)
         except GatewayError as err:
             if ctx.status == 0:
-                respond.send_error(protocol, request_id, err, ctx.ratelimit_headers)
+                respond.send_error(protocol, request_id, err, ctx.ratelimit_headers + ctx.reply_headers)
             else:
                 log.warning("request %s: error after the response started: %s", request_id, err.message)
         except asyncio.CancelledError:
@@ -134,7 +138,7 @@ class Gateway:
         except Exception:
             log.exception("request %s: internal error", request_id)
             if ctx.status == 0:
-                respond.send_error(protocol, request_id, _INTERNAL, ctx.ratelimit_headers)
+                respond.send_error(protocol, request_id, _INTERNAL, ctx.ratelimit_headers + ctx.reply_headers)
         finally:
             watch.stop()
 
@@ -203,18 +207,18 @@ class Gateway:
 
     # ---- readiness ----------------------------------------------------------------------------
     async def _readiness(self, request_id: str) -> tuple[int, bytes]:
-        """Ready when every upstream answers HTTP (any status below 500) within 2 s."""
+        """Ready when every upstream answers within 2 s: an HTTP server with any status below
+        500; a Triton server with itself and every model routed to it ready."""
         loop = asyncio.get_running_loop()
         cached = self._ready
         if cached is not None and loop.time() - cached[0] < _READY_CACHE_S:
             return cached[1], cached[2]
 
-        async def probe(adapter: OpenAIHttpAdapter) -> dict[str, Any]:
-            try:
-                status, _ = await adapter.get("/models", request_id, _READY_TIMEOUT_S)
-            except GatewayError as err:
-                return {"ready": False, "detail": err.message}
-            return {"ready": status < 500, "detail": f"HTTP {status}"}
+        async def probe(adapter: OpenAIHttpAdapter | TritonAdapter) -> dict[str, Any]:
+            if isinstance(adapter, TritonAdapter):
+                models = sorted({r.upstream_model for r in self.routes.values() if r.adapter is adapter})
+                return await adapter.probe(models, _READY_TIMEOUT_S)
+            return await adapter.probe(request_id, _READY_TIMEOUT_S)
 
         results = await asyncio.gather(*(probe(a) for a in self.adapters.values()))
         upstreams = dict(zip(self.adapters, results, strict=True))

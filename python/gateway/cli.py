@@ -1,5 +1,5 @@
-"""`fastpath-gateway` command line: serve, check-config, run-local, keys, bench, print-default-config,
-version."""
+"""`fastpath-gateway` command line: serve, check-config, run-local, triton-local, keys, bench,
+print-default-config, version."""
 
 from __future__ import annotations
 
@@ -164,6 +164,41 @@ def _stop_groups(children: list[subprocess.Popen[bytes]]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def cmd_triton_local(args: argparse.Namespace) -> int:
+    """A real tritonserver on a model repository (default: the repository's triton_models/), in
+    the foreground until SIGINT or SIGTERM (see triton_local.py)."""
+    from .triton_local import REPO_ROOT, LocalTriton, TritonNotInstalledError
+
+    server = LocalTriton(
+        Path(args.model_repository) if args.model_repository else REPO_ROOT / "triton_models",
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        log_path=Path(args.log_file) if args.log_file else None,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        server.start()
+        server.wait_ready()
+        print(
+            f"tritonserver (pid {server.pid}) ready: grpc {server.grpc_address}, http {server.http_url}, "
+            f"metrics {server.metrics_url}; log {server.log_path}",
+            flush=True,
+        )
+        while server.poll() is None:
+            time.sleep(0.5)
+        print(f"error: tritonserver exited; log tail:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except (TritonNotInstalledError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
 
 
 # ---- keys ---------------------------------------------------------------------------------------
@@ -391,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, help="gateway port (default: the config's)")
     r.add_argument("--upstream-port", type=int, default=9100)
     r.set_defaults(func=cmd_run_local)
+    t = sub.add_parser("triton-local", help="run a real tritonserver on the test models (make triton-venv)")
+    t.add_argument("--model-repository", help="model repository (default: <repo>/triton_models)")
+    t.add_argument("--grpc-port", type=int, default=8001)
+    t.add_argument("--http-port", type=int, default=8000)
+    t.add_argument("--metrics-port", type=int, default=8002)
+    t.add_argument("--log-file", help="server log (default: a file in a temporary directory)")
+    t.set_defaults(func=cmd_triton_local)
     # Listed for `--help`; main() hands `bench ...` to the native binary before argparse runs.
     sub.add_parser(
         "bench", add_help=False, help="load generator for OpenAI-compatible endpoints (bench --help)"

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
-from . import envvars
+from . import _fastpath, envvars
 
 
 class ConfigError(ValueError):
@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 
 
 class ProviderKind(StrEnum):
-    OPENAI = "openai"
+    OPENAI = "openai"  # any OpenAI-compatible HTTP server (vLLM, SGLang, OpenAI, ...)
+    TRITON = "triton"  # NVIDIA Triton over gRPC, TensorRT-LLM tensor contract
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -49,10 +50,14 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
+    #: openai: http(s)://host[:port]/v1; triton: grpc://host:port or grpcs://host:port (TLS)
     base_url: str
     kind: ProviderKind = ProviderKind.OPENAI
     api_key: str | None = None
+    #: HTTP headers (openai) or gRPC metadata (triton) sent with every request
     headers: dict[str, str] = {}
+    #: grpcs: PEM file with the CA roots to trust (empty: the system roots)
+    tls_ca_file: str = ""
     connect_timeout_ms: int = 3_000
     first_byte_timeout_ms: int = 120_000
     idle_timeout_ms: int = 60_000
@@ -61,12 +66,32 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_response_bytes: int = 64 * 1024 * 1024
 
 
+class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How a chat request becomes TensorRT-LLM tensors (see gateway.upstreams.triton_request)."""
+
+    #: Jinja template over `messages` (and `add_generation_prompt`) -> `text_input`; empty:
+    #: the built-in ChatML layout. `chat_template_file` reads it from a file instead.
+    chat_template: str = ""
+    chat_template_file: str = ""
+    #: Stop words sent with every request (e.g. the template's end-of-turn marker); like the
+    #: client's `stop`, they are cut from the output.
+    stop: list[str] = []
+    #: TensorRT-LLM requires `max_tokens`: used when the request sets none.
+    default_max_tokens: int = 1024
+    #: The model has guided decoding configured: `response_format` json_object / json_schema
+    #: becomes `guided_decoding_guide_type` / `guided_decoding_guide`; otherwise such a request
+    #: is refused with 400.
+    guided_decoding: bool = False
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
     provider: str
     upstream_model: str | None = None  # defaults to `name`
     owned_by: str = "fastpath-gateway"
     encoding: str | None = None  # tokenizer for counted usage; default: by model name
+    #: Only for models of a `triton` provider (defaults apply when absent).
+    triton: TritonModelConfig | None = None
 
 
 class TierConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -195,6 +220,41 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     redis: RedisLimitsConfig = RedisLimitsConfig()
 
 
+class GuardKind(StrEnum):
+    RULES = "rules"  # in-process: known injection phrases + secret patterns (Rust, microseconds)
+    TRITON = "triton"  # a classifier model on Triton (e.g. triton_models/prompt_guard)
+
+
+class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One prompt guard (stage `guard`, before the upstream call)."""
+
+    #: Names the guard in the error `code` and the `X-Prompt-Guard-Error-Code` header.
+    name: str
+    kind: GuardKind
+    #: The guard errors or exceeds `timeout_ms`: `fail_open` lets the request through (logged),
+    #: `fail_closed` refuses it with 503.
+    on_error: OnError = OnError.FAIL_CLOSED
+    timeout_ms: int = 250
+    #: Public models this guard applies to; empty = all.
+    models: list[str] = []
+    # -- kind rules
+    #: Include the built-in phrase and secret lists (gateway.guards.rules).
+    builtin_rules: bool = True
+    #: Extra rules: rule name -> phrases (matched case-insensitively, whitespace-insensitively).
+    phrases: dict[str, list[str]] = {}
+    #: Extra rules: rule name -> regex (Rust `regex` syntax) over the original text.
+    patterns: dict[str, str] = {}
+    # -- kind triton
+    provider: str = ""  # a provider of kind triton
+    model: str = "prompt_guard"
+    #: Block when the model's `score` output is at least this.
+    threshold: float = 0.5
+    #: Only the last this many characters of the prompt text go to the model.
+    max_chars: int = 4_000
+    #: Prompts scored in one request at most (concurrent checks are coalesced per worker).
+    max_batch: int = 32
+
+
 def _default_tiers() -> dict[str, TierConfig]:
     return {"default": TierConfig()}
 
@@ -206,6 +266,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     auth: AuthConfig = AuthConfig()
     tiers: dict[str, TierConfig] = msgspec.field(default_factory=_default_tiers)
     limits: LimitsConfig = LimitsConfig()
+    guards: list[GuardConfig] = []
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -325,8 +386,16 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.name: duplicate provider name {p.name!r}")
         names.add(p.name)
         url = urlsplit(p.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ConfigError(f"{where}.base_url: must be an http(s) URL with a host, got {p.base_url!r}")
+        schemes = ("grpc", "grpcs") if p.kind is ProviderKind.TRITON else ("http", "https")
+        if url.scheme not in schemes or not url.hostname:
+            raise ConfigError(
+                f"{where}.base_url: must be a {' or '.join(s + '://' for s in schemes)} URL with a host"
+                f" for kind {p.kind.value}, got {p.base_url!r}"
+            )
+        if p.kind is ProviderKind.TRITON and (url.path.strip("/") or url.port is None):
+            raise ConfigError(f"{where}.base_url: a Triton address is grpc://host:port (no path)")
+        if p.tls_ca_file and url.scheme != "grpcs":
+            raise ConfigError(f"{where}.tls_ca_file: only for grpcs:// providers")
         try:
             url.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
         except ValueError:
@@ -362,7 +431,57 @@ def _validate(cfg: Config) -> None:
             )
         if m.encoding is not None and m.encoding not in ("o200k_base", "cl100k_base"):
             raise ConfigError(f"{where}.encoding: must be o200k_base or cl100k_base, got {m.encoding!r}")
+        kinds = {p.name: p.kind for p in cfg.providers}
+        if m.triton is not None:
+            if kinds[m.provider] is not ProviderKind.TRITON:
+                raise ConfigError(f"{where}.triton: only for models of a triton provider")
+            _validate_triton_model(f"{where}.triton", m.triton)
+    _validate_guards(cfg, seen)
     _validate_auth(cfg)
+
+
+def _validate_triton_model(where: str, t: TritonModelConfig) -> None:
+    _check_positive(f"{where}.default_max_tokens", t.default_max_tokens)
+    if t.chat_template and t.chat_template_file:
+        raise ConfigError(f"{where}: set at most one of chat_template and chat_template_file")
+    if any(not s for s in t.stop):
+        raise ConfigError(f"{where}.stop: stop words must not be empty")
+
+
+def _validate_guards(cfg: Config, models: set[str]) -> None:
+    triton = {p.name for p in cfg.providers if p.kind is ProviderKind.TRITON}
+    seen: set[str] = set()
+    for i, g in enumerate(cfg.guards):
+        where = f"$.guards[{i}]"
+        if not re.fullmatch(r"[a-z0-9_]{1,64}", g.name):
+            raise ConfigError(f"{where}.name: use 1-64 of [a-z0-9_] (it becomes an error code)")
+        if g.name in seen:
+            raise ConfigError(f"{where}.name: duplicate guard name {g.name!r}")
+        seen.add(g.name)
+        _check_positive(f"{where}.timeout_ms", g.timeout_ms)
+        for m in g.models:
+            if m not in models:
+                raise ConfigError(f"{where}.models: unknown model {m!r}")
+        if g.kind is GuardKind.TRITON:
+            if g.provider not in triton:
+                known = ", ".join(sorted(triton)) or "none configured"
+                raise ConfigError(f"{where}.provider: must name a triton provider (known: {known})")
+            if not 0.0 < g.threshold <= 1.0:
+                raise ConfigError(f"{where}.threshold: must be in (0, 1], got {g.threshold}")
+            _check_all(where, g, ("max_chars", "max_batch"))
+        else:
+            if g.provider:
+                raise ConfigError(f"{where}.provider: only for kind triton")
+            if not g.builtin_rules and not g.phrases and not g.patterns:
+                raise ConfigError(f"{where}: a rules guard needs builtin_rules, phrases or patterns")
+            for rule, pattern in g.patterns.items():
+                try:
+                    _fastpath.PromptRules([], [(rule, pattern)])  # the engine that will run it
+                except _fastpath.FastpathError as exc:
+                    raise ConfigError(f"{where}.patterns.{rule}: {exc}") from None
+            for rule, phrases in g.phrases.items():
+                if not phrases or any(not p.strip() for p in phrases):
+                    raise ConfigError(f"{where}.phrases.{rule}: needs non-empty phrases")
 
 
 def _validate_auth(cfg: Config) -> None:

@@ -28,6 +28,7 @@ class RequestContext:
         "lease",
         "principal",
         "ratelimit_headers",
+        "reply_headers",
         "request_id",
         "route",
         "start_ns",
@@ -52,6 +53,8 @@ class RequestContext:
         self.lease: Lease | None = None
         #: `x-ratelimit-*` headers for every reply to this request, set by stage `limits`
         self.ratelimit_headers: tuple[tuple[str, str], ...] = ()
+        #: other headers for every reply (e.g. `x-fastpath-guard`, the guards' decisions)
+        self.reply_headers: tuple[tuple[str, str], ...] = ()
         self.view: RequestView | None = None
         self.stream = False
         self.client_wants_usage = False

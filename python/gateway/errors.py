@@ -28,6 +28,8 @@ class Fault(Enum):
     INVALID_REQUEST = _Spec(400, "invalid_request_error")
     JSON_TOO_DEEP = _Spec(400, "invalid_request_error")
     UNSUPPORTED_PARAMETER = _Spec(400, "invalid_request_error")
+    #: a prompt guard refused the prompt; the error `code` is the guard's name
+    PROMPT_BLOCKED = _Spec(400, "invalid_request_error", log_level=logging.INFO)
     UNAUTHORIZED = _Spec(401, "authentication_error")
     FORBIDDEN = _Spec(403, "permission_error")
     MODEL_NOT_FOUND = _Spec(404, "not_found_error")
@@ -41,6 +43,8 @@ class Fault(Enum):
     UPSTREAM_RATE_LIMITED = _Spec(429, "rate_limit_error", retryable=True, log_level=logging.INFO)
     #: limits.backend redis with on_error fail_closed, and Redis is down or slow
     LIMITER_UNAVAILABLE = _Spec(503, "api_error", retryable=True, log_level=logging.WARNING)
+    #: a `fail_closed` guard errored or ran out of time
+    GUARD_UNAVAILABLE = _Spec(503, "api_error", retryable=True, log_level=logging.WARNING)
     UPSTREAM_REJECTED = _Spec(400, "invalid_request_error", log_level=logging.INFO)
     UPSTREAM_AUTH = _Spec(502, "upstream_error", log_level=logging.ERROR)
     UPSTREAM_ERROR = _Spec(502, "upstream_error", retryable=True, log_level=logging.WARNING)
@@ -80,7 +84,7 @@ _encode = msgspec.json.Encoder().encode
 class GatewayError(Exception):
     """A failure with a known place in the taxonomy; safe to show to the client."""
 
-    __slots__ = ("fault", "headers", "message", "param")
+    __slots__ = ("code", "fault", "headers", "message", "param")
 
     def __init__(
         self,
@@ -89,19 +93,22 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         headers: tuple[tuple[str, str], ...] = (),
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.fault = fault
         self.message = message
         self.param = param
         self.headers = headers
+        #: the OpenAI `code`; the fault's name unless the error names something finer (a guard)
+        self.code = code or fault.code
 
     @property
     def status(self) -> int:
         return self.fault.status
 
     def detail(self) -> ErrorDetail:
-        return ErrorDetail(self.message, self.fault.type, self.param, self.fault.code)
+        return ErrorDetail(self.message, self.fault.type, self.param, self.code)
 
     def body(self) -> bytes:
         return _encode(ErrorBody(self.detail()))

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from gateway.triton_local import LocalTriton
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -147,7 +149,7 @@ class Gateway:
 @contextlib.contextmanager
 def run_gateway(
     tmp: Path,
-    upstream: MockUpstream,
+    upstream: MockUpstream | None,
     workers: int = 1,
     config_text: str | None = None,
     log_level: str = "warning",
@@ -157,7 +159,10 @@ def run_gateway(
     """`output`: where the gateway's stdout and stderr (its logs) go; default: inherited."""
     port = free_port()
     cfg = tmp / f"gateway-{port}.yaml"
-    cfg.write_text(config_text or gateway_config(upstream.port, **server))
+    if config_text is None:
+        assert upstream is not None, "the default config routes to the mock upstream"
+        config_text = gateway_config(upstream.port, **server)
+    cfg.write_text(config_text)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -194,3 +199,58 @@ def mock_upstream() -> Iterator[MockUpstream]:
 def gateway(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with run_gateway(tmp_path_factory.mktemp("gw"), mock_upstream) as g:
         yield g
+
+
+# ---- Triton (issue 4): a real tritonserver on triton_models/ ----------------------------------
+
+
+class TritonServer(LocalTriton):
+    """`LocalTriton` plus the test models' event log (FASTPATH_TESTLLM_EVENTS)."""
+
+    events_path: Path
+
+    def events(self, request_id: str, **match: object) -> list[dict[str, Any]]:
+        return read_events(self.events_path, request_id, **match)
+
+
+def read_events(path: Path, request_id: str, **match: object) -> list[dict[str, Any]]:
+    """The events of one request id whose fields equal `match` (e.g. model=..., event=...)."""
+    import json
+
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r.get("id") == request_id and all(r.get(k) == v for k, v in match.items())]
+
+
+def wait_event(
+    path: Path, request_id: str, event: str, timeout_s: float = 5.0, **match: object
+) -> dict[str, Any]:
+    """Poll the event log until `event` appears for `request_id` (the models write it
+    asynchronously, after the client may have seen the end); fails after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = read_events(path, request_id, event=event, **match)
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            seen = read_events(path, request_id)
+            raise AssertionError(f"no {event!r} event for {request_id!r} within {timeout_s} s; seen: {seen}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """tritonserver on the whole `triton_models/` repository, free ports, its own event log."""
+    tmp = tmp_path_factory.mktemp("triton")
+    events = tmp / "testllm-events.jsonl"
+    server = TritonServer(
+        REPO / "triton_models",
+        log_path=tmp / "tritonserver.log",
+        env={"FASTPATH_TESTLLM_EVENTS": str(events)},
+        models=["tensorrt_llm_bls", "testllm_core", "ensemble"],  # TEMP-DEV
+    )
+    server.events_path = events
+    with server:
+        yield server

@@ -6,7 +6,9 @@ pub mod buckets;
 pub mod emit;
 pub mod limits;
 pub mod reframe;
+pub mod rules;
 pub mod sse;
+pub mod textstream;
 pub mod tokens;
 
 mod py;

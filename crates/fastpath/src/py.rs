@@ -12,7 +12,9 @@ use pyo3::types::{PyBytes, PyString};
 use crate::buckets::LocalLimiter;
 use crate::emit::{self, ChunkEmitter};
 use crate::reframe::Reframer;
+use crate::rules::RuleSet;
 use crate::sse::{self, Parser};
+use crate::textstream::{TextStream, TextStreamError};
 use crate::tokens::{self, Encoding, TokenError};
 
 create_exception!(
@@ -335,6 +337,103 @@ fn sse_error<'py>(
     frame(py, emit::error_frame(message, r#type, code, param))
 }
 
+// ---- generated text -> chunks (Triton) ------------------------------------------------------
+
+#[cold]
+fn text_stream_error(e: &TextStreamError) -> PyErr {
+    FastpathError::new_err(e.to_string())
+}
+
+fn bytes_of(py: Python<'_>, r: Result<Vec<u8>, TextStreamError>) -> PyResult<Bound<'_, PyBytes>> {
+    r.map(|b| PyBytes::new(py, &b))
+        .map_err(|e| text_stream_error(&e))
+}
+
+#[pyclass(name = "TextStream", module = "gateway._fastpath")]
+struct PyTextStream(TextStream);
+
+#[pymethods]
+impl PyTextStream {
+    #[new]
+    #[pyo3(signature = (id, model, created, stops = Vec::new(), frames = true))]
+    fn new(
+        id: &str,
+        model: &str,
+        created: i64,
+        stops: Vec<String>,
+        frames: bool,
+    ) -> PyResult<Self> {
+        let emitter = if frames {
+            Some(ChunkEmitter::new(id, model, created).map_err(|e| json_error(&e))?)
+        } else {
+            None
+        };
+        Ok(Self(TextStream::new(emitter, stops)))
+    }
+
+    fn role<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes_of(py, self.0.role())
+    }
+
+    fn push_tensor<'py>(&mut self, py: Python<'py>, raw: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        bytes_of(py, self.0.push_tensor(raw))
+    }
+
+    fn push_bytes<'py>(&mut self, py: Python<'py>, delta: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        bytes_of(py, self.0.push_bytes(delta))
+    }
+
+    fn finish<'py>(&mut self, py: Python<'py>, reason: &str) -> PyResult<Bound<'py, PyBytes>> {
+        bytes_of(py, self.0.finish(reason))
+    }
+
+    fn usage_chunk<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        bytes_of(py, self.0.usage(prompt_tokens, completion_tokens))
+    }
+
+    #[getter]
+    fn stopped(&self) -> bool {
+        self.0.stopped()
+    }
+
+    #[getter]
+    fn text(&self) -> &str {
+        self.0.text()
+    }
+
+    #[pyo3(signature = (encoding = "o200k_base"))]
+    fn completion_tokens(&self, py: Python<'_>, encoding: &str) -> PyResult<usize> {
+        let enc = self::encoding(encoding)?;
+        with_text(py, self.0.text(), |t| enc.count(t)).map_err(|e| token_error(&e))
+    }
+}
+
+// ---- prompt rules (guard) --------------------------------------------------------------------
+
+#[pyclass(name = "PromptRules", module = "gateway._fastpath", frozen)]
+struct PyPromptRules(RuleSet);
+
+#[pymethods]
+impl PyPromptRules {
+    #[new]
+    fn new(phrases: Vec<(String, String)>, patterns: Vec<(String, String)>) -> PyResult<Self> {
+        RuleSet::new(phrases, patterns)
+            .map(Self)
+            .map_err(FastpathError::new_err)
+    }
+
+    fn first_match(&self, py: Python<'_>, text: &Bound<'_, PyString>) -> Option<String> {
+        with_text(py, &text_of(text), |t| {
+            self.0.first_match(t).map(str::to_owned)
+        })
+    }
+}
+
 // ---- request limits --------------------------------------------------------------------------
 
 /// A linear scan at memory speed: not worth a copy to release the GIL.
@@ -448,5 +547,7 @@ fn fastpath_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyReframer>()?;
     m.add_class::<PyChunkEmitter>()?;
     m.add_class::<PyLocalLimiter>()?;
+    m.add_class::<PyTextStream>()?;
+    m.add_class::<PyPromptRules>()?;
     Ok(())
 }

@@ -1,13 +1,15 @@
 """The request pipeline (DESIGN.md §2):
 
-    decode -> [auth] -> route -> [limits] -> upstream -> reframe -> respond -> [limits.on_finish]
+    decode -> [auth] -> route -> [limits] -> [guard] -> upstream -> reframe -> respond
+           -> [limits.on_finish]
 
 Stages the config does not enable are not in the chain at all. A request stage either returns
 (continue) or raises `GatewayError` (a local error reply); nothing else escapes into the server.
 `auth` runs after `decode` because the key's model allow-list needs the model; `limits` runs
 after `route` because counting prompt tokens needs the route's tokenizer (and an unknown model
-is refused before it costs the key anything). Finish stages run in reverse order in a `finally`
-whatever happened (settlement), and before a unary reply is sent.
+is refused before it costs the key anything); `guard` runs after `limits`, so a flood of prompts
+is refused before it reaches a guard model, and before any upstream call. Finish stages run in
+reverse order in a `finally` whatever happened (settlement), and before a unary reply is sent.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from ..config import Config, LimitsBackend
 from ..context import RequestContext
 from ..keystore import open_store
 from ..routing import Route
-from . import reframe, respond, upstream
+from ..upstreams.triton_grpc import TritonAdapter
+from . import reframe, respond, triton_relay, upstream
 from .auth import AuthStage
 from .decode import DecodeStage
+from .guard import GuardStage, build_guards
 from .limits import LimitsStage
 from .route import RouteStage
 
@@ -46,7 +50,7 @@ class FinishStage(Protocol):
 class Pipeline:
     __slots__ = ("auth", "finish_stages", "max_stream_s", "ping_s", "request_stages")
 
-    def __init__(self, cfg: Config, routes: dict[str, Route]) -> None:
+    def __init__(self, cfg: Config, routes: dict[str, Route], adapters: dict[str, Any] | None = None) -> None:
         stages: list[RequestStage] = [DecodeStage(cfg.server)]
         finish: list[FinishStage] = []
         self.auth: AuthStage | None = None
@@ -66,6 +70,9 @@ class Pipeline:
                 limits = LimitsStage(cfg)
             stages.append(limits)
             finish.append(limits)
+        if cfg.guards:
+            guards = build_guards(cfg.guards, adapters or {})
+            stages.append(GuardStage(guards, list(routes)))
         self.request_stages: tuple[RequestStage, ...] = tuple(stages)
         self.finish_stages: tuple[FinishStage, ...] = tuple(reversed(finish))
         self.max_stream_s = cfg.server.max_stream_duration_ms / 1000
@@ -80,6 +87,12 @@ class Pipeline:
         if self.auth is not None:
             self.auth.close(loop)
 
+    def _settle(self, ctx: RequestContext) -> None:
+        """Before a unary reply goes out: settle (finish stages) and stamp the total time."""
+        for finish in self.finish_stages:
+            finish.on_finish(ctx)
+        ctx.timings["total"] = time.perf_counter_ns() - ctx.start_ns
+
     async def handle(self, ctx: RequestContext, protocol: Any) -> None:
         timings = ctx.timings
         try:
@@ -91,7 +104,11 @@ class Pipeline:
             assert route is not None
             adapter = route.adapter
             now = asyncio.get_running_loop().time()
-            if ctx.stream:
+            if isinstance(adapter, TritonAdapter):
+                deadline = now + min(self.max_stream_s, adapter.total_timeout_s)
+                limits = reframe.StreamLimits(adapter.idle_timeout_s, self.ping_s, deadline)
+                await triton_relay.handle(ctx, protocol, limits, deadline, self._settle)
+            elif ctx.stream:
                 deadline = now + min(self.max_stream_s, adapter.total_timeout_s)
                 conn = await upstream.open_upstream(ctx, deadline)
                 limits = reframe.StreamLimits(adapter.idle_timeout_s, self.ping_s, deadline)
@@ -100,9 +117,7 @@ class Pipeline:
                 deadline = now + adapter.total_timeout_s
                 conn = await upstream.open_upstream(ctx, deadline)
                 body = reframe.fill_usage(ctx, await upstream.fetch_body(ctx, conn, deadline))
-                for finish in self.finish_stages:
-                    finish.on_finish(ctx)
-                ctx.timings["total"] = time.perf_counter_ns() - ctx.start_ns
+                self._settle(ctx)
                 respond.send_json(protocol, ctx, 200, body)
         finally:
             for finish in self.finish_stages:

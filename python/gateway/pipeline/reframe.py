@@ -81,7 +81,7 @@ def fill_usage(ctx: RequestContext, body: bytes) -> bytes:
 TIMING_HEADER = "x-fastpath-timing"
 
 
-class _ReadGaps:
+class ReadGaps:
     """Gaps between upstream reads (the inter-token latency as the gateway sees it)."""
 
     __slots__ = ("count", "last", "max", "total")
@@ -143,7 +143,7 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
     first_ns = time.perf_counter_ns()
     ctx.timings["ttfb"] = first_ns - t0
     writer = respond.start_stream(protocol, ctx)
-    gaps = _ReadGaps(loop.time())
+    gaps = ReadGaps(loop.time())
     ended_ok = False
     try:
         if out:

@@ -28,7 +28,13 @@ def send_json(protocol: Any, ctx: RequestContext, status: int, body: bytes) -> N
     ctx.status = status
     protocol.response_bytes(
         status,
-        [JSON, ("x-request-id", ctx.request_id), server_timing(ctx), *ctx.ratelimit_headers],
+        [
+            JSON,
+            ("x-request-id", ctx.request_id),
+            server_timing(ctx),
+            *ctx.ratelimit_headers,
+            *ctx.reply_headers,
+        ],
         body,
     )
 
@@ -36,7 +42,8 @@ def send_json(protocol: Any, ctx: RequestContext, status: int, body: bytes) -> N
 def send_error(
     protocol: Any, request_id: str, err: GatewayError, extra: tuple[tuple[str, str], ...] = ()
 ) -> None:
-    """`extra`: the request's `x-ratelimit-*` headers, once stage `limits` has run."""
+    """`extra`: the request's own reply headers (`x-ratelimit-*`, guard decisions), once the
+    stages that set them have run."""
     headers = [JSON, ("x-request-id", request_id), *err.headers, *extra]
     protocol.response_bytes(err.status, headers, err.body())
 
@@ -67,6 +74,12 @@ def start_stream(protocol: Any, ctx: RequestContext) -> StreamWriter:
     return StreamWriter(
         protocol.response_stream(
             200,
-            [*SSE_HEADERS, ("x-request-id", ctx.request_id), server_timing(ctx), *ctx.ratelimit_headers],
+            [
+                *SSE_HEADERS,
+                ("x-request-id", ctx.request_id),
+                server_timing(ctx),
+                *ctx.ratelimit_headers,
+                *ctx.reply_headers,
+            ],
         )
     )

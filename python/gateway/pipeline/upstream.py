@@ -6,14 +6,16 @@ import time
 
 from ..context import RequestContext
 from ..upstreams.httpclient import Connection, UpstreamProtocolError, UpstreamTimeout
-from ..upstreams.openai_http import map_transport_error
+from ..upstreams.openai_http import OpenAIHttpAdapter, map_transport_error
 
 
 async def open_upstream(ctx: RequestContext, deadline: float) -> Connection:
     route = ctx.route
     assert route is not None
+    adapter = route.adapter
+    assert isinstance(adapter, OpenAIHttpAdapter)
     t0 = time.perf_counter_ns()
-    conn = await route.adapter.open(
+    conn = await adapter.open(
         ctx.endpoint.value.removeprefix("/v1"), ctx.upstream_body, ctx.request_id, deadline
     )
     ctx.timings["upstream_head"] = time.perf_counter_ns() - t0

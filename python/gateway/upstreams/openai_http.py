@@ -7,6 +7,7 @@ redirects are answered as errors, never followed.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
@@ -27,6 +28,7 @@ _MAX_ERROR_BODY = 64 * 1024
 
 
 class OpenAIHttpAdapter:
+    kind = "openai"
     __slots__ = (
         "_prefix",
         "base_path",
@@ -117,6 +119,14 @@ class OpenAIHttpAdapter:
                 conn.release()
         except (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolError) as exc:
             raise map_transport_error(exc) from None
+
+    async def probe(self, request_id: str, timeout_s: float) -> dict[str, Any]:
+        """Readiness: the server answers `GET /models` (any status below 500)."""
+        try:
+            status, _ = await self.get("/models", request_id, timeout_s)
+        except GatewayError as err:
+            return {"ready": False, "detail": err.message}
+        return {"ready": status < 500, "detail": f"HTTP {status}"}
 
     def close(self) -> None:
         self.pool.close()

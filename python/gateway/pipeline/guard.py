@@ -1,0 +1,226 @@
+"""Stage `guard` (pre): configured guards check the prompt before any upstream sees it.
+
+Two kinds: `rules` (the fastpath's phrase automaton + secret regexes: microseconds, cannot fail)
+and `triton` (a classifier model on Triton: milliseconds on a GPU, tens on a CPU). Guards run
+in config order, cheapest first by convention; the first that blocks ends the request with a
+400 whose `code` and `X-Prompt-Guard-Error-Code` header name the guard. A model guard that
+errors or exceeds its `timeout_ms` follows its policy: `fail_open` lets the request through
+(logged, and visible in `x-fastpath-guard`), `fail_closed` refuses it with 503. Each guard's
+decision and latency go out in the `x-fastpath-guard` header and in `server-timing`.
+
+Concurrent checks in a worker are coalesced into one batched `ModelInfer` call while a previous
+one is in flight (no added wait when idle), so a busy worker sends batches, not a call each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from typing import Any
+
+from grpc import aio
+from tritonclient.grpc import service_pb2 as pb
+
+from .. import _fastpath
+from ..config import GuardConfig, GuardKind, OnError
+from ..context import RequestContext
+from ..errors import Fault, GatewayError
+from ..schemas import ChatRequestView
+from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error
+from . import guard_rules
+
+log = logging.getLogger("gateway.guard")
+
+BLOCK_HEADER = "x-prompt-guard-error-code"
+DECISION_HEADER = "x-fastpath-guard"
+
+
+def prompt_text(ctx: RequestContext) -> str:
+    """Everything the client wrote that a model will read (all roles: an attacker controls
+    the whole request, including fake assistant turns and tool results)."""
+    view = ctx.view
+    if isinstance(view, ChatRequestView):
+        parts: list[str] = []
+        for m in view.messages:
+            c = m.content
+            if isinstance(c, str):
+                parts.append(c)
+            elif c is not None:
+                parts.extend(p.text for p in c if p.text)
+        return "\n".join(parts)
+    if view is None:
+        return ""
+    prompt = view.prompt
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(p for p in prompt if isinstance(p, str))
+
+
+class _Blocked(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class RulesGuard:
+    __slots__ = ("cfg", "rules")
+
+    def __init__(self, cfg: GuardConfig) -> None:
+        self.cfg = cfg
+        phrases = dict(guard_rules.PHRASES) if cfg.builtin_rules else {}
+        patterns = dict(guard_rules.PATTERNS) if cfg.builtin_rules else {}
+        for rule, extra in cfg.phrases.items():
+            phrases[rule] = [*phrases.get(rule, []), *extra]
+        patterns.update(cfg.patterns)
+        self.rules = _fastpath.PromptRules(
+            [(rule, p) for rule, ps in phrases.items() for p in ps], list(patterns.items())
+        )
+
+    async def check(self, text: str) -> None:
+        rule = self.rules.first_match(text)
+        if rule is not None:
+            raise _Blocked(f"rule `{rule}`")
+
+
+class TritonGuard:
+    """Scores prompts with a classifier model (`text` BYTES [1] -> `score` FP32 [1])."""
+
+    __slots__ = ("_inflight", "_queue", "adapter", "cfg")
+
+    def __init__(self, cfg: GuardConfig, adapter: TritonAdapter) -> None:
+        self.cfg = cfg
+        self.adapter = adapter
+        self._queue: list[tuple[bytes, asyncio.Future[float]]] = []
+        self._inflight = False
+
+    async def check(self, text: str) -> None:
+        score = await self.score(text)
+        if score >= self.cfg.threshold:
+            raise _Blocked(f"score {score:.3f} >= {self.cfg.threshold}")
+
+    async def score(self, text: str) -> float:
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._queue.append((text[-self.cfg.max_chars :].encode(), fut))
+        if not self._inflight:
+            self._launch()
+        return await fut
+
+    def _launch(self) -> None:
+        batch = self._queue[: self.cfg.max_batch]
+        del self._queue[: self.cfg.max_batch]
+        self._inflight = True
+        asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[bytes, asyncio.Future[float]]]) -> None:
+        try:
+            live = [(t, f) for t, f in batch if not f.done()]  # waiters that timed out are gone
+            if live:
+                scores = await self._infer([t for t, _ in live])
+                for (_, f), s in zip(live, scores, strict=True):
+                    if not f.done():
+                        f.set_result(s)
+        except Exception as exc:
+            for _, f in batch:
+                if not f.done():
+                    f.set_exception(exc)
+        finally:
+            self._inflight = False
+            if self._queue:
+                self._launch()
+
+    async def _infer(self, texts: list[bytes]) -> list[float]:
+        n = len(texts)
+        request = pb.ModelInferRequest(
+            model_name=self.cfg.model,
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=(n, 1))],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="score")],
+            raw_input_contents=[b"".join(struct.pack("<I", len(t)) + t for t in texts)],
+        )
+        try:
+            resp = await self.adapter.stub.ModelInfer(
+                request, timeout=self.cfg.timeout_ms / 1000, metadata=self.adapter.metadata
+            )
+        except aio.AioRpcError as exc:
+            raise map_rpc_error(exc, self.cfg.model) from None
+        raw = resp.raw_output_contents[0] if resp.raw_output_contents else b""
+        if len(raw) != 4 * n:
+            raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"guard model returned {len(raw)} bytes for {n}")
+        return list(struct.unpack(f"<{n}f", raw))
+
+
+Guard = RulesGuard | TritonGuard
+
+
+class GuardStage:
+    name = "guard"
+    __slots__ = ("_by_model", "guards")
+
+    def __init__(self, guards: list[Guard], models: list[str]) -> None:
+        self.guards = guards
+        #: public model -> the guards that apply to it, in config order
+        self._by_model = {m: [g for g in guards if not g.cfg.models or m in g.cfg.models] for m in models}
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        assert ctx.route is not None
+        guards = self._by_model.get(ctx.route.name)
+        if not guards:
+            return
+        text = prompt_text(ctx)
+        decisions: list[str] = []
+        try:
+            for g in guards:
+                await self._run(ctx, g, text, decisions)
+        finally:
+            ctx.reply_headers += ((DECISION_HEADER, ", ".join(decisions)),)
+
+    async def _run(self, ctx: RequestContext, g: Guard, text: str, decisions: list[str]) -> None:
+        name = g.cfg.name
+        t0 = time.perf_counter_ns()
+        verdict = "pass"
+        try:
+            if isinstance(g, RulesGuard):
+                await g.check(text)
+            else:
+                async with asyncio.timeout(g.cfg.timeout_ms / 1000):
+                    await g.check(text)
+        except _Blocked as b:
+            verdict = "blocked"
+            log.info("request %s: prompt blocked by guard %s (%s)", ctx.request_id, name, b.detail)
+            raise GatewayError(
+                Fault.PROMPT_BLOCKED,
+                f"The prompt was blocked by the `{name}` guard ({b.detail}).",
+                param="messages",
+                code=name,
+                headers=((BLOCK_HEADER, name),),
+            ) from None
+        except (TimeoutError, GatewayError, _fastpath.FastpathError) as exc:
+            why = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc}"
+            if g.cfg.on_error is OnError.FAIL_OPEN:
+                verdict = "fail_open"
+                log.warning("request %s: guard %s %s; failing open", ctx.request_id, name, why)
+                return
+            verdict = "fail_closed"
+            log.warning("request %s: guard %s %s; failing closed", ctx.request_id, name, why)
+            raise GatewayError(
+                Fault.GUARD_UNAVAILABLE,
+                f"The `{name}` guard is unavailable ({why}); the request was not sent.",
+                headers=(("retry-after", "1"),),
+            ) from None
+        finally:
+            ns = time.perf_counter_ns() - t0
+            ctx.timings[f"guard_{name}"] = ns
+            decisions.append(f"{name}={verdict};dur={ns / 1e6:.3f}")
+
+
+def build_guards(cfgs: list[GuardConfig], adapters: dict[str, Any]) -> list[Guard]:
+    guards: list[Guard] = []
+    for c in cfgs:
+        if c.kind is GuardKind.RULES:
+            guards.append(RulesGuard(c))
+        else:
+            adapter = adapters[c.provider]
+            assert isinstance(adapter, TritonAdapter)
+            guards.append(TritonGuard(c, adapter))
+    return guards

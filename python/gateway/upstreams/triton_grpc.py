@@ -1,0 +1,197 @@
+"""Upstream adapter for NVIDIA Triton over gRPC (KServe v2 `GRPCInferenceService`).
+
+One `grpc.aio` channel per worker (HTTP/2: every request multiplexes on it), created lazily
+inside the worker's loop. Generation goes over `ModelStreamInfer`, which decoupled models
+(TensorRT-LLM, BLS) require: unary `ModelInfer` fails on them. Reconnect backoff is capped
+short, so once Triton is back the next request reaches it without a gateway restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from grpc import aio
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from ..config import ProviderConfig, TritonModelConfig
+from ..errors import Fault, GatewayError
+from .triton_request import TritonRequestBuilder
+
+#: Re-read a model's metadata this long after it was cached (a reload may change its inputs).
+_METADATA_TTL_S = 60.0
+_CHANNEL_OPTIONS = (
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+@dataclass(slots=True)
+class _Cached:
+    builder: TritonRequestBuilder
+    at: float
+
+
+def _unavailable(message: str) -> GatewayError:
+    return GatewayError(Fault.UPSTREAM_UNAVAILABLE, message, headers=(("retry-after", "1"),))
+
+
+def map_rpc_error(exc: aio.AioRpcError, model: str) -> GatewayError:
+    """gRPC status -> the gateway's taxonomy (the details are Triton's own words)."""
+    code = exc.code()
+    detail = (exc.details() or "")[:500]
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "unknown model" in detail or "is not found" in detail or "not ready" in detail:
+            return _unavailable(f"The Triton model `{model}` is not loaded: {detail}")
+        return _unavailable(f"The Triton server is unreachable: {detail}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return _unavailable(f"The Triton model `{model}` is not loaded: {detail}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GatewayError(Fault.UPSTREAM_TIMEOUT, f"The Triton server did not answer in time: {detail}")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return GatewayError(Fault.UPSTREAM_REJECTED, f"The Triton server rejected the request: {detail}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return GatewayError(
+            Fault.UPSTREAM_RATE_LIMITED,
+            f"The Triton server is out of capacity: {detail}",
+            headers=(("retry-after", "1"),),
+        )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return GatewayError(Fault.UPSTREAM_AUTH, "The Triton server rejected the gateway's credentials")
+    return GatewayError(Fault.UPSTREAM_ERROR, f"The Triton server failed ({code.name}): {detail}")
+
+
+def map_stream_error(message: str, model: str) -> GatewayError:
+    """An error carried inside a `ModelStreamInfer` response (the RPC itself is fine)."""
+    detail = message[:500]
+    if "unknown model" in message or "is not found" in message or "not ready" in message:
+        return _unavailable(f"The Triton model `{model}` is not loaded: {detail}")
+    return GatewayError(Fault.UPSTREAM_ERROR, f"The Triton model `{model}` failed: {detail}")
+
+
+class TritonAdapter:
+    """One Triton server. The public-model settings (chat template, stops) live per route."""
+
+    kind = "triton"
+    __slots__ = (
+        "_channel",
+        "_metadata",
+        "_models",
+        "_stub",
+        "connect_timeout_s",
+        "first_byte_timeout_s",
+        "idle_timeout_s",
+        "max_response_bytes",
+        "name",
+        "provider",
+        "target",
+        "total_timeout_s",
+    )
+
+    def __init__(self, provider: ProviderConfig, loop: asyncio.AbstractEventLoop) -> None:
+        url = urlsplit(provider.base_url)
+        self.provider = provider
+        self.name = provider.name
+        self.target = f"{url.hostname}:{url.port}" if ":" not in (url.hostname or "") else url.netloc
+        self.connect_timeout_s = provider.connect_timeout_ms / 1000
+        self.first_byte_timeout_s = provider.first_byte_timeout_ms / 1000
+        self.idle_timeout_s = provider.idle_timeout_ms / 1000
+        self.total_timeout_s = provider.total_timeout_ms / 1000
+        self.max_response_bytes = provider.max_response_bytes
+        meta = [(k.lower(), v) for k, v in provider.headers.items()]
+        if provider.api_key:
+            meta.append(("authorization", f"Bearer {provider.api_key}"))
+        self._metadata = tuple(meta)
+        self._channel: aio.Channel | None = None
+        self._stub: Any = None
+        self._models: dict[str, _Cached] = {}
+
+    @property
+    def stub(self) -> Any:
+        """The `GRPCInferenceServiceStub`; the channel is made on first use, in the worker's loop."""
+        if self._stub is None:
+            options = (*_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", self.max_response_bytes))
+            if urlsplit(self.provider.base_url).scheme == "grpcs":
+                roots = None
+                if self.provider.tls_ca_file:
+                    with open(self.provider.tls_ca_file, "rb") as f:
+                        roots = f.read()
+                creds = grpc.ssl_channel_credentials(root_certificates=roots)
+                self._channel = aio.secure_channel(self.target, creds, options=options)
+            else:
+                self._channel = aio.insecure_channel(self.target, options=options)
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    async def builder(self, model: str, cfg: TritonModelConfig) -> TritonRequestBuilder:
+        """The request builder for `model`, from its metadata (cached; one RPC per minute)."""
+        now = time.monotonic()
+        cached = self._models.get(model)
+        if cached is not None and now - cached.at < _METADATA_TTL_S:
+            return cached.builder
+        try:
+            meta = await self.stub.ModelMetadata(
+                pb.ModelMetadataRequest(name=model),
+                timeout=self.connect_timeout_s,
+                metadata=self._metadata,
+            )
+        except aio.AioRpcError as exc:
+            self._models.pop(model, None)
+            raise map_rpc_error(exc, model) from None
+        builder = TritonRequestBuilder(
+            model, cfg, {t.name for t in meta.inputs}, {t.name for t in meta.outputs}
+        )
+        self._models[model] = _Cached(builder, now)
+        return builder
+
+    def forget(self, model: str) -> None:
+        """Drop cached metadata (the model went away; re-read it next time)."""
+        self._models.pop(model, None)
+
+    def stream(self, request: Any, deadline_s: float) -> Any:
+        """Start one `ModelStreamInfer` call carrying `request`; the client side half-closes
+        after it, so the RPC ends once the request is complete."""
+        return self.stub.ModelStreamInfer(iter((request,)), timeout=deadline_s, metadata=self._metadata)
+
+    async def probe(self, models: list[str], timeout_s: float) -> dict[str, Any]:
+        """Readiness: the server, then each routed model."""
+        try:
+            live = await self.stub.ServerReady(
+                pb.ServerReadyRequest(), timeout=timeout_s, metadata=self._metadata
+            )
+            if not live.ready:
+                return {"ready": False, "detail": "Triton server not ready"}
+            answers = await asyncio.gather(
+                *(
+                    self.stub.ModelReady(
+                        pb.ModelReadyRequest(name=m), timeout=timeout_s, metadata=self._metadata
+                    )
+                    for m in models
+                )
+            )
+        except aio.AioRpcError as exc:
+            return {"ready": False, "detail": f"{exc.code().name}: {(exc.details() or '')[:200]}"}
+        states = {m: a.ready for m, a in zip(models, answers, strict=True)}
+        return {"ready": all(states.values()), "detail": "Triton", "models": states}
+
+    def close(self) -> None:
+        if self._channel is not None:
+            channel, self._channel, self._stub = self._channel, None, None
+            # no running loop (worker shutdown): the process is ending anyway
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().create_task(channel.close())

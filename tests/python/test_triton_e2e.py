@@ -1,0 +1,310 @@
+"""End to end: the `openai` SDK -> the gateway -> a real tritonserver running the test LLMs.
+
+Expected texts are never hard-coded: each case asks the same model directly with tritonclient
+(the reference a TensorRT-LLM user would compare with) and checks that the gateway turns that
+into what OpenAI documents (stop word cut, finish_reason, usage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import queue
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import Gateway, TritonServer, run_gateway, wait_event
+
+MODELS = {"llm-bls": "tensorrt_llm_bls", "llm-core": "testllm_core", "llm-ensemble": "ensemble"}
+MESSAGES: list[Any] = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "Tell me about rivers and boats."},
+]
+#: The built-in chat template (ChatML) applied to MESSAGES: what Triton gets as `text_input`.
+PROMPT = (
+    "<|im_start|>system\nYou answer briefly.<|im_end|>\n"
+    "<|im_start|>user\nTell me about rivers and boats.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def triton_config(grpc_address: str, extra: str = "") -> str:
+    lines = [
+        "server: {host: 127.0.0.1, stream_ping_interval_ms: 200}",
+        "providers:",
+        "  - name: triton",
+        "    kind: triton",
+        f"    base_url: grpc://{grpc_address}",
+        "    first_byte_timeout_ms: 10000",
+        "    idle_timeout_ms: 10000",
+        "models:",
+        *(f"  - {{name: {k}, provider: triton, upstream_model: {v}}}" for k, v in MODELS.items()),
+        "  - {name: llm-missing, provider: triton, upstream_model: not_loaded_model}",
+    ]
+    return "\n".join(lines) + "\n" + extra
+
+
+@pytest.fixture(scope="module")
+def gw(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with run_gateway(tmp_path_factory.mktemp("gw-triton"), None, config_text=triton_config(triton.grpc_address)) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def client(gw: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def direct(
+    triton: TritonServer, model: str, text: str, max_tokens: int = 1000, stop: list[str] | None = None
+) -> tuple[str, dict[str, int]]:
+    """Stream `text` through `model` with tritonclient; -> (generated text, last token counts)."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_address)
+
+    def tensor(name: str, dtype: str, value: Any) -> grpcclient.InferInput:
+        arr = np.array([value], dtype=object if dtype == "BYTES" else None)
+        if dtype == "INT32":
+            arr = arr.astype(np.int32)
+        elif dtype == "BOOL":
+            arr = arr.astype(bool)
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        return t
+
+    inputs = [
+        tensor("text_input", "BYTES", [text.encode()]),
+        tensor("max_tokens", "INT32", [max_tokens]),
+        tensor("stream", "BOOL", [True]),
+        tensor("exclude_input_in_output", "BOOL", [True]),
+        tensor("return_num_input_tokens", "BOOL", [True]),
+        tensor("return_num_output_tokens", "BOOL", [True]),
+    ]
+    if stop:
+        inputs.append(tensor("stop_words", "BYTES", [w.encode() for w in stop]))
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+        text_out, counts = "", {}
+        while True:
+            result, error = results.get(timeout=30)
+            assert error is None, error
+            resp = result.get_response()
+            out = result.as_numpy("text_output")
+            if out is not None:
+                text_out += b"".join(out.flatten()).decode()
+            for name in ("num_input_tokens", "num_output_tokens"):
+                value = result.as_numpy(name)
+                if value is not None:
+                    counts[name] = int(value.flatten()[0])
+            if resp.parameters["triton_final_response"].bool_param:
+                return text_out, counts
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.parametrize("public", list(MODELS))
+def test_sdk_stream_and_unary_equal_direct_output(
+    client: openai.OpenAI, triton: TritonServer, public: str
+) -> None:
+    expected, counts = direct(triton, MODELS[public], PROMPT)
+    assert expected  # the model said something
+
+    chunks = list(
+        client.chat.completions.create(
+            model=public, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    usage = chunks[-1].usage
+    assert usage is not None and not chunks[-1].choices
+    # usage comes from the model's own counts (num_input_tokens / num_output_tokens)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        counts["num_input_tokens"],
+        counts["num_output_tokens"],
+    )
+    assert all(c.model == public for c in chunks)
+
+    resp = client.chat.completions.create(model=public, messages=MESSAGES)
+    assert resp.choices[0].message.content == expected
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and resp.usage.completion_tokens == counts["num_output_tokens"]
+    assert resp.model == public and resp.object == "chat.completion"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_max_tokens_ends_with_length(client: openai.OpenAI, triton: TritonServer, stream: bool) -> None:
+    expected, _ = direct(triton, "tensorrt_llm_bls", PROMPT, max_tokens=3)
+    if stream:
+        chunks = list(client.chat.completions.create(model="llm-bls", messages=MESSAGES, max_tokens=3, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        resp = client.chat.completions.create(model="llm-bls", messages=MESSAGES, max_completion_tokens=3)
+        text, reason = resp.choices[0].message.content or "", resp.choices[0].finish_reason
+    assert text == expected
+    assert len(text.split()) == 3
+    assert reason == "length"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("public", ["llm-bls", "llm-ensemble"])
+def test_stop_word_is_cut_as_openai_documents(
+    client: openai.OpenAI, triton: TritonServer, stream: bool, public: str
+) -> None:
+    full, _ = direct(triton, MODELS[public], PROMPT)
+    stop = full.split()[3]  # a word the model will produce; it may occur earlier inside a word
+    with_stop, _ = direct(triton, MODELS[public], PROMPT, stop=[stop])
+    assert with_stop.endswith(stop)  # TensorRT-LLM keeps the stop word ...
+    expected = full[: full.index(stop)]  # ... OpenAI ends the text before the first occurrence
+    if stream:
+        chunks = list(client.chat.completions.create(model=public, messages=MESSAGES, stop=[stop], stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        resp = client.chat.completions.create(model=public, messages=MESSAGES, stop=stop)
+        text, reason = resp.choices[0].message.content or "", resp.choices[0].finish_reason
+    assert text == expected
+    assert stop not in text
+    assert reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_what_the_model_cannot_do_is_a_clear_400(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="llm-bls", messages=MESSAGES, extra_body=extra)
+    err = info.value.body
+    assert isinstance(err, dict)
+    assert err["param"] == param and err["code"] == "unsupported_parameter", err
+
+
+def test_image_parts_and_completions_endpoint_are_refused(client: openai.OpenAI) -> None:
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    with pytest.raises(openai.BadRequestError, match="text only"):
+        client.chat.completions.create(model="llm-bls", messages=[{"role": "user", "content": image}])
+    with pytest.raises(openai.BadRequestError, match="chat/completions only"):
+        client.completions.create(model="llm-bls", prompt="hi")
+
+
+def test_model_not_loaded_is_503_with_a_clear_message(client: openai.OpenAI, gw: Gateway) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="llm-missing", messages=MESSAGES)
+    assert info.value.status_code == 503
+    assert "not_loaded_model" in str(info.value.body) and "not loaded" in str(info.value.body)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    try:
+        conn.request("GET", "/readyz")
+        r = conn.getresponse()
+        body = json.loads(r.read())
+    finally:
+        conn.close()
+    assert r.status == 503  # a routed model is missing: not ready, and it says which
+    models = body["upstreams"]["triton"]["models"]
+    assert models["not_loaded_model"] is False
+    assert all(models[m] for m in MODELS.values())
+
+
+@contextlib.contextmanager
+def _sse_post(port: int, body: dict[str, Any], request_id: str) -> Iterator[http.client.HTTPResponse]:
+    """POST a streamed chat request; leaving the block closes the connection (a disconnect)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps(body),
+            {"content-type": "application/json", "x-request-id": request_id},
+        )
+        yield conn.getresponse()
+    finally:
+        conn.close()
+
+
+def _read_events(resp: http.client.HTTPResponse, n: int) -> list[str]:
+    """The first `n` SSE data payloads."""
+    out: list[str] = []
+    while len(out) < n:
+        line = resp.readline().decode()
+        assert line, "stream ended early"
+        if line.startswith("data: "):
+            out.append(line[6:].strip())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("public", "cancelled"),
+    [("llm-bls", True), ("llm-core", True), ("llm-ensemble", False)],
+)
+def test_client_disconnect_cancels_decoupled_models_but_not_an_ensemble(
+    gw: Gateway, triton: TritonServer, public: str, cancelled: bool
+) -> None:
+    """A direct decoupled model sees the cancel (`is_cancelled()`) within a token. An ensemble
+    does not pass the cancel into its running step: the step generates to the end (Triton
+    checks cancellation only between steps), so cancelling frees nothing on that shape."""
+    rid = f"disc-{uuid.uuid4().hex[:12]}"
+    prompt = "[[testllm delay_ms=40]] count slowly"
+    body = {"model": public, "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 40}
+    with _sse_post(gw.port, body, rid) as resp:
+        assert resp.status == 200
+        _read_events(resp, 3)  # role + two tokens
+    # the client went away mid-stream
+    inner = "testllm_core" if public == "llm-ensemble" else MODELS[public]
+    if cancelled:
+        event = wait_event(triton.events_path, rid, "cancel", model=inner)
+        assert event["tokens"] < 40
+    else:
+        end = wait_event(triton.events_path, rid, "end", timeout_s=10, model=inner)
+        assert not triton.events(rid, event="cancel")
+        assert end["tokens"] > 3  # it kept generating after the client left
+
+
+def test_ignore_cancel_model_runs_on_after_disconnect(gw: Gateway, triton: TritonServer) -> None:
+    """Like the stock TensorRT-LLM BLS, which never checks `is_cancelled()`."""
+    rid = f"ign-{uuid.uuid4().hex[:12]}"
+    prompt = "[[testllm delay_ms=20 ignore_cancel=1]] go on"
+    body = {"model": "llm-bls", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 30}
+    with _sse_post(gw.port, body, rid) as resp:
+        _read_events(resp, 2)
+    wait_event(triton.events_path, rid, "end", timeout_s=10, model="tensorrt_llm_bls")
+    assert not triton.events(rid, event="cancel")
+
+
+def test_model_error_mid_stream_is_an_error_event_then_done(gw: Gateway) -> None:
+    prompt = "[[testllm fail_after=2]] please fail"
+    body = {"model": "llm-bls", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 40}
+    with _sse_post(gw.port, body, f"fail-{uuid.uuid4().hex[:8]}") as resp:
+        assert resp.status == 200
+        raw = resp.read().decode()
+    events = [line[6:].strip() for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "upstream_error" and "tensorrt_llm_bls" in err["message"]
+    tokens = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]]
+    assert len([t for t in tokens if t]) == 2
+
+
+def test_model_error_before_the_first_token_is_a_json_502(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(
+            model="llm-bls", messages=[{"role": "user", "content": "[[testllm fail_after=0]] x"}], stream=True
+        )
+    assert info.value.status_code == 502
