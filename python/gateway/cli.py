@@ -50,6 +50,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     for m in cfg.models:
         print(f"  model {m.name} -> {m.provider}:{m.upstream_model or m.name}")
+    for g in cfg.guards:
+        where = f" ({g.provider}:{g.model})" if g.provider else ""
+        scope = ", ".join(g.models) or "all models"
+        print(f"  guard {g.name}: {g.kind.value}{where}, {g.on_error.value}, {g.timeout_ms} ms; {scope}")
     return 0
 
 
@@ -102,32 +106,43 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_run_local(args: argparse.Namespace) -> int:
-    """The embedded default config plus the local upstream it routes to, stopped together
-    (Ctrl-C or SIGTERM reach both)."""
+    """The embedded default config plus the local upstreams it routes to (a real tritonserver on
+    triton_models/ and the OpenAI-wire mock), stopped together (Ctrl-C or SIGTERM reach all)."""
     import tempfile
+
+    from .triton_local import REPO_ROOT, LocalTriton, TritonNotInstalledError
 
     with tempfile.TemporaryDirectory(prefix="fastpath-run-") as tmp:
         ready = Path(tmp) / "mock.ready"
-        mock = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.dev.openai_mock",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(args.upstream_port),
-                "--ready-file",
-                str(ready),
-            ],
-            start_new_session=True,
+        triton = LocalTriton(
+            REPO_ROOT / "triton_models",
+            grpc_port=args.triton_grpc_port,
+            http_port=args.triton_http_port,
+            metrics_port=args.triton_metrics_port,
+            log_path=Path(tmp) / "tritonserver.log",
         )
-        children = [mock]
+        children: list[subprocess.Popen[bytes]] = []
         # Both explicitly: a shell starting us in the background leaves SIGINT ignored, and the
         # children (each in its own session) only stop when this process forwards the signal.
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)
         try:
+            triton.start()  # first: it takes longest to load its models
+            mock = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway.dev.openai_mock",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(args.upstream_port),
+                    "--ready-file",
+                    str(ready),
+                ],
+                start_new_session=True,
+            )
+            children.append(mock)
             deadline = time.monotonic() + 15
             while not ready.exists():
                 if mock.poll() is not None or time.monotonic() > deadline:
@@ -137,18 +152,29 @@ def cmd_run_local(args: argparse.Namespace) -> int:
                     )
                     return 1
                 time.sleep(0.05)
+            triton.wait_ready()
+            print(
+                f"fastpath-gateway: local tritonserver (pid {triton.pid}) ready on grpc {triton.grpc_address}"
+                f" with the test LLM and the prompt guard",
+                flush=True,
+            )
             env = dict(os.environ)
             env[envvars.LOCAL_MOCK_URL] = f"http://127.0.0.1:{args.upstream_port}/v1"
+            env[envvars.LOCAL_TRITON_GRPC] = triton.grpc_address
             port = ["--port", str(args.port)] if args.port else []
             serve = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "serve", *port], env=env, start_new_session=True
             )
             children.append(serve)
             return serve.wait()
+        except (TritonNotInstalledError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             return 0
         finally:
             _stop_groups(children)
+            triton.stop()
 
 
 def _stop_groups(children: list[subprocess.Popen[bytes]]) -> None:
@@ -422,9 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and explain errors")
     c.add_argument("file")
     c.set_defaults(func=cmd_check_config)
-    r = sub.add_parser("run-local", help="run the default config with its local mock upstream (make run)")
+    r = sub.add_parser(
+        "run-local", help="run the default config with its local Triton and mock upstreams (make run)"
+    )
     r.add_argument("--port", type=int, help="gateway port (default: the config's)")
-    r.add_argument("--upstream-port", type=int, default=9100)
+    r.add_argument("--upstream-port", type=int, default=9100, help="the OpenAI-wire mock's port")
+    r.add_argument("--triton-grpc-port", type=int, default=9101)
+    r.add_argument("--triton-http-port", type=int, default=9102)
+    r.add_argument("--triton-metrics-port", type=int, default=9103)
     r.set_defaults(func=cmd_run_local)
     t = sub.add_parser("triton-local", help="run a real tritonserver on the test models (make triton-venv)")
     t.add_argument("--model-repository", help="model repository (default: <repo>/triton_models)")

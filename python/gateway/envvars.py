@@ -19,4 +19,7 @@ DATA_DIR = "FASTPATH_GATEWAY_DATA_DIR"
 #: Base URL of the local mock upstream in the embedded default config (`run-local` sets it).
 LOCAL_MOCK_URL = "FASTPATH_LOCAL_MOCK_URL"
 
-ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL, DATA_DIR, LOCAL_MOCK_URL)
+#: host:port of the local tritonserver's gRPC endpoint in the embedded default config.
+LOCAL_TRITON_GRPC = "FASTPATH_LOCAL_TRITON_GRPC"
+
+ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL, DATA_DIR, LOCAL_MOCK_URL, LOCAL_TRITON_GRPC)

@@ -55,10 +55,19 @@ def test_minimal_config_gets_defaults() -> None:
 
 def test_embedded_default_config_parses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FASTPATH_LOCAL_MOCK_API_KEY", raising=False)
+    monkeypatch.delenv("FASTPATH_LOCAL_TRITON_GRPC", raising=False)
     cfg = config_mod.load(None)
-    assert {m.name for m in cfg.models} == {"local-echo", "local-slow"}
-    assert {m.upstream_model for m in cfg.models} == {"mock-echo", "mock-slow"}
-    (provider,) = cfg.providers
+    assert {(m.name, m.upstream_model) for m in cfg.models} == {
+        ("local-llm", "ensemble"),
+        ("local-echo", "mock-echo"),
+        ("local-slow", "mock-slow"),
+    }
+    triton, provider = cfg.providers
+    assert (triton.kind, triton.base_url) == (config_mod.ProviderKind.TRITON, "grpc://127.0.0.1:9101")
+    assert [(g.name, g.kind) for g in cfg.guards] == [
+        ("injection_rules", config_mod.GuardKind.RULES),
+        ("prompt_guard", config_mod.GuardKind.TRITON),
+    ]
     assert provider.base_url == "http://127.0.0.1:9100/v1"
     assert provider.api_key == ""  # `${FASTPATH_LOCAL_MOCK_API_KEY:-}` with the variable unset
     assert cfg == parse(config_mod.default_text())
@@ -455,7 +464,7 @@ def test_cli_print_default_config_is_valid(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == config_mod.default_text()
     cfg = parse(proc.stdout)
-    assert {m.name for m in cfg.models} == {"local-echo", "local-slow"}
+    assert {m.name for m in cfg.models} == {"local-llm", "local-echo", "local-slow"}
     path = tmp_path / "default.yaml"
     path.write_text(proc.stdout)
     assert run_cli("check-config", str(path)).returncode == 0
@@ -474,3 +483,93 @@ def test_cli_without_command_is_a_usage_error() -> None:
     proc = run_cli()
     assert_clean_failure(proc)
     assert "usage" in proc.stderr
+
+
+TRITON = """
+providers:
+  - {name: t, kind: triton, base_url: "grpc://127.0.0.1:8001"}
+  - {name: o, base_url: "http://127.0.0.1:9100/v1"}
+models:
+  - {name: llm, provider: t, upstream_model: ensemble}
+  - {name: gpt, provider: o}
+"""
+
+
+def test_triton_provider_model_and_guards_parse() -> None:
+    cfg = parse(
+        TRITON.replace(
+            "upstream_model: ensemble}",
+            "upstream_model: ensemble, triton: {stop: ['<|im_end|>'], default_max_tokens: 64}}",
+        )
+        + """
+guards:
+  - {name: rules, kind: rules, phrases: {codeword: [open sesame]}, patterns: {ticket: 'T-\\d+'}}
+  - {name: model_guard, kind: triton, provider: t, threshold: 0.8, on_error: fail_open, models: [llm]}
+"""
+    )
+    llm = cfg.models[0]
+    assert (
+        llm.triton is not None and llm.triton.stop == ["<|im_end|>"] and llm.triton.default_max_tokens == 64
+    )
+    rules, model_guard = cfg.guards
+    assert rules.kind is config_mod.GuardKind.RULES and rules.on_error is config_mod.OnError.FAIL_CLOSED
+    assert (model_guard.threshold, model_guard.on_error, model_guard.model) == (
+        0.8,
+        config_mod.OnError.FAIL_OPEN,
+        "prompt_guard",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        pytest.param(
+            ("grpc://127.0.0.1:8001", "http://127.0.0.1:8001"), "$.providers[0].base_url", id="http-triton"
+        ),
+        pytest.param(("grpc://127.0.0.1:8001", "grpc://127.0.0.1"), "grpc://host:port", id="no-port"),
+        pytest.param(("grpc://127.0.0.1:8001", "grpc://127.0.0.1:8001/v2"), "no path", id="path"),
+        pytest.param(
+            ("http://127.0.0.1:9100/v1", "grpc://127.0.0.1:9100"), "$.providers[1].base_url", id="grpc-http"
+        ),
+        pytest.param(
+            ("{name: gpt, provider: o}", "{name: gpt, provider: o, triton: {}}"),
+            "$.models[1].triton",
+            id="t-on-o",
+        ),
+        pytest.param(
+            ("ensemble}", "ensemble, triton: {stop: ['']}}"), "$.models[0].triton.stop", id="empty-stop"
+        ),
+        pytest.param(
+            ("ensemble}", "ensemble, triton: {chat_template: x, chat_template_file: y}}"),
+            "at most one",
+            id="two-templates",
+        ),
+    ],
+)
+def test_triton_config_errors(change: tuple[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(TRITON.replace(*change))
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("guard", "needle"),
+    [
+        pytest.param("{name: Bad-Name, kind: rules}", "$.guards[0].name", id="name"),
+        pytest.param("{name: g, kind: triton, provider: o}", "must name a triton provider", id="not-triton"),
+        pytest.param("{name: g, kind: triton, provider: t, threshold: 0}", "threshold", id="threshold"),
+        pytest.param("{name: g, kind: rules, provider: t}", "only for kind triton", id="rules-provider"),
+        pytest.param("{name: g, kind: rules, builtin_rules: false}", "needs builtin_rules", id="empty-rules"),
+        pytest.param("{name: g, kind: rules, patterns: {x: '('}}", "$.guards[0].patterns.x", id="bad-regex"),
+        pytest.param(
+            "{name: g, kind: rules, phrases: {x: ['  ']}}", "$.guards[0].phrases.x", id="blank-phrase"
+        ),
+        pytest.param("{name: g, kind: rules, models: [nope]}", "unknown model 'nope'", id="model"),
+        pytest.param("{name: g, kind: rules, timeout_ms: 0}", "timeout_ms", id="timeout"),
+        pytest.param("{name: g, kind: sometimes}", "$.guards[0].kind", id="kind"),
+    ],
+)
+def test_guard_config_errors(guard: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(TRITON + f"guards:\n  - {guard}\n")
+    assert needle in str(info.value)

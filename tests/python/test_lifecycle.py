@@ -57,9 +57,11 @@ def test_client_leaving_a_unary_call_cancels_the_upstream(
     assert wait_for(aborted, timeout_s=10)
 
 
-def test_run_local_serves_the_default_config_and_ctrl_c_stops_both() -> None:
-    """What `make run` runs: the embedded default config plus its local upstream."""
+def test_run_local_serves_the_default_config_and_ctrl_c_stops_all() -> None:
+    """What `make run` runs: the embedded default config, a real tritonserver on triton_models/
+    (the `local-llm` test LLM and the prompt guard) and the mock upstream; Ctrl-C stops all."""
     port, upstream = free_port(), free_port()
+    triton_ports = [free_port(), free_port(), free_port()]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -70,11 +72,17 @@ def test_run_local_serves_the_default_config_and_ctrl_c_stops_both() -> None:
             str(port),
             "--upstream-port",
             str(upstream),
+            *("--triton-grpc-port", str(triton_ports[0])),
+            *("--triton-http-port", str(triton_ports[1])),
+            *("--triton-metrics-port", str(triton_ports[2])),
         ],
         start_new_session=True,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=120, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            ready = json.loads(r.read())
+        assert ready["upstreams"]["local-triton"]["models"] == {"ensemble": True}
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=b'{"model":"local-echo","messages":[{"role":"user","content":"hello there"}]}',
@@ -82,12 +90,25 @@ def test_run_local_serves_the_default_config_and_ctrl_c_stops_both() -> None:
         )
         with urllib.request.urlopen(req, timeout=10) as r:
             assert json.loads(r.read())["choices"][0]["message"]["content"] == "You said: hello there"
+        # the README's curl example: a streamed answer from the Triton test LLM, guards on
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=b'{"model":"local-llm","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            guards = r.headers["x-fastpath-guard"]
+            events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+        assert len(text.split()) >= 12  # the test LLM's shortest natural answer
+        assert "injection_rules=pass" in guards and "prompt_guard=" in guards
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        proc.wait(20)
+        proc.wait(30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    for p in (port, upstream):
+    for p in (port, upstream, *triton_ports):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still served after Ctrl-C"

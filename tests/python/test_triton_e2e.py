@@ -11,15 +11,19 @@ import contextlib
 import http.client
 import json
 import queue
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import Gateway, TritonServer, run_gateway, wait_event
+from conftest import REPO, Gateway, TritonServer, free_port, run_gateway, wait_event
+
+from gateway.triton_local import LocalTriton
 
 MODELS = {"llm-bls": "tensorrt_llm_bls", "llm-core": "testllm_core", "llm-ensemble": "ensemble"}
 MESSAGES: list[Any] = [
@@ -52,7 +56,9 @@ def triton_config(grpc_address: str, extra: str = "") -> str:
 
 @pytest.fixture(scope="module")
 def gw(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with run_gateway(tmp_path_factory.mktemp("gw-triton"), None, config_text=triton_config(triton.grpc_address)) as g:
+    with run_gateway(
+        tmp_path_factory.mktemp("gw-triton"), None, config_text=triton_config(triton.grpc_address)
+    ) as g:
         yield g
 
 
@@ -90,7 +96,9 @@ def direct(
         inputs.append(tensor("stop_words", "BYTES", [w.encode() for w in stop]))
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
-        client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+        client.async_stream_infer(
+            model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True
+        )
         text_out, counts = "", {}
         while True:
             result, error = results.get(timeout=30)
@@ -147,7 +155,9 @@ def test_sdk_stream_and_unary_equal_direct_output(
 def test_max_tokens_ends_with_length(client: openai.OpenAI, triton: TritonServer, stream: bool) -> None:
     expected, _ = direct(triton, "tensorrt_llm_bls", PROMPT, max_tokens=3)
     if stream:
-        chunks = list(client.chat.completions.create(model="llm-bls", messages=MESSAGES, max_tokens=3, stream=True))
+        chunks = list(
+            client.chat.completions.create(model="llm-bls", messages=MESSAGES, max_tokens=3, stream=True)
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         reason = chunks[-1].choices[0].finish_reason
     else:
@@ -169,7 +179,9 @@ def test_stop_word_is_cut_as_openai_documents(
     assert with_stop.endswith(stop)  # TensorRT-LLM keeps the stop word ...
     expected = full[: full.index(stop)]  # ... OpenAI ends the text before the first occurrence
     if stream:
-        chunks = list(client.chat.completions.create(model=public, messages=MESSAGES, stop=[stop], stream=True))
+        chunks = list(
+            client.chat.completions.create(model=public, messages=MESSAGES, stop=[stop], stream=True)
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         reason = chunks[-1].choices[0].finish_reason
     else:
@@ -189,7 +201,9 @@ def test_stop_word_is_cut_as_openai_documents(
         ({"response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
-def test_what_the_model_cannot_do_is_a_clear_400(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
+def test_what_the_model_cannot_do_is_a_clear_400(
+    client: openai.OpenAI, extra: dict[str, Any], param: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="llm-bls", messages=MESSAGES, extra_body=extra)
     err = info.value.body
@@ -262,7 +276,12 @@ def test_client_disconnect_cancels_decoupled_models_but_not_an_ensemble(
     checks cancellation only between steps), so cancelling frees nothing on that shape."""
     rid = f"disc-{uuid.uuid4().hex[:12]}"
     prompt = "[[testllm delay_ms=40]] count slowly"
-    body = {"model": public, "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 40}
+    body = {
+        "model": public,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "max_tokens": 40,
+    }
     with _sse_post(gw.port, body, rid) as resp:
         assert resp.status == 200
         _read_events(resp, 3)  # role + two tokens
@@ -281,7 +300,12 @@ def test_ignore_cancel_model_runs_on_after_disconnect(gw: Gateway, triton: Trito
     """Like the stock TensorRT-LLM BLS, which never checks `is_cancelled()`."""
     rid = f"ign-{uuid.uuid4().hex[:12]}"
     prompt = "[[testllm delay_ms=20 ignore_cancel=1]] go on"
-    body = {"model": "llm-bls", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 30}
+    body = {
+        "model": "llm-bls",
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "max_tokens": 30,
+    }
     with _sse_post(gw.port, body, rid) as resp:
         _read_events(resp, 2)
     wait_event(triton.events_path, rid, "end", timeout_s=10, model="tensorrt_llm_bls")
@@ -290,7 +314,12 @@ def test_ignore_cancel_model_runs_on_after_disconnect(gw: Gateway, triton: Trito
 
 def test_model_error_mid_stream_is_an_error_event_then_done(gw: Gateway) -> None:
     prompt = "[[testllm fail_after=2]] please fail"
-    body = {"model": "llm-bls", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 40}
+    body = {
+        "model": "llm-bls",
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "max_tokens": 40,
+    }
     with _sse_post(gw.port, body, f"fail-{uuid.uuid4().hex[:8]}") as resp:
         assert resp.status == 200
         raw = resp.read().decode()
@@ -308,3 +337,66 @@ def test_model_error_before_the_first_token_is_a_json_502(client: openai.OpenAI)
             model="llm-bls", messages=[{"role": "user", "content": "[[testllm fail_after=0]] x"}], stream=True
         )
     assert info.value.status_code == 502
+
+
+def _until_ok(client: openai.OpenAI, model: str, timeout_s: float = 15.0) -> str:
+    """The first successful answer; the channel's reconnect backoff is capped at 2 s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return (
+                client.chat.completions.create(model=model, messages=MESSAGES).choices[0].message.content
+                or ""
+            )
+        except openai.APIStatusError as exc:
+            if exc.status_code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_triton_down_up_killed_mid_stream_and_back(tmp_path: Path) -> None:
+    """Triton down -> 503 at once; Triton up -> served without a gateway restart; Triton killed
+    mid-stream -> an SSE error event then [DONE] (no hang); Triton back -> served again."""
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+
+    def server() -> LocalTriton:
+        return LocalTriton(
+            REPO / "triton_models",
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            models=["testllm_core"],
+            log_path=tmp_path / "tritonserver.log",
+        )
+
+    config = triton_config(f"127.0.0.1:{grpc_port}")
+    with run_gateway(tmp_path, None, config_text=config) as gw:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="llm-core", messages=MESSAGES)
+        assert info.value.status_code == 503
+        assert "unreachable" in str(info.value.body)
+        assert info.value.response.headers["retry-after"] == "1"
+
+        first = server()
+        with first:
+            answer = _until_ok(client, "llm-core")
+            assert answer
+            body = {
+                "model": "llm-core",
+                "messages": [{"role": "user", "content": "[[testllm delay_ms=50]] keep going"}],
+                "stream": True,
+                "max_tokens": 40,
+            }
+            with _sse_post(gw.port, body, f"kill-{uuid.uuid4().hex[:8]}") as resp:
+                assert resp.status == 200
+                _read_events(resp, 3)
+                first.kill()
+                rest = resp.read().decode()  # returns: the gateway ends the stream
+            events = [line[6:].strip() for line in rest.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            err = json.loads(events[-2])["error"]
+            assert err["code"] in ("upstream_unavailable", "upstream_error"), err
+
+        with server():
+            assert _until_ok(client, "llm-core") == answer
