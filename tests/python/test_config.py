@@ -82,6 +82,11 @@ def test_example_config_parses_with_its_env(monkeypatch: pytest.MonkeyPatch) -> 
     models = {m.name: m for m in cfg.models}
     assert models["llama-3.1-8b"].upstream_model == "meta-llama/Llama-3.1-8B-Instruct"
     assert models["llama-3.1-8b"].encoding == "cl100k_base"
+    trt = models["llama-3.1-8b-trt"]
+    assert by_name[trt.provider].kind is config_mod.ProviderKind.TRITON
+    assert trt.triton is not None and trt.triton.stop == ["<|eot_id|>"]
+    assert [g.name for g in cfg.guards] == ["injection_rules", "prompt_guard"]
+    assert cfg.guards[0].patterns == {"internal_ticket": r"\bINC-\d{6}\b"}
     assert cfg.server.host == "0.0.0.0"
 
 
