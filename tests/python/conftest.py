@@ -249,7 +249,6 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
         REPO / "triton_models",
         log_path=tmp / "tritonserver.log",
         env={"FASTPATH_TESTLLM_EVENTS": str(events)},
-        models=["tensorrt_llm_bls", "testllm_core", "ensemble"],  # TEMP-DEV
     )
     server.events_path = events
     with server:

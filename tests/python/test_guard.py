@@ -96,8 +96,10 @@ models:
 guards:
   - {{name: injection_rules, kind: rules, models: [llm]}}
   - {{name: prompt_guard, kind: triton, provider: triton, timeout_ms: 20000, models: [llm]}}
-  - {{name: slow_open, kind: triton, provider: triton, timeout_ms: 1, on_error: fail_open, models: [llm-open]}}
-  - {{name: slow_closed, kind: triton, provider: triton, timeout_ms: 1, on_error: fail_closed, models: [llm-closed]}}
+  - {{name: slow_open, kind: triton, provider: triton, timeout_ms: 1, on_error: fail_open,
+      models: [llm-open]}}
+  - {{name: slow_closed, kind: triton, provider: triton, timeout_ms: 1, on_error: fail_closed,
+      models: [llm-closed]}}
   - {{name: gone, kind: triton, provider: triton, model: not_loaded_model, on_error: fail_open,
       models: [llm-broken]}}
 """
