@@ -47,9 +47,12 @@ def triton_config(grpc_address: str, extra: str = "") -> str:
         f"    base_url: grpc://{grpc_address}",
         "    first_byte_timeout_ms: 10000",
         "    idle_timeout_ms: 10000",
+        f"  - {{name: impatient, kind: triton, base_url: 'grpc://{grpc_address}',"
+        " first_byte_timeout_ms: 300, total_timeout_ms: 600}",
         "models:",
         *(f"  - {{name: {k}, provider: triton, upstream_model: {v}}}" for k, v in MODELS.items()),
         "  - {name: llm-missing, provider: triton, upstream_model: not_loaded_model}",
+        "  - {name: llm-impatient, provider: impatient, upstream_model: tensorrt_llm_bls}",
     ]
     return "\n".join(lines) + "\n" + extra
 
@@ -400,3 +403,15 @@ def test_triton_down_up_killed_mid_stream_and_back(tmp_path: Path) -> None:
 
         with server():
             assert _until_ok(client, "llm-core") == answer
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_triton_too_slow_is_a_504(client: openai.OpenAI, stream: bool) -> None:
+    """First token later than `first_byte_timeout_ms` (streams) or no answer within
+    `total_timeout_ms` (unary): 504, and the call is cancelled."""
+    slow = [{"role": "user", "content": "[[testllm delay_ms=1000]] take your time"}]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="llm-impatient", messages=slow, max_tokens=3, stream=stream)
+    assert info.value.status_code == 504
+    body = info.value.body
+    assert isinstance(body, dict) and body["code"] == "upstream_timeout"
