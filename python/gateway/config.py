@@ -94,12 +94,42 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     triton: TritonModelConfig | None = None
 
 
+class ModelLimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Limits per key and public model (`tiers.<t>.models.<model>`), on top of the tier's own."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
 class TierConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Per-key limits of a tier; None = unlimited. Each per-minute limit is also the burst."""
 
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    #: Money per key and UTC day / UTC calendar month (prices from `prices:`); None = unlimited.
+    budget_usd_per_day: float | None = None
+    budget_usd_per_month: float | None = None
+    #: Extra limits per key and public model, e.g. `{gpt-4o: {rpm: 10, tpm: 1000}}`.
+    models: dict[str, ModelLimitsConfig] = {}
+
+
+class TeamLimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Limits shared by all keys of one team (`teams.<team>`), on top of each key's tier."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    budget_usd_per_day: float | None = None
+    budget_usd_per_month: float | None = None
+
+
+class PriceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """USD per million tokens of one public model (at most 3 decimals: nano-USD per token)."""
+
+    input_per_mtok: float
+    output_per_mtok: float
 
 
 class KeyConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -218,6 +248,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: `local`: buckets per worker process; `redis`: shared by every worker and instance.
     backend: LimitsBackend = LimitsBackend.LOCAL
     redis: RedisLimitsConfig = RedisLimitsConfig()
+    #: Streams of keys with a budget: end the stream with a `budget_exceeded` error event when
+    #: its running cost (completion tokens counted on the stream) passes the key's budget.
+    live_budget_enforcement: bool = False
 
 
 class GuardKind(StrEnum):
@@ -267,6 +300,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tiers: dict[str, TierConfig] = msgspec.field(default_factory=_default_tiers)
     limits: LimitsConfig = LimitsConfig()
     guards: list[GuardConfig] = []
+    #: Team name -> limits shared by all keys of that team (teams not listed: none).
+    teams: dict[str, TeamLimitsConfig] = {}
+    #: Public model -> price (budgets); models not listed cost nothing.
+    prices: dict[str, PriceConfig] = {}
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -484,12 +521,64 @@ def _validate_guards(cfg: Config, models: set[str]) -> None:
                     raise ConfigError(f"{where}.phrases.{rule}: needs non-empty phrases")
 
 
-def _validate_auth(cfg: Config) -> None:
+#: Budgets are kept as integer nano-USD (exact in Lua doubles below 2**53): at most this many USD.
+MAX_BUDGET_USD = 9_000_000
+_LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent")
+_BUDGET_FIELDS = ("budget_usd_per_day", "budget_usd_per_month")
+
+
+def nano_usd_per_token(usd_per_mtok: float) -> int:
+    """USD per million tokens -> integer nano-USD per token (1 USD/Mtok = 1,000 nano-USD/token)."""
+    return round(usd_per_mtok * 1_000)
+
+
+def budget_nano_usd(usd: float | None) -> int | None:
+    return None if usd is None else round(usd * 1_000_000_000)
+
+
+def limits_enabled(cfg: Config) -> bool:
+    """Whether any limit applies (the pipeline's condition for the `limits` stage)."""
+    fields = (*_LIMIT_FIELDS, *_BUDGET_FIELDS)
+    scopes: list[object] = [*cfg.tiers.values(), *cfg.teams.values()]
+    scopes += [m for t in cfg.tiers.values() for m in t.models.values()]
+    return any(getattr(x, f, None) is not None for x in scopes for f in fields)
+
+
+def _validate_limit_set(where: str, obj: object, models: set[str]) -> None:
+    for field in _LIMIT_FIELDS:
+        value = getattr(obj, field)
+        if value is not None:
+            _check_positive(f"{where}.{field}", value)
+    for field in _BUDGET_FIELDS:
+        usd = getattr(obj, field, None)
+        if usd is not None and not 0 <= usd <= MAX_BUDGET_USD:
+            raise ConfigError(f"{where}.{field}: must be 0..{MAX_BUDGET_USD} USD, got {usd}")
+    for model, limits in getattr(obj, "models", {}).items():
+        if model not in models:
+            raise ConfigError(f"{where}.models: unknown model {model!r}")
+        _validate_limit_set(f"{where}.models.{model}", limits, models)
+
+
+def _validate_limits(cfg: Config) -> None:
+    models = {m.name for m in cfg.models}
     for name, tier in cfg.tiers.items():
-        for field in ("rpm", "tpm", "max_concurrent"):
-            value = getattr(tier, field)
-            if value is not None:
-                _check_positive(f"$.tiers.{name}.{field}", value)
+        _validate_limit_set(f"$.tiers.{name}", tier, models)
+    for name, team in cfg.teams.items():
+        _validate_limit_set(f"$.teams.{name}", team, models)
+    for model, price in cfg.prices.items():
+        where = f"$.prices.{model}"
+        if model not in models:
+            raise ConfigError(f"{where}: unknown model {model!r}")
+        for field in ("input_per_mtok", "output_per_mtok"):
+            usd = getattr(price, field)
+            if not 0 <= usd <= 1_000_000:
+                raise ConfigError(f"{where}.{field}: must be 0..1000000 USD per million tokens, got {usd}")
+            if abs(usd * 1_000 - nano_usd_per_token(usd)) > 1e-6:
+                raise ConfigError(f"{where}.{field}: at most 3 decimals (nano-USD per token), got {usd}")
+
+
+def _validate_auth(cfg: Config) -> None:
+    _validate_limits(cfg)
     _check_all("$.limits", cfg.limits, ("default_max_tokens", "max_tracked_keys"))
     if cfg.limits.backend is LimitsBackend.REDIS:
         _validate_redis_limits(cfg)
@@ -549,13 +638,14 @@ def _validate_redis_limits(cfg: Config) -> None:
         # never echo the URL: it may carry a password
         raise ConfigError("$.limits.redis.url: must be a redis://, rediss:// or unix:// URL")
     _check_all("$.limits.redis", r, ("timeout_ms", "retry_interval_ms", "lease_ttl_ms", "max_connections"))
-    for name, tier in cfg.tiers.items():
+    scopes: list[tuple[str, object]] = [(f"$.tiers.{n}", t) for n, t in cfg.tiers.items()]
+    scopes += [(f"$.teams.{n}", t) for n, t in cfg.teams.items()]
+    scopes += [(f"$.tiers.{n}.models.{m}", x) for n, t in cfg.tiers.items() for m, x in t.models.items()]
+    for where, limits in scopes:
         for field in ("rpm", "tpm"):
-            value = getattr(tier, field)
+            value = getattr(limits, field)
             if value is not None and value > REDIS_MAX_RATE:
-                raise ConfigError(
-                    f"$.tiers.{name}.{field}: at most {REDIS_MAX_RATE} with limits.backend redis"
-                )
+                raise ConfigError(f"{where}.{field}: at most {REDIS_MAX_RATE} with limits.backend redis")
 
 
 def parse(text: str, source: str = "<config>") -> Config:

@@ -6,8 +6,10 @@ the secret. Every write bumps a `version` in the same transaction, so a running 
 out that something changed with one tiny query (`version()`) and only then reloads the keys
 (`load_all()`). The CLI writes; gateway workers only read (SQLite: a read-only connection).
 
-`KeyStore` is the interface a PostgreSQL store would implement too; `SqliteKeyStore` (stdlib
-sqlite3, one file in the data dir) is the default. SQL is parameterized everywhere.
+`KeyStore` is the interface; `SqliteKeyStore` (stdlib sqlite3, one file in the data dir) is the
+default, `PostgresKeyStore` (psycopg 3, `auth.store.kind: postgres`) the one for many gateway
+instances. Both keep the same rows. SQL is parameterized everywhere: no statement is ever built
+from a value.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 
 from . import envvars
 from .config import Config, KeyStoreConfig, StoreKind
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 class KeyStoreError(Exception):
@@ -101,6 +106,8 @@ def open_store(cfg: Config, *, readonly: bool) -> KeyStore | None:
     store = cfg.auth.store
     if store is None or store.kind is StoreKind.NONE:
         return None
+    if store.kind is StoreKind.POSTGRES:
+        return PostgresKeyStore(store.dsn, cfg.auth.salt, readonly=readonly, timeout_s=store.timeout_ms / 1000)
     return SqliteKeyStore(store_path(store), cfg.auth.salt, readonly=readonly)
 
 

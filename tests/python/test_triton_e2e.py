@@ -240,6 +240,15 @@ def test_model_not_loaded_is_503_with_a_clear_message(client: openai.OpenAI, gw:
     assert all(models[m] for m in MODELS.values())
 
 
+def _stream_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "max_tokens": max_tokens,
+    }
+
+
 @contextlib.contextmanager
 def _sse_post(port: int, body: dict[str, Any], request_id: str) -> Iterator[http.client.HTTPResponse]:
     """POST a streamed chat request; leaving the block closes the connection (a disconnect)."""
@@ -279,12 +288,7 @@ def test_client_disconnect_cancels_decoupled_models_but_not_an_ensemble(
     checks cancellation only between steps), so cancelling frees nothing on that shape."""
     rid = f"disc-{uuid.uuid4().hex[:12]}"
     prompt = "[[testllm delay_ms=40]] count slowly"
-    body = {
-        "model": public,
-        "messages": [{"role": "user", "content": prompt}],
-        "stream": True,
-        "max_tokens": 40,
-    }
+    body = _stream_body(public, prompt, 40)
     with _sse_post(gw.port, body, rid) as resp:
         assert resp.status == 200
         _read_events(resp, 3)  # role + two tokens
@@ -303,12 +307,7 @@ def test_ignore_cancel_model_runs_on_after_disconnect(gw: Gateway, triton: Trito
     """Like the stock TensorRT-LLM BLS, which never checks `is_cancelled()`."""
     rid = f"ign-{uuid.uuid4().hex[:12]}"
     prompt = "[[testllm delay_ms=20 ignore_cancel=1]] go on"
-    body = {
-        "model": "llm-bls",
-        "messages": [{"role": "user", "content": prompt}],
-        "stream": True,
-        "max_tokens": 30,
-    }
+    body = _stream_body("llm-bls", prompt, 30)
     with _sse_post(gw.port, body, rid) as resp:
         _read_events(resp, 2)
     wait_event(triton.events_path, rid, "end", timeout_s=10, model="tensorrt_llm_bls")
@@ -317,12 +316,7 @@ def test_ignore_cancel_model_runs_on_after_disconnect(gw: Gateway, triton: Trito
 
 def test_model_error_mid_stream_is_an_error_event_then_done(gw: Gateway) -> None:
     prompt = "[[testllm fail_after=2]] please fail"
-    body = {
-        "model": "llm-bls",
-        "messages": [{"role": "user", "content": prompt}],
-        "stream": True,
-        "max_tokens": 40,
-    }
+    body = _stream_body("llm-bls", prompt, 40)
     with _sse_post(gw.port, body, f"fail-{uuid.uuid4().hex[:8]}") as resp:
         assert resp.status == 200
         raw = resp.read().decode()
@@ -385,12 +379,7 @@ def test_triton_down_up_killed_mid_stream_and_back(tmp_path: Path) -> None:
         with first:
             answer = _until_ok(client, "llm-core")
             assert answer
-            body = {
-                "model": "llm-core",
-                "messages": [{"role": "user", "content": "[[testllm delay_ms=50]] keep going"}],
-                "stream": True,
-                "max_tokens": 40,
-            }
+            body = _stream_body("llm-core", "[[testllm delay_ms=50]] keep going", 40)
             with _sse_post(gw.port, body, f"kill-{uuid.uuid4().hex[:8]}") as resp:
                 assert resp.status == 200
                 _read_events(resp, 3)
