@@ -61,25 +61,26 @@ class _Reply:
         self.final = "triton_final_response" in params and params["triton_final_response"].bool_param
 
 
-class ChatCompletionMessage(msgspec.Struct, gc=False):
-    content: str
+# kw_only: fields in OpenAI's order, defaults first
+class ChatCompletionMessage(msgspec.Struct, gc=False, kw_only=True):
     role: str = "assistant"
+    content: str
 
 
-class ChatCompletionChoice(msgspec.Struct, gc=False):
-    message: ChatCompletionMessage
-    finish_reason: str
+class ChatCompletionChoice(msgspec.Struct, gc=False, kw_only=True):
     index: int = 0
+    message: ChatCompletionMessage
     logprobs: None = None
+    finish_reason: str
 
 
-class ChatCompletion(msgspec.Struct, gc=False):
+class ChatCompletion(msgspec.Struct, gc=False, kw_only=True):
     id: str
+    object: str = "chat.completion"
     created: int
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
-    object: str = "chat.completion"
 
 
 _encode = msgspec.json.Encoder().encode
@@ -246,9 +247,16 @@ async def _collect(
     usage = counts.usage(ctx, ts)
     ctx.usage = usage
     reason = "stop" if ts.stopped else counts.finish_reason(max_tokens)
-    choice = ChatCompletionChoice(ChatCompletionMessage(ts.text), reason)
-    created = int(time.time())
-    return _encode(ChatCompletion(f"chatcmpl-{ctx.request_id}", created, ctx.route.name, [choice], usage))
+    choice = ChatCompletionChoice(message=ChatCompletionMessage(content=ts.text), finish_reason=reason)
+    return _encode(
+        ChatCompletion(
+            id=f"chatcmpl-{ctx.request_id}",
+            created=int(time.time()),
+            model=ctx.route.name,
+            choices=[choice],
+            usage=usage,
+        )
+    )
 
 
 async def _relay(
