@@ -20,7 +20,6 @@ import struct
 import time
 from typing import Any
 
-from grpc import aio
 from tritonclient.grpc import service_pb2 as pb
 
 from .. import _fastpath
@@ -28,6 +27,7 @@ from ..config import GuardConfig, GuardKind, OnError
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
 from ..schemas import ChatRequestView
+from ..upstreams.grpc_transport import RpcError
 from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error
 from . import guard_rules
 
@@ -139,10 +139,10 @@ class TritonGuard:
             raw_input_contents=[b"".join(struct.pack("<I", len(t)) + t for t in texts)],
         )
         try:
-            resp = await self.adapter.stub.ModelInfer(
-                request, timeout=self.cfg.timeout_ms / 1000, metadata=self.adapter.metadata
+            resp = await self.adapter.unary(
+                "ModelInfer", request, pb.ModelInferResponse, self.cfg.timeout_ms / 1000
             )
-        except aio.AioRpcError as exc:
+        except RpcError as exc:
             raise map_rpc_error(exc, self.cfg.model) from None
         raw = resp.raw_output_contents[0] if resp.raw_output_contents else b""
         if len(raw) != 4 * n:

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from grpc import aio
 
 from .. import _fastpath
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
 from ..schemas import ChatRequestView, Usage
-from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error, map_stream_error
+from ..upstreams.grpc_transport import RpcError
+from ..upstreams.triton_grpc import TritonAdapter, TritonStream, map_rpc_error, map_stream_error
 from . import respond
 from .reframe import TIMING_HEADER, ReadGaps, StreamLimits, counted_prompt_tokens
 
@@ -161,12 +161,12 @@ def _require_chat(ctx: RequestContext) -> ChatRequestView:
     return view
 
 
-async def _first(call: Any, adapter: TritonAdapter, model: str) -> Any:
+async def _first(call: TritonStream, adapter: TritonAdapter, model: str) -> Any:
     try:
         resp = await call.read()
-    except aio.AioRpcError as exc:
+    except RpcError as exc:
         raise map_rpc_error(exc, model) from None
-    if resp is aio.EOF:
+    if resp is None:
         raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model `{model}` sent no response.")
     if resp.error_message:
         err = map_stream_error(resp.error_message, model)
@@ -213,7 +213,7 @@ def _malformed(exc: Exception) -> GatewayError:
 
 
 async def _collect(
-    ctx: RequestContext, call: Any, stops: list[str], max_tokens: int, deadline: float
+    ctx: RequestContext, call: TritonStream, stops: list[str], max_tokens: int, deadline: float
 ) -> bytes:
     assert ctx.route is not None
     model = ctx.route.upstream_model
@@ -233,9 +233,9 @@ async def _collect(
                     break
                 try:
                     resp = await call.read()
-                except aio.AioRpcError as exc:
+                except RpcError as exc:
                     raise map_rpc_error(exc, model) from None
-                if resp is aio.EOF:
+                if resp is None:
                     break
                 if resp.error_message:
                     raise map_stream_error(resp.error_message, model)
@@ -262,7 +262,7 @@ async def _collect(
 async def _relay(
     ctx: RequestContext,
     protocol: Any,
-    call: Any,
+    call: TritonStream,
     limits: StreamLimits,
     stops: list[str],
     max_tokens: int,
@@ -305,10 +305,10 @@ async def _relay(
                 timeout.reschedule(min(limits.stream_deadline, loop.time() + limits.idle_s))
                 try:
                     resp = await call.read()
-                except aio.AioRpcError as exc:
+                except RpcError as exc:
                     await _end_with_error(writer, map_rpc_error(exc, model))
                     return
-                if resp is aio.EOF:
+                if resp is None:
                     break
                 gaps.add(loop.time())
                 if resp.error_message:

@@ -1,9 +1,10 @@
 """Upstream adapter for NVIDIA Triton over gRPC (KServe v2 `GRPCInferenceService`).
 
-One `grpc.aio` channel per worker (HTTP/2: every request multiplexes on it), created lazily
-inside the worker's loop. Generation goes over `ModelStreamInfer`, which decoupled models
-(TensorRT-LLM, BLS) require: unary `ModelInfer` fails on them. Reconnect backoff is capped
-short, so once Triton is back the next request reaches it without a gateway restart.
+One HTTP/2 channel per worker (every request multiplexes on it), created lazily inside the
+worker's loop, behind the narrow `grpc_transport.Transport`. Generation goes over
+`ModelStreamInfer`, which decoupled models (TensorRT-LLM, BLS) require: unary `ModelInfer` fails
+on them. Reconnect backoff is capped short, so once Triton is back the next request reaches it
+without a gateway restart.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
-from grpc import aio
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
 from ..config import ProviderConfig, TritonModelConfig
 from ..errors import Fault, GatewayError
+from .grpc_transport import GrpcioTransport, RpcError, StreamCall, Transport
 from .triton_request import TritonRequestBuilder
 
 #: Re-read a model's metadata this long after it was cached (a reload may change its inputs).
@@ -47,10 +47,10 @@ def _unavailable(message: str) -> GatewayError:
     return GatewayError(Fault.UPSTREAM_UNAVAILABLE, message, headers=(("retry-after", "1"),))
 
 
-def map_rpc_error(exc: aio.AioRpcError, model: str) -> GatewayError:
+def map_rpc_error(exc: RpcError, model: str) -> GatewayError:
     """gRPC status -> the gateway's taxonomy (the details are Triton's own words)."""
-    code = exc.code()
-    detail = (exc.details() or "")[:500]
+    code = exc.code
+    detail = exc.details[:500]
     if code == grpc.StatusCode.UNAVAILABLE:
         if "unknown model" in detail or "is not found" in detail or "not ready" in detail:
             return _unavailable(f"The Triton model `{model}` is not loaded: {detail}")
@@ -80,30 +80,43 @@ def map_stream_error(message: str, model: str) -> GatewayError:
     return GatewayError(Fault.UPSTREAM_ERROR, f"The Triton model `{model}` failed: {detail}")
 
 
+class TritonStream:
+    """One `ModelStreamInfer` call: parsed responses, None at the end."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: StreamCall) -> None:
+        self._call = call
+
+    async def read(self) -> Any:
+        raw = await self._call.read()
+        return None if raw is None else pb.ModelStreamInferResponse.FromString(raw)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class TritonAdapter:
     """One Triton server. The public-model settings (chat template, stops) live per route."""
 
     kind = "triton"
     __slots__ = (
-        "_channel",
         "_metadata",
         "_models",
-        "_stub",
         "connect_timeout_s",
         "first_byte_timeout_s",
         "idle_timeout_s",
         "max_response_bytes",
         "name",
         "provider",
-        "target",
         "total_timeout_s",
+        "transport",
     )
 
     def __init__(self, provider: ProviderConfig, loop: asyncio.AbstractEventLoop) -> None:
         url = urlsplit(provider.base_url)
         self.provider = provider
         self.name = provider.name
-        self.target = f"{url.hostname}:{url.port}" if ":" not in (url.hostname or "") else url.netloc
         self.connect_timeout_s = provider.connect_timeout_ms / 1000
         self.first_byte_timeout_s = provider.first_byte_timeout_ms / 1000
         self.idle_timeout_s = provider.idle_timeout_ms / 1000
@@ -113,30 +126,24 @@ class TritonAdapter:
         if provider.api_key:
             meta.append(("authorization", f"Bearer {provider.api_key}"))
         self._metadata = tuple(meta)
-        self._channel: aio.Channel | None = None
-        self._stub: Any = None
         self._models: dict[str, _Cached] = {}
-
-    @property
-    def stub(self) -> Any:
-        """The `GRPCInferenceServiceStub`; the channel is made on first use, in the worker's loop."""
-        if self._stub is None:
-            options = (*_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", self.max_response_bytes))
-            if urlsplit(self.provider.base_url).scheme == "grpcs":
-                roots = None
-                if self.provider.tls_ca_file:
-                    with open(self.provider.tls_ca_file, "rb") as f:
-                        roots = f.read()
-                creds = grpc.ssl_channel_credentials(root_certificates=roots)
-                self._channel = aio.secure_channel(self.target, creds, options=options)
-            else:
-                self._channel = aio.insecure_channel(self.target, options=options)
-            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        return self._stub
+        roots = None
+        if provider.tls_ca_file:
+            with open(provider.tls_ca_file, "rb") as f:
+                roots = f.read()
+        options = (*_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", self.max_response_bytes))
+        self.transport: Transport = GrpcioTransport(
+            url.netloc, tls=url.scheme == "grpcs", root_certificates=roots, options=options
+        )
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
+
+    async def unary(self, method: str, request: Any, response_type: Any, timeout_s: float) -> Any:
+        """One unary RPC with protobuf messages. Raises RpcError."""
+        raw = await self.transport.unary(method, request.SerializeToString(), timeout_s, self._metadata)
+        return response_type.FromString(raw)
 
     async def builder(self, model: str, cfg: TritonModelConfig) -> TritonRequestBuilder:
         """The request builder for `model`, from its metadata (cached; one RPC per minute)."""
@@ -145,12 +152,13 @@ class TritonAdapter:
         if cached is not None and now - cached.at < _METADATA_TTL_S:
             return cached.builder
         try:
-            meta = await self.stub.ModelMetadata(
+            meta = await self.unary(
+                "ModelMetadata",
                 pb.ModelMetadataRequest(name=model),
-                timeout=self.connect_timeout_s,
-                metadata=self._metadata,
+                pb.ModelMetadataResponse,
+                self.connect_timeout_s,
             )
-        except aio.AioRpcError as exc:
+        except RpcError as exc:
             self._models.pop(model, None)
             raise map_rpc_error(exc, model) from None
         builder = TritonRequestBuilder(
@@ -163,35 +171,32 @@ class TritonAdapter:
         """Drop cached metadata (the model went away; re-read it next time)."""
         self._models.pop(model, None)
 
-    def stream(self, request: Any, deadline_s: float) -> Any:
+    def stream(self, request: Any, deadline_s: float) -> TritonStream:
         """Start one `ModelStreamInfer` call carrying `request`; the client side half-closes
         after it, so the RPC ends once the request is complete."""
-        return self.stub.ModelStreamInfer(iter((request,)), timeout=deadline_s, metadata=self._metadata)
+        call = self.transport.stream(
+            "ModelStreamInfer", request.SerializeToString(), deadline_s, self._metadata
+        )
+        return TritonStream(call)
 
     async def probe(self, models: list[str], timeout_s: float) -> dict[str, Any]:
         """Readiness: the server, then each routed model."""
         try:
-            live = await self.stub.ServerReady(
-                pb.ServerReadyRequest(), timeout=timeout_s, metadata=self._metadata
-            )
+            live = await self.unary("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, timeout_s)
             if not live.ready:
                 return {"ready": False, "detail": "Triton server not ready"}
             answers = await asyncio.gather(
                 *(
-                    self.stub.ModelReady(
-                        pb.ModelReadyRequest(name=m), timeout=timeout_s, metadata=self._metadata
-                    )
+                    self.unary("ModelReady", pb.ModelReadyRequest(name=m), pb.ModelReadyResponse, timeout_s)
                     for m in models
                 )
             )
-        except aio.AioRpcError as exc:
-            return {"ready": False, "detail": f"{exc.code().name}: {(exc.details() or '')[:200]}"}
+        except RpcError as exc:
+            return {"ready": False, "detail": f"{exc.code.name}: {exc.details[:200]}"}
         states = {m: a.ready for m, a in zip(models, answers, strict=True)}
         return {"ready": all(states.values()), "detail": "Triton", "models": states}
 
     def close(self) -> None:
-        if self._channel is not None:
-            channel, self._channel, self._stub = self._channel, None, None
-            # no running loop (worker shutdown): the process is ending anyway
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().create_task(channel.close())
+        # no running loop (worker shutdown): the process is ending anyway
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(self.transport.close())
