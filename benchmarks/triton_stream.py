@@ -305,6 +305,7 @@ class Cell:
     delay_ms: int
     model: str
     rep: int
+    transport: str = "grpcio"
     load_before: str = ""
     load_after: str = ""
     direct: dict[str, float] = field(default_factory=dict)
@@ -389,7 +390,8 @@ def render(cell: Cell) -> str:
     d, g = cell.direct, cell.gateway
     lines = [
         f"### c={cell.conc}, {cell.tokens} tokens, delay {cell.delay_ms} ms/token, model `{cell.model}`"
-        f" (run {cell.rep + 1}) — {int(d['streams'])} streams per path, texts equal: "
+        f" (run {cell.rep + 1}), gateway transport `{cell.transport}` — {int(d['streams'])} streams per path,"
+        " texts equal: "
         f"{'yes' if cell.text_equal else 'NO'}; "
         f"gateway keep-alive reconnects {cell.reconnects}; "
         f"loadavg before {cell.load_before}, after {cell.load_after}",
@@ -457,6 +459,12 @@ def main() -> int:
     ap.add_argument("--idle-s", type=float, default=5.0, help="seconds to measure idle CPU rates")
     ap.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
+    ap.add_argument(
+        "--transport",
+        default="grpcio",
+        help="the Triton provider's gRPC client in the gateway: grpcio | h2, or a comma list"
+        " (one gateway per transport, one after the other, against the same Triton)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.streams, args.warmup, args.repeat_c1, args.idle_s = 2, 10, 1, 1, 2.0
@@ -467,6 +475,10 @@ def main() -> int:
         if t > testllm.MAX_TOKENS:
             sys.exit(f"--tokens {t}: the test model's natural length is at most {testllm.MAX_TOKENS}")
 
+    transports = args.transport.split(",")
+    for tr in transports:
+        if tr not in ("grpcio", "h2"):
+            sys.exit(f"--transport {tr}: expected grpcio or h2")
     plan: list[Cell] = []
     for rep in range(max(args.repeat_c1, 1)):
         for t in tokens:
@@ -483,73 +495,77 @@ def main() -> int:
     cells: list[Cell] = []
     load_start = loadavg()
     t_start = time.monotonic()
+    idle: dict[str, float] = {}
     with LocalTriton(REPO / "triton_models", models=MODELS, log_path=tmp / "triton.log") as triton:
-        cfg = tmp / "gateway.yaml"
-        cfg.write_text(
-            "server: {host: 127.0.0.1}\n"
-            "providers:\n"
-            f"  - {{name: triton, kind: triton, base_url: 'grpc://{triton.grpc_address}'}}\n"
-            "models:\n"
-            + "".join(
-                f"  - {{name: {k}, provider: triton, upstream_model: {v}}}\n" for k, v in PUBLIC.items()
-            )
-        )
-        port = free_port()
-        gw = subprocess.Popen(
-            [
-                str(REPO / ".venv/bin/python"),
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--config",
-                str(cfg),
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            wait_healthz(port, gw)
-            gw_pids = tree(gw.pid)
-            assert triton.pid is not None
-            triton_pids = tree(triton.pid)  # tritonserver + its Python backend stubs
-            idle = measure_idle({"gateway": gw_pids, "triton": triton_pids}, args.idle_s)
-            print(
-                "  idle CPU (ms per s): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in idle.items()),
-                file=sys.stderr,
-            )
-            for cell in plan:
-                per_worker = max(1, math.ceil(args.streams / args.rounds / cell.conc))
-                asyncio.run(
-                    run_cell(
-                        cell,
-                        args.rounds,
-                        per_worker,
-                        args.warmup,
-                        triton.grpc_address,
-                        port,
-                        gw_pids,
-                        triton_pids,
-                        idle,
-                    )
+        for transport in transports:
+            cfg = tmp / f"gateway-{transport}.yaml"
+            cfg.write_text(
+                "server: {host: 127.0.0.1}\n"
+                "providers:\n"
+                f"  - {{name: triton, kind: triton, base_url: 'grpc://{triton.grpc_address}',"
+                f" transport: {transport}}}\n"
+                "models:\n"
+                + "".join(
+                    f"  - {{name: {k}, provider: triton, upstream_model: {v}}}\n" for k, v in PUBLIC.items()
                 )
-                cells.append(cell)
-                d, g = cell.direct, cell.gateway
+            )
+            port = free_port()
+            gw = subprocess.Popen(
+                [
+                    str(REPO / ".venv/bin/python"),
+                    "-m",
+                    "gateway.cli",
+                    "serve",
+                    "--config",
+                    str(cfg),
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            try:
+                wait_healthz(port, gw)
+                gw_pids = tree(gw.pid)
+                assert triton.pid is not None
+                triton_pids = tree(triton.pid)  # tritonserver + its Python backend stubs
+                idle = measure_idle({"gateway": gw_pids, "triton": triton_pids}, args.idle_s)
                 print(
-                    f"  c={cell.conc} tok={cell.tokens} delay={cell.delay_ms} {cell.model} "
-                    f"run{cell.rep + 1}: "
-                    f"TTFT p50 {d['ttft_p50']:.3f} -> {g['ttft_p50']:.3f} ms, "
-                    f"ITL p50 {d['itl_p50']:.3f} -> {g['itl_p50']:.3f} ms; load {cell.load_after}",
+                    "  idle CPU (ms per s): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in idle.items()),
                     file=sys.stderr,
-                    flush=True,
                 )
-        finally:
-            gw.terminate()
-            gw.wait(10)
+                for base in plan:
+                    cell = Cell(base.conc, base.tokens, base.delay_ms, base.model, base.rep, transport)
+                    per_worker = max(1, math.ceil(args.streams / args.rounds / cell.conc))
+                    asyncio.run(
+                        run_cell(
+                            cell,
+                            args.rounds,
+                            per_worker,
+                            args.warmup,
+                            triton.grpc_address,
+                            port,
+                            gw_pids,
+                            triton_pids,
+                            idle,
+                        )
+                    )
+                    cells.append(cell)
+                    d, g = cell.direct, cell.gateway
+                    print(
+                        f"  c={cell.conc} tok={cell.tokens} delay={cell.delay_ms} {cell.model} {transport} "
+                        f"run{cell.rep + 1}: "
+                        f"TTFT p50 {d['ttft_p50']:.3f} -> {g['ttft_p50']:.3f} ms, "
+                        f"ITL p50 {d['itl_p50']:.3f} -> {g['itl_p50']:.3f} ms; load {cell.load_after}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            finally:
+                gw.terminate()
+                gw.wait(10)
     from gateway import BUILD_PROFILE, __version__
 
     elapsed = time.monotonic() - t_start
@@ -580,7 +596,8 @@ def main() -> int:
             return f"{d[key]:.3f}→{g[key]:.3f} ({g[key] - d[key]:+.3f}, x{g[key] / d[key]:.2f})"
 
         print(
-            f"| c={c.conc} {c.tokens} tok {c.delay_ms} ms {c.model} | {c.rep + 1} | {fmt('ttft_p50')} "
+            f"| c={c.conc} {c.tokens} tok {c.delay_ms} ms {c.model} {c.transport} | {c.rep + 1} "
+            f"| {fmt('ttft_p50')} "
             f"| {fmt('ttft_p99')} | {fmt('itl_p50')} | {fmt('itl_p99')} "
             f"| {g['gateway_cpu_us_per_stream_net']:.0f} | {c.load_after} |"
         )

@@ -7,20 +7,24 @@ worker's event loop exists; workers share nothing in memory.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import re
 import time
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
 from . import config as config_mod
+from . import ledger
 from .config import Config, ProviderKind
 from .context import Endpoint, RequestContext
 from .errors import Fault, GatewayError
 from .pipeline import Pipeline, respond
+from .pipeline.account import CLIENT_CLOSED, CLIENT_CLOSED_CODE, AccountStage
 from .routing import Route, build_routes
 from .schemas import ModelCard, ModelList
 from .upstreams.openai_http import OpenAIHttpAdapter
@@ -57,6 +61,10 @@ class Gateway:
         self._models_body = b""
         self._ready: tuple[float, int, bytes] | None = None
         self._inference = {e.value: e for e in Endpoint}
+        #: the usage ledger (stage `account`); None when `ledger.enabled` is false
+        self.account: AccountStage | None = None
+        admin_hash = self.cfg.admin.api_key_hash
+        self._admin_digest = admin_hash.encode() if admin_hash is not None else None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -67,12 +75,15 @@ class Gateway:
         self.routes = build_routes(self.cfg, self.adapters)
         self.pipeline = Pipeline(self.cfg, self.routes, self.adapters)
         self.pipeline.start(loop)
+        self.account = self.pipeline.account
         created = int(time.time())
         self._models_body = _encode(
             ModelList([ModelCard(m.name, created, m.owned_by) for m in self.cfg.models])
         )
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # granian calls this once the worker stopped serving (SIGTERM: after in-flight requests
+        # finished, loop no longer running); the pipeline's close drains the usage ledger.
         if self.pipeline is not None:
             self.pipeline.close(loop)
         for adapter in self.adapters.values():
@@ -82,6 +93,7 @@ class Gateway:
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":
             return
+        start = time.perf_counter_ns()
         headers = scope.headers
         request_id = self._request_id(headers.get("x-request-id"))
         path = scope.path
@@ -102,10 +114,18 @@ class Gateway:
                 self._only_get(scope)
                 status, body = await self._readiness(request_id)
                 protocol.response_bytes(status, [respond.JSON, ("x-request-id", request_id)], body)
+            elif path == "/v1/usage":
+                self._only_get(scope)
+                body = await self._usage(scope, headers)
+                protocol.response_bytes(200, [respond.JSON, ("x-request-id", request_id)], body)
             else:
                 raise GatewayError(Fault.ROUTE_NOT_FOUND, f"Unknown route: {scope.method} {path}")
         except GatewayError as err:
             respond.send_error(protocol, request_id, err)
+            if endpoint is not None and self.account is not None:
+                # refused before the pipeline (headers, method, content type, body); later
+                # failures are recorded by _infer
+                self.account.record_refused(request_id, endpoint, start, err)
 
     async def _infer(self, endpoint: Endpoint, request_id: str, headers: Any, protocol: Any) -> None:
         start = time.perf_counter_ns()
@@ -121,26 +141,85 @@ class Gateway:
         task = asyncio.current_task()
         assert task is not None
         watch = _DisconnectWatch(protocol, task)
+        # what the ledger records (stage `account`): the status the client got, the error code
+        status = 0
+        error: str | None = None
         try:
             await self.pipeline.handle(ctx, protocol)
         except GatewayError as err:
+            error = err.code
             if ctx.status == 0:
+                status = err.status
                 respond.send_error(protocol, request_id, err, ctx.ratelimit_headers + ctx.reply_headers)
             else:
                 log.warning("request %s: error after the response started: %s", request_id, err.message)
         except asyncio.CancelledError:
+            status, error = CLIENT_CLOSED, CLIENT_CLOSED_CODE
             if not watch.fired:
+                error = "cancelled"
                 raise
             task.uncancel()
             log.info("request %s: client disconnected; upstream call cancelled", request_id)
         except ProtocolClosed:
+            status, error = CLIENT_CLOSED, CLIENT_CLOSED_CODE
             log.info("request %s: client disconnected mid-response", request_id)
         except Exception:
+            error = _INTERNAL.code
             log.exception("request %s: internal error", request_id)
             if ctx.status == 0:
+                status = _INTERNAL.status
                 respond.send_error(protocol, request_id, _INTERNAL, ctx.ratelimit_headers + ctx.reply_headers)
         finally:
             watch.stop()
+            if self.account is not None:
+                self.account.record(ctx, status or ctx.status or _INTERNAL.status, error)
+
+    # ---- admin: usage ---------------------------------------------------------------------------
+    def _check_admin(self, headers: Any) -> None:
+        """`Authorization: Bearer <admin.api_key>`: missing -> 401, wrong -> 401, no admin key
+        configured -> 403. Compared as salted hashes, in constant time."""
+        digest = self._admin_digest
+        if digest is None:
+            raise GatewayError(
+                Fault.FORBIDDEN, "The admin routes are disabled: this gateway has no `admin.api_key`."
+            )
+        auth = headers.get("authorization")
+        if auth is None:
+            raise GatewayError(Fault.UNAUTHORIZED, "Missing admin key: send `Authorization: Bearer <key>`.")
+        scheme, _, token = auth.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise GatewayError(Fault.UNAUTHORIZED, "Send the admin key as `Authorization: Bearer <key>`.")
+        presented = config_mod.hash_key(self.cfg.auth.salt, token).encode()
+        if not hmac.compare_digest(presented, digest):
+            raise GatewayError(Fault.UNAUTHORIZED, "Invalid admin key.")
+
+    async def _usage(self, scope: Any, headers: Any) -> bytes:
+        """`GET /v1/usage?group_by=key|team|model|day&since=&until=&key=&team=&model=` (admin)."""
+        account = self.account
+        if account is None:
+            raise GatewayError(Fault.ROUTE_NOT_FOUND, "The usage ledger is off (`ledger.enabled`).")
+        self._check_admin(headers)
+        try:
+            query = ledger.parse_query(parse_qsl(scope.query_string, keep_blank_values=True))
+        except ValueError as exc:
+            raise GatewayError(Fault.INVALID_REQUEST, f"Invalid usage query: {exc}") from None
+        await account.writer.flush()  # this worker's queued rows first (others: flush_interval_ms)
+        loop = asyncio.get_running_loop()
+        try:
+            rows = await loop.run_in_executor(None, ledger.query_usage, self.cfg.ledger, query)
+        except ledger.LedgerError as exc:
+            log.error("usage query failed: %s", exc)
+            raise GatewayError(Fault.INTERNAL, "The usage ledger cannot be read now.") from None
+        return _encode(
+            {
+                "object": "usage.summary",
+                "group_by": query.group_by,
+                "since": query.since,
+                "until": query.until,
+                "data": rows,
+            }
+        )
 
     # ---- request hygiene ----------------------------------------------------------------------
     def _request_id(self, incoming: str | None) -> str:

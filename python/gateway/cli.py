@@ -1,5 +1,5 @@
-"""`fastpath-gateway` command line: serve, check-config, run-local, triton-local, keys, bench,
-print-default-config, version."""
+"""`fastpath-gateway` command line: serve, check-config, run-local, triton-local, keys, usage,
+bench, print-default-config, version."""
 
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def _keys_setup(
     if store_cfg is None or store_cfg.kind is config_mod.StoreKind.NONE:
         raise _usage_error(
             "this config has no key store: set `auth.salt` (a long random per-deployment secret; "
-            "stored key hashes need a stable salt) and leave `auth.store.kind` at sqlite"
+            "stored key hashes need a stable salt) and set `auth.store.kind` to sqlite or postgres"
         )
     try:
         store = keystore.open_store(cfg, readonly=readonly)
@@ -398,6 +398,55 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 1
 
 
+# ---- usage --------------------------------------------------------------------------------------
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Summarise the usage ledger (read from the store directly, like `GET /v1/usage`)."""
+    from . import ledger
+
+    cfg = _load(args.config or os.environ.get(envvars.CONFIG) or None)
+    if not ledger.ledger_on(cfg.ledger):
+        raise _usage_error("this config has no usage ledger: set `ledger.enabled: true`")
+    params = [("group_by", args.group_by)]
+    params += [
+        (name, value) for name in ("since", "until", "key", "team", "model") if (value := getattr(args, name))
+    ]
+    try:
+        query = ledger.parse_query(params)
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from None
+    try:
+        rows = ledger.query_usage(cfg.ledger, query)
+    except ledger.LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        data = [{f: getattr(r, f) for f in r.__struct_fields__} for r in rows]
+        print(
+            json.dumps({"group_by": query.group_by, "since": query.since, "until": query.until, "data": data})
+        )
+        return 0
+    header = (query.group_by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "COST_USD", "ERRORS", "P50_MS")
+    table = [header] + [
+        (
+            r.group if r.group is not None else "-",
+            str(r.requests),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            f"{r.cost_usd:.6f}",
+            str(r.errors),
+            f"{r.p50_latency_ms:.1f}" if r.p50_latency_ms is not None else "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+    return 0
+
+
 def cmd_print_default_config(_: argparse.Namespace) -> int:
     sys.stdout.write(config_mod.default_text())
     return 0
@@ -489,6 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", parents=[cfg_opt], help="revoke a stored key")
     kr.add_argument("id")
     kr.set_defaults(func=cmd_keys_revoke)
+    u = sub.add_parser(
+        "usage", parents=[cfg_opt], help="summarise the usage ledger by key, team, model or day"
+    )
+    u.add_argument("--group-by", choices=["key", "team", "model", "day"], default="key")
+    u.add_argument("--since", help="first UTC day, YYYY-MM-DD (inclusive)")
+    u.add_argument("--until", help="last UTC day, YYYY-MM-DD (inclusive)")
+    u.add_argument("--key", help="only this key id")
+    u.add_argument("--team", help="only this team")
+    u.add_argument("--model", help="only this public model")
+    u.add_argument("--json", action="store_true", help="print JSON")
+    u.set_defaults(func=cmd_usage)
     d = sub.add_parser("print-default-config", help="print the embedded default config")
     d.set_defaults(func=cmd_print_default_config)
     v = sub.add_parser("version", help="print versions and build profile")

@@ -32,6 +32,13 @@ class ProviderKind(StrEnum):
     TRITON = "triton"  # NVIDIA Triton over gRPC, TensorRT-LLM tensor contract
 
 
+class GrpcTransportKind(StrEnum):
+    """The gRPC client under a `triton` provider (gateway.upstreams.grpc_h2 / grpc_transport)."""
+
+    GRPCIO = "grpcio"  # grpc.aio (gRPC's own threads hand each message to the loop)
+    H2 = "h2"  # in-loop HTTP/2 on asyncio (the `h2` library), no threads
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -64,6 +71,8 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     total_timeout_ms: int = 900_000
     max_idle_connections: int = 256
     max_response_bytes: int = 64 * 1024 * 1024
+    #: kind triton only: which gRPC client carries the calls (unset: h2)
+    transport: GrpcTransportKind | None = None
 
 
 class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -148,6 +157,7 @@ class KeyConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class StoreKind(StrEnum):
     SQLITE = "sqlite"
+    POSTGRES = "postgres"  # `dsn` required
     NONE = "none"  # config keys only
 
 
@@ -158,6 +168,11 @@ class KeyStoreConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: SQLite file; empty = `$FASTPATH_GATEWAY_DATA_DIR/keys.db` (data dir default: `.fastpath`,
     #: relative to the working directory).
     path: str = ""
+    #: PostgreSQL: `postgresql://user:${PGPASSWORD}@host:5432/db` (or libpq `key=value` form);
+    #: never logged with its password.
+    dsn: str = ""
+    #: PostgreSQL: deadline of connecting and of each query (a worker keeps its keys meanwhile).
+    timeout_ms: int = 5_000
     #: How often each worker checks the store for created or revoked keys.
     poll_interval_ms: int = 1_000
 
@@ -173,6 +188,12 @@ class JwtConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hs256_secret: str = ""
     #: JWKS JSON file with the RS256/ES256 public keys (each with a `kid`).
     jwks_file: str = ""
+    #: Or the identity provider's JWKS URL (https; http only for 127.0.0.1/localhost), fetched
+    #: in the background every `jwks_refresh_s` and on an unknown `kid` (at most every 30 s).
+    jwks_url: str = ""
+    jwks_refresh_s: int = 300
+    #: Deadline of one JWKS fetch; a failed fetch keeps the last good key set.
+    jwks_timeout_ms: int = 5_000
     team_claim: str = "team"
     tier_claim: str = "tier"
     #: Claim with the list of allowed models; empty = all models.
@@ -182,6 +203,20 @@ class JwtConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 _JWT_ALGS = ("HS256", "RS256", "ES256")
+
+
+def _validate_jwks_url(url: str, where: str) -> None:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URL") from None
+    local = host in ("127.0.0.1", "localhost", "::1")
+    if not host or parts.scheme not in ("https", "http") or (parts.scheme == "http" and not local):
+        raise ConfigError(f"{where}: must be an https:// URL (http:// only for 127.0.0.1 or localhost)")
+    if parts.username is not None or parts.fragment:
+        raise ConfigError(f"{where}: must not have user info or a fragment")
 
 
 def validate_jwt(j: JwtConfig, where: str = "$.auth.jwt") -> None:
@@ -194,8 +229,17 @@ def validate_jwt(j: JwtConfig, where: str = "$.auth.jwt") -> None:
         raise ConfigError(f"{where}.hs256_secret: required (at least 32 characters) when HS256 is allowed")
     if "HS256" not in j.algorithms and j.hs256_secret:
         raise ConfigError(f"{where}.hs256_secret: only allowed when HS256 is in algorithms")
-    if ("RS256" in j.algorithms or "ES256" in j.algorithms) and not j.jwks_file:
-        raise ConfigError(f"{where}.jwks_file: required when RS256 or ES256 is allowed")
+    if "RS256" in j.algorithms or "ES256" in j.algorithms:
+        if not j.jwks_file and not j.jwks_url:
+            raise ConfigError(f"{where}.jwks_file: required (or jwks_url) when RS256 or ES256 is allowed")
+        if j.jwks_file and j.jwks_url:
+            raise ConfigError(f"{where}.jwks_url: set one of jwks_file and jwks_url, not both")
+    elif j.jwks_file or j.jwks_url:
+        raise ConfigError(f"{where}: jwks_file/jwks_url only when RS256 or ES256 is allowed")
+    if j.jwks_url:
+        _validate_jwks_url(j.jwks_url, f"{where}.jwks_url")
+    _check_positive(f"{where}.jwks_refresh_s", j.jwks_refresh_s)
+    _check_positive(f"{where}.jwks_timeout_ms", j.jwks_timeout_ms)
     if not j.issuer or not j.audience:
         raise ConfigError(f"{where}: issuer and audience are required")
     if j.leeway_s < 0:
@@ -288,6 +332,44 @@ class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_batch: int = 32
 
 
+class LedgerKind(StrEnum):
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"  # `dsn` required
+    NONE = "none"
+
+
+class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The usage ledger (`gateway.ledger`): one row per inference request, written off the hot
+    path in batches by each worker; `GET /v1/usage` (admin) and `fastpath-gateway usage` read it."""
+
+    #: Off by default: a gateway writes no files unless asked to.
+    enabled: bool = False
+    kind: LedgerKind = LedgerKind.SQLITE
+    #: SQLite file; empty = `$FASTPATH_GATEWAY_DATA_DIR/usage.db` (WAL; workers share the file).
+    path: str = ""
+    #: PostgreSQL: `postgresql://user:${PGPASSWORD}@host:5432/db`; never logged with its password.
+    dsn: str = ""
+    #: Deadline of connecting and of each statement (SQLite: the busy timeout).
+    timeout_ms: int = 5_000
+    #: A worker writes at most this many rows per transaction, and flushes as soon as this many wait.
+    batch_max_rows: int = 500
+    #: ... or this long after the oldest waiting row arrived at the latest.
+    flush_interval_ms: int = 1_000
+    #: Rows waiting per worker at most; beyond it new rows are dropped (counted, logged), never
+    #: blocking a request.
+    max_queue: int = 100_000
+
+
+class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The admin credential of the admin routes (`GET /v1/usage`). Exactly one of `api_key` (the
+    secret, normally `${ENV}`; replaced by its hash while the config is parsed) or
+    `api_key_hash` (`sha256:` + hex(sha256(auth.salt + key)); needs `auth.salt`). Neither: the
+    admin routes answer 403."""
+
+    api_key: str | None = None
+    api_key_hash: str | None = None
+
+
 def _default_tiers() -> dict[str, TierConfig]:
     return {"default": TierConfig()}
 
@@ -304,6 +386,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     teams: dict[str, TeamLimitsConfig] = {}
     #: Public model -> price (budgets); models not listed cost nothing.
     prices: dict[str, PriceConfig] = {}
+    #: The usage ledger (off unless `ledger.enabled`).
+    ledger: LedgerConfig = LedgerConfig()
+    #: The admin credential (admin routes: `GET /v1/usage`).
+    admin: AdminConfig = AdminConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -433,6 +519,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.base_url: a Triton address is grpc://host:port (no path)")
         if p.tls_ca_file and url.scheme != "grpcs":
             raise ConfigError(f"{where}.tls_ca_file: only for grpcs:// providers")
+        if p.kind is not ProviderKind.TRITON and p.transport is not None:
+            raise ConfigError(f"{where}.transport: only for kind triton providers")
         try:
             url.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
         except ValueError:
@@ -475,6 +563,45 @@ def _validate(cfg: Config) -> None:
             _validate_triton_model(f"{where}.triton", m.triton)
     _validate_guards(cfg, seen)
     _validate_auth(cfg)
+    _validate_ledger(cfg.ledger)
+    _validate_admin(cfg)
+
+
+_MIN_ADMIN_KEY_CHARS = 32
+
+
+def _validate_ledger(ledger: LedgerConfig) -> None:
+    where = "$.ledger"
+    _check_all(where, ledger, ("timeout_ms", "batch_max_rows", "flush_interval_ms", "max_queue"))
+    postgres = ledger.kind is LedgerKind.POSTGRES
+    if postgres and not ledger.dsn:
+        raise ConfigError(f"{where}.dsn: required when kind is postgres (postgresql://user@host/db)")
+    if postgres and ledger.path:
+        raise ConfigError(f"{where}.path: only for kind sqlite (postgres uses `dsn`)")
+    if not postgres and ledger.dsn:
+        raise ConfigError(f"{where}.dsn: only for kind postgres")
+    scheme, sep, _ = ledger.dsn.partition("://")
+    if postgres and sep and scheme not in ("postgresql", "postgres"):
+        # never echo the DSN: it may hold a password
+        raise ConfigError(f"{where}.dsn: must be a postgresql:// URL or a libpq key=value string")
+
+
+def _validate_admin(cfg: Config) -> None:
+    admin = cfg.admin
+    if admin.api_key is not None and admin.api_key_hash is not None:
+        raise ConfigError("$.admin: set at most one of `api_key` and `api_key_hash`")
+    if admin.api_key is not None:
+        if len(admin.api_key) < _MIN_ADMIN_KEY_CHARS:  # the message never echoes the secret
+            raise ConfigError(f"$.admin.api_key: must be at least {_MIN_ADMIN_KEY_CHARS} characters")
+        if any(k.key == admin.api_key for k in cfg.auth.keys):
+            raise ConfigError("$.admin.api_key: must differ from every API key")
+    if admin.api_key_hash is not None:
+        if not _KEY_HASH.fullmatch(admin.api_key_hash):
+            raise ConfigError("$.admin.api_key_hash: must be 'sha256:' followed by 64 lowercase hex digits")
+        if not cfg.auth.salt:
+            raise ConfigError("$.auth.salt: required when the admin key is given as `api_key_hash`")
+        if any(k.key_hash == admin.api_key_hash for k in cfg.auth.keys):
+            raise ConfigError("$.admin.api_key_hash: must differ from every API key")
 
 
 def _validate_triton_model(where: str, t: TritonModelConfig) -> None:
@@ -577,6 +704,21 @@ def _validate_limits(cfg: Config) -> None:
                 raise ConfigError(f"{where}.{field}: at most 3 decimals (nano-USD per token), got {usd}")
 
 
+def _validate_store(store: KeyStoreConfig) -> None:
+    postgres = store.kind is StoreKind.POSTGRES
+    if postgres and not store.dsn:
+        raise ConfigError("$.auth.store.dsn: required when kind is postgres (postgresql://user@host/db)")
+    if postgres and store.path:
+        raise ConfigError("$.auth.store.path: only for kind sqlite (postgres uses `dsn`)")
+    if not postgres and store.dsn:
+        raise ConfigError("$.auth.store.dsn: only for kind postgres")
+    scheme, sep, _ = store.dsn.partition("://")
+    if postgres and sep and scheme not in ("postgresql", "postgres"):
+        # the message never echoes the DSN (it may hold a password)
+        raise ConfigError("$.auth.store.dsn: must be a postgresql:// URL or a libpq key=value string")
+    _check_positive("$.auth.store.timeout_ms", store.timeout_ms)
+
+
 def _validate_auth(cfg: Config) -> None:
     _validate_limits(cfg)
     _check_all("$.limits", cfg.limits, ("default_max_tokens", "max_tracked_keys"))
@@ -591,10 +733,11 @@ def _validate_auth(cfg: Config) -> None:
     if auth.salt and len(auth.salt) < _MIN_SALT_CHARS:
         raise ConfigError(f"$.auth.salt: must be at least {_MIN_SALT_CHARS} characters")
     store = auth.store
-    if store is not None and store.kind is StoreKind.SQLITE:
+    if store is not None and store.kind is not StoreKind.NONE:
         if not auth.salt:
             raise ConfigError("$.auth.salt: required by auth.store (stored key hashes need a stable salt)")
         _check_positive("$.auth.store.poll_interval_ms", store.poll_interval_ms)
+        _validate_store(store)
     ids: set[str] = set()
     secrets: set[str] = set()
     for i, k in enumerate(auth.keys):
@@ -666,7 +809,16 @@ def parse(text: str, source: str = "<config>") -> Config:
         # msgspec names no path for the top level ("Object contains unknown field `x`").
         raise ConfigError(msg if " - at `" in msg else f"{msg} - at `$`") from None
     _validate(cfg)
-    return _hash_keys(cfg)
+    return _hash_admin_key(_hash_keys(cfg))
+
+
+def _hash_admin_key(cfg: Config) -> Config:
+    """Keep only the admin key's hash, with the final `auth.salt` (which may be empty: the admin
+    key is long and random, and its hash never leaves the process)."""
+    if cfg.admin.api_key is None:
+        return cfg
+    admin = AdminConfig(api_key_hash=hash_key(cfg.auth.salt, cfg.admin.api_key))
+    return msgspec.structs.replace(cfg, admin=admin)
 
 
 def default_text() -> str:

@@ -4,7 +4,8 @@ config's bootstrap keys.
 A store keeps each key's salted hash (`config.hash_key`, with the config's `auth.salt`), never
 the secret. Every write bumps a `version` in the same transaction, so a running gateway finds
 out that something changed with one tiny query (`version()`) and only then reloads the keys
-(`load_all()`). The CLI writes; gateway workers only read (SQLite: a read-only connection).
+(`load_all()`). The CLI writes; gateway workers only read (SQLite: a read-only connection;
+PostgreSQL: a read-only session).
 
 `KeyStore` is the interface; `SqliteKeyStore` (stdlib sqlite3, one file in the data dir) is the
 default, `PostgresKeyStore` (psycopg 3, `auth.store.kind: postgres`) the one for many gateway
@@ -107,7 +108,8 @@ def open_store(cfg: Config, *, readonly: bool) -> KeyStore | None:
     if store is None or store.kind is StoreKind.NONE:
         return None
     if store.kind is StoreKind.POSTGRES:
-        return PostgresKeyStore(store.dsn, cfg.auth.salt, readonly=readonly, timeout_s=store.timeout_ms / 1000)
+        timeout_s = store.timeout_ms / 1000
+        return PostgresKeyStore(store.dsn, cfg.auth.salt, readonly=readonly, timeout_s=timeout_s)
     return SqliteKeyStore(store_path(store), cfg.auth.salt, readonly=readonly)
 
 
@@ -339,3 +341,265 @@ def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
 
 def expiry(key: StoredKey) -> float:
     return math.inf if key.expires_at is None else key.expires_at
+
+
+# ---- PostgreSQL ---------------------------------------------------------------------------------
+# The same rows as the SQLite store, in two tables with a prefix (the database may hold other
+# tables). Whole statements, never built from values: every value is a `%s` parameter.
+_PG_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS fastpath_key_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS fastpath_api_keys (
+        id TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL UNIQUE,
+        team TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        models TEXT NOT NULL DEFAULT '[]',
+        expires_at DOUBLE PRECISION,
+        disabled BOOLEAN NOT NULL DEFAULT FALSE,
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    )""",
+)
+#: `pg_advisory_xact_lock` key: one process at a time creates the tables (CREATE TABLE IF NOT
+#: EXISTS alone can fail when two sessions run it at once).
+_PG_SCHEMA_LOCK = 0x6670_6B65_7973  # "fpkeys"
+_PG_META_INIT = (
+    "INSERT INTO fastpath_key_meta (name, value) VALUES (%s, %s), (%s, %s), (%s, %s)"
+    " ON CONFLICT (name) DO NOTHING"
+)
+_PG_META_GET = "SELECT name, value FROM fastpath_key_meta WHERE name IN (%s, %s)"
+_PG_VERSION = "SELECT value FROM fastpath_key_meta WHERE name = %s"
+_PG_BUMP = "UPDATE fastpath_key_meta SET value = (value::bigint + 1)::text WHERE name = %s"
+_PG_SELECT_ACTIVE = (
+    "SELECT id, key_hash, team, tier, models, expires_at, disabled, created_at, revoked_at"
+    " FROM fastpath_api_keys WHERE revoked_at IS NULL ORDER BY created_at, id"
+)
+_PG_SELECT_ALL = (
+    "SELECT id, key_hash, team, tier, models, expires_at, disabled, created_at, revoked_at"
+    " FROM fastpath_api_keys ORDER BY created_at, id"
+)
+_PG_INSERT = (
+    "INSERT INTO fastpath_api_keys"
+    " (id, key_hash, team, tier, models, expires_at, disabled, created_at, revoked_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_PG_EXISTS = "SELECT 1 FROM fastpath_api_keys WHERE id = %s"
+_PG_REVOKE = "UPDATE fastpath_api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL"
+_PG_SESSION = (
+    "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
+    " set_config('idle_in_transaction_session_timeout', %s, false)"
+)
+_PG_READ_ONLY = "SELECT set_config('default_transaction_read_only', 'on', false)"
+
+_T = TypeVar("_T")
+
+
+def describe_dsn(dsn: str) -> tuple[str, str]:
+    """(what to show for this DSN in messages and logs, its password). The text never contains
+    the password; a DSN that does not parse is not echoed at all (it may hold one)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except ProgrammingError:
+        raise KeyStoreError("`auth.store.dsn`: not a valid PostgreSQL connection string") from None
+    host = str(params.get("host") or params.get("hostaddr") or "localhost")
+    port = str(params.get("port") or 5432)
+    user = str(params.get("user") or "")
+    db = str(params.get("dbname") or user)
+    return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db}", str(params.get("password") or "")
+
+
+class PostgresKeyStore:
+    """PostgreSQL (psycopg 3), for many gateway instances sharing one set of keys. Readers
+    (gateway workers) use a read-only session and never create anything: missing tables are an
+    empty store. The writer (CLI) creates the tables if they are missing (under an advisory
+    lock, so processes starting at once do not collide) and needs CREATE on the database; the
+    readers need only SELECT. Every connect and query has a deadline (`timeout_s`); a broken
+    connection is dropped and reopened by the next call. Thread-safe: calls are serialized.
+
+    Messages name the server as `postgresql://user@host:port/db`: never the DSN's password."""
+
+    def __init__(self, dsn: str, salt: str, *, readonly: bool, timeout_s: float = 5.0) -> None:
+        if not salt:
+            raise KeyStoreError("the key store needs `auth.salt` (stored key hashes need a stable salt)")
+        if not dsn:
+            raise KeyStoreError("the postgres key store needs `auth.store.dsn`")
+        self.target, self._password = describe_dsn(dsn)
+        self._dsn = dsn
+        self._salt_check = salt_check(salt)
+        self._readonly = readonly
+        self._timeout_s = timeout_s
+        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never the DSN
+        return f"PostgresKeyStore({self.target!r}, readonly={self._readonly})"
+
+    # ---- connection ---------------------------------------------------------------------------
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        given = conninfo_to_dict(self._dsn)
+        timeout_ms = max(1, round(self._timeout_s * 1000))
+        # Defaults the DSN may override: deadlines for connecting (libpq: whole seconds, at
+        # least 2), for unacknowledged writes to a dead peer (tcp_user_timeout) and, through
+        # keepalives, for waiting on a peer that went away; queries: statement_timeout below.
+        idle_s = max(1, math.ceil(self._timeout_s))
+        extra: dict[str, Any] = {
+            "connect_timeout": max(2, idle_s),
+            "tcp_user_timeout": timeout_ms,
+            "keepalives": 1,
+            "keepalives_idle": idle_s,
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "application_name": "fastpath-gateway",
+        }
+        extra = {k: v for k, v in extra.items() if k not in given}
+        # prepare_threshold=None: no server-side prepared statements (PgBouncer-safe).
+        conn = psycopg.connect(self._dsn, autocommit=True, prepare_threshold=None, **extra)
+        try:
+            ms = str(timeout_ms)
+            conn.execute(_PG_SESSION, (ms, ms, ms))
+            if self._readonly:
+                conn.execute(_PG_READ_ONLY)
+                conn.read_only = True
+                # load_all: the version and the keys from one snapshot
+                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            else:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+                    for statement in _PG_SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(
+                        _PG_META_INIT,
+                        ("schema", _SCHEMA_VERSION, "version", "0", "salt_check", self._salt_check),
+                    )
+                    self._check(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _check(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        rows = dict(conn.execute(_PG_META_GET, ("schema", "salt_check")).fetchall())
+        if rows.get("schema") != _SCHEMA_VERSION:
+            raise KeyStoreError(f"{self.target}: unknown key store schema {rows.get('schema')!r}")
+        if rows.get("salt_check") != self._salt_check:
+            raise KeyStoreError(
+                f"{self.target}: this key store was made with a different `auth.salt`; "
+                "its keys cannot be verified with this config"
+            )
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _call(self, fn: Callable[[psycopg.Connection[tuple[Any, ...]]], _T], missing: _T) -> _T:
+        """`fn(connection)` under the lock; for a reader, `missing` if the tables do not exist
+        (yet). A psycopg error becomes a KeyStoreError (without the password); a connection that
+        broke is dropped."""
+        import psycopg
+
+        with self._lock:
+            try:
+                return fn(self._connect())
+            except psycopg.Error as exc:
+                if self._readonly and isinstance(exc, psycopg.errors.UndefinedTable):
+                    return missing
+                conn = self._conn
+                if isinstance(exc, psycopg.OperationalError) or (conn is not None and conn.broken):
+                    self._disconnect()
+                message = " ".join(str(exc).split()) or type(exc).__name__
+                if self._password:
+                    message = message.replace(self._password, "***")
+                raise KeyStoreError(f"{self.target}: {message}") from None
+
+    # ---- KeyStore -----------------------------------------------------------------------------
+    def version(self) -> int | None:
+        def run(conn: psycopg.Connection[tuple[Any, ...]]) -> int | None:
+            row = conn.execute(_PG_VERSION, ("version",)).fetchone()
+            return None if row is None else int(row[0])
+
+        return self._call(run, None)
+
+    def load_all(self) -> tuple[int, list[StoredKey]]:
+        def run(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, list[StoredKey]]:
+            with conn.transaction():
+                self._check(conn)
+                row = conn.execute(_PG_VERSION, ("version",)).fetchone()
+                rows = conn.execute(_PG_SELECT_ACTIVE).fetchall()
+            assert row is not None
+            return int(row[0]), [_row_to_key(_pg_row(r)) for r in rows]
+
+        empty: list[StoredKey] = []
+        return self._call(run, (0, empty))
+
+    def list_keys(self) -> list[StoredKey]:
+        def run(conn: psycopg.Connection[tuple[Any, ...]]) -> list[StoredKey]:
+            with conn.transaction():
+                self._check(conn)
+                rows = conn.execute(_PG_SELECT_ALL).fetchall()
+            return [_row_to_key(_pg_row(r)) for r in rows]
+
+        return self._call(run, [])
+
+    def create(self, key: StoredKey) -> None:
+        self._require_writer()
+        import psycopg
+
+        def run(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            values = (
+                key.id,
+                key.key_hash,
+                key.team,
+                key.tier,
+                json.dumps(list(key.models)),
+                key.expires_at,
+                key.disabled,
+                key.created_at,
+                key.revoked_at,
+            )
+            try:
+                with conn.transaction():
+                    conn.execute(_PG_INSERT, values)
+                    conn.execute(_PG_BUMP, ("version",))
+            except psycopg.errors.UniqueViolation:
+                if conn.execute(_PG_EXISTS, (key.id,)).fetchone():
+                    raise KeyExistsError(f"a key with id {key.id!r} already exists") from None
+                raise KeyStoreError("a key with the same hash already exists") from None
+
+        self._call(run, None)
+
+    def revoke(self, key_id: str, at: float) -> bool:
+        self._require_writer()
+
+        def run(conn: psycopg.Connection[tuple[Any, ...]]) -> bool:
+            with conn.transaction():
+                cur = conn.execute(_PG_REVOKE, (at, key_id))
+                if cur.rowcount != 1:
+                    return False
+                conn.execute(_PG_BUMP, ("version",))
+            return True
+
+        return self._call(run, False)
+
+    def close(self) -> None:
+        with self._lock:
+            self._disconnect()
+
+    def _require_writer(self) -> None:
+        if self._readonly:
+            raise KeyStoreError("this key store was opened read-only")
+
+
+def _pg_row(row: tuple[Any, ...]) -> _RowType:
+    return (row[0], row[1], row[2], row[3], row[4], row[5], int(row[6]), row[7], row[8])

@@ -1,4 +1,5 @@
-"""JWT verifier (gateway.pipeline.jwt_auth), table-driven. Not wired into the auth stage yet."""
+"""JWT verifier (gateway.pipeline.jwt_auth) with a JWKS file, table-driven, and the gateway
+accepting JWTs over real sockets. The JWKS URL: test_auth_jwks_url.py."""
 
 from __future__ import annotations
 
@@ -93,6 +94,18 @@ def _token(kind: str, keys: dict[str, Any]) -> str:
         other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         hdr = {"kid": "r1", "jku": "http://127.0.0.1:1/jwks.json"}
         return jwt.encode(_claims(), other, algorithm="RS256", headers=hdr)
+    if kind in ("jku_right_key", "x5u_right_key"):
+        # signed by the configured key, but naming another key source: refused all the same
+        hdr = {"kid": "r1", kind[:3]: "https://127.0.0.1:1/keys"}
+        return jwt.encode(_claims(), keys["rsa"], algorithm="RS256", headers=hdr)
+    if kind == "jwk_embedded":
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        hdr = {"kid": "r1", "jwk": json.loads(RSAAlgorithm.to_jwk(other.public_key()))}
+        return jwt.encode(_claims(), other, algorithm="RS256", headers=hdr)
+    if kind == "kid_path":
+        return jwt.encode(_claims(), keys["rsa"], algorithm="RS256", headers={"kid": "../../../dev/null"})
+    if kind == "es_kid_for_rs_key":  # the RS256 key's kid on an ES256 token: keys are pinned per alg
+        return jwt.encode(_claims(), keys["ec"], algorithm="ES256", headers={"kid": "r1"})
     raise AssertionError(kind)
 
 
@@ -112,6 +125,11 @@ def _token(kind: str, keys: dict[str, Any]) -> str:
         ("unknown_kid", False),
         ("tampered", False),
         ("jku_elsewhere", False),
+        ("jku_right_key", False),
+        ("x5u_right_key", False),
+        ("jwk_embedded", False),
+        ("kid_path", False),
+        ("es_kid_for_rs_key", False),
     ],
 )
 def test_verify_table(keys: dict[str, Any], kind: str, ok: bool) -> None:
@@ -136,6 +154,11 @@ def test_verify_table(keys: dict[str, Any], kind: str, ok: bool) -> None:
         ({"algorithms": ["HS256"], "hs256_secret": ""}, "$.auth.jwt.hs256_secret"),
         ({"algorithms": []}, "$.auth.jwt.algorithms"),
         ({"algorithms": ["RS256"], "hs256_secret": ""}, "$.auth.jwt.jwks_file"),
+        (
+            {"algorithms": ["RS256"], "hs256_secret": "", "jwks_file": "a", "jwks_url": "https://i/j"},
+            "jwks_url",
+        ),
+        ({"jwks_url": "https://idp.test/jwks"}, "$.auth.jwt: jwks_file/jwks_url only when RS256"),
     ],
 )
 def test_config_errors(over: dict[str, Any], path: str) -> None:
@@ -143,6 +166,12 @@ def test_config_errors(over: dict[str, Any], path: str) -> None:
     base.update(over)
     with pytest.raises(JwtConfigError, match=path.replace("$", r"\$").replace("[", r"\[")):
         JwtVerifier(JwtConfig(**base))
+
+
+def test_exp_is_always_required(keys: dict[str, Any]) -> None:
+    cfg = JwtConfig(issuer=ISS, audience=AUD, algorithms=["HS256"], hs256_secret=HS, required_claims=[])
+    with pytest.raises(JwtRejected, match="Invalid token"):
+        JwtVerifier(cfg).verify(_token("missing_exp", keys))
 
 
 def test_jwks_unreadable(tmp_path: Path) -> None:
@@ -209,6 +238,8 @@ _GW_CASES = [
     ("unknown_kid", 401),
     ("tampered", 401),
     ("jku_elsewhere", 401),
+    ("jku_right_key", 401),
+    ("kid_path", 401),
 ]
 
 

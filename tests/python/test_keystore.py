@@ -119,6 +119,8 @@ def test_config_store_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     with pytest.raises(config_mod.ConfigError, match=r"poll_interval_ms: must be > 0"):
         config_mod.parse(base + f"auth:\n  salt: {SALT}\n  store: {{poll_interval_ms: 0}}\n")
     with pytest.raises(config_mod.ConfigError, match=r"at `\$\.auth\.store\.kind`"):
+        config_mod.parse(base + f"auth:\n  salt: {SALT}\n  store: {{kind: mysql}}\n")
+    with pytest.raises(config_mod.ConfigError, match=r"\$\.auth\.store\.dsn: required"):
         config_mod.parse(base + f"auth:\n  salt: {SALT}\n  store: {{kind: postgres}}\n")
 
 

@@ -36,6 +36,8 @@ BARRIER_RPM = 50  # barrier bursts: 2 processes x 100 against 50
 ROUNDS = 20
 TPM = 10_000
 U = 60_000_000  # the script's debt units per token
+BUDGET_USD = 0.01  # 10,000,000 nano-USD
+OUTPUT_USD_PER_MTOK = 20  # 20,000 nano-USD per completion token: max_tokens 50 reserves 1,000,000
 SMALL = {"model": "echo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10}
 
 
@@ -75,11 +77,14 @@ def _limits_yaml(
     timeout_ms: int = 2_000,
     lease_ttl_ms: int = 30_000,
 ) -> str:
-    keys = [("rpm", "rpm"), ("tpm", "tpm"), ("strict", "strict"), ("one", "one")]
+    keys = [("rpm", "rpm"), ("tpm", "tpm"), ("strict", "strict"), ("one", "one"), ("budget", "budget")]
+    keys += [("live", "budget")]
     keys += [(f"b{i}", "barrier") for i in range(ROUNDS)]
     lines = ["auth:", "  enabled: true", "  keys:"]
     for key_id, tier in keys:
         lines += [f"    - id: {key_id}", f"      key: {KEY}-{key_id}", f"      tier: {tier}"]
+    for key_id in ("ta", "tb"):
+        lines += [f"    - {{id: {key_id}, key: {KEY}-{key_id}, tier: rpm, team: red}}"]
     lines += [
         "tiers:",
         f"  rpm: {{rpm: {RPM}}}",
@@ -87,8 +92,15 @@ def _limits_yaml(
         f"  tpm: {{rpm: 1000, tpm: {TPM}}}",
         "  strict: {rpm: 5, tpm: 1000}",
         f"  one: {{max_concurrent: 1, tpm: {TPM}}}",
+        f"  budget: {{rpm: 1000, budget_usd_per_day: {BUDGET_USD}}}",
+        "teams:",
+        "  red: {rpm: 4}",
+        "prices:",
+        f"  echo: {{input_per_mtok: 0, output_per_mtok: {OUTPUT_USD_PER_MTOK}}}",
+        "  gpt-4o-mini: {input_per_mtok: 0, output_per_mtok: 2}",
         "limits:",
         "  backend: redis",
+        "  live_budget_enforcement: true",
         "  redis:",
         f"    url: {url}",
         f"    key_prefix: '{prefix}'",
@@ -254,6 +266,59 @@ def test_refused_request_leaves_no_count(pair: Pair) -> None:
     assert status == 200
     assert headers["x-ratelimit-remaining-requests"] == "4"
     assert 0 < r.pttl(rkey) <= 13_000  # one request's debt at 5/min: 12 s (+1 s margin)
+
+
+def test_budget_never_overspent_across_4_workers_x_2_instances(pair: Pair) -> None:
+    a, b, prefix, r = pair
+    max_tokens = 50
+    reserve = max_tokens * OUTPUT_USD_PER_MTOK * 1_000  # nano-USD (the prompt is free)
+    budget = round(BUDGET_USD * 1e9)
+    # every admitted request is in flight at once (the upstream waits): none is settled yet
+    body = chat(max_tokens=max_tokens, mock={"first_delay_ms": 1_000, "words": max_tokens})
+    statuses, _ = _burst(r, [a.port, b.port], f"{KEY}-budget", 25, body)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) == budget // reserve == 10
+    name = f"{prefix}{{budget}}:b"
+    assert wait_for(lambda: int(r.hget(name, "ds") or 0) == 10 * max_tokens * 20_000)  # settled
+    assert int(r.hget(name, "ds")) <= budget and r.pttl(name) > 0
+    status, headers, err = post(b.port, chat(max_tokens=1), f"{KEY}-budget")
+    assert status == 429 and err["error"]["code"] == "budget_exceeded"
+    assert "daily budget of $0.01 has $0.00 left" in err["error"]["message"]
+    assert 1 <= int(headers["retry-after"]) <= 86_400
+
+
+def test_live_enforcement_ends_the_stream_redis(pair: Pair) -> None:
+    a, _, prefix, r = pair
+    # No max_tokens: 4,096 (default_max_tokens) x 2,000 nano-USD are reserved; the budget (0.01
+    # USD) allows the stream 5,000 completion tokens, and the upstream writes 3,000 words (6,000).
+    body = chat(model="gpt-4o-mini", stream=True, mock={"words": 3_000})
+    conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=20)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(), {"x-api-key": f"{KEY}-live"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        events = data_events(list(sse_lines(resp)))
+    finally:
+        conn.close()
+    assert events[-1] == b"[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "budget_exceeded", error
+    assert "API key's daily budget" in error["message"]
+    # settled with what the upstream produced: at least the whole budget
+    assert wait_for(lambda: int(r.hget(f"{prefix}{{live}}:b", "ds") or 0) >= 10_000_000)
+
+
+def test_team_limit_shared_across_instances(pair: Pair) -> None:
+    a, b, prefix, r = pair
+    ports = [a.port, b.port, a.port, b.port]
+    statuses = [
+        post(port, chat(), f"{KEY}-{k}")[0] for port, k in zip(ports, ("ta", "tb", "tb", "ta"), strict=True)
+    ]
+    assert statuses == [200] * 4
+    status, headers, err = post(b.port, chat(), f"{KEY}-ta")
+    assert status == 429 and "4 requests per minute for this team red" in err["error"]["message"]
+    assert headers["x-ratelimit-limit-requests"] == "4"
+    assert r.exists(f"{prefix}{{team:red}}:r", f"{prefix}{{team:red}}:k:ta:r") == 2
 
 
 # ---- concurrency leases --------------------------------------------------------------------------

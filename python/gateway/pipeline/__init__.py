@@ -1,7 +1,7 @@
 """The request pipeline (DESIGN.md §2):
 
     decode -> [auth] -> route -> [limits] -> [guard] -> upstream -> reframe -> respond
-           -> [limits.on_finish]
+           -> [limits.on_finish] -> [account] (the app, once the reply is out)
 
 Stages the config does not enable are not in the chain at all. A request stage either returns
 (continue) or raises `GatewayError` (a local error reply); nothing else escapes into the server.
@@ -18,12 +18,14 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config import Config, LimitsBackend
+from ..config import Config, LimitsBackend, limits_enabled
 from ..context import RequestContext
 from ..keystore import open_store
+from ..ledger import ledger_on
 from ..routing import Route
 from ..upstreams.triton_grpc import TritonAdapter
 from . import reframe, respond, triton_relay, upstream
+from .account import AccountStage
 from .auth import AuthStage
 from .decode import DecodeStage
 from .guard import GuardStage, build_guards
@@ -48,7 +50,7 @@ class FinishStage(Protocol):
 
 
 class Pipeline:
-    __slots__ = ("auth", "finish_stages", "max_stream_s", "ping_s", "request_stages")
+    __slots__ = ("account", "auth", "finish_stages", "max_stream_s", "ping_s", "request_stages")
 
     def __init__(self, cfg: Config, routes: dict[str, Route], adapters: dict[str, Any] | None = None) -> None:
         stages: list[RequestStage] = [DecodeStage(cfg.server)]
@@ -58,9 +60,7 @@ class Pipeline:
             self.auth = AuthStage(cfg, open_store(cfg, readonly=True))
             stages.append(self.auth)
         stages.append(RouteStage(routes))
-        if cfg.auth.enabled and any(
-            t.rpm is not None or t.tpm is not None or t.max_concurrent is not None for t in cfg.tiers.values()
-        ):
+        if cfg.auth.enabled and limits_enabled(cfg):
             limits: LimitsStage | RedisLimitsStage
             if cfg.limits.backend is LimitsBackend.REDIS:
                 from .limits_redis import RedisLimitsStage  # imports redis only when used
@@ -75,6 +75,9 @@ class Pipeline:
             stages.append(GuardStage(guards, list(routes)))
         self.request_stages: tuple[RequestStage, ...] = tuple(stages)
         self.finish_stages: tuple[FinishStage, ...] = tuple(reversed(finish))
+        #: the usage ledger's row per request: recorded by the app after the reply (its status
+        #: is final only then), so not one of `finish_stages`
+        self.account = AccountStage(cfg) if ledger_on(cfg.ledger) else None
         self.max_stream_s = cfg.server.max_stream_duration_ms / 1000
         self.ping_s = cfg.server.stream_ping_interval_ms / 1000
 
@@ -82,10 +85,14 @@ class Pipeline:
         """Per-worker background work (key store polling); called from `__rsgi_init__`."""
         if self.auth is not None:
             self.auth.start(loop)
+        if self.account is not None:
+            self.account.start(loop)
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.auth is not None:
             self.auth.close(loop)
+        if self.account is not None:
+            self.account.close(loop)  # writes every queued row
 
     def _settle(self, ctx: RequestContext) -> None:
         """Before a unary reply goes out: settle (finish stages) and stamp the total time."""

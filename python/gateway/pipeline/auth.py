@@ -143,7 +143,10 @@ class AuthStage:
 
     # ---- the key store ------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Load the stored keys (before the worker serves) and start polling for changes."""
+        """Load the stored keys (before the worker serves) and start polling for changes; start
+        fetching the JWKS (`auth.jwt.jwks_url`)."""
+        if self._jwt is not None:
+            self._jwt.start(loop)
         if self._store is None:
             return
         self.refresh()
@@ -151,11 +154,13 @@ class AuthStage:
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         task, self._task = self._task, None
+        tasks = self._jwt.close() if self._jwt is not None else []
         if task is not None:
             task.cancel()
-            if not loop.is_running() and not loop.is_closed():
-                with contextlib.suppress(BaseException):
-                    loop.run_until_complete(task)
+            tasks.append(task)
+        if tasks and not loop.is_running() and not loop.is_closed():
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         if self._store is not None:
             self._store.close()
 
@@ -225,7 +230,7 @@ class AuthStage:
                 raise _BAD_SCHEME
             token = token.strip()
             if self._jwt is not None and looks_like_jwt(token):
-                self._admit(ctx, self._jwt_principal(self._jwt, token))
+                self._admit(ctx, await self._jwt_principal(self._jwt, token))
                 return
         else:
             api_key: str | None = headers.get("x-api-key")
@@ -242,11 +247,11 @@ class AuthStage:
             raise _EXPIRED
         self._admit(ctx, principal)
 
-    def _jwt_principal(self, verifier: JwtVerifier, token: str) -> Principal:
+    async def _jwt_principal(self, verifier: JwtVerifier, token: str) -> Principal:
         """A verified token's claims -> a principal. An unknown tier is refused (403), never
         silently mapped to a default tier."""
         try:
-            claims = verifier.verify(token)
+            claims = await verifier.verify_async(token)
         except JwtRejected as exc:
             raise _unauthorized(f"Invalid token: {exc}") from None
         cfg = verifier.config

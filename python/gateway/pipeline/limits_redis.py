@@ -1,13 +1,19 @@
 """Stage `limits`, backend `redis`: the same limits as the local backend, held in Redis so that
 every worker process and every gateway instance shares them exactly.
 
-One round trip per decision: a Lua script (EVALSHA, EVAL on NOSCRIPT) checks the concurrency
-lease set, the requests bucket and the tokens bucket of one key and, only when all three admit,
-takes a request, reserves the tokens and adds the lease, atomically; a refused request changes
-nothing (expired leases are pruned, nothing is counted). Time comes from Redis `TIME` inside the
-script, so gateway clocks do not matter. Every key has a TTL: a bucket's key expires when the
+One round trip per decision: a Lua script (EVALSHA, EVAL on NOSCRIPT) reads every check of the
+request's plan (`limits.Plan`: concurrency lease sets, requests and tokens buckets, budget
+hashes; of the key, the key on this model, and the key's team) and, only when all admit, takes
+a request, reserves the tokens and the cost and adds the leases, atomically; a refused request
+changes nothing (expired leases are pruned, nothing is counted). Time comes from Redis `TIME`
+inside the script, so gateway clocks do not matter; the budget windows (UTC day, UTC calendar
+month) are computed there from it too. Every key has a TTL: a bucket's key expires when the
 bucket would be full again (a full bucket is no key at all), a lease set when its newest lease
-expires. Keys are hash-tagged per principal (`{key_id}`): one decision touches one cluster slot.
+expires, a budget hash 33 days after its last write. The keys of one decision share one hash
+tag (`{key_id}`, or `{team:<team>}` when the team has shared limits): one cluster slot.
+
+A budget hash holds `d`/`ds` (UTC day number, nano-USD spent that day) and `m`/`ms` (UTC month
+number, nano-USD spent that month); a stored window that is not the current one counts as 0.
 
 Buckets are GCRA with the theoretical arrival time kept relative to the last update: `d`, the
 bucket's debt in units of 1/60,000,000 token (a microsecond at one token per minute), and `t`,
@@ -15,8 +21,9 @@ when it was written. All integers (exact in Lua's doubles below 2**53, see
 `config.REDIS_MAX_RATE`): the debt drains by `rate` units per microsecond; a cost `c` fits when
 `debt + c * 60e6 <= burst * 60e6`.
 
-Settlement (refund unused reserved tokens, charge use beyond them, drop the lease) is a second
-script, sent off the critical path after the reply. Concurrency leases expire `lease_ttl_ms`
+Settlement (refund unused reserved tokens and money, charge use beyond them, drop the leases)
+is a second script, sent off the critical path after the reply; it adjusts the budget windows
+the reservation was made in, or nothing once they have ended. Concurrency leases expire `lease_ttl_ms`
 after their last renewal; while requests run, each worker renews its leases every third of that.
 
 Redis down or slow: every call has a deadline (`timeout_ms`); on a failure Redis is left alone
@@ -48,14 +55,21 @@ from ..errors import Fault, GatewayError
 from .limits import (
     _CONCURRENCY_RETRY_MS,
     _TOKEN_STATE,
+    BUDGET,
+    CONC,
+    KIND_CODE,
+    RPM,
+    TPM,
     Lease,
     LimitsStage,
+    Plan,
     _rate_limited,
+    budget_refused,
+    cost_used,
     duration,
     tokens_refused_message,
     tokens_used,
 )
-from .reframe import counted_prompt_tokens
 
 log = logging.getLogger("gateway.limits")
 
@@ -93,74 +107,168 @@ local function store(key, d, rate)
 end
 """
 
-#: KEYS: requests bucket, tokens bucket, lease set.
-#: ARGV: rpm, tpm, token cost, max concurrent (0 = no such limit), lease member, lease ttl ms.
-#: -> {code (0 admitted, 1 concurrency, 2 requests, 3 tokens), requests remaining, reset ms,
-#:     retry ms, tokens remaining, reset ms, retry ms}
+#: Days since 1970-01-01 -> the UTC calendar month as year * 12 + month - 1 (H. Hinnant's
+#: civil_from_days, on integers).
+_CIVIL = """
+local function month_of(days)
+  local z = days + 719468
+  local era = fdiv(z, 146097)
+  local doe = z - era * 146097
+  local yoe = fdiv(doe - fdiv(doe, 1460) + fdiv(doe, 36524) - fdiv(doe, 146096), 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + fdiv(yoe, 4) - fdiv(yoe, 100))
+  local mp = fdiv(5 * doy + 2, 153)
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  if m <= 2 then y = y + 1 end
+  return y * 12 + m - 1
+end
+"""
+
+#: KEYS: one per check, in the plan's order. ARGV: lease member, lease ttl ms, then 4 per check:
+#: kind ('c' lease set, 'r' bucket, 'b' budget hash), limit, limit2, cost.
+#:   'c': at most `limit` live leases; 'r': GCRA of `limit` per minute (= burst), cost tokens;
+#:   'b': nano-USD spent in the UTC day (<= limit) and month (<= limit2), 0 = none, -1 = nothing.
+#: Every check is read; only when all admit are all taken (a refused request changes nothing).
+#: -> {code (0 admitted, else the index of the first refusing check), now s, UTC day, UTC month,
+#:     then 3 per check: 'r': remaining, reset ms, retry ms; 'c': leases held;
+#:     'b': day spent, month spent, the refusing window (0, 1 day, 2 month)}
 ACQUIRE = (
     _LIB
+    + _CIVIL
     + """
-local rpm = tonumber(ARGV[1])
-local tpm = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local maxc = tonumber(ARGV[4])
-local ttl = tonumber(ARGV[6])
-local dr = 0
-local dt = 0
-if rpm > 0 then dr = debt(KEYS[1], rpm) end
-if tpm > 0 then dt = debt(KEYS[2], tpm) end
+local member = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local n = #KEYS
+local day = fdiv(now, 86400000000)
+local month = -1
 local code = 0
-if maxc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= maxc then code = 1 end
+local st = {}
+local over = {}
+for i = 1, n do
+  local kind = ARGV[4 * i - 1]
+  local a = tonumber(ARGV[4 * i])
+  local c = tonumber(ARGV[4 * i + 2])
+  local key = KEYS[i]
+  if kind == 'r' then
+    st[i] = debt(key, a)
+    if code == 0 and st[i] + c * U > a * U then code = i end
+  elseif kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    st[i] = redis.call('ZCARD', key)
+    if code == 0 and st[i] >= a then code = i end
+  else
+    local b = tonumber(ARGV[4 * i + 1])
+    if month < 0 then month = month_of(day) end
+    local v = redis.call('HMGET', key, 'd', 'ds', 'm', 'ms')
+    local sd = 0
+    local sm = 0
+    if tonumber(v[1]) == day then sd = tonumber(v[2]) end
+    if tonumber(v[3]) == month then sm = tonumber(v[4]) end
+    st[i] = {sd, sm}
+    over[i] = 0
+    if c > 0 then
+      if a ~= 0 and sd + c > a then over[i] = 1 elseif b ~= 0 and sm + c > b then over[i] = 2 end
+    end
+    if code == 0 and over[i] > 0 then code = i end
+  end
 end
-if code == 0 and rpm > 0 and dr + U > rpm * U then code = 2 end
-if code == 0 and tpm > 0 and dt + cost * U > tpm * U then code = 3 end
 if code == 0 then
-  if rpm > 0 then
-    dr = dr + U
-    store(KEYS[1], dr, rpm)
-  end
-  if tpm > 0 and cost > 0 then
-    dt = dt + cost * U
-    store(KEYS[2], dt, tpm)
-  end
-  if maxc > 0 then
-    redis.call('ZADD', KEYS[3], now + ttl * 1000, ARGV[5])
-    redis.call('PEXPIRE', KEYS[3], ttl)
+  for i = 1, n do
+    local kind = ARGV[4 * i - 1]
+    local a = tonumber(ARGV[4 * i])
+    local c = tonumber(ARGV[4 * i + 2])
+    local key = KEYS[i]
+    if kind == 'r' then
+      if c > 0 then
+        st[i] = st[i] + c * U
+        store(key, st[i], a)
+      end
+    elseif kind == 'c' then
+      redis.call('ZADD', key, now + ttl * 1000, member)
+      redis.call('PEXPIRE', key, ttl)
+      st[i] = st[i] + 1
+    elseif c > 0 then
+      local s = st[i]
+      s[1] = s[1] + c
+      s[2] = s[2] + c
+      redis.call('HSET', key, 'd', string.format('%d', day), 'ds', string.format('%d', s[1]),
+                 'm', string.format('%d', month), 'ms', string.format('%d', s[2]))
+      redis.call('PEXPIRE', key, BUDGET_TTL_MS)
+    end
   end
 end
-local function state(d, rate, c)
-  if rate <= 0 then return 0, 0, 0 end
-  local left = rate * U - d
-  local rem = 0
-  if left > 0 then rem = fdiv(left, U) end
-  local reset = cdiv(cdiv(d, rate), 1000)
-  local retry = 0
-  if c > rate then retry = reset
-  elseif d + c * U > rate * U then retry = cdiv(cdiv(d + c * U - rate * U, rate), 1000) end
-  return rem, reset, retry
+local out = {code, fdiv(now, 1000000), day, month}
+for i = 1, n do
+  local kind = ARGV[4 * i - 1]
+  local a = tonumber(ARGV[4 * i])
+  local c = tonumber(ARGV[4 * i + 2])
+  if kind == 'r' then
+    local d = st[i]
+    local left = a * U - d
+    local rem = 0
+    if left > 0 then rem = fdiv(left, U) end
+    local reset = cdiv(cdiv(d, a), 1000)
+    local retry = 0
+    if code ~= 0 then
+      if c > a then retry = reset
+      elseif d + c * U > a * U then retry = cdiv(cdiv(d + c * U - a * U, a), 1000) end
+    end
+    out[#out + 1] = rem
+    out[#out + 1] = reset
+    out[#out + 1] = retry
+  elseif kind == 'c' then
+    out[#out + 1] = st[i]
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = st[i][1]
+    out[#out + 1] = st[i][2]
+    out[#out + 1] = over[i]
+  end
 end
-local r1, r2, r3 = state(dr, rpm, 1)
-local t1, t2, t3 = state(dt, tpm, cost)
-if code == 0 then r3 = 0; t3 = 0 end
-return {code, r1, r2, r3, t1, t2, t3}
+return out
 """
-)
+).replace("BUDGET_TTL_MS", str(33 * 86_400_000))  # the longest month, and a day to settle
 
-#: KEYS: tokens bucket, lease set. ARGV: tpm (0 = none), tokens to give back (< 0: to charge),
-#: lease member ('' = none).
+#: KEYS: what the lease holds (token buckets, lease sets, budget hashes). ARGV: lease member,
+#: tokens to give back (< 0: to charge), nano-USD to give back (< 0: to charge), the UTC day and
+#: month of the reservation, then 2 per key: kind ('r', 'c', 'b'), limit per minute ('r').
 SETTLE = (
     _LIB
     + """
-local tpm = tonumber(ARGV[1])
-local delta = tonumber(ARGV[2])
-if tpm > 0 and delta ~= 0 then
-  local d = debt(KEYS[1], tpm) - delta * U
-  if d < 0 then d = 0 end
-  store(KEYS[1], d, tpm)
+local member = ARGV[1]
+local dt = tonumber(ARGV[2])
+local dc = tonumber(ARGV[3])
+local day = ARGV[4]
+local month = ARGV[5]
+for i = 1, #KEYS do
+  local kind = ARGV[4 + 2 * i]
+  local key = KEYS[i]
+  if kind == 'r' then
+    if dt ~= 0 then
+      local a = tonumber(ARGV[5 + 2 * i])
+      local d = debt(key, a) - dt * U
+      if d < 0 then d = 0 end
+      store(key, d, a)
+    end
+  elseif kind == 'c' then
+    if member ~= '' then redis.call('ZREM', key, member) end
+  elseif dc ~= 0 then
+    -- a window that has ended since the reservation is left alone
+    local v = redis.call('HMGET', key, 'd', 'ds', 'm', 'ms')
+    if v[1] == day then
+      local s = tonumber(v[2]) - dc
+      if s < 0 then s = 0 end
+      redis.call('HSET', key, 'ds', string.format('%d', s))
+    end
+    if v[3] == month then
+      local s = tonumber(v[4]) - dc
+      if s < 0 then s = 0 end
+      redis.call('HSET', key, 'ms', string.format('%d', s))
+    end
+  end
 end
-if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
 return 1
 """
 )
@@ -183,23 +291,31 @@ _SHA = {s: hashlib.sha1(s.encode()).hexdigest() for s in (ACQUIRE, SETTLE, RENEW
 class RedisLease(Lease):
     """A lease taken in Redis (a lease from the local fallback is a plain `Lease`)."""
 
-    __slots__ = ("member", "tokens_remaining", "tokens_reset_ms")
+    __slots__ = ("member", "tokens_limit", "tokens_remaining", "tokens_reset_ms")
 
     def __init__(
-        self,
-        key: str,
-        tpm: int | None,
-        prompt_tokens: int,
-        reserved_tokens: int,
-        member: str,
-        tokens_remaining: int,
-        tokens_reset_ms: int,
+        self, key: str, plan: Plan, prompt_tokens: int, reserved_tokens: int, reserved_cost: int, member: str
     ) -> None:
-        super().__init__(key, tpm, prompt_tokens, reserved_tokens, member != "")
-        #: this request's entry in the key's lease set ('' when the key has no concurrency limit)
+        super().__init__(key, plan, prompt_tokens, reserved_tokens, reserved_cost)
+        #: this request's entry in its lease sets ('' when no concurrency limit applies)
         self.member = member
-        self.tokens_remaining = tokens_remaining
-        self.tokens_reset_ms = tokens_reset_ms
+        #: the tightest token bucket after the decision, for the settled reply's headers
+        self.tokens_limit = 0
+        self.tokens_remaining = 0
+        self.tokens_reset_ms = 0
+
+
+class _Names:
+    """A plan's Redis side: its keys, its lease sets, and what settlement touches."""
+
+    __slots__ = ("keys", "lease_sets", "plan", "settle_args", "settle_keys")
+
+    def __init__(self, plan: Plan, prefix: str) -> None:
+        self.plan = plan
+        self.keys = tuple(prefix + c.local_key for c in plan.checks)
+        self.lease_sets = tuple(prefix + c.local_key for c in plan.checks if c.kind == CONC)
+        self.settle_keys = tuple(prefix + c.local_key for c in plan.settle_checks)
+        self.settle_args = tuple(x for c in plan.settle_checks for x in (KIND_CODE[c.kind], c.limit))
 
 
 class _RedisDown(Exception):
@@ -216,11 +332,11 @@ class RedisLimitsStage:
         "_fail_open",
         "_last_log",
         "_lease_ttl_ms",
-        "_limit_headers",
         "_live",
         "_local",
         "_member_prefix",
         "_members",
+        "_names",
         "_prefix",
         "_renewer",
         "_retry_s",
@@ -252,81 +368,111 @@ class RedisLimitsStage:
         self._fail_open = r.on_error is OnError.FAIL_OPEN
         self._lease_ttl_ms = r.lease_ttl_ms
         self._prefix = r.key_prefix
-        #: the local limiter: the fallback of `fail_open`, and the reserve arithmetic's helpers
+        #: the local limiter: the fallback of `fail_open`, and the plans and reservations
         self._local = LimitsStage(cfg)
-        self._limit_headers = self._local._limit_headers
+        #: plan -> its Redis keys and static script arguments (plans are cached, so are these)
+        self._names: dict[int, _Names] = {}
         self._down_until = 0.0
         self._last_log = -1e9
         self._member_prefix = os.urandom(6).hex() + ":"
         self._members = 0
-        #: lease member -> lease set key, for renewal while the request runs
-        self._live: dict[str, str] = {}
+        #: lease member -> its lease sets, for renewal while the request runs
+        self._live: dict[str, tuple[str, ...]] = {}
         self._renewer: asyncio.Task[None] | None = None
         #: settlements in flight (strong references until they finish)
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def _names_of(self, plan: Plan) -> _Names:
+        names = self._names.get(id(plan))
+        if names is None or names.plan is not plan:
+            if len(self._names) >= 10_000:
+                self._names.clear()
+            names = self._names[id(plan)] = _Names(plan, self._prefix)
+        return names
+
     # ---- the request side ---------------------------------------------------------------------
     async def on_request(self, ctx: RequestContext) -> None:
         principal = ctx.principal
-        assert principal is not None
-        tier = principal.tier
-        rpm, tpm, max_concurrent = tier.rpm, tier.tpm, tier.max_concurrent
-        prompt = reserved = 0
-        if tpm is not None:
-            prompt = counted_prompt_tokens(ctx)
-            reserved = prompt + self._local._completion_reserve(ctx)
+        assert principal is not None and ctx.route is not None
+        local = self._local
+        plan = local.plan(principal, ctx.route.name)
+        if not plan.checks:  # no limit applies to this key and model: no round trip
+            return
+        prompt, tokens, cost = local.reservation(ctx, plan)
         member = ""
-        if max_concurrent is not None:
+        if plan.has_conc:
             self._members += 1
             member = f"{self._member_prefix}{self._members:x}"
-        key = principal.key_id
-        keys = self._keys(key)
+        names = self._names_of(plan)
         loop = asyncio.get_running_loop()
         if loop.time() < self._down_until:
             return await self._fallback(ctx, None)
+        args: list[int | str] = [member, self._lease_ttl_ms]
+        costs = (0, 1, tokens, cost)  # by kind: CONC, RPM, TPM, BUDGET
+        for c in plan.checks:
+            args += (KIND_CODE[c.kind], c.limit, c.limit2, costs[c.kind])
         try:
-            res = await self._run(
-                ACQUIRE, keys, (rpm or 0, tpm or 0, reserved, max_concurrent or 0, member, self._lease_ttl_ms)
-            )
+            res = await self._run(ACQUIRE, names.keys, args)
         except _RedisDown as exc:
             cause = exc.__cause__
             if member and isinstance(cause, (TimeoutError, RedisTimeoutError)):
                 # the script may have run: drop the lease it may have added
-                self._spawn(self._release(keys[2], member))
+                self._spawn(self._release(names.lease_sets, member))
             return await self._fallback(ctx, cause)
         except asyncio.CancelledError:
             if member:
-                self._spawn(self._release(keys[2], member))
+                self._spawn(self._release(names.lease_sets, member))
             raise
-        code, r_rem, r_reset, r_retry, t_rem, t_reset, t_retry = (int(v) for v in res)
-        headers = self._limit_headers[principal.tier_name]
-        if rpm is not None:
-            headers += (
-                ("x-ratelimit-remaining-requests", str(r_rem)),
-                ("x-ratelimit-reset-requests", duration(r_reset)),
-            )
-        if tpm is not None:
-            headers += (
-                ("x-ratelimit-remaining-tokens", str(t_rem)),
-                ("x-ratelimit-reset-tokens", duration(t_reset)),
-            )
+        code, now_s, day, month = (int(v) for v in res[:4])
+        vals = [int(v) for v in res[4:]]
+        headers: tuple[tuple[str, str], ...] = ()
+        tightest: dict[int, tuple[int, int, int]] = {}
+        for i, c in enumerate(plan.checks):
+            if c.kind == RPM or c.kind == TPM:
+                rem = vals[3 * i]
+                best = tightest.get(c.kind)
+                if best is None or rem < best[1]:
+                    tightest[c.kind] = (c.limit, rem, vals[3 * i + 1])
+        for kind, what in ((RPM, "requests"), (TPM, "tokens")):
+            best = tightest.get(kind)
+            if best is not None:
+                headers += (
+                    (f"x-ratelimit-limit-{what}", str(best[0])),
+                    (f"x-ratelimit-remaining-{what}", str(best[1])),
+                    (f"x-ratelimit-reset-{what}", duration(best[2])),
+                )
         ctx.ratelimit_headers = headers
         if code == 0:
-            ctx.lease = RedisLease(key, tpm, prompt, reserved, member, t_rem, t_reset)
+            lease = RedisLease(principal.key_id, plan, prompt, tokens, cost, member)
+            lease.day, lease.month = day, month
+            best = tightest.get(TPM)
+            if best is not None:
+                lease.tokens_limit, lease.tokens_remaining, lease.tokens_reset_ms = best
+            ctx.lease = lease
+            if plan.has_budget:
+                checks = enumerate(plan.checks)
+                budgets = [(c, vals[3 * i], vals[3 * i + 1]) for i, c in checks if c.kind == BUDGET]
+                local.stream_allowance(ctx, lease, budgets)
             if member:
-                self._live[member] = keys[2]
+                self._live[member] = names.lease_sets
                 if self._renewer is None:
                     self._renewer = loop.create_task(self._renew_loop())
             return
-        if code == 1:
+        i = code - 1
+        c = plan.checks[i]
+        if c.kind == CONC:
             raise _rate_limited(
-                f"Too many concurrent requests for this API key (limit {max_concurrent}).",
-                _CONCURRENCY_RETRY_MS,
+                f"Too many concurrent requests for this {c.scope} (limit {c.limit}).", _CONCURRENCY_RETRY_MS
             )
-        if code == 2:
-            raise _rate_limited(f"Rate limit reached: {rpm} requests per minute for this API key.", r_retry)
-        assert tpm is not None
-        raise _rate_limited(tokens_refused_message(reserved, tpm), t_retry)
+        if c.kind == RPM:
+            raise _rate_limited(
+                f"Rate limit reached: {c.limit} requests per minute for this {c.scope}.", vals[3 * i + 2]
+            )
+        if c.kind == TPM:
+            raise _rate_limited(tokens_refused_message(tokens, c.limit, c.scope), vals[3 * i + 2])
+        monthly = vals[3 * i + 2] == 2
+        limit, spent = (c.limit2, vals[3 * i + 1]) if monthly else (c.limit, vals[3 * i])
+        raise budget_refused(c.scope, monthly, limit, spent, cost, now_s)
 
     async def _fallback(self, ctx: RequestContext, cause: BaseException | None) -> None:
         now = asyncio.get_running_loop().time()
@@ -362,11 +508,12 @@ class RedisLimitsStage:
         member = lease.member
         if member:
             self._live.pop(member, None)
-        tpm = lease.tpm
+        plan = lease.plan
         unused = 0
-        if tpm is not None:
+        if plan.tpm_limits:
             unused = lease.reserved_tokens - tokens_used(ctx, lease.prompt_tokens)
-            if ctx.status == 0:  # a reply is still to come: its headers show the settled state
+            tpm = lease.tokens_limit
+            if ctx.status == 0 and tpm:  # a reply is still to come: its headers show the settled state
                 remaining = min(tpm, max(0, lease.tokens_remaining + unused))
                 reset = max(0, lease.tokens_reset_ms - unused * 60_000 // tpm)
                 ctx.ratelimit_headers = (
@@ -374,26 +521,30 @@ class RedisLimitsStage:
                     ("x-ratelimit-remaining-tokens", str(remaining)),
                     ("x-ratelimit-reset-tokens", duration(reset)),
                 )
-        if unused or member:
-            keys = self._keys(lease.key)
-            self._spawn(self._settle(keys, tpm or 0, unused, member))
+        unused_cost = lease.reserved_cost - cost_used(ctx, lease) if plan.has_budget else 0
+        if unused or unused_cost or member:
+            names = self._names_of(plan)
+            args = (member, unused, unused_cost, lease.day, lease.month, *names.settle_args)
+            self._spawn(self._settle(names.settle_keys, args))
 
-    async def _settle(self, keys: tuple[str, str, str], tpm: int, unused: int, member: str) -> None:
+    async def _settle(self, keys: tuple[str, ...], args: tuple[int | str, ...]) -> None:
         # On failure the refund is lost (the key is charged more, never less) and the lease expires.
         with contextlib.suppress(_RedisDown):
-            await self._run(SETTLE, (keys[1], keys[2]), (tpm, unused, member))
+            await self._run(SETTLE, keys, args)
 
-    async def _release(self, lease_set: str, member: str) -> None:
+    async def _release(self, lease_sets: tuple[str, ...], member: str) -> None:
+        args = (member, 0, 0, 0, -1, *(x for _ in lease_sets for x in ("c", 0)))
         with contextlib.suppress(_RedisDown):
-            await self._run(SETTLE, (lease_set, lease_set), (0, 0, member), force=True)
+            await self._run(SETTLE, lease_sets, args, force=True)
 
     async def _renew_loop(self) -> None:
         try:
             while self._live:
                 await asyncio.sleep(self._lease_ttl_ms / 3000)
                 by_set: dict[str, list[str]] = {}
-                for member, lease_set in self._live.items():
-                    by_set.setdefault(lease_set, []).append(member)
+                for member, lease_sets in self._live.items():
+                    for lease_set in lease_sets:
+                        by_set.setdefault(lease_set, []).append(member)
                 for lease_set, members in by_set.items():
                     try:
                         await self._run(RENEW, (lease_set,), (self._lease_ttl_ms, *members), force=True)
@@ -402,18 +553,29 @@ class RedisLimitsStage:
         finally:
             self._renewer = None
 
+    async def close(self) -> None:
+        """Let the settlements in flight finish, stop renewing, close the connections."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        await self._client.aclose(close_connection_pool=True)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # ---- Redis --------------------------------------------------------------------------------
-    def _keys(self, key_id: str) -> tuple[str, str, str]:
-        base = f"{self._prefix}{{{key_id}}}:"
-        return base + "r", base + "t", base + "c"
-
     async def _run(
-        self, script: str, keys: tuple[str, ...], args: tuple[int | str, ...], force: bool = False
+        self,
+        script: str,
+        keys: tuple[str, ...],
+        args: tuple[int | str, ...] | list[int | str],
+        force: bool = False,
     ) -> list[Any]:
         """One script call under the deadline: EVALSHA, then EVAL when Redis does not know the
         script (first use, or Redis restarted). Raises `_RedisDown` on any failure."""

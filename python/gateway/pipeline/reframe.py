@@ -121,6 +121,49 @@ def _error_event(fault: Fault, message: str) -> bytes:
     return _fastpath.sse_error(message, fault.type, fault.code)
 
 
+class LiveBudget:
+    """Live budget enforcement (`limits.live_budget_enforcement`): completion tokens counted on
+    the stream against what the key's budget allows this stream (`Lease.stream_token_limit`).
+    The stream ends after the upstream read that passes it (overshoot: at most that read).
+
+    Cheap on the hot path: upstream bytes are an upper bound of the tokens they can carry, so
+    the text is only counted (BPE, just the text that is new since the last count) once the
+    count so far plus the bytes since could pass the limit."""
+
+    __slots__ = ("counted", "encoding", "limit", "note", "offset", "unchecked")
+
+    def __init__(self, limit: int, encoding: str, note: str) -> None:
+        self.limit = limit
+        self.encoding = encoding
+        self.note = note
+        self.counted = 0
+        self.offset = 0
+        self.unchecked = 0
+
+    def over(self, reframer: _fastpath.ChatStreamReframer, nbytes: int) -> bool:
+        self.unchecked += nbytes
+        if self.counted + self.unchecked <= self.limit:
+            return False
+        text = reframer.completion_text
+        new = text[self.offset :]
+        # Count up to the last space (BPE words begin with their space, so counting piece by
+        # piece then matches counting the whole); the rest waits for the next count.
+        cut = new.rfind(" ")
+        if cut <= 0:
+            cut = len(new)
+        if cut:
+            self.counted += _fastpath.count_tokens(new[:cut], self.encoding)
+            self.offset += cut
+        self.unchecked = 4 * (len(new) - cut)  # UTF-8 bytes at most: at least as many as tokens
+        return self.counted > self.limit
+
+    def message(self) -> str:
+        return (
+            f"Budget exceeded: the stream was ended after {self.counted} completion tokens, the most "
+            f"that the {self.note} allows."
+        )
+
+
 async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, limits: StreamLimits) -> None:
     """Upstream SSE -> client SSE. Headers go out with the first upstream event, so an error
     the upstream reports before any content becomes a proper JSON error reply instead."""
@@ -145,9 +188,16 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
     writer = respond.start_stream(protocol, ctx)
     gaps = ReadGaps(loop.time())
     ended_ok = False
+    lease = ctx.lease
+    live: LiveBudget | None = None
+    if lease is not None and lease.stream_token_limit is not None and ctx.route is not None:
+        live = LiveBudget(lease.stream_token_limit, ctx.route.encoding, lease.budget_note)
     try:
         if out:
             await writer.send(out)
+        if live is not None and live.over(reframer, len(first)):
+            await _end_with_error(writer, Fault.RATE_LIMITED, live.message(), "budget_exceeded")
+            return
         idle_deadline = loop.time() + limits.idle_s
         next_ping = loop.time() + limits.ping_s
         while first:
@@ -173,6 +223,11 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
             out = reframer.feed(data)
             if out:
                 await writer.send(out)
+            if live is not None and live.over(reframer, len(data)):
+                # The read that passed the budget went out (it is charged: the client gets what
+                # it pays for), the upstream is closed, and what it produced is settled.
+                await _end_with_error(writer, Fault.RATE_LIMITED, live.message(), "budget_exceeded")
+                return
         tail = reframer.finish()
         if reframer.done:
             if ctx.client_wants_usage and reframer.usage is None:
@@ -206,9 +261,12 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
         _settle_stream_usage(ctx, reframer)
 
 
-async def _end_with_error(writer: respond.StreamWriter, fault: Fault, message: str) -> None:
+async def _end_with_error(
+    writer: respond.StreamWriter, fault: Fault, message: str, code: str | None = None
+) -> None:
     log.info("stream ended with error: %s", message)
-    await writer.send(_error_event(fault, message) + _fastpath.DONE)
+    event = _fastpath.sse_error(message, fault.type, code or fault.code)
+    await writer.send(event + _fastpath.DONE)
 
 
 def _stream_usage(ctx: RequestContext, reframer: _fastpath.ChatStreamReframer) -> tuple[int, int]:

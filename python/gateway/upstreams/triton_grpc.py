@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from ..config import ProviderConfig, TritonModelConfig
+from ..config import GrpcTransportKind, ProviderConfig, TritonModelConfig
 from ..errors import Fault, GatewayError
+from .grpc_h2 import H2Transport
 from .grpc_transport import GrpcioTransport, RpcError, StreamCall, Transport
 from .triton_request import TritonRequestBuilder
 
@@ -132,9 +133,14 @@ class TritonAdapter:
             with open(provider.tls_ca_file, "rb") as f:
                 roots = f.read()
         options = (*_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", self.max_response_bytes))
-        self.transport: Transport = GrpcioTransport(
-            url.netloc, tls=url.scheme == "grpcs", root_certificates=roots, options=options
-        )
+        tls = url.scheme == "grpcs"
+        self.transport: Transport
+        if provider.transport is GrpcTransportKind.GRPCIO:
+            self.transport = GrpcioTransport(url.netloc, tls=tls, root_certificates=roots, options=options)
+        else:  # h2, the default: in-loop, no threads (benchmarks/results/2026-11-23-triton-stream.md)
+            self.transport = H2Transport(
+                url.netloc, tls=tls, root_certificates=roots, max_message_bytes=self.max_response_bytes
+            )
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
