@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,11 +35,23 @@ def _env_int(name: str) -> int | None:
 
 
 def _load(path: str | None) -> config_mod.Config:
+    if path is None and not os.environ.get(envvars.SALT):
+        # the salt `make run` keeps in the data dir: `serve` / `keys` on the default config use it too
+        kept = keystore.data_dir() / "salt"
+        if kept.is_file():
+            os.environ[envvars.SALT] = kept.read_text(encoding="utf-8").strip()
     try:
         return config_mod.load(path)
     except config_mod.ConfigError as exc:
         where = path or "embedded default config"
         print(f"error: invalid config ({where}):\n  {exc}", file=sys.stderr)
+        if path is None and envvars.SALT in str(exc):
+            print(
+                f"  the default config has auth on: `make run` keeps a local salt and API key in the data"
+                f" dir and prints the key; to serve it yourself, export {envvars.SALT} (16+ random chars)"
+                " and create keys with `fastpath-gateway keys create`",
+                file=sys.stderr,
+            )
         raise SystemExit(2) from None
 
 
@@ -105,6 +118,51 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _local_credentials() -> str:
+    """`run-local` is secure by default too: a salt and a local API key kept in the data dir
+    (mode 0600), created on first use and reused after. Returns the key's secret."""
+    data = keystore.data_dir()
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def private(name: str, make: Callable[[], str]) -> str:
+        path = data / name
+        if path.exists():
+            return path.read_text(encoding="utf-8").strip()
+        value = make()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(value + "\n")
+        return value
+
+    if not os.environ.get(envvars.SALT):
+        os.environ[envvars.SALT] = private("salt", lambda: secrets.token_hex(24))
+    cfg = _load(None)
+    store = keystore.open_store(cfg, readonly=False)
+    assert store is not None  # the default config has a salt, so a SQLite store
+    try:
+        key_file = data / "local-key"
+        if key_file.exists():
+            secret = key_file.read_text(encoding="utf-8").strip()
+            digest = config_mod.hash_key(cfg.auth.salt, secret)
+            if any(k.key_hash == digest and k.status() == "active" for k in store.list_keys()):
+                return secret
+            key_file.unlink()  # revoked, or made with another salt: make a new one
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = f"local-{secrets.token_hex(4)}"
+        store.create(
+            keystore.StoredKey(
+                id=key_id,
+                key_hash=config_mod.hash_key(cfg.auth.salt, secret),
+                team="local",
+                tier="default",
+                created_at=time.time(),
+            )
+        )
+        return private("local-key", lambda: secret)
+    finally:
+        store.close()
+
+
 def cmd_run_local(args: argparse.Namespace) -> int:
     """The embedded default config plus the local upstreams it routes to (a real tritonserver on
     triton_models/ and the OpenAI-wire mock), stopped together (Ctrl-C or SIGTERM reach all)."""
@@ -127,6 +185,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)
         try:
+            key = _local_credentials()
             triton.start()  # first: it takes longest to load its models
             mock = subprocess.Popen(
                 [
@@ -166,8 +225,13 @@ def cmd_run_local(args: argparse.Namespace) -> int:
                 [sys.executable, "-m", "gateway.cli", "serve", *port], env=env, start_new_session=True
             )
             children.append(serve)
+            print(
+                "fastpath-gateway: auth is on; your local API key (kept in"
+                f" {keystore.data_dir() / 'local-key'}):\n  export OPENAI_API_KEY={key}",
+                flush=True,
+            )
             return serve.wait()
-        except (TritonNotInstalledError, RuntimeError) as exc:
+        except (TritonNotInstalledError, RuntimeError, keystore.KeyStoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

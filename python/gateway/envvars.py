@@ -16,10 +16,14 @@ LOG_LEVEL = "FASTPATH_GATEWAY_LOG_LEVEL"
 #: working directory.
 DATA_DIR = "FASTPATH_GATEWAY_DATA_DIR"
 
+#: The key-hash salt of the embedded default config (`auth.salt: ${FASTPATH_GATEWAY_SALT}`);
+#: `run-local` keeps one in the data dir.
+SALT = "FASTPATH_GATEWAY_SALT"
+
 #: Base URL of the local mock upstream in the embedded default config (`run-local` sets it).
 LOCAL_MOCK_URL = "FASTPATH_LOCAL_MOCK_URL"
 
 #: host:port of the local tritonserver's gRPC endpoint in the embedded default config.
 LOCAL_TRITON_GRPC = "FASTPATH_LOCAL_TRITON_GRPC"
 
-ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL, DATA_DIR, LOCAL_MOCK_URL, LOCAL_TRITON_GRPC)
+ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL, DATA_DIR, SALT, LOCAL_MOCK_URL, LOCAL_TRITON_GRPC)

@@ -56,7 +56,10 @@ def test_minimal_config_gets_defaults() -> None:
 def test_embedded_default_config_parses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FASTPATH_LOCAL_MOCK_API_KEY", raising=False)
     monkeypatch.delenv("FASTPATH_LOCAL_TRITON_GRPC", raising=False)
+    monkeypatch.setenv("FASTPATH_GATEWAY_SALT", "a-local-test-salt-0123456789")
     cfg = config_mod.load(None)
+    assert cfg.auth.enabled and cfg.auth.store is not None
+    assert cfg.auth.store.kind is config_mod.StoreKind.SQLITE
     assert {(m.name, m.upstream_model) for m in cfg.models} == {
         ("local-llm", "ensemble"),
         ("local-echo", "mock-echo"),
@@ -468,11 +471,20 @@ def test_cli_print_default_config_is_valid(tmp_path: Path) -> None:
     proc = run_cli("print-default-config")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == config_mod.default_text()
-    cfg = parse(proc.stdout)
-    assert {m.name for m in cfg.models} == {"local-llm", "local-echo", "local-slow"}
     path = tmp_path / "default.yaml"
     path.write_text(proc.stdout)
-    assert run_cli("check-config", str(path)).returncode == 0
+    salt = {"FASTPATH_GATEWAY_SALT": "a-local-test-salt-0123456789"}
+    assert run_cli("check-config", str(path), env=salt).returncode == 0
+
+
+def test_default_config_is_secure_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Auth on; without the salt the default config does not load, and the CLI says what to do."""
+    monkeypatch.delenv("FASTPATH_GATEWAY_SALT", raising=False)
+    with pytest.raises(ConfigError, match="FASTPATH_GATEWAY_SALT"):
+        config_mod.load(None)
+    proc = run_cli("serve", "--port", "0", env={"FASTPATH_GATEWAY_SALT": None})
+    assert_clean_failure(proc)
+    assert "make run" in proc.stderr and "serving on" not in proc.stdout
 
 
 def test_cli_version() -> None:

@@ -9,10 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Gateway, MockUpstream, free_port, run_gateway, wait_http
 from test_streaming import data_events, open_stream, sse_lines, stream_request, wait_for
 
@@ -57,10 +59,22 @@ def test_client_leaving_a_unary_call_cancels_the_upstream(
     assert wait_for(aborted, timeout_s=10)
 
 
-def test_run_local_serves_the_default_config_and_ctrl_c_stops_all() -> None:
-    """What `make run` runs: the embedded default config, a real tritonserver on triton_models/
-    (the `local-llm` test LLM and the prompt guard) and the mock upstream; Ctrl-C stops all."""
+def _status(req: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+def test_run_local_serves_the_default_config_and_ctrl_c_stops_all(tmp_path: Path) -> None:
+    """What `make run` runs: the embedded default config (auth on: a local key is made and
+    printed), a real tritonserver on triton_models/ (the `local-llm` test LLM and the prompt
+    guard) and the mock upstream; Ctrl-C stops all."""
     port, upstream = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "FASTPATH_GATEWAY_SALT"}
+    env["FASTPATH_GATEWAY_DATA_DIR"] = str(tmp_path / "data")
     triton_ports = [free_port(), free_port(), free_port()]
     proc = subprocess.Popen(
         [
@@ -77,16 +91,31 @@ def test_run_local_serves_the_default_config_and_ctrl_c_stops_all() -> None:
             *("--triton-metrics-port", str(triton_ports[2])),
         ],
         start_new_session=True,
+        env=env,
+        stdout=subprocess.PIPE,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=120, proc=proc)
+        key = (tmp_path / "data" / "local-key").read_text().strip()
+        assert key.startswith("sk-fp-")
+        assert (tmp_path / "data" / "local-key").stat().st_mode & 0o077 == 0
+        auth = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+        anonymous = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=b'{"model":"local-echo","messages":[{"role":"user","content":"hi"}]}',
+            headers={"content-type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(anonymous, timeout=10)
+        assert refused.value.code == 401
+        refused.value.close()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
             ready = json.loads(r.read())
         assert ready["upstreams"]["local-triton"]["models"] == {"ensemble": True}
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=b'{"model":"local-echo","messages":[{"role":"user","content":"hello there"}]}',
-            headers={"content-type": "application/json"},
+            headers=auth,
         )
         with urllib.request.urlopen(req, timeout=10) as r:
             assert json.loads(r.read())["choices"][0]["message"]["content"] == "You said: hello there"
@@ -94,7 +123,7 @@ def test_run_local_serves_the_default_config_and_ctrl_c_stops_all() -> None:
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=b'{"model":"local-llm","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
-            headers={"content-type": "application/json"},
+            headers=auth,
         )
         with urllib.request.urlopen(req, timeout=30) as r:
             guards = r.headers["x-fastpath-guard"]
@@ -103,12 +132,30 @@ def test_run_local_serves_the_default_config_and_ctrl_c_stops_all() -> None:
         text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
         assert len(text.split()) >= 12  # the test LLM's shortest natural answer
         assert "injection_rules=pass" in guards and "prompt_guard=" in guards
+        # `keys create` on the default config finds the kept salt; the running gateway takes the key
+        made = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "keys", "create", "--team", "t", "--tier", "default"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        second = made.stdout.strip().splitlines()[-1]
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=b'{"model":"local-echo","messages":[{"role":"user","content":"Capital of France?"}]}',
+            headers={**auth, "authorization": f"Bearer {second}"},
+        )
+        assert wait_for(lambda: _status(req) == 200, timeout_s=10)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        proc.wait(30)
+        out, _ = proc.communicate(timeout=30)
+        assert f"export OPENAI_API_KEY={key}" in out.decode()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
     for p in (port, upstream, *triton_ports):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still served after Ctrl-C"
