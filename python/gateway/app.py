@@ -172,7 +172,7 @@ class Gateway:
         finally:
             watch.stop()
             if self.account is not None:
-                self.account.record(ctx, status or ctx.status or _INTERNAL.status, error)
+                self.account.record(ctx, status or ctx.status or _INTERNAL.status, error or ctx.stream_error)
 
     # ---- admin: usage ---------------------------------------------------------------------------
     def _check_admin(self, headers: Any) -> None:

@@ -34,6 +34,7 @@ class RequestContext:
         "start_ns",
         "status",
         "stream",
+        "stream_error",
         "timings",
         "upstream_body",
         "usage",
@@ -58,6 +59,8 @@ class RequestContext:
         self.view: RequestView | None = None
         self.stream = False
         self.client_wants_usage = False
+        #: the error code of an error event that ended a started stream (for the usage ledger)
+        self.stream_error: str | None = None
         self.route: Route | None = None
         self.upstream_body = b""
         self.usage: Usage | None = None

@@ -386,6 +386,21 @@ def test_rows_for_every_outcome_and_usage_summaries(
         assert table[3].split()[:2] == ["bob", "4"]
 
 
+def test_stream_ended_by_an_error_event_records_its_code(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    """A stream that started (200) and then ended with an error event keeps that event's code."""
+    store = sqlite_store(tmp_path / "ledger" / "usage.db")
+    text = config_text(mock_upstream.port, store.yaml, flush_interval_ms=50)
+    with run_gateway(tmp_path, mock_upstream, config_text=text) as gw:
+        body = {**chat(mock={"words": 20, "drop_after_chunks": 2}), "stream": True}
+        status, raw = request(gw.port, "POST", "/v1/chat/completions", body, key=BOB)
+        assert status == 200 and b"upstream_bad_response" in raw
+        stream(gw.port, chat(), BOB)
+        rows = wait_for(lambda: len(store.rows()) >= 2 and store.rows(), 15)
+    failed, fine = sorted(rows, key=lambda r: r["error_code"] is None)
+    assert (failed["status"], failed["stream"], failed["error_code"]) == (200, True, "upstream_bad_response")
+    assert (fine["status"], fine["error_code"]) == (200, None)
+
+
 def cli_usage(cfg: Path, *args: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "usage", "--config", str(cfg), *args],

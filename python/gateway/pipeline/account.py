@@ -7,8 +7,9 @@ after the reply or the failure. `record` only builds a tuple and appends it to t
 `LedgerWriter` queue: no I/O on the request path (see `gateway.ledger`).
 
 Status recorded: the HTTP status sent (200 for a stream, also one that later ended with an
-error event), the error's status for a refused or failed request, 499 when the client went
-away before the reply was complete (nginx's convention), 500 for an internal error.
+error event: its error code is recorded), the error's status for a refused or failed request,
+499 when the client went away before the reply was complete (nginx's convention), 500 for an
+internal error.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ explicit error event.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
@@ -23,8 +22,6 @@ from ..schemas import ResponseChoicesView, ResponseUsageView, Usage
 from ..upstreams.httpclient import Connection, UpstreamProtocolError, UpstreamTimeout
 from ..upstreams.openai_http import map_transport_error
 from . import respond
-
-log = logging.getLogger("gateway.reframe")
 
 _usage_view = msgspec.json.Decoder(ResponseUsageView)
 _choices_view = msgspec.json.Decoder(ResponseChoicesView)
@@ -117,10 +114,6 @@ class StreamLimits:
         self.stream_deadline = stream_deadline
 
 
-def _error_event(fault: Fault, message: str) -> bytes:
-    return _fastpath.sse_error(message, fault.type, fault.code)
-
-
 class LiveBudget:
     """Live budget enforcement (`limits.live_budget_enforcement`): completion tokens counted on
     the stream against what the key's budget allows this stream (`Lease.stream_token_limit`).
@@ -196,7 +189,7 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
         if out:
             await writer.send(out)
         if live is not None and live.over(reframer, len(first)):
-            await _end_with_error(writer, Fault.RATE_LIMITED, live.message(), "budget_exceeded")
+            await _end_with_error(ctx, writer, Fault.RATE_LIMITED, live.message(), "budget_exceeded")
             return
         idle_deadline = loop.time() + limits.idle_s
         next_ping = loop.time() + limits.ping_s
@@ -226,7 +219,7 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
             if live is not None and live.over(reframer, len(data)):
                 # The read that passed the budget went out (it is charged: the client gets what
                 # it pays for), the upstream is closed, and what it produced is settled.
-                await _end_with_error(writer, Fault.RATE_LIMITED, live.message(), "budget_exceeded")
+                await _end_with_error(ctx, writer, Fault.RATE_LIMITED, live.message(), "budget_exceeded")
                 return
         tail = reframer.finish()
         if reframer.done:
@@ -237,11 +230,9 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
             await writer.send(tail + _fastpath.DONE)
             ended_ok = True
         else:
-            await writer.send(
-                tail
-                + _error_event(Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without [DONE].")
-                + _fastpath.DONE
-            )
+            fault = Fault.UPSTREAM_BAD_RESPONSE
+            msg = "The upstream ended the stream without [DONE]."
+            await respond.end_stream_with_error(ctx, writer, msg, fault.type, fault.code, tail)
     except UpstreamTimeout as exc:
         fault = Fault.STREAM_TIMEOUT if exc.phase == "stream" else Fault.UPSTREAM_TIMEOUT
         msg = (
@@ -249,9 +240,9 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
             if exc.phase == "stream"
             else f"The upstream went silent mid-stream ({exc})."
         )
-        await _end_with_error(writer, fault, msg)
+        await _end_with_error(ctx, writer, fault, msg)
     except (UpstreamProtocolError, _fastpath.SseError) as exc:
-        await _end_with_error(writer, Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}")
+        await _end_with_error(ctx, writer, Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}")
     finally:
         writer.close()
         if ended_ok:
@@ -262,11 +253,9 @@ async def relay_stream(ctx: RequestContext, protocol: Any, conn: Connection, lim
 
 
 async def _end_with_error(
-    writer: respond.StreamWriter, fault: Fault, message: str, code: str | None = None
+    ctx: RequestContext, writer: respond.StreamWriter, fault: Fault, message: str, code: str | None = None
 ) -> None:
-    log.info("stream ended with error: %s", message)
-    event = _fastpath.sse_error(message, fault.type, code or fault.code)
-    await writer.send(event + _fastpath.DONE)
+    await respond.end_stream_with_error(ctx, writer, message, fault.type, code or fault.code)
 
 
 def _stream_usage(ctx: RequestContext, reframer: _fastpath.ChatStreamReframer) -> tuple[int, int]:

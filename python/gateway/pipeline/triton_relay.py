@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +27,6 @@ from ..upstreams.grpc_transport import RpcError
 from ..upstreams.triton_grpc import TritonAdapter, TritonStream, map_rpc_error, map_stream_error
 from . import respond
 from .reframe import TIMING_HEADER, ReadGaps, StreamLimits, counted_prompt_tokens
-
-log = logging.getLogger("gateway.triton")
 
 _INT_SIZES = {"INT32": 4, "INT64": 8, "UINT32": 4, "UINT64": 8}
 
@@ -306,13 +303,13 @@ async def _relay(
                 try:
                     resp = await call.read()
                 except RpcError as exc:
-                    await _end_with_error(writer, map_rpc_error(exc, model))
+                    await _end_with_error(ctx, writer, map_rpc_error(exc, model))
                     return
                 if resp is None:
                     break
                 gaps.add(loop.time())
                 if resp.error_message:
-                    await _end_with_error(writer, map_stream_error(resp.error_message, model))
+                    await _end_with_error(ctx, writer, map_stream_error(resp.error_message, model))
                     return
         if ts.stopped:
             call.cancel()  # the stop word ended it: free the model's slot now
@@ -330,9 +327,9 @@ async def _relay(
             err = GatewayError(Fault.STREAM_TIMEOUT, "The stream exceeded its maximum duration.")
         else:
             err = GatewayError(Fault.UPSTREAM_TIMEOUT, "The Triton model went silent mid-stream.")
-        await _end_with_error(writer, err)
+        await _end_with_error(ctx, writer, err)
     except _fastpath.FastpathError as exc:
-        await _end_with_error(writer, _malformed(exc))
+        await _end_with_error(ctx, writer, _malformed(exc))
     finally:
         pinger.stop()
         writer.close()
@@ -340,6 +337,5 @@ async def _relay(
             ctx.usage = counts.usage(ctx, ts)
 
 
-async def _end_with_error(writer: respond.StreamWriter, err: GatewayError) -> None:
-    log.info("stream ended with error: %s", err.message)
-    await writer.send(_fastpath.sse_error(err.message, err.fault.type, err.fault.code) + _fastpath.DONE)
+async def _end_with_error(ctx: RequestContext, writer: respond.StreamWriter, err: GatewayError) -> None:
+    await respond.end_stream_with_error(ctx, writer, err.message, err.fault.type, err.code)
