@@ -565,3 +565,39 @@ def test_redis_limits_config() -> None:
         config_mod.parse(_cfg("limits: {backend: redis, redis: {on_error: maybe}}\n"))
     with pytest.raises(config_mod.ConfigError, match=r"tiers\.big\.tpm"):
         config_mod.parse(_cfg("limits: {backend: redis}\n", "tiers: {big: {tpm: 1000000000}}\n"))
+
+
+def _script_calls(r: Any) -> int:
+    stats = r.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def test_rpm_refusal_is_answered_locally_until_the_retry_time(
+    shared_redis: Any, mock_upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """After a requests-per-minute refusal the worker refuses that key again until the retry
+    time without a Redis round trip (exact: no admission can make the bucket ready sooner); a
+    flood from a limited key costs Redis nothing."""
+    prefix = f"fp-test:{uuid.uuid4().hex[:12]}:"
+    text = auth_config(mock_upstream.port, _limits_yaml(prefix))
+    try:
+        with run_gateway(tmp_path, mock_upstream, config_text=text, workers=1) as gw:
+            key = f"{KEY}-strict"
+            for _ in range(5):  # strict: 5 requests per minute
+                assert post(gw.port, chat(max_tokens=10), key)[0] == 200
+            status, headers, body = post(gw.port, chat(max_tokens=10), key)
+            assert status == 429 and "requests per minute" in body["error"]["message"]
+            time.sleep(0.3)  # settlements of the admitted requests are done
+            before = _script_calls(shared_redis)
+            for _ in range(10):
+                status, headers, body = post(gw.port, chat(max_tokens=10), key)
+                assert status == 429 and "requests per minute" in body["error"]["message"]
+                assert int(headers["retry-after"]) >= 1
+                assert headers["x-ratelimit-remaining-requests"] == "0"
+                assert headers["x-ratelimit-reset-requests"].endswith("s")
+            assert _script_calls(shared_redis) == before
+            # another key is not affected, and goes to Redis
+            assert post(gw.port, chat(max_tokens=10), f"{KEY}-rpm")[0] == 200
+            assert _script_calls(shared_redis) > before
+    finally:
+        _cleanup(shared_redis, prefix)

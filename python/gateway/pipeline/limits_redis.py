@@ -338,6 +338,7 @@ class RedisLimitsStage:
         "_members",
         "_names",
         "_prefix",
+        "_refused",
         "_renewer",
         "_retry_s",
         "_tasks",
@@ -381,6 +382,12 @@ class RedisLimitsStage:
         self._renewer: asyncio.Task[None] | None = None
         #: settlements in flight (strong references until they finish)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: (key id, model) -> (loop time until which it is refused, message, headers): a request
+        #: refused by a requests-per-minute bucket is refused until the bucket's retry time
+        #: whatever any worker does meanwhile (admissions never make it sooner), so repeats are
+        #: answered here, off the network. Exact; token, budget and concurrency refusals depend
+        #: on each request's size or on releases, so they are not cached.
+        self._refused: dict[tuple[str, str], tuple[float, str, tuple[tuple[str, str], ...]]] = {}
 
     def _names_of(self, plan: Plan) -> _Names:
         names = self._names.get(id(plan))
@@ -398,13 +405,22 @@ class RedisLimitsStage:
         plan = local.plan(principal, ctx.route.name)
         if not plan.checks:  # no limit applies to this key and model: no round trip
             return
+        loop = asyncio.get_running_loop()
+        refused = self._refused.get((principal.key_id, ctx.route.name)) if self._refused else None
+        if refused is not None:
+            wait_ms = int((refused[0] - loop.time()) * 1000)
+            if wait_ms > 0:
+                ctx.ratelimit_headers = tuple(
+                    (k, duration(wait_ms) if k == "x-ratelimit-reset-requests" else v) for k, v in refused[2]
+                )
+                raise _rate_limited(refused[1], wait_ms)
+            del self._refused[(principal.key_id, ctx.route.name)]
         prompt, tokens, cost = local.reservation(ctx, plan)
         member = ""
         if plan.has_conc:
             self._members += 1
             member = f"{self._member_prefix}{self._members:x}"
         names = self._names_of(plan)
-        loop = asyncio.get_running_loop()
         if loop.time() < self._down_until:
             return await self._fallback(ctx, None)
         args: list[int | str] = [member, self._lease_ttl_ms]
@@ -465,9 +481,16 @@ class RedisLimitsStage:
                 f"Too many concurrent requests for this {c.scope} (limit {c.limit}).", _CONCURRENCY_RETRY_MS
             )
         if c.kind == RPM:
-            raise _rate_limited(
-                f"Rate limit reached: {c.limit} requests per minute for this {c.scope}.", vals[3 * i + 2]
+            message = f"Rate limit reached: {c.limit} requests per minute for this {c.scope}."
+            retry_ms = vals[3 * i + 2]
+            if len(self._refused) >= 10_000:
+                self._refused.clear()
+            self._refused[(principal.key_id, ctx.route.name)] = (
+                loop.time() + retry_ms / 1000,
+                message,
+                headers,
             )
+            raise _rate_limited(message, retry_ms)
         if c.kind == TPM:
             raise _rate_limited(tokens_refused_message(tokens, c.limit, c.scope), vals[3 * i + 2])
         monthly = vals[3 * i + 2] == 2
