@@ -4,8 +4,12 @@ Upstream: nginx answering a fixed 366-byte chat.completion instantly (never the 
 Targets: direct to that upstream, nginx `proxy_pass` (keep-alive pool: a well-made proxy hop,
 our practical floor), and fastpath-gateway (1 worker). Load: wrk (native, closed loop).
 Reports RPS, latency percentiles, gateway CPU per request (from /proc) and /proc/loadavg.
+`--auth` adds a gateway with API-key auth + local limits, `--auth-redis` one with the same auth
+and tiers but `limits.backend: redis` (Redis at --redis-url, a fresh key prefix per run, deleted
+at the end; Redis's own CPU per request is read from /proc/<redis pid>/stat), all in the same run.
 
-    .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--warmup 3] [--repeat 2]
+    .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--warmup 3] [--repeat 2] \
+        [--auth] [--auth-redis] [--redis-url redis://127.0.0.1:6379/0]
 
 Not run in CI. Needs `wrk` and `nginx` (`make bench-deps`).
 """
@@ -16,6 +20,7 @@ import argparse
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -25,6 +30,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = (
@@ -35,12 +41,16 @@ BODY = (
 )
 REQUEST = '{"model":"bench","messages":[{"role":"user","content":"Hello, how are you?"}],"max_tokens":16}'
 API_KEY = "sk-bench-0123456789abcdef"
-# Limits high enough never to refuse: the cost of checking them is what is measured.
+# Limits high enough never to refuse: the cost of checking them is what is measured. The same
+# tiers for the local and the Redis limiter (tpm within config.REDIS_MAX_RATE = 150M).
 AUTH_CONFIG = (
     "auth: {enabled: true, salt: bench-salt-0123456789, "
     f"keys: [{{id: bench, key: {API_KEY}, tier: pro}}]}}\n"
-    "tiers: {pro: {rpm: 100000000, tpm: 100000000000, max_concurrent: 100000}}\n"
+    "tiers: {pro: {rpm: 100000000, tpm: 100000000, max_concurrent: 100000}}\n"
 )
+GW = "fastpath-gateway"
+GW_LOCAL = "fastpath-gateway +auth+limits"
+GW_REDIS = "fastpath-gateway +auth+redis limits"
 STREAM_REQUEST = REQUEST.replace('{"model":"bench",', '{"model":"bench","stream":true,')
 
 
@@ -126,6 +136,41 @@ http {{
     return path
 
 
+def redis_call(url: str, *args: str) -> bytes:
+    """One RESP command to the Redis at `url` (redis://host:port/db); the raw reply."""
+    u = urlsplit(url)
+    payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+    with socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=5) as s:
+        s.sendall(payload)
+        buf = b""
+        while True:
+            buf += s.recv(65536)
+            head, _, rest = buf.partition(b"\r\n")
+            if head[:1] != b"$" or len(rest) >= int(head[1:]) + 2:
+                return buf
+
+
+def redis_pid(url: str) -> int:
+    info = redis_call(url, "INFO", "server").decode()
+    return int(re.search(r"process_id:(\d+)", info).group(1))  # type: ignore[union-attr]
+
+
+def redis_count_and_delete(url: str, prefix: str) -> int:
+    """Keys under `prefix` (proof the Redis limiter ran), then deletes them."""
+    db = (urlsplit(url).path or "/0").lstrip("/") or "0"
+    reply = redis_call(
+        url,
+        "EVAL",
+        "redis.call('SELECT', ARGV[2]) local n = 0 local c = '0' repeat "
+        "local r = redis.call('SCAN', c, 'MATCH', ARGV[1] .. '*', 'COUNT', 1000) c = r[1] "
+        "for _, k in ipairs(r[2]) do redis.call('DEL', k) n = n + 1 end until c == '0' return n",
+        "0",
+        prefix,
+        db,
+    )
+    return int(reply[1:].split(b"\r\n", 1)[0]) if reply[:1] == b":" else -1
+
+
 def proc_cpu_s(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -172,6 +217,7 @@ class Row:
     cpu_us: float | None
     rss: float | None
     loadavg: str
+    redis_us: float | None = None
 
 
 def to_ms(v: str) -> float:
@@ -208,6 +254,21 @@ def _ratios(a: list[Row], b: list[Row]) -> str:
     return ", ".join(f"{x.rps / y.rps:.2f}" for x, y in zip(a, b, strict=False))
 
 
+def _cpu_ratios(a: list[Row], b: list[Row]) -> str:
+    return ", ".join(
+        f"{x.cpu_us / y.cpu_us:.2f} (+{x.cpu_us - y.cpu_us:.0f} µs, load1 {x.loadavg})"
+        for x, y in zip(a, b, strict=False)
+        if x.cpu_us and y.cpu_us
+    )
+
+
+def _added(g: list[Row], d: list[Row]) -> str:
+    return ", ".join(
+        f"p50 +{x.p50 - y.p50:.3f} / p99 +{x.p99 - y.p99:.3f} ms (load1 {x.loadavg})"
+        for x, y in zip(g, d, strict=False)
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
@@ -221,6 +282,12 @@ def main() -> int:
         action="store_true",
         help="add a second gateway with auth + local limits (RPM, TPM, concurrency) on, same run",
     )
+    ap.add_argument(
+        "--auth-redis",
+        action="store_true",
+        help="add a gateway with the same auth + limits on limits.backend redis, same run",
+    )
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -242,12 +309,24 @@ def main() -> int:
     )
     cfg_auth = tmp / "gateway-auth.yaml"
     cfg_auth.write_text(cfg.read_text() + AUTH_CONFIG)
+    # A fresh key prefix per run (no buckets left from an earlier run); fail_closed so that a
+    # Redis error shows as 503s in the error column instead of a silent fall back to local limits.
+    redis_prefix = f"fastpath:bench:{secrets.token_hex(6)}:"
+    cfg_redis = tmp / "gateway-auth-redis.yaml"
+    cfg_redis.write_text(
+        cfg_auth.read_text() + f"limits: {{backend: redis, redis: {{url: '{args.redis_url}', "
+        f"key_prefix: '{redis_prefix}', on_error: fail_closed}}}}\n"
+    )
+    rpid = redis_pid(args.redis_url) if args.auth_redis else None
     lua_auth = tmp / "post-auth.lua"
     lua_auth.write_text(lua.read_text() + f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n')
     ngx = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(nginx_conf(tmp, up, px, args.stream))])
-    gateways = {"fastpath-gateway": (gw, cfg)}
+    gateways = {GW: (gw, cfg)}
     if args.auth:
-        gateways["fastpath-gateway +auth+limits"] = (free_port(), cfg_auth)
+        gateways[GW_LOCAL] = (free_port(), cfg_auth)
+    if args.auth_redis:
+        gateways[GW_REDIS] = (free_port(), cfg_redis)
+    load_start = Path("/proc/loadavg").read_text().strip()
     procs = {
         name: subprocess.Popen(
             [
@@ -287,8 +366,10 @@ def main() -> int:
                         run_wrk(url, conc, args.warmup, script)
                     gw_pids = pids.get(name, [])
                     cpu0 = proc_cpu_s(gw_pids)
+                    r0 = proc_cpu_s([rpid]) if rpid else 0.0
                     rps, pct, errs, total = run_wrk(url, conc, args.duration, script)
                     cpu = (proc_cpu_s(gw_pids) - cpu0) / total * 1e6 if gw_pids and total else None
+                    r_us = (proc_cpu_s([rpid]) - r0) / total * 1e6 if rpid and total else None
                     rows.append(
                         Row(
                             name,
@@ -301,6 +382,7 @@ def main() -> int:
                             cpu,
                             rss_mb(gw_pids) if gw_pids else None,
                             Path("/proc/loadavg").read_text().split(" ")[0],
+                            r_us,
                         )
                     )
                     print(f"  {name:24} c={conc:<3} rps={rps:>9.0f} p50={pct.get('50', 0):.3f}ms", flush=True)
@@ -309,6 +391,8 @@ def main() -> int:
             pr.terminate()
         for pr in [*procs.values(), ngx]:
             pr.wait(10)
+        redis_keys = redis_count_and_delete(args.redis_url, redis_prefix) if args.auth_redis else 0
+    load_end = Path("/proc/loadavg").read_text().strip()
     from gateway import BUILD_PROFILE, __version__
 
     kind = "streamed 64-chunk SSE" if args.stream else "non-streamed JSON"
@@ -316,16 +400,28 @@ def main() -> int:
     print(
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"python {platform.python_version()}, fastpath-gateway {__version__} ({BUILD_PROFILE}), "
-        f"gateway workers={args.workers}; wrk -t1, {args.warmup}s warm-up, {args.duration}s per cell\n"
+        f"gateway workers={args.workers}; wrk -t1, {args.warmup}s warm-up, {args.duration}s per cell"
     )
-    print("| target | c | RPS | p50 ms | p90 ms | p99 ms | errors | gw CPU µs/req | gw RSS MB | load1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"/proc/loadavg at start: {load_start}; at end: {load_end}")
+    if args.auth_redis:
+        print(
+            f"redis: {args.redis_url} (pid {rpid}), key prefix {redis_prefix!r}: "
+            f"{redis_keys} keys left by the run (deleted)"
+        )
+    print()
+    redis_col = " redis CPU µs/req |" if args.auth_redis else ""
+    print(
+        "| target | c | RPS | p50 ms | p90 ms | p99 ms | errors | gw CPU µs/req | gw RSS MB |"
+        f"{redis_col} load1 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.auth_redis else ""))
     for r in rows:
         cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "—"
         rss = f"{r.rss:.0f}" if r.rss is not None else "—"
+        rcell = (f" {r.redis_us:.1f} |" if r.redis_us is not None else " — |") if args.auth_redis else ""
         print(
             f"| {r.target} | {r.conc} | {r.rps:.0f} | {r.p50:.3f} | {r.p90:.3f} | {r.p99:.3f} | {r.errors} "
-            f"| {cpu} | {rss} | {r.loadavg} |"
+            f"| {cpu} | {rss} |{rcell} {r.loadavg} |"
         )
     print()
     for conc in sorted({r.conc for r in rows}):
@@ -339,16 +435,33 @@ def main() -> int:
                 f"{_ratios(g, n)}; added p50 vs direct = "
                 + ", ".join(f"{x.p50 - y.p50:.3f} ms" for x, y in zip(g, d, strict=False))
             )
-        a = _cells(rows, "fastpath-gateway +auth+limits", conc)
-        if a and g:
-            print(
-                f"c={conc}: auth+limits vs without, same run: CPU/request ratio = "
-                + ", ".join(
-                    f"{x.cpu_us / y.cpu_us:.2f} (+{x.cpu_us - y.cpu_us:.0f} µs)"
-                    for x, y in zip(a, g, strict=False)
-                    if x.cpu_us and y.cpu_us
+        for name in (GW, GW_LOCAL, GW_REDIS):
+            a = _cells(rows, name, conc)
+            if a and d:
+                print(f"c={conc}: {name} added latency vs direct: {_added(a, d)}")
+        for name in (GW_LOCAL, GW_REDIS):
+            a = _cells(rows, name, conc)
+            if a and g:
+                print(
+                    f"c={conc}: {name} vs {GW}, same run: CPU/request ratio = {_cpu_ratios(a, g)}; "
+                    f"RPS ratio = {_ratios(a, g)}"
                 )
-                + f"; RPS ratio = {_ratios(a, g)}"
+        a, loc = _cells(rows, GW_REDIS, conc), _cells(rows, GW_LOCAL, conc)
+        if a:
+            print(
+                f"c={conc}: redis-server CPU per request of {GW_REDIS} = "
+                + ", ".join(f"{x.redis_us:.1f} µs" for x in a if x.redis_us is not None)
+                + (
+                    f"; gateway+redis CPU/request vs {GW} = "
+                    + ", ".join(
+                        f"{(x.cpu_us + (x.redis_us or 0)) / y.cpu_us:.2f}"
+                        for x, y in zip(a, g, strict=False)
+                        if x.cpu_us and y.cpu_us
+                    )
+                    if g
+                    else ""
+                )
+                + (f"; RPS redis / local limits = {_ratios(a, loc)}" if loc else "")
             )
     return 0
 
