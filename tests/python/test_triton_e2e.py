@@ -404,3 +404,51 @@ def test_triton_too_slow_is_a_504(client: openai.OpenAI, stream: bool) -> None:
     assert info.value.status_code == 504
     body = info.value.body
     assert isinstance(body, dict) and body["code"] == "upstream_timeout"
+
+
+def test_live_budget_enforcement_ends_a_triton_stream(triton: TritonServer, tmp_path: Path) -> None:
+    """The reservation covers `limits.default_max_tokens` (5) completion tokens; the budget has
+    room for 5 more: the stream is cut after the token that passes 10, with `budget_exceeded`
+    then [DONE], and the call is cancelled (the model logs the cancel)."""
+    key = "sk-live-triton-0123456789abcdef"
+    config = (
+        triton_config(triton.grpc_address)
+        + f"""
+auth:
+  enabled: true
+  keys: [{{id: live, key: {key}, tier: live}}]
+tiers:
+  default: {{}}
+  live: {{rpm: 1000, budget_usd_per_day: 0.0002}}
+prices:
+  llm-bls: {{input_per_mtok: 0, output_per_mtok: 20}}
+limits: {{default_max_tokens: 5, live_budget_enforcement: true}}
+"""
+    )
+    rid = f"live-{uuid.uuid4().hex[:10]}"
+    with run_gateway(tmp_path, None, config_text=config) as gw:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        try:
+            body = {
+                "model": "llm-bls",
+                "stream": True,
+                "messages": [{"role": "user", "content": "[[testllm delay_ms=20]] a long answer please"}],
+            }
+            headers = {
+                "content-type": "application/json",
+                "authorization": f"Bearer {key}",
+                "x-request-id": rid,
+            }
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+            resp = conn.getresponse()
+            assert resp.status == 200
+            raw = resp.read().decode()
+        finally:
+            conn.close()
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "budget_exceeded" and "11 completion tokens" in err["message"], err
+    words = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-2]).split()
+    assert len(words) == 11  # the token that passed the limit was sent (and is charged)
+    wait_event(triton.events_path, rid, "cancel", model="tensorrt_llm_bls")

@@ -101,9 +101,14 @@ class _Counts:
         if r.text:
             self.deltas += 1
 
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far: the model's own count, else one per text delta (TensorRT-LLM
+        streams one token per response)."""
+        return self.n_out if self.n_out is not None else self.deltas
+
     def finish_reason(self, max_tokens: int) -> str:
-        generated = self.n_out if self.n_out is not None else self.deltas
-        return "length" if generated >= max_tokens else "stop"
+        return "length" if self.generated >= max_tokens else "stop"
 
     def usage(self, ctx: RequestContext, ts: _fastpath.TextStream) -> Usage:
         assert ctx.route is not None
@@ -281,6 +286,9 @@ async def _relay(
         raise GatewayError(Fault.UPSTREAM_TIMEOUT, "The Triton model sent no first token in time.") from None
     first_ns = time.perf_counter_ns()
     ctx.timings["ttfb"] = first_ns - t0
+    # live budget enforcement: the most completion tokens the key's budget allows this stream
+    lease = ctx.lease
+    live_limit = lease.stream_token_limit if lease is not None else None
     writer = respond.start_stream(protocol, ctx)
     pinger = _Pinger(loop, writer, limits.ping_s)
     gaps = ReadGaps(loop.time())
@@ -297,6 +305,17 @@ async def _relay(
                     await writer.send(out)
                     pinger.last = loop.time()
                     out = b""
+                if live_limit is not None and counts.generated > live_limit and not r.final:
+                    # what was produced is sent (and charged); the model stops now
+                    call.cancel()
+                    msg = (
+                        f"Budget exceeded: the stream was ended after {counts.generated} completion"
+                        f" tokens, the most that the {lease.budget_note if lease else 'budget'} allows."
+                    )
+                    await _end_with_error(
+                        ctx, writer, GatewayError(Fault.RATE_LIMITED, msg, code="budget_exceeded")
+                    )
+                    return
                 if r.final or ts.stopped:
                     break
                 timeout.reschedule(min(limits.stream_deadline, loop.time() + limits.idle_s))
