@@ -8,4 +8,5 @@ pub mod report;
 pub mod runner;
 pub mod schedule;
 pub mod sse;
+pub mod tokens;
 pub mod workload;

@@ -4,6 +4,7 @@ use clap::Parser;
 use fastpath_bench::report::{self, Output, Percentiles, Slo, Summary};
 use fastpath_bench::runner::{self, RunConfig};
 use fastpath_bench::schedule::Load;
+use fastpath_bench::tokens::Encoding;
 use fastpath_bench::workload::{self, Lengths, Spec, Target};
 use std::io::Write as _;
 use std::net::ToSocketAddrs;
@@ -56,9 +57,14 @@ struct Args {
     /// Warm-up per load level; its requests are sent but not measured.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     warmup: Duration,
-    /// Synthetic prompt length in words (≈ tokens): fixed:N | uniform:LO:HI | normal:MEAN:SD.
+    /// Synthetic prompt length in tokens of --tokenizer, exact per prompt (the user message's
+    /// content; chat framing comes on top): fixed:N | uniform:LO:HI | normal:MEAN:SD.
     #[arg(long, value_parser = Lengths::parse, default_value = "fixed:128")]
     input_tokens: Lengths,
+    /// BPE encoding for prompt lengths, JSONL input counts and output tokens of responses
+    /// without `usage`: o200k_base | cl100k_base.
+    #[arg(long, value_parser = Encoding::from_name, default_value = "o200k_base")]
+    tokenizer: Encoding,
     /// `max_tokens` of every request.
     #[arg(long)]
     max_tokens: Option<u64>,
@@ -254,7 +260,7 @@ fn summarize(args: &Args, load: Load, res: &runner::RunResult, slo: &Slo) -> Sum
         input_tokens: agg.input_tokens,
         output_tokens: agg.output_tokens,
         output_token_throughput: per_s(agg.output_tokens),
-        input_tokens_are_words: args.prompts.is_none(),
+        tokenizer: args.tokenizer.name().into(),
         ttft_ms: Percentiles::of(&agg.ttft),
         first_event_ms: Percentiles::of(&agg.first_event),
         itl_ms: Percentiles::of(&agg.itl),
@@ -282,6 +288,7 @@ fn write_json(
         "url": url, "model": model, "stream": args.stream,
         "warmup_s": args.warmup.as_secs_f64(), "duration_s": duration.map(|d| d.as_secs_f64()),
         "requests": args.requests, "input_tokens": format!("{:?}", args.input_tokens),
+        "tokenizer": args.tokenizer.name(),
         "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos,
         "prompts": args.prompts.as_ref().map(|p| p.display().to_string()),
         "extra_body": args.extra_body, "seed": args.seed, "max_inflight": args.max_inflight,
@@ -335,6 +342,7 @@ fn real_main(args: &Args) -> Result<(), String> {
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
         input: args.input_tokens,
+        tokenizer: args.tokenizer,
         extra,
         seed: args.seed,
     };
@@ -372,6 +380,7 @@ fn real_main(args: &Args) -> Result<(), String> {
             keep_records: csv.is_some(),
             progress: !args.no_progress,
             slo: slo.clone(),
+            tokenizer: Some(args.tokenizer),
         };
         let result = local.block_on(&rt, runner::run(cfg, reqs.clone()));
         let summary = summarize(args, load, &result, &slo);

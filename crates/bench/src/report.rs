@@ -239,8 +239,10 @@ pub struct Summary {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub output_token_throughput: f64,
-    /// Input lengths of synthetic prompts are counted in words (≈ tokens).
-    pub input_tokens_are_words: bool,
+    /// Encoding that input lengths (and output tokens of responses without `usage`) are counted
+    /// in. Results written before it existed read as "".
+    #[serde(default)]
+    pub tokenizer: String,
     pub ttft_ms: Percentiles,
     /// First SSE event of any kind (e.g. a role-only chunk), from the scheduled send.
     pub first_event_ms: Percentiles,
@@ -317,7 +319,7 @@ pub fn table(s: &Summary) -> String {
         s.output_token_throughput,
         s.input_tokens,
         s.output_tokens,
-        if s.input_tokens_are_words { "; input counted as words" } else { "" },
+        if s.tokenizer.is_empty() { String::new() } else { format!(", {}", s.tokenizer) },
     );
     if let Some(cpu) = s.client_cpu_us_per_request {
         let _ = writeln!(o, "client CPU {cpu:.1} µs/request");

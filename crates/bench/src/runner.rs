@@ -9,7 +9,8 @@
 use crate::hist::Histogram;
 use crate::report::{Aggregate, Record, Slo};
 use crate::schedule::{Arrivals, Load};
-use crate::sse::{classify, parse_head, Dechunker, Framing, SseSplitter};
+use crate::sse::{classify_into, parse_head, Dechunker, Framing, SseSplitter};
+use crate::tokens::Encoding;
 use crate::workload::Prepared;
 use std::cell::{Cell, RefCell};
 use std::io::{IsTerminal, Write as _};
@@ -35,6 +36,9 @@ pub struct RunConfig {
     pub keep_records: bool,
     pub progress: bool,
     pub slo: Slo,
+    /// Output tokens of a response without `usage` are its generated text counted with this
+    /// (after the response is complete); `None`: its content events are counted instead.
+    pub tokenizer: Option<Encoding>,
 }
 
 pub struct RunResult {
@@ -151,12 +155,15 @@ struct Seen {
     error: Option<String>,
     body: Vec<u8>,
     done: bool,
+    /// Generated text of a stream, kept when a tokenizer may need to count it.
+    collect_text: bool,
+    text: String,
 }
 
 impl Seen {
     fn on_event(&mut self, data: &[u8], now: Instant) {
         self.first_event.get_or_insert(now);
-        let info = classify(data);
+        let info = classify_into(data, self.collect_text.then_some(&mut self.text));
         if info.done {
             self.done = true;
             return;
@@ -295,15 +302,81 @@ impl ExchangeError {
     }
 }
 
-fn usage_from_body(body: &[u8]) -> (Option<u64>, Option<u64>) {
+/// `usage` of a non-streamed response; when `text` is given and the body has no
+/// `completion_tokens`, the generated text (message content / reasoning, completion text) is
+/// appended to it.
+fn usage_from_body(body: &[u8], text: Option<&mut String>) -> (Option<u64>, Option<u64>) {
+    #[derive(serde::Deserialize)]
+    struct Message {
+        #[serde(default)]
+        content: Option<String>,
+        #[serde(default)]
+        reasoning_content: Option<String>,
+        #[serde(default)]
+        reasoning: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        message: Option<Message>,
+        #[serde(default)]
+        text: Option<String>,
+    }
     #[derive(serde::Deserialize)]
     struct B {
         #[serde(default)]
         usage: Option<crate::sse::Usage>,
+        #[serde(default)]
+        choices: Vec<Choice>,
     }
-    match serde_json::from_slice::<B>(body) {
-        Ok(B { usage: Some(u) }) => (u.prompt_tokens, u.completion_tokens),
-        _ => (None, None),
+    let Ok(b) = serde_json::from_slice::<B>(body) else {
+        return (None, None);
+    };
+    let u = b.usage.unwrap_or_default();
+    if let (Some(out), None) = (text, u.completion_tokens) {
+        for c in b.choices {
+            let m = c.message;
+            let (a, r1, r2) = m.map_or((None, None, None), |m| {
+                (m.content, m.reasoning_content, m.reasoning)
+            });
+            for s in [c.text, a, r1, r2].into_iter().flatten() {
+                out.push_str(&s);
+            }
+        }
+    }
+    (u.prompt_tokens, u.completion_tokens)
+}
+
+/// Output tokens of a response without `usage`: its text in tokens, else its content events.
+fn counted_output(tokenizer: Option<Encoding>, text: &str, content_events: u64) -> u64 {
+    match tokenizer {
+        Some(enc) if !text.is_empty() => enc.count(text).map_or(content_events, |n| n as u64),
+        _ => content_events,
+    }
+}
+
+/// Token counts (from `usage`, else counted) and TPOT of a finished exchange into its record.
+fn fill_tokens(rec: &mut Record, seen: &mut Seen, stream: bool, tokenizer: Option<Encoding>) {
+    if !stream {
+        let text = tokenizer.is_some().then_some(&mut seen.text);
+        let (p, c) = usage_from_body(&seen.body, text);
+        seen.prompt_tokens = p;
+        seen.completion_tokens = c;
+    }
+    rec.usage_reported = seen.completion_tokens.is_some();
+    rec.output_tokens = match seen.completion_tokens {
+        Some(n) => n,
+        None => counted_output(tokenizer, &seen.text, seen.content_events),
+    };
+    if let Some(p) = seen.prompt_tokens {
+        rec.input_tokens = p;
+    }
+    if let (Some(first), Some(last)) = (seen.first_content, seen.last_content) {
+        if rec.output_tokens > 1 {
+            rec.tpot_ns = Some(
+                last.saturating_duration_since(first).as_nanos() as u64 / (rec.output_tokens - 1),
+            );
+        }
     }
 }
 
@@ -325,7 +398,10 @@ async fn one(
         input_tokens: req.input_tokens,
         ..Record::default()
     };
-    let mut seen = Seen::default();
+    let mut seen = Seen {
+        collect_text: shared.cfg.tokenizer.is_some(),
+        ..Seen::default()
+    };
     let mut conn_out = None;
     let attempt = async {
         let (mut conn, mut reused) = match conn {
@@ -384,28 +460,12 @@ async fn one(
             rec.error = Some("stream ended without [DONE]".into());
         }
     }
-    if !req.stream {
-        let (p, c) = usage_from_body(&seen.body);
-        seen.prompt_tokens = p;
-        seen.completion_tokens = c;
-    }
     rec.first_event_ns = seen.first_event.map(|t| ns_since(scheduled, t));
     rec.ttft_ns = seen.first_content.map(|t| ns_since(scheduled, t));
     rec.itl_count = seen.itls.len() as u64;
     rec.itl_sum_ns = seen.itls.iter().sum();
     rec.itl_max_ns = seen.itls.iter().copied().max();
-    rec.usage_reported = seen.completion_tokens.is_some();
-    rec.output_tokens = seen.completion_tokens.unwrap_or(seen.content_events);
-    if let Some(p) = seen.prompt_tokens {
-        rec.input_tokens = p;
-    }
-    if let (Some(first), Some(last)) = (seen.first_content, seen.last_content) {
-        if rec.output_tokens > 1 {
-            rec.tpot_ns = Some(
-                last.saturating_duration_since(first).as_nanos() as u64 / (rec.output_tokens - 1),
-            );
-        }
-    }
+    fill_tokens(&mut rec, &mut seen, req.stream, shared.cfg.tokenizer);
     shared.inflight.set(shared.inflight.get().saturating_sub(1));
     shared.finish(rec, &seen.itls, measured, end);
     conn_out
@@ -583,5 +643,31 @@ pub async fn run(cfg: RunConfig, reqs: Vec<Prepared>) -> RunResult {
         window_s,
         sent_total: shared.sent.get(),
         cpu_ns: cpu,
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_tokens_without_usage_are_counted() {
+        let body = br#"{"choices":[{"message":{"role":"assistant","content":"hello world"}}]}"#;
+        let mut text = String::new();
+        assert_eq!(usage_from_body(body, Some(&mut text)), (None, None));
+        assert_eq!(text, "hello world");
+        assert_eq!(counted_output(Some(Encoding::O200kBase), &text, 0), 2);
+        assert_eq!(counted_output(None, &text, 5), 5);
+        assert_eq!(counted_output(Some(Encoding::O200kBase), "", 5), 5);
+        // With `usage`, the text is not collected.
+        let body = br#"{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":4,"completion_tokens":1}}"#;
+        let mut text = String::new();
+        assert_eq!(usage_from_body(body, Some(&mut text)), (Some(4), Some(1)));
+        assert!(text.is_empty());
+        let legacy = br#"{"choices":[{"text":"a b c"}]}"#;
+        let mut text = String::new();
+        let _ = usage_from_body(legacy, Some(&mut text));
+        assert_eq!(Encoding::Cl100kBase.count(&text).unwrap(), 3);
     }
 }

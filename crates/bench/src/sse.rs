@@ -315,6 +315,13 @@ fn non_empty(s: Option<&String>) -> bool {
 /// Classify one event payload; undecodable JSON counts as an error event.
 #[must_use]
 pub fn classify(data: &[u8]) -> EventInfo {
+    classify_into(data, None)
+}
+
+/// [`classify`], also appending the event's generated text (content, reasoning, completion
+/// text; not tool-call arguments) to `text`, for counting output tokens when `usage` is missing.
+#[must_use]
+pub fn classify_into(data: &[u8], text: Option<&mut String>) -> EventInfo {
     if data.trim_ascii() == b"[DONE]" {
         return EventInfo {
             done: true,
@@ -336,6 +343,23 @@ pub fn classify(data: &[u8]) -> EventInfo {
                     || d.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
             })
     });
+    if let Some(out) = text {
+        for c in &chunk.choices {
+            for s in [c.text.as_ref()]
+                .into_iter()
+                .chain(c.delta.as_ref().map_or([None; 3], |d| {
+                    [
+                        d.content.as_ref(),
+                        d.reasoning_content.as_ref(),
+                        d.reasoning.as_ref(),
+                    ]
+                }))
+                .flatten()
+            {
+                out.push_str(s);
+            }
+        }
+    }
     let usage = chunk.usage.unwrap_or_default();
     EventInfo {
         done: false,
@@ -465,6 +489,11 @@ mod tests {
             (false, Some(7), Some(3))
         );
         assert!(classify(b"[DONE]").done);
+        let mut text = String::new();
+        for e in [&word[..], legacy, tool, usage, role] {
+            let _ = classify_into(e, Some(&mut text));
+        }
+        assert_eq!(text, "hi \"x\"w1");
         assert!(classify(b"{not json").error);
         assert!(classify(br#"{"error":{"message":"boom"}}"#).error);
     }

@@ -1,26 +1,18 @@
 //! Request bodies: synthetic chat prompts or a JSONL file, pre-rendered as whole HTTP/1.1 requests
 //! (head and body in one buffer, one `write` per request).
 //!
-//! Synthetic input lengths are counted in **words** (space-separated, drawn from a fixed
-//! vocabulary), used as an approximation of tokens: with o200k/cl100k BPE these common English
-//! words are ~1 token each, plus a few tokens of chat framing. Output length is steered with
-//! `max_tokens` (and `ignore_eos` where the server supports it).
+//! Synthetic input lengths are exact in tokens of the chosen encoding (`--tokenizer`): the user
+//! message's `content` has exactly the sampled number of tokens (the server's chat template adds
+//! its own framing on top). JSONL requests are counted with the same tokenizer. Output length is
+//! steered with `max_tokens` (and `ignore_eos` where the server supports it).
 
 use crate::schedule::Rng;
+use crate::tokens::{Encoding, PromptGen};
 use serde_json::{Map, Value};
 
 /// Bodies rendered up-front and reused round-robin (synthetic mode), so the hot loop never builds
 /// JSON.
 pub const SYNTHETIC_POOL: usize = 1024;
-
-const VOCAB: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
-    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
-    "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
-    "been", "if", "more", "when", "will", "would", "who", "so", "no", "time", "people", "year",
-    "world", "water", "house", "light", "river", "city", "music", "story", "model", "number",
-    "table", "paper", "system", "market",
-];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Lengths {
@@ -114,6 +106,8 @@ pub struct Spec {
     pub max_tokens: Option<u64>,
     pub ignore_eos: bool,
     pub input: Lengths,
+    /// Encoding that synthetic prompt lengths (and JSONL inputs) are counted in.
+    pub tokenizer: Encoding,
     pub extra: Map<String, Value>,
     pub seed: u64,
 }
@@ -124,17 +118,6 @@ pub struct Prepared {
     pub bytes: Vec<u8>,
     pub input_tokens: u64,
     pub stream: bool,
-}
-
-fn prompt(rng: &mut Rng, words: u64) -> String {
-    let mut s = String::with_capacity(words as usize * 6);
-    for i in 0..words {
-        if i > 0 {
-            s.push(' ');
-        }
-        s.push_str(VOCAB[(rng.next_u64() % VOCAB.len() as u64) as usize]);
-    }
-    s
 }
 
 fn render(spec: &Spec, body: &Value, input_tokens: u64, stream: bool) -> Result<Prepared, String> {
@@ -184,37 +167,46 @@ fn apply_common(spec: &Spec, obj: &mut Map<String, Value>) {
     }
 }
 
-/// Synthetic chat requests: `SYNTHETIC_POOL` distinct prompts drawn with the seeded RNG.
+/// Synthetic chat requests: `SYNTHETIC_POOL` distinct prompts drawn with the seeded RNG, each
+/// exactly as many tokens long as its sampled length (the same seed gives the same bodies).
 pub fn synthetic(spec: &Spec) -> Result<Vec<Prepared>, String> {
+    let gen = PromptGen::new(spec.tokenizer)?;
     let mut rng = Rng::new(spec.seed ^ 0x5eed_0fb0_d1e5);
     (0..SYNTHETIC_POOL)
         .map(|_| {
-            let words = spec.input.sample(&mut rng);
+            let tokens = spec.input.sample(&mut rng);
+            let content = gen.prompt(&mut rng, tokens as usize)?;
             let mut obj = Map::new();
             obj.insert("model".into(), Value::from(spec.model.clone()));
             obj.insert(
                 "messages".into(),
-                serde_json::json!([{"role": "user", "content": prompt(&mut rng, words)}]),
+                serde_json::json!([{"role": "user", "content": content}]),
             );
             apply_common(spec, &mut obj);
-            render(spec, &Value::Object(obj), words, spec.stream)
+            render(spec, &Value::Object(obj), tokens, spec.stream)
         })
         .collect()
 }
 
-/// Approximate input size of a request body from a file: words across message contents / prompt.
-fn count_input_words(obj: &Map<String, Value>) -> u64 {
-    fn words(v: &Value) -> u64 {
-        match v {
-            Value::String(s) => s.split_whitespace().count() as u64,
-            Value::Array(a) => a.iter().map(words).sum(),
-            Value::Object(o) => o.get("text").or_else(|| o.get("content")).map_or(0, words),
+/// Input size of a request body from a file: tokens of the message contents (text parts) or of
+/// the prompt (a pre-tokenized prompt counts its ids), without chat framing.
+fn count_input_tokens(enc: Encoding, obj: &Map<String, Value>) -> Result<u64, String> {
+    fn tokens(enc: Encoding, v: &Value) -> Result<u64, String> {
+        Ok(match v {
+            Value::String(s) => enc.count(s)? as u64,
+            Value::Number(_) => 1,
+            Value::Array(a) => a.iter().map(|x| tokens(enc, x)).sum::<Result<u64, _>>()?,
+            Value::Object(o) => match o.get("text").or_else(|| o.get("content")) {
+                Some(x) => tokens(enc, x)?,
+                None => 0,
+            },
             _ => 0,
-        }
+        })
     }
-    obj.get("messages")
-        .or_else(|| obj.get("prompt"))
-        .map_or(0, words)
+    match obj.get("messages").or_else(|| obj.get("prompt")) {
+        Some(v) => tokens(enc, v),
+        None => Ok(0),
+    }
 }
 
 /// One request body (a JSON object) per non-empty line; `model`, `stream`, `max_tokens` and the
@@ -232,7 +224,7 @@ pub fn from_jsonl(spec: &Spec, text: &str) -> Result<Vec<Prepared>, String> {
         };
         apply_common(spec, &mut obj);
         let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let input = count_input_words(&obj);
+        let input = count_input_tokens(spec.tokenizer, &obj)?;
         out.push(render(spec, &Value::Object(obj), input, stream)?);
     }
     if out.is_empty() {
@@ -256,6 +248,7 @@ mod tests {
             max_tokens: Some(16),
             ignore_eos: false,
             input: Lengths::Fixed(8),
+            tokenizer: Encoding::O200kBase,
             extra: Map::new(),
             seed: 1,
         }
@@ -302,8 +295,64 @@ mod tests {
         assert_eq!(v["stream"], Value::Bool(true));
         assert_eq!(v["max_tokens"], Value::from(16));
         let content = v["messages"][0]["content"].as_str().unwrap();
-        assert_eq!(content.split(' ').count(), 8);
+        assert_eq!(Encoding::O200kBase.count(content).unwrap(), 8);
         assert_eq!(reqs[0].input_tokens, 8);
+    }
+
+    fn contents(reqs: &[Prepared]) -> Vec<String> {
+        reqs.iter()
+            .map(|r| {
+                let text = std::str::from_utf8(&r.bytes).unwrap();
+                let body = text.split_once("\r\n\r\n").unwrap().1;
+                let v: Value = serde_json::from_str(body).unwrap();
+                v["messages"][0]["content"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn synthetic_lengths_are_exact_tokens() {
+        for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            for (input, lo, hi) in [
+                (Lengths::Fixed(37), 37, 37),
+                (Lengths::Uniform(1, 300), 1, 300),
+                (Lengths::Normal(64.0, 20.0), 1, u64::MAX),
+            ] {
+                for seed in [0, 1, 42] {
+                    let mut s = spec();
+                    (s.input, s.tokenizer, s.seed) = (input, enc, seed);
+                    let reqs = synthetic(&s).unwrap();
+                    let texts = contents(&reqs);
+                    let mut distinct = std::collections::HashSet::new();
+                    for (r, text) in reqs.iter().zip(&texts) {
+                        assert_eq!(enc.count(text).unwrap() as u64, r.input_tokens, "{text:?}");
+                        assert!((lo..=hi).contains(&r.input_tokens), "{input:?}");
+                        distinct.insert(r.input_tokens);
+                    }
+                    // The distributions really vary the length.
+                    assert!(matches!(input, Lengths::Fixed(_)) || distinct.len() > 20);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn synthetic_is_deterministic_per_seed() {
+        let mut s = spec();
+        s.input = Lengths::Uniform(10, 50);
+        let first = synthetic(&s).unwrap();
+        let again = synthetic(&s).unwrap();
+        assert!(first.iter().zip(&again).all(|(x, y)| x.bytes == y.bytes));
+        s.seed = 2;
+        let seed2 = synthetic(&s).unwrap();
+        assert_ne!(contents(&first), contents(&seed2));
+        // The lengths drawn depend on the seed only, not on the encoding.
+        s.tokenizer = Encoding::Cl100kBase;
+        let cl100k = synthetic(&s).unwrap();
+        assert!(cl100k
+            .iter()
+            .zip(&seed2)
+            .all(|(x, y)| x.input_tokens == y.input_tokens));
     }
 
     #[test]
@@ -317,7 +366,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(reqs.len(), 1);
-        assert_eq!(reqs[0].input_tokens, 3);
+        assert_eq!(reqs[0].input_tokens, 3); // "a b c": three o200k tokens
         let text = String::from_utf8(reqs[0].bytes.clone()).unwrap();
         assert!(text.contains("\"mock\":{\"words\":3}") && text.contains("\"model\":\"m\""));
         assert!(from_jsonl(&s, "[1]").is_err());
