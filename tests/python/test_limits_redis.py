@@ -567,19 +567,32 @@ def test_redis_limits_config() -> None:
         config_mod.parse(_cfg("limits: {backend: redis}\n", "tiers: {big: {tpm: 1000000000}}\n"))
 
 
+def _quiet_calls(r: Any) -> int:
+    """The script-call count once it has stopped moving for 0.3 s."""
+    last = -1
+    while (now := _script_calls(r)) != last:
+        last = now
+        time.sleep(0.3)
+    return now
+
+
 def _script_calls(r: Any) -> int:
     stats = r.info("commandstats")
     return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
 
 
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_rpm_refusal_is_answered_locally_until_the_retry_time(
-    shared_redis: Any, mock_upstream: MockUpstream, tmp_path: Path
+    mock_upstream: MockUpstream, tmp_path: Path
 ) -> None:
     """After a requests-per-minute refusal the worker refuses that key again until the retry
     time without a Redis round trip (exact: no admission can make the bucket ready sooner); a
-    flood from a limited key costs Redis nothing."""
-    prefix = f"fp-test:{uuid.uuid4().hex[:12]}:"
-    text = auth_config(mock_upstream.port, _limits_yaml(prefix))
+    flood from a limited key costs Redis nothing. A private redis-server: its command counts
+    are this test's alone."""
+    server = _RedisServer(free_port())
+    server.start()
+    r = _client(server.url)
+    text = auth_config(mock_upstream.port, _limits_yaml("fp-test-refusal:", server.url))
     try:
         with run_gateway(tmp_path, mock_upstream, config_text=text, workers=1) as gw:
             key = f"{KEY}-strict"
@@ -587,17 +600,17 @@ def test_rpm_refusal_is_answered_locally_until_the_retry_time(
                 assert post(gw.port, chat(max_tokens=10), key)[0] == 200
             status, headers, body = post(gw.port, chat(max_tokens=10), key)
             assert status == 429 and "requests per minute" in body["error"]["message"]
-            time.sleep(0.3)  # settlements of the admitted requests are done
-            before = _script_calls(shared_redis)
+            before = _quiet_calls(r)  # the admitted requests' settlements are done
             for _ in range(10):
                 status, headers, body = post(gw.port, chat(max_tokens=10), key)
                 assert status == 429 and "requests per minute" in body["error"]["message"]
                 assert int(headers["retry-after"]) >= 1
                 assert headers["x-ratelimit-remaining-requests"] == "0"
                 assert headers["x-ratelimit-reset-requests"].endswith("s")
-            assert _script_calls(shared_redis) == before
+            assert _script_calls(r) == before
             # another key is not affected, and goes to Redis
             assert post(gw.port, chat(max_tokens=10), f"{KEY}-rpm")[0] == 200
-            assert _script_calls(shared_redis) > before
+            assert _script_calls(r) > before
     finally:
-        _cleanup(shared_redis, prefix)
+        r.close()
+        server.kill()
