@@ -51,42 +51,14 @@ sys.path.insert(0, str(REPO / "triton_models" / "testllm_core"))
 import testllm  # noqa: E402  (the models' own generator: picks prompts of a known length)
 
 from gateway.triton_local import LocalTriton  # noqa: E402
+from proxy_overhead import free_port, proc_cpu_s, tree  # noqa: E402  (the /proc helpers, shared)
 
-TICK = os.sysconf("SC_CLK_TCK")
 MODELS = ["tensorrt_llm_bls", "testllm_core", "ensemble"]
 PUBLIC = {"llm": "tensorrt_llm_bls", "llm-ensemble": "ensemble"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def tree(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        kids = []
-    for k in kids:
-        out += tree(int(k))
-    return out
-
-
-def proc_cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / TICK
 
 
 def chatml(content: str) -> str:
