@@ -12,7 +12,7 @@ RUST_SRC := $(shell find crates -path crates/bench -prune -o \( -name '*.rs' -o 
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR := never
 
-.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python lint fmt bench-deps bench clean
+.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python lint fmt bench-deps bench bench-litellm bench-suite clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -86,6 +86,19 @@ bench-deps: ## system tools for benchmarks (wrk, nginx); not needed for tests
 
 bench: install bench-deps ## first measurement: direct vs through the gateway (wrk)
 	$(PY) benchmarks/proxy_overhead.py
+
+# The LiteLLM proxy baseline, pinned, in its own venv (never imported by the gateway or its tests).
+LITELLM_VERSION := 1.106.2
+LITELLM_VENV := .venv-litellm
+$(STAMPS)/litellm-venv: Makefile $(STAMPS)/venv
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(UV) pip install -q -p $(LITELLM_VENV)/bin/python 'litellm[proxy]==$(LITELLM_VERSION)'
+	touch $@
+
+bench-litellm: $(STAMPS)/litellm-venv ## the LiteLLM proxy baseline (.venv-litellm, pinned litellm[proxy])
+
+bench-suite: install bench-deps bench-litellm ## the comparative suite (all scenarios and baselines; QUICK=1 for ~3 min)
+	$(PY) benchmarks/suite.py $(if $(QUICK),--quick)
 
 clean: ## remove build outputs and the venv
 	rm -rf $(VENV) $(TRITON_VENV) $(STAMPS) target
