@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -28,7 +28,10 @@ from .pipeline.account import CLIENT_CLOSED, CLIENT_CLOSED_CODE, AccountStage
 from .routing import Route, build_routes
 from .schemas import ModelCard, ModelList
 from .upstreams.openai_http import OpenAIHttpAdapter
-from .upstreams.triton_grpc import TritonAdapter
+
+if TYPE_CHECKING:
+    # grpc, tritonclient (numpy) and h2 load only where a Triton provider is configured
+    from .upstreams.triton_grpc import TritonAdapter
 
 log = logging.getLogger("gateway")
 
@@ -68,10 +71,14 @@ class Gateway:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.adapters = {
-            p.name: TritonAdapter(p, loop) if p.kind is ProviderKind.TRITON else OpenAIHttpAdapter(p, loop)
-            for p in self.cfg.providers
-        }
+        self.adapters = {}
+        for p in self.cfg.providers:
+            if p.kind is ProviderKind.TRITON:
+                from .upstreams.triton_grpc import TritonAdapter
+
+                self.adapters[p.name] = TritonAdapter(p, loop)
+            else:
+                self.adapters[p.name] = OpenAIHttpAdapter(p, loop)
         self.routes = build_routes(self.cfg, self.adapters)
         self.pipeline = Pipeline(self.cfg, self.routes, self.adapters)
         self.pipeline.start(loop)
@@ -294,10 +301,10 @@ class Gateway:
             return cached[1], cached[2]
 
         async def probe(adapter: OpenAIHttpAdapter | TritonAdapter) -> dict[str, Any]:
-            if isinstance(adapter, TritonAdapter):
-                models = sorted({r.upstream_model for r in self.routes.values() if r.adapter is adapter})
-                return await adapter.probe(models, _READY_TIMEOUT_S)
-            return await adapter.probe(request_id, _READY_TIMEOUT_S)
+            if isinstance(adapter, OpenAIHttpAdapter):
+                return await adapter.probe(request_id, _READY_TIMEOUT_S)
+            models = sorted({r.upstream_model for r in self.routes.values() if r.adapter is adapter})
+            return await adapter.probe(models, _READY_TIMEOUT_S)
 
         results = await asyncio.gather(*(probe(a) for a in self.adapters.values()))
         upstreams = dict(zip(self.adapters, results, strict=True))

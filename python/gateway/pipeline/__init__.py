@@ -23,12 +23,10 @@ from ..context import RequestContext
 from ..keystore import open_store
 from ..ledger import ledger_on
 from ..routing import Route
-from ..upstreams.triton_grpc import TritonAdapter
-from . import reframe, respond, triton_relay, upstream
+from . import reframe, respond, upstream
 from .account import AccountStage
 from .auth import AuthStage
 from .decode import DecodeStage
-from .guard import GuardStage, build_guards
 from .limits import LimitsStage
 from .route import RouteStage
 
@@ -71,6 +69,8 @@ class Pipeline:
             stages.append(limits)
             finish.append(limits)
         if cfg.guards:
+            from .guard import GuardStage, build_guards  # grpc and tritonclient only when used
+
             guards = build_guards(cfg.guards, adapters or {})
             stages.append(GuardStage(guards, list(routes)))
         self.request_stages: tuple[RequestStage, ...] = tuple(stages)
@@ -111,7 +111,9 @@ class Pipeline:
             assert route is not None
             adapter = route.adapter
             now = asyncio.get_running_loop().time()
-            if isinstance(adapter, TritonAdapter):
+            if adapter.kind == "triton":
+                from . import triton_relay  # loaded once a Triton provider is configured
+
                 deadline = now + min(self.max_stream_s, adapter.total_timeout_s)
                 limits = reframe.StreamLimits(adapter.idle_timeout_s, self.ping_s, deadline)
                 await triton_relay.handle(ctx, protocol, limits, deadline, self._settle)
