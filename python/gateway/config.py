@@ -328,6 +328,10 @@ class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     threshold: float = 0.5
     #: Only the last this many characters of the prompt text go to the model.
     max_chars: int = 4_000
+    #: Prompts shorter than this (stripped) skip the model ("hi", "thanks": a classifier of
+    #: embeddings is unreliable on a word or two, and so short a prompt carries no real attack);
+    #: rules guards still see them. 0 = every prompt goes to the model.
+    min_chars: int = 0
     #: Prompts scored in one request at most (concurrent checks are coalesced per worker).
     max_batch: int = 32
 
@@ -633,6 +637,7 @@ def _validate_guards(cfg: Config, models: set[str]) -> None:
             if not 0.0 < g.threshold <= 1.0:
                 raise ConfigError(f"{where}.threshold: must be in (0, 1], got {g.threshold}")
             _check_all(where, g, ("max_chars", "max_batch"))
+            _check_positive(f"{where}.min_chars", g.min_chars, allow_zero=True)
         else:
             if g.provider:
                 raise ConfigError(f"{where}.provider: only for kind triton")

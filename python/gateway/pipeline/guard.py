@@ -78,10 +78,11 @@ class RulesGuard:
             [(rule, p) for rule, ps in phrases.items() for p in ps], list(patterns.items())
         )
 
-    async def check(self, text: str) -> None:
+    async def check(self, text: str) -> str | None:
         rule = self.rules.first_match(text)
         if rule is not None:
             raise _Blocked(f"rule `{rule}`")
+        return None
 
 
 class TritonGuard:
@@ -95,10 +96,14 @@ class TritonGuard:
         self._queue: list[tuple[bytes, asyncio.Future[float]]] = []
         self._inflight = False
 
-    async def check(self, text: str) -> None:
+    async def check(self, text: str) -> str | None:
+        """None (passed) or the verdict when the model was not asked; raises _Blocked."""
+        if self.cfg.min_chars and len(text.strip()) < self.cfg.min_chars:
+            return "skipped_short"
         score = await self.score(text)
         if score >= self.cfg.threshold:
             raise _Blocked(f"score {score:.3f} >= {self.cfg.threshold}")
+        return None
 
     async def score(self, text: str) -> float:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -181,10 +186,10 @@ class GuardStage:
         verdict = "pass"
         try:
             if isinstance(g, RulesGuard):
-                await g.check(text)
+                verdict = await g.check(text) or verdict
             else:
                 async with asyncio.timeout(g.cfg.timeout_ms / 1000):
-                    await g.check(text)
+                    verdict = await g.check(text) or verdict
         except _Blocked as b:
             verdict = "blocked"
             log.info("request %s: prompt blocked by guard %s (%s)", ctx.request_id, name, b.detail)
