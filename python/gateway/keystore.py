@@ -95,6 +95,17 @@ def store_path(store: KeyStoreConfig) -> Path:
     return Path(store.path) if store.path else data_dir() / "keys.db"
 
 
+def _check_meta(rows: dict[Any, Any], where: str, salt_check: str) -> None:
+    """A store's `meta` rows: a schema this code reads, and made with this config's salt."""
+    if rows.get("schema") != _SCHEMA_VERSION:
+        raise KeyStoreError(f"{where}: unknown key store schema {rows.get('schema')!r}")
+    if rows.get("salt_check") != salt_check:
+        raise KeyStoreError(
+            f"{where}: this key store was made with a different `auth.salt`; "
+            "its keys cannot be verified with this config"
+        )
+
+
 def salt_check(salt: str) -> str:
     """A fingerprint of the salt, kept in the store so that a store is never read with the wrong
     salt (every key would silently stop working). It reveals no more about the salt than a
@@ -215,13 +226,7 @@ class SqliteKeyStore:
         rows = dict(
             conn.execute("SELECT name, value FROM meta WHERE name IN (?, ?)", ("schema", "salt_check"))
         )
-        if rows.get("schema") != _SCHEMA_VERSION:
-            raise KeyStoreError(f"{self.path}: unknown key store schema {rows.get('schema')!r}")
-        if rows.get("salt_check") != self._salt_check:
-            raise KeyStoreError(
-                f"{self.path}: this key store was made with a different `auth.salt`; "
-                "its keys cannot be verified with this config"
-            )
+        _check_meta(rows, str(self.path), self._salt_check)
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -489,13 +494,7 @@ class PostgresKeyStore:
 
     def _check(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         rows = dict(conn.execute(_PG_META_GET, ("schema", "salt_check")).fetchall())
-        if rows.get("schema") != _SCHEMA_VERSION:
-            raise KeyStoreError(f"{self.target}: unknown key store schema {rows.get('schema')!r}")
-        if rows.get("salt_check") != self._salt_check:
-            raise KeyStoreError(
-                f"{self.target}: this key store was made with a different `auth.salt`; "
-                "its keys cannot be verified with this config"
-            )
+        _check_meta(rows, self.target, self._salt_check)
 
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from . import keystore
 from .config import LedgerConfig, LedgerKind
 from .keystore import data_dir
 
@@ -298,19 +299,12 @@ def sqlite_path(cfg: LedgerConfig) -> Path:
 
 
 def describe_dsn(dsn: str) -> tuple[str, str]:
-    """(`postgresql://user@host:port/db` for messages, the DSN's password)."""
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
-
+    """(`postgresql://user@host:port/db` for messages, the DSN's password): the key store's
+    reading of a DSN, with the ledger's field name in the error."""
     try:
-        params = conninfo_to_dict(dsn)
-    except ProgrammingError:
+        return keystore.describe_dsn(dsn)
+    except keystore.KeyStoreError:
         raise LedgerError("`ledger.dsn`: not a valid PostgreSQL connection string") from None
-    host = str(params.get("host") or params.get("hostaddr") or "localhost")
-    port = str(params.get("port") or 5432)
-    user = str(params.get("user") or "")
-    db = str(params.get("dbname") or user)
-    return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db}", str(params.get("password") or "")
 
 
 def _pg_message(target: str, password: str, exc: Exception) -> str:
