@@ -12,7 +12,7 @@ RUST_SRC := $(shell find crates -path crates/bench -prune -o \( -name '*.rs' -o 
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR := never
 
-.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python lint fmt bench-deps bench bench-litellm bench-suite clean
+.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python lint fmt bench-deps bench bench-litellm bench-suite bench-aiperf bench-vs-aiperf clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -96,6 +96,19 @@ $(STAMPS)/litellm-venv: Makefile $(STAMPS)/venv
 	touch $@
 
 bench-litellm: $(STAMPS)/litellm-venv ## the LiteLLM proxy baseline (.venv-litellm, pinned litellm[proxy])
+
+# aiperf (NVIDIA's benchmark client), pinned, in its own venv: the reference `fastpath-bench` is measured against.
+AIPERF_VERSION := 0.13.0
+AIPERF_VENV := .venv-aiperf
+$(STAMPS)/aiperf-venv: Makefile $(STAMPS)/venv
+	test -x $(AIPERF_VENV)/bin/python || $(PYTHON) -m venv $(AIPERF_VENV)
+	$(UV) pip install -q -p $(AIPERF_VENV)/bin/python 'aiperf==$(AIPERF_VERSION)'
+	touch $@
+
+bench-aiperf: $(STAMPS)/aiperf-venv ## the aiperf baseline (.venv-aiperf, pinned aiperf)
+
+bench-vs-aiperf: install bench-deps bench-aiperf ## fastpath-bench vs aiperf: accuracy on a paced upstream, capacity on an instant one
+	$(PY) benchmarks/bench_vs_aiperf.py
 
 bench-suite: install bench-deps bench-litellm ## the comparative suite (all scenarios and baselines; QUICK=1 for ~3 min)
 	$(PY) benchmarks/suite.py $(if $(QUICK),--quick)

@@ -128,7 +128,8 @@ struct PacedArgs {
 }
 
 fn paced_main(argv: &[std::ffi::OsString]) -> Result<(), String> {
-    let a = PacedArgs::try_parse_from(argv).map_err(|e| e.to_string())?;
+    // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+    let a = PacedArgs::try_parse_from(argv).unwrap_or_else(|e| e.exit());
     let cfg = fastpath_bench::paced::Config {
         schedule: fastpath_bench::paced::Schedule::from_ms(
             a.first_token_ms,
