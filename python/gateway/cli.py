@@ -1,4 +1,4 @@
-"""`fastpath-gateway` command line: serve, check-config, run-local, triton-local, keys, usage,
+"""`fastpath-gateway` command line: serve, check-config, run-local, triton-local, keys, usage, load-spills,
 bench, print-default-config, version."""
 
 from __future__ import annotations
@@ -70,6 +70,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_spills(cfg: config_mod.Config) -> None:
+    if not cfg.ledger.enabled:
+        return
+    from . import ledger
+
+    if spills := ledger.spill_files():
+        logging.getLogger("gateway.ledger").warning(
+            "%d usage spill file(s) in %s hold rows not yet in the ledger: "
+            "run `fastpath-gateway load-spills`",
+            len(spills),
+            keystore.data_dir(),
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     from granian import Granian
@@ -109,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # installed; the name is cosmetic, so set it only where it can be.
         process_name="fastpath-gateway" if importlib.util.find_spec("setproctitle") else None,
     )
+    _warn_spills(cfg)
     print(f"fastpath-gateway: serving on http://{host}:{port} with {workers} worker(s)", flush=True)
     server.serve()
     return 0
@@ -463,13 +478,41 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 # ---- usage --------------------------------------------------------------------------------------
-def cmd_usage(args: argparse.Namespace) -> int:
-    """Summarise the usage ledger (read from the store directly, like `GET /v1/usage`)."""
+def _ledger_config(args: argparse.Namespace) -> config_mod.LedgerConfig:
     from . import ledger
 
     cfg = _load(args.config or os.environ.get(envvars.CONFIG) or None)
     if not ledger.ledger_on(cfg.ledger):
         raise _usage_error("this config has no usage ledger: set `ledger.enabled: true`")
+    return cfg.ledger
+
+
+def cmd_load_spills(args: argparse.Namespace) -> int:
+    """Put rows that workers spilled at shutdown (store unreachable) into the ledger."""
+    from . import ledger
+
+    ledger_cfg = _ledger_config(args)
+    paths = [Path(p) for p in args.files] if args.files else None
+    if paths is None and not ledger.spill_files():
+        print(f"no spill files in {keystore.data_dir()}")
+        return 0
+    try:
+        loads = ledger.load_spills(ledger_cfg, paths)
+    except ledger.LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for done in loads:
+        skipped = done.rows - done.inserted
+        note = f" ({skipped} already stored)" if skipped else ""
+        print(f"{done.path}: {done.inserted} rows loaded{note}; file removed")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Summarise the usage ledger (read from the store directly, like `GET /v1/usage`)."""
+    from . import ledger
+
+    ledger_cfg = _ledger_config(args)
     params = [("group_by", args.group_by)]
     params += [
         (name, value) for name in ("since", "until", "key", "team", "model") if (value := getattr(args, name))
@@ -479,7 +522,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _usage_error(str(exc)) from None
     try:
-        rows = ledger.query_usage(cfg.ledger, query)
+        rows = ledger.query_usage(ledger_cfg, query)
     except ledger.LedgerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -613,6 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--model", help="only this public model")
     u.add_argument("--json", action="store_true", help="print JSON")
     u.set_defaults(func=cmd_usage)
+    ls = sub.add_parser(
+        "load-spills",
+        parents=[cfg_opt],
+        help="load usage rows spilled at shutdown (store was down) into the ledger; safe to repeat",
+    )
+    ls.add_argument(
+        "files", nargs="*", help="spill files (default: every usage-spill-*.jsonl in the data dir)"
+    )
+    ls.set_defaults(func=cmd_load_spills)
     d = sub.add_parser("print-default-config", help="print the embedded default config")
     d.set_defaults(func=cmd_print_default_config)
     v = sub.add_parser("version", help="print versions and build profile")

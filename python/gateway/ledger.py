@@ -12,7 +12,8 @@ queue and is tried again on the next flush; when the queue holds `ledger.max_que
 rows are dropped, counted (`dropped`) and logged (at most once per 10 s per worker), never
 blocking a request. If the store is still unreachable when the worker stops, the rows left are
 spilled as JSON lines to `$FASTPATH_GATEWAY_DATA_DIR/usage-spill-<pid>-<time>.jsonl` (logged),
-so they are never dropped silently.
+so they are never dropped silently; `fastpath-gateway load-spills` puts them into the store later
+(idempotent: a row already there, same request id and arrival time, is not inserted twice).
 
 Stores: SQLite (stdlib; WAL, a busy timeout: every worker writes the same file) and PostgreSQL
 (psycopg 3). The same table `fastpath_usage` in both. Every statement is a constant: values are
@@ -117,6 +118,15 @@ _PG_SCHEMA = (
 )
 _SQLITE_INSERT = f"INSERT INTO fastpath_usage ({_COLS}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _PG_INSERT = f"INSERT INTO fastpath_usage ({_COLS}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+# Spill loading: the same row (request id + arrival time) is never inserted twice.
+_SQLITE_INSERT_NEW = (
+    f"INSERT INTO fastpath_usage ({_COLS}) SELECT {', '.join('?' * len(COLUMNS))} "
+    "WHERE NOT EXISTS (SELECT 1 FROM fastpath_usage WHERE request_id = ? AND ts = ?)"
+)
+_PG_INSERT_NEW = (
+    f"INSERT INTO fastpath_usage ({_COLS}) SELECT {', '.join(['%s'] * len(COLUMNS))} "
+    "WHERE NOT EXISTS (SELECT 1 FROM fastpath_usage WHERE request_id = %s AND ts = %s)"
+)
 #: pg_advisory_xact_lock key: one session at a time creates the table.
 _PG_SCHEMA_LOCK = 0x6670_7573_6167  # "fpusag"
 
@@ -334,8 +344,9 @@ def _pg_connect(cfg: LedgerConfig, *, autocommit: bool) -> psycopg.Connection[tu
 class Sink(Protocol):
     """Where batches go; called from one writer thread at a time."""
 
-    def write(self, rows: Sequence[Row]) -> None:
-        """Insert the rows in one transaction (all or none); raises LedgerError."""
+    def write(self, rows: Sequence[Row], *, only_new: bool = False) -> int:
+        """Insert the rows in one transaction (all or none); how many were inserted. `only_new`:
+        skip rows already stored (same request id and arrival time). Raises LedgerError."""
 
     def close(self) -> None: ...
 
@@ -390,13 +401,17 @@ class SqliteSink:
         self._conn = conn
         return conn
 
-    def write(self, rows: Sequence[Row]) -> None:
+    def write(self, rows: Sequence[Row], *, only_new: bool = False) -> int:
         try:
             conn = self._connect()
             self._locked_retry(conn, "BEGIN IMMEDIATE")
             try:
-                conn.executemany(_SQLITE_INSERT, rows)
+                if only_new:
+                    cur = conn.executemany(_SQLITE_INSERT_NEW, [(*r, r[0], r[1]) for r in rows])
+                else:
+                    cur = conn.executemany(_SQLITE_INSERT, rows)
                 conn.execute("COMMIT")
+                return cur.rowcount
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
@@ -440,13 +455,21 @@ class PostgresSink:
         self._conn = conn
         return conn
 
-    def write(self, rows: Sequence[Row]) -> None:
+    def write(self, rows: Sequence[Row], *, only_new: bool = False) -> int:
         import psycopg
 
+        inserted = 0
         try:
             conn = self._connect()
             with conn.transaction(), conn.cursor() as cur:
+                if only_new:
+                    # one row at a time: a row repeated inside the batch must see the first copy
+                    for r in rows:
+                        cur.execute(_PG_INSERT_NEW, (*r, r[0], r[1]))
+                        inserted += cur.rowcount
+                    return inserted
                 cur.executemany(_PG_INSERT, rows)
+                return len(rows)
         except psycopg.Error as exc:
             self._drop()
             raise LedgerError(_pg_message(self.target, self._password, exc)) from None
@@ -495,7 +518,7 @@ class LedgerWriter:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._backoff_s = 0.0
-        self._inflight: tuple[list[Row], Future[None]] | None = None
+        self._inflight: tuple[list[Row], Future[int]] | None = None
 
     @property
     def queued(self) -> int:
@@ -677,3 +700,44 @@ def spill_files() -> list[Path]:
     """Spill files waiting in the data dir (for operators and tests)."""
     d = data_dir()
     return sorted(d.glob("usage-spill-*.jsonl")) if d.is_dir() else []
+
+
+class SpillLoad(msgspec.Struct, frozen=True):
+    path: str
+    rows: int
+    inserted: int  # rows - inserted: already in the store (an earlier, interrupted load)
+
+
+def _spill_rows(path: Path) -> list[Row]:
+    rows: list[Row] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                row = tuple(obj[c] for c in COLUMNS)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise LedgerError(f"{path}:{n}: not a usage row ({type(exc).__name__}: {exc})") from None
+            rows.append(row)
+    return rows
+
+
+def load_spills(cfg: LedgerConfig, paths: Iterable[Path] | None = None) -> list[SpillLoad]:
+    """Insert spilled rows into the store, one transaction per file, then delete the file. Rows
+    already stored are skipped, so a load cut short (or run twice) never counts a request twice.
+    Stops at the first file that cannot be read or written (it stays; raises LedgerError)."""
+    sink = open_sink(cfg)
+    done: list[SpillLoad] = []
+    try:
+        for path in spill_files() if paths is None else paths:
+            try:
+                rows = _spill_rows(path)
+            except OSError as exc:
+                raise LedgerError(f"{path}: {exc.strerror or exc}") from None
+            inserted = sink.write(rows, only_new=True) if rows else 0
+            path.unlink()
+            done.append(SpillLoad(str(path), len(rows), inserted))
+    finally:
+        sink.close()
+    return done

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -546,12 +547,12 @@ class CountingSink:
         self.calls: list[int] = []
         self.fail_times = fail_times
 
-    def write(self, rows: Sequence[ledger.Row]) -> None:
+    def write(self, rows: Sequence[ledger.Row], *, only_new: bool = False) -> int:
         if self.fail_times:
             self.fail_times -= 1
             raise ledger.LedgerError("store down (test)")
         self.calls.append(len(rows))
-        self.inner.write(rows)
+        return self.inner.write(rows, only_new=only_new)
 
     def close(self) -> None:
         self.inner.close()
@@ -661,6 +662,91 @@ def test_writer_spills_to_a_file_when_the_store_is_down_at_shutdown(
     assert [x["request_id"] for x in lines] == ["r0", "r1", "r2"]
     assert set(lines[0]) == set(ledger.COLUMNS)
     assert "spilled" in caplog.text
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+        check=False,
+    )
+
+
+def test_load_spills_puts_spilled_rows_into_the_store_exactly_once(tmp_path: Path, store: Store) -> None:
+    """Rows a worker spilled (store down at shutdown) reach the store through `load-spills`, the
+    file goes; a copy of the file loaded again (a load cut short after its commit) adds nothing."""
+    down = CountingSink(ledger.SqliteSink(tmp_path / "down.db", 5.0), fail_times=1_000)
+
+    async def body(w: ledger.LedgerWriter) -> None:
+        for i in range(4):
+            w.append(make_row(i, key="spilled"))
+
+    run_writer(down, body)
+    [spill] = ledger.spill_files()
+    kept = spill.read_bytes()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(BASE + "ledger:\n  enabled: true\n" + textwrap.indent(store.cfg, "  ") + "\n")
+    if store.kind == "sqlite":  # an existing row must not block the others
+        ledger.SqliteSink(Path(store.yaml.split("path: ")[1]), 5.0).write([make_row(9, key="live")])
+    out = run_cli("load-spills", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "4 rows loaded" in out.stdout and not spill.exists()
+    rows = store.rows()
+    spilled = [r for r in rows if r["key_id"] == "spilled"]
+    assert [
+        (r["request_id"], r["ts"], r["prompt_tokens"], r["cost_nano_usd"], bool(r["stream"])) for r in spilled
+    ] == [(f"r{i}", 1_700_000_000.0 + i, 3, 11_000, False) for i in range(4)]
+
+    spill.write_bytes(kept)  # the same rows again, plus one new
+    with spill.open("a") as f:
+        f.write(json.dumps(dict(zip(ledger.COLUMNS, make_row(7, key="spilled"), strict=True))) + "\n")
+    out = run_cli("load-spills", "--config", str(cfg), str(spill))
+    assert out.returncode == 0, out.stderr
+    assert "1 rows loaded (4 already stored)" in out.stdout
+    assert sorted(r["request_id"] for r in store.rows() if r["key_id"] == "spilled") == [
+        "r0",
+        "r1",
+        "r2",
+        "r3",
+        "r7",
+    ]
+
+    out = run_cli("load-spills", "--config", str(cfg))
+    assert out.returncode == 0 and "no spill files" in out.stdout
+
+
+def test_load_spills_keeps_a_file_it_cannot_read(tmp_path: Path) -> None:
+    db = tmp_path / "u.db"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(BASE + f"ledger: {{enabled: true, path: {db}}}\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    bad = data / "usage-spill-1-1.jsonl"
+    good_line = json.dumps(dict(zip(ledger.COLUMNS, make_row(1), strict=True)))
+    bad.write_text(good_line + "\n" + '{"request_id": "x"}\n')
+    out = run_cli("load-spills", "--config", str(cfg))
+    assert out.returncode == 1 and f"{bad}:2: not a usage row" in out.stderr
+    assert bad.exists()
+    assert ledger.query_usage(config_mod.LedgerConfig(enabled=True, path=str(db)), ledger.UsageQuery()) == []
+    off = tmp_path / "off.yaml"
+    off.write_text(BASE)
+    out = run_cli("load-spills", "--config", str(off))
+    assert out.returncode == 2 and "ledger.enabled" in out.stderr
+
+
+def test_serve_warns_about_waiting_spill_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway import cli
+
+    cfg = config_mod.parse(BASE + "ledger: {enabled: true}")
+    cli._warn_spills(cfg)
+    assert "spill" not in caplog.text
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "usage-spill-1-1.jsonl").write_text("")
+    cli._warn_spills(cfg)
+    assert "1 usage spill file(s)" in caplog.text and "load-spills" in caplog.text
 
 
 def test_query_usage_direct(tmp_path: Path) -> None:
