@@ -80,9 +80,10 @@ test-python: install ## Python tests (real sockets, real upstream processes)
 
 test: lint test-rust test-python ## everything CI runs: lint, Rust and Python tests
 
-bench-deps: ## system tools for benchmarks (wrk, nginx); not needed for tests
-	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
-	  (sudo -n true 2>/dev/null && S=sudo || S=; $$S apt-get update -q && $$S apt-get install -y -q wrk nginx-light || $$S apt-get install -y -q wrk nginx)
+bench-deps: ## system tools for benchmarks (wrk, nginx, redis-server); not needed for tests
+	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null || \
+	  (sudo -n true 2>/dev/null && S=sudo || S=; $$S apt-get update -q && \
+	   ($$S apt-get install -y -q wrk nginx-light redis-server || $$S apt-get install -y -q wrk nginx redis-server))
 
 bench: install bench-deps ## first measurement: direct vs through the gateway (wrk)
 	$(PY) benchmarks/proxy_overhead.py
