@@ -72,9 +72,10 @@ class LocalTriton:
         env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         models: Sequence[str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """Ports 0: a free port each. `models`: load only these (explicit model control);
-        None loads the whole repository."""
+        None loads the whole repository. `extra_args`: more tritonserver flags (e.g. gRPC TLS)."""
         self.model_repository = Path(model_repository).resolve()
         self.venv = Path(venv) if venv is not None else default_venv()
         self.host = host
@@ -84,6 +85,7 @@ class LocalTriton:
         self.log_path = log_path
         self.env = dict(env or {})
         self.models = list(models) if models is not None else None
+        self.extra_args = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._state: tempfile.TemporaryDirectory[str] | None = None
 
@@ -175,6 +177,7 @@ class LocalTriton:
             cmd += ["--model-control-mode", "explicit"]
             for model in self.models:
                 cmd += ["--load-model", model]
+        cmd += self.extra_args
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(

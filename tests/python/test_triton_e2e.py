@@ -452,3 +452,82 @@ limits: {{default_max_tokens: 5, live_budget_enforcement: true}}
     words = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-2]).split()
     assert len(words) == 11  # the token that passed the limit was sent (and is charged)
     wait_event(triton.events_path, rid, "cancel", model="tensorrt_llm_bls")
+
+
+def _private_ca(tmp: Path) -> tuple[Path, Path, Path]:
+    """(CA cert, server cert for localhost + 127.0.0.1 signed by that CA, server key)."""
+    import subprocess
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca, key, csr, cert = (
+        tmp / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "2", "-subj", "/CN=fastpath test CA")  # fmt: skip
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=localhost",
+    )
+    ext = tmp / "san.ext"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    return ca, cert, key
+
+
+def test_grpcs_to_a_tls_tritonserver_with_a_private_ca(tmp_path: Path) -> None:
+    """`grpcs://` + `tls_ca_file` reaches a tritonserver serving gRPC over TLS, on both gRPC
+    transports (streamed and unary answers equal the plain-text reference); without the CA (system
+    roots) the certificate is refused with a clear 503, and `grpc://` to the TLS port is a 503 too."""
+    ca, cert, key = _private_ca(tmp_path)
+    tls_args = ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
+    server = LocalTriton(
+        REPO / "triton_models",
+        models=["testllm_core"],
+        log_path=tmp_path / "tritonserver.log",
+        extra_args=tls_args,
+    )
+    with server:
+        port = server.grpc_port
+        providers = [
+            f"  - {{name: tls-h2, kind: triton, base_url: 'grpcs://localhost:{port}', tls_ca_file: '{ca}'}}",
+            f"  - {{name: tls-grpcio, kind: triton, base_url: 'grpcs://127.0.0.1:{port}', "
+            f"tls_ca_file: '{ca}', transport: grpcio}}",
+            f"  - {{name: no-ca, kind: triton, base_url: 'grpcs://localhost:{port}'}}",
+            f"  - {{name: plain, kind: triton, base_url: 'grpc://localhost:{port}', "
+            "first_byte_timeout_ms: 3000, total_timeout_ms: 3000}",
+        ]
+        models = [f"  - {{name: {n}, provider: {n}, upstream_model: testllm_core}}" for n in
+                  ("tls-h2", "tls-grpcio", "no-ca", "plain")]  # fmt: skip
+        config = "\n".join(["server: {host: 127.0.0.1}", "providers:", *providers, "models:", *models]) + "\n"
+        with run_gateway(tmp_path, None, config_text=config) as gw:
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=30)
+            answers = set()
+            for model in ("tls-h2", "tls-grpcio"):
+                unary = client.chat.completions.create(model=model, messages=MESSAGES)
+                streamed = "".join(
+                    c.choices[0].delta.content or ""
+                    for c in client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+                    if c.choices
+                )
+                assert unary.choices[0].message.content == streamed
+                answers.add(streamed)
+            assert len(answers) == 1 and next(iter(answers))
+
+            with pytest.raises(openai.APIStatusError) as info:
+                client.chat.completions.create(model="no-ca", messages=MESSAGES)
+            assert info.value.status_code == 503
+            assert "certificate" in str(info.value.body).lower(), info.value.body
+            with pytest.raises(openai.APIStatusError) as info:
+                client.chat.completions.create(model="plain", messages=MESSAGES)
+            assert info.value.status_code == 503 and "unreachable" in str(info.value.body), info.value.body
