@@ -188,10 +188,17 @@ class TextStream:
     Incomplete UTF-8 at the end of a delta is carried to the next one; text that could begin a
     stop sequence is held back until it is known not to; the first stop sequence ends the text
     before it (TensorRT-LLM keeps the stop word in its output, OpenAI does not). `frames=False`
-    only collects the text (a non-streamed reply); every method then returns b""."""
+    only collects the text (a non-streamed reply); every method then returns b"".
+    `completion=True`: `/v1/completions` frames (`text_completion`, `text`; `role()` is b"")."""
 
     def __init__(
-        self, id: str, model: str, created: int, stops: list[str] = ..., frames: bool = True
+        self,
+        id: str,
+        model: str,
+        created: int,
+        stops: list[str] = ...,
+        frames: bool = True,
+        completion: bool = False,
     ) -> None: ...
     def role(self) -> bytes: ...
     def push_tensor(self, raw: bytes) -> bytes:

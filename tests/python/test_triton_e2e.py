@@ -214,12 +214,72 @@ def test_what_the_model_cannot_do_is_a_clear_400(
     assert err["param"] == param and err["code"] == "unsupported_parameter", err
 
 
-def test_image_parts_and_completions_endpoint_are_refused(client: openai.OpenAI) -> None:
+def test_image_parts_are_refused(client: openai.OpenAI) -> None:
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     with pytest.raises(openai.BadRequestError, match="text only"):
         client.chat.completions.create(model="llm-bls", messages=[{"role": "user", "content": image}])
-    with pytest.raises(openai.BadRequestError, match="chat/completions only"):
-        client.completions.create(model="llm-bls", prompt="hi")
+
+
+@pytest.mark.parametrize("public", ["llm-bls", "llm-core"])
+def test_completions_endpoint_sends_the_prompt_as_is(
+    client: openai.OpenAI, triton: TritonServer, public: str
+) -> None:
+    """`/v1/completions`: the prompt goes to `text_input` untemplated; the answer has the
+    `text_completion` shape (streamed: text chunks, finish, usage; unary: choices[].text)."""
+    prompt = "Once upon a time by the river"
+    expected, counts = direct(triton, MODELS[public], prompt)
+    assert expected
+    chunks = list(
+        client.completions.create(
+            model=public, prompt=prompt, max_tokens=1000, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert all(c.object == "text_completion" and c.model == public for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
+    usage = chunks[-1].usage
+    assert usage is not None and not chunks[-1].choices
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        counts["num_input_tokens"],
+        counts["num_output_tokens"],
+    )
+
+    resp = client.completions.create(model=public, prompt=[prompt], max_tokens=1000)
+    assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
+    assert resp.choices[0].text == expected and resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and resp.usage.completion_tokens == counts["num_output_tokens"]
+
+    short, _ = direct(triton, MODELS[public], prompt, max_tokens=2)
+    resp = client.completions.create(model=public, prompt=prompt, max_tokens=2)
+    assert (resp.choices[0].text, resp.choices[0].finish_reason) == (short, "length")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"echo": True}, "echo"),
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 2}, "best_of"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"n": 2}, "n"),
+    ],
+)
+def test_completions_what_the_model_cannot_do_is_a_clear_400(
+    gw: Gateway, extra: dict[str, Any], param: str
+) -> None:
+    body = {"model": "llm-bls", "prompt": "hi there", **extra}
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        r = conn.getresponse()
+        err = json.loads(r.read())["error"]
+    finally:
+        conn.close()
+    assert r.status == 400 and err["param"] == param and err["code"] == "unsupported_parameter", err
 
 
 def test_model_not_loaded_is_503_with_a_clear_message(client: openai.OpenAI, gw: Gateway) -> None:

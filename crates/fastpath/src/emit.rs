@@ -11,6 +11,7 @@ pub const DONE: &[u8] = b"data: [DONE]\n\n";
 pub const PING: &[u8] = b": ping\n\n";
 
 const CHAT_CHUNK: &str = "chat.completion.chunk";
+const TEXT_COMPLETION: &str = "text_completion";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Usage {
@@ -122,16 +123,27 @@ pub fn error_frame(
     Ok(out)
 }
 
-/// Writes the chunks of one synthesized `chat.completion.chunk` stream.
+/// Writes the chunks of one synthesized stream: `chat.completion.chunk` frames (`delta`), or the
+/// legacy completions endpoint's `text_completion` frames (`text`, no role frame).
 #[derive(Debug, Clone)]
 pub struct ChunkEmitter {
     prefix: Vec<u8>,
+    completion: bool,
 }
 
 impl ChunkEmitter {
     pub fn new(id: &str, model: &str, created: i64) -> serde_json::Result<Self> {
         Ok(Self {
             prefix: chunk_prefix(id, CHAT_CHUNK, created, model)?,
+            completion: false,
+        })
+    }
+
+    /// Frames of `/v1/completions` (`object: text_completion`).
+    pub fn new_completion(id: &str, model: &str, created: i64) -> serde_json::Result<Self> {
+        Ok(Self {
+            prefix: chunk_prefix(id, TEXT_COMPLETION, created, model)?,
+            completion: true,
         })
     }
 
@@ -150,7 +162,11 @@ impl ChunkEmitter {
         Ok(out)
     }
 
+    /// The opening role frame; none in a completions stream.
     pub fn role(&self, role: &str, index: u32) -> serde_json::Result<Vec<u8>> {
+        if self.completion {
+            return Ok(Vec::new());
+        }
         self.choice(index, role.len(), |out| {
             out.extend_from_slice(br#","delta":{"role":"#);
             put(out, role)?;
@@ -161,6 +177,12 @@ impl ChunkEmitter {
 
     pub fn content(&self, text: &str, index: u32) -> serde_json::Result<Vec<u8>> {
         self.choice(index, text.len(), |out| {
+            if self.completion {
+                out.extend_from_slice(br#","text":"#);
+                put(out, text)?;
+                out.extend_from_slice(br#","logprobs":null,"finish_reason":null"#);
+                return Ok(());
+            }
             out.extend_from_slice(br#","delta":{"content":"#);
             put(out, text)?;
             out.extend_from_slice(br#"},"finish_reason":null"#);
@@ -170,7 +192,11 @@ impl ChunkEmitter {
 
     pub fn finish(&self, reason: &str, index: u32) -> serde_json::Result<Vec<u8>> {
         self.choice(index, reason.len(), |out| {
-            out.extend_from_slice(br#","delta":{},"finish_reason":"#);
+            if self.completion {
+                out.extend_from_slice(br#","text":"","logprobs":null,"finish_reason":"#);
+            } else {
+                out.extend_from_slice(br#","delta":{},"finish_reason":"#);
+            }
             put(out, reason)
         })
     }
@@ -227,6 +253,29 @@ mod tests {
         let mut usage = with(json!([]));
         usage["usage"] = json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7});
         assert_eq!(payload(&e.usage(3, 4).unwrap()), usage);
+    }
+
+    #[test]
+    fn text_completion_frames() {
+        let e = ChunkEmitter::new_completion("cmpl-1", "m", 7).unwrap();
+        let head = json!({"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m"});
+        let with = |choices: Value| {
+            let mut v = head.clone();
+            v["choices"] = choices;
+            v
+        };
+        assert!(e.role("assistant", 0).unwrap().is_empty());
+        assert_eq!(
+            payload(&e.content("a \"b\"", 0).unwrap()),
+            with(json!([{"index": 0, "text": "a \"b\"", "logprobs": null, "finish_reason": null}]))
+        );
+        assert_eq!(
+            payload(&e.finish("length", 0).unwrap()),
+            with(json!([{"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}]))
+        );
+        let mut usage = with(json!([]));
+        usage["usage"] = json!({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3});
+        assert_eq!(payload(&e.usage(1, 2).unwrap()), usage);
     }
 
     #[test]

@@ -355,18 +355,23 @@ struct PyTextStream(TextStream);
 #[pymethods]
 impl PyTextStream {
     #[new]
-    #[pyo3(signature = (id, model, created, stops = Vec::new(), frames = true))]
+    #[pyo3(signature = (id, model, created, stops = Vec::new(), frames = true, completion = false))]
     fn new(
         id: &str,
         model: &str,
         created: i64,
         stops: Vec<String>,
         frames: bool,
+        completion: bool,
     ) -> PyResult<Self> {
-        let emitter = if frames {
-            Some(ChunkEmitter::new(id, model, created).map_err(|e| json_error(&e))?)
-        } else {
-            None
+        let emitter = match (frames, completion) {
+            (false, _) => None,
+            (true, false) => {
+                Some(ChunkEmitter::new(id, model, created).map_err(|e| json_error(&e))?)
+            }
+            (true, true) => {
+                Some(ChunkEmitter::new_completion(id, model, created).map_err(|e| json_error(&e))?)
+            }
         };
         Ok(Self(TextStream::new(emitter, stops)))
     }

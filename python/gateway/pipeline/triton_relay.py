@@ -1,7 +1,8 @@
 """Stages `upstream` + `reframe` for Triton routes: one `ModelStreamInfer` call -> OpenAI.
 
 Streams: each Triton response carries the new text only (`text_output`); the Rust `TextStream`
-turns it into `chat.completion.chunk` frames (role first, content deltas, finish, usage),
+turns it into `chat.completion.chunk` frames (role first, content deltas, finish, usage; on
+`/v1/completions`, `text_completion` frames),
 carries split UTF-8 and cuts stop words. The end of generation is whichever comes first of the
 two end-of-stream shapes (the `triton_final_response` flag on the last data response, or on a
 separate empty one) and the RPC ending. A stop word seen in the text ends the stream and
@@ -22,7 +23,7 @@ import msgspec
 from .. import _fastpath
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
-from ..schemas import ChatRequestView, Usage
+from ..schemas import CompletionRequestView, Usage
 from ..upstreams.grpc_transport import RpcError
 from ..upstreams.triton_grpc import TritonAdapter, TritonStream, map_rpc_error, map_stream_error
 from . import respond
@@ -77,6 +78,22 @@ class ChatCompletion(msgspec.Struct, gc=False, kw_only=True):
     created: int
     model: str
     choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class TextCompletionChoice(msgspec.Struct, gc=False, kw_only=True):
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: str
+
+
+class TextCompletion(msgspec.Struct, gc=False, kw_only=True):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[TextCompletionChoice]
     usage: Usage
 
 
@@ -153,16 +170,6 @@ class _Pinger:
             self._handle = None
 
 
-def _require_chat(ctx: RequestContext) -> ChatRequestView:
-    view = ctx.view
-    if not isinstance(view, ChatRequestView):
-        raise GatewayError(
-            Fault.INVALID_REQUEST,
-            f"The model `{view.model if view else ''}` is served on /v1/chat/completions only.",
-        )
-    return view
-
-
 async def _first(call: TritonStream, adapter: TritonAdapter, model: str) -> Any:
     try:
         resp = await call.read()
@@ -191,7 +198,8 @@ async def handle(
     assert route is not None
     adapter = route.adapter
     assert isinstance(adapter, TritonAdapter)
-    view = _require_chat(ctx)
+    view = ctx.view
+    assert view is not None
     loop = asyncio.get_running_loop()
     model = route.upstream_model
     t0 = time.perf_counter_ns()
@@ -249,14 +257,18 @@ async def _collect(
     usage = counts.usage(ctx, ts)
     ctx.usage = usage
     reason = "stop" if ts.stopped else counts.finish_reason(max_tokens)
+    created, name = int(time.time()), ctx.route.name
+    if isinstance(ctx.view, CompletionRequestView):
+        text = TextCompletionChoice(text=ts.text, finish_reason=reason)
+        return _encode(
+            TextCompletion(
+                id=f"cmpl-{ctx.request_id}", created=created, model=name, choices=[text], usage=usage
+            )
+        )
     choice = ChatCompletionChoice(message=ChatCompletionMessage(content=ts.text), finish_reason=reason)
     return _encode(
         ChatCompletion(
-            id=f"chatcmpl-{ctx.request_id}",
-            created=int(time.time()),
-            model=ctx.route.name,
-            choices=[choice],
-            usage=usage,
+            id=f"chatcmpl-{ctx.request_id}", created=created, model=name, choices=[choice], usage=usage
         )
     )
 
@@ -276,7 +288,12 @@ async def _relay(
     assert isinstance(adapter, TritonAdapter)
     model = route.upstream_model
     loop = asyncio.get_running_loop()
-    ts = _fastpath.TextStream(f"chatcmpl-{ctx.request_id}", route.name, int(time.time()), stops)
+    if isinstance(ctx.view, CompletionRequestView):
+        ts = _fastpath.TextStream(
+            f"cmpl-{ctx.request_id}", route.name, int(time.time()), stops, completion=True
+        )
+    else:
+        ts = _fastpath.TextStream(f"chatcmpl-{ctx.request_id}", route.name, int(time.time()), stops)
     counts = _Counts()
     first_deadline = min(limits.stream_deadline, loop.time() + adapter.first_byte_timeout_s)
     try:

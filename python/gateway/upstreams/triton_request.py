@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..config import TritonModelConfig
 from ..errors import Fault, GatewayError
-from ..schemas import ChatRequestView, Message
+from ..schemas import ChatRequestView, CompletionRequestView, Message, RequestView
 
 _Tensor = pb.ModelInferRequest.InferInputTensor
 _Output = pb.ModelInferRequest.InferRequestedOutputTensor
@@ -29,8 +29,8 @@ _EMPTY_FINAL = pb.InferParameter(bool_param=True)
 MAX_STOP_WORDS = 16
 
 
-class SamplingView(msgspec.Struct, gc=False):
-    """The request fields the Triton mapping reads beyond `ChatRequestView`."""
+class _Sampling(msgspec.Struct, gc=False):
+    """Sampling fields both endpoints share."""
 
     stop: str | list[str] | None = None
     temperature: float | None = None
@@ -42,15 +42,32 @@ class SamplingView(msgspec.Struct, gc=False):
     top_k: int | None = None
     min_tokens: int | None = None
     repetition_penalty: float | None = None
+    # refused: TensorRT-LLM's text contract cannot honour it
+    logit_bias: dict[str, Any] | None = None
+
+
+class SamplingView(_Sampling, gc=False):
+    """The request fields the Triton mapping reads beyond `ChatRequestView`."""
+
     # refused: TensorRT-LLM's text contract cannot honour them
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    logit_bias: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
 
 
+class CompletionSamplingView(_Sampling, gc=False):
+    """The same for `/v1/completions` (`logprobs` is a count there)."""
+
+    # refused: TensorRT-LLM's text contract cannot honour them
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
 _sampling = msgspec.json.Decoder(SamplingView)
+_completion_sampling = msgspec.json.Decoder(CompletionSamplingView)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -141,7 +158,17 @@ class TritonRequestBuilder:
             names += ["num_input_tokens", "num_output_tokens"]
         self._outputs = [_Output(name=n) for n in names]
 
-    def prompt(self, view: ChatRequestView) -> str:
+    def prompt(self, view: RequestView) -> str:
+        """`text_input`: the chat template over the messages, or a completion's prompt as is."""
+        if isinstance(view, CompletionRequestView):
+            prompt = view.prompt
+            if isinstance(prompt, list):
+                if len(prompt) != 1 or not isinstance(prompt[0], str):
+                    many = len(prompt) > 1 and all(isinstance(p, str) for p in prompt)
+                    what = "one prompt per request" if many else "a text prompt (not token ids)"
+                    raise _refuse("prompt", f"The model `{self.model}` takes {what}.")
+                prompt = prompt[0]
+            return prompt
         messages = [(m.role, _text_of(m, i)) for i, m in enumerate(view.messages)]
         try:
             return self._render(messages)
@@ -151,15 +178,25 @@ class TritonRequestBuilder:
             raise GatewayError(Fault.INTERNAL, f"The model's chat template failed: {exc}") from None
 
     def build(
-        self, view: ChatRequestView, body: bytes, request_id: str, stream: bool
+        self, view: RequestView, body: bytes, request_id: str, stream: bool
     ) -> tuple[Any, list[str], int]:
         """-> (ModelInferRequest, stop words to cut, max_tokens)."""
+        s: _Sampling
         try:
-            s = _sampling.decode(body)
+            if isinstance(view, ChatRequestView):
+                s = _sampling.decode(body)
+                self._refuse_unsupported_chat(view, s)
+                max_tokens = view.max_completion_tokens or view.max_tokens or self.cfg.default_max_tokens
+            else:
+                s = _completion_sampling.decode(body)
+                self._refuse_unsupported_completion(s)
+                max_tokens = view.max_tokens or self.cfg.default_max_tokens
         except msgspec.ValidationError as exc:
             raise GatewayError(Fault.INVALID_REQUEST, f"Invalid request: {exc}") from None
-        self._refuse_unsupported(view, s)
-        max_tokens = view.max_completion_tokens or view.max_tokens or self.cfg.default_max_tokens
+        if view.n is not None and view.n > 1:
+            raise _refuse("n", "This model returns one choice per request; `n` must be 1.")
+        if s.logit_bias:
+            raise _refuse("logit_bias", "This model does not support `logit_bias`.")
         if max_tokens > 2**31 - 1:
             raise GatewayError(Fault.INVALID_REQUEST, "`max_tokens` is too large.", param="max_tokens")
         stops = list(self.cfg.stop)
@@ -208,7 +245,7 @@ class TritonRequestBuilder:
         if self.wants_counts:
             add("return_num_input_tokens", "BOOL", b"\x01")
             add("return_num_output_tokens", "BOOL", b"\x01")
-        guide = self._guide(view)
+        guide = self._guide(view) if isinstance(view, ChatRequestView) else None
         if guide is not None:
             add("guided_decoding_guide_type", "BYTES", _bytes1(guide[0]))
             add("guided_decoding_guide", "BYTES", _bytes1(guide[1]))
@@ -222,13 +259,19 @@ class TritonRequestBuilder:
         request.parameters["triton_enable_empty_final_response"].CopyFrom(_EMPTY_FINAL)
         return request, stops, max_tokens
 
-    def _refuse_unsupported(self, view: ChatRequestView, s: SamplingView) -> None:
-        if view.n is not None and view.n > 1:
-            raise _refuse("n", "This model returns one choice per request; `n` must be 1.")
+    def _refuse_unsupported_completion(self, s: CompletionSamplingView) -> None:
+        if s.logprobs:
+            raise _refuse("logprobs", "This model does not return log probabilities.")
+        if s.echo:
+            raise _refuse("echo", "This model does not echo the prompt.")
+        if s.suffix:
+            raise _refuse("suffix", "This model does not support `suffix` (insertion).")
+        if s.best_of is not None and s.best_of > 1:
+            raise _refuse("best_of", "This model returns one choice per request; `best_of` must be 1.")
+
+    def _refuse_unsupported_chat(self, view: ChatRequestView, s: SamplingView) -> None:
         if s.logprobs or s.top_logprobs:
             raise _refuse("logprobs", "This model does not return log probabilities.")
-        if s.logit_bias:
-            raise _refuse("logit_bias", "This model does not support `logit_bias`.")
         if (s.modalities and s.modalities != ["text"]) or s.audio is not None:
             raise _refuse("modalities", "This model produces text only.")
         if view.tools:
