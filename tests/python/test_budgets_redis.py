@@ -1,7 +1,7 @@
 """Budgets, per-team and per-model limits with `limits.backend: redis`: the real stage in
 process against the real Redis at 127.0.0.1:6379 (exact numbers; window rollover by rewriting
 the window a budget hash holds; the script's calendar against Python's), and concurrent
-reservations from two stages (two connection pools) that can never overspend. The HTTP bursts
+reservations from two stages (two connections) that can never overspend. The HTTP bursts
 across 2 gateway instances x 4 workers live in test_limits_redis.py."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _run(body: Any) -> None:
 
 async def _finish(stage: RedisLimitsStage, ctx: RequestContext) -> None:
     stage.on_finish(ctx)
-    await asyncio.gather(*list(stage._tasks))
+    await stage.settled()
 
 
 def test_month_of_matches_the_utc_calendar(r: Any) -> None:

@@ -22,9 +22,13 @@ when it was written. All integers (exact in Lua's doubles below 2**53, see
 `debt + c * 60e6 <= burst * 60e6`.
 
 Settlement (refund unused reserved tokens and money, charge use beyond them, drop the leases)
-is a second script, sent off the critical path after the reply; it adjusts the budget windows
+is a second script, sent after the reply and not waited for; it adjusts the budget windows
 the reservation was made in, or nothing once they have ended. Concurrency leases expire `lease_ttl_ms`
 after their last renewal; while requests run, each worker renews its leases every third of that.
+
+Redis is spoken to by `redis_resp` (not redis-py: several times its CPU per call), one pipelined
+connection per worker, so a settlement or lease release sent without waiting still reaches
+Redis before any later decision of this worker.
 
 Redis down or slow: every call has a deadline (`timeout_ms`); on a failure Redis is left alone
 for `retry_interval_ms`, and meanwhile `fail_open` serves with this worker's local limits (one
@@ -36,19 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-from collections.abc import Awaitable
-from typing import Any, cast
-from urllib.parse import urlsplit
+from collections.abc import Sequence
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
-
+from .. import redis_resp
 from ..config import Config, OnError
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
@@ -285,9 +282,6 @@ return 1
 )
 
 
-_SHA = {s: hashlib.sha1(s.encode()).hexdigest() for s in (ACQUIRE, SETTLE, RENEW)}
-
-
 class RedisLease(Lease):
     """A lease taken in Redis (a lease from the local fallback is a plain `Lease`)."""
 
@@ -327,6 +321,7 @@ class RedisLimitsStage:
 
     name = "limits"
     __slots__ = (
+        "_acquire",
         "_client",
         "_down_until",
         "_fail_open",
@@ -339,33 +334,34 @@ class RedisLimitsStage:
         "_names",
         "_prefix",
         "_refused",
+        "_renew",
         "_renewer",
         "_retry_s",
-        "_tasks",
+        "_settle",
         "_timeout_s",
         "_where",
     )
 
     def __init__(self, cfg: Config) -> None:
         r = cfg.limits.redis
-        # A blocking pool: a burst beyond max_connections waits for a connection (within the
-        # call's deadline) instead of failing over. Reads and writes are bounded by `_run`'s
-        # deadline (redis-py's own socket_timeout would add an asyncio.wait_for task per
-        # command); connecting by socket_connect_timeout. No retries: a failure is reported.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            r.url,
-            max_connections=r.max_connections,
-            timeout=None,
-            socket_timeout=None,
-            socket_connect_timeout=r.timeout_ms / 1000,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
-        url = urlsplit(r.url)
-        self._where = f"{url.hostname}:{url.port or 6379}" if url.hostname else "unix socket"
         self._timeout_s = r.timeout_ms / 1000
         self._retry_s = r.retry_interval_ms / 1000
+        # One pipelined connection per worker (Redis runs one command at a time anyway, and
+        # the Lua scripts are atomic: `max_connections` is an upper bound, one is used). Every
+        # call has the `timeout_ms` deadline, connecting too; no retries: a failure is
+        # reported. Reconnecting backs off at most `retry_interval_ms`, so the first call after
+        # that interval really tries Redis again.
+        self._client = redis_resp.Redis(
+            r.url,
+            timeout_s=self._timeout_s,
+            connect_timeout_s=self._timeout_s,
+            backoff_min_s=min(0.05, self._retry_s),
+            backoff_max_s=self._retry_s,
+        )
+        self._where = self._client.where
+        self._acquire = self._client.register_script(ACQUIRE)
+        self._settle = self._client.register_script(SETTLE)
+        self._renew = self._client.register_script(RENEW)
         self._fail_open = r.on_error is OnError.FAIL_OPEN
         self._lease_ttl_ms = r.lease_ttl_ms
         self._prefix = r.key_prefix
@@ -380,8 +376,6 @@ class RedisLimitsStage:
         #: lease member -> its lease sets, for renewal while the request runs
         self._live: dict[str, tuple[str, ...]] = {}
         self._renewer: asyncio.Task[None] | None = None
-        #: settlements in flight (strong references until they finish)
-        self._tasks: set[asyncio.Task[None]] = set()
         #: (key id, model) -> (loop time until which it is refused, message, headers): a request
         #: refused by a requests-per-minute bucket is refused until the bucket's retry time
         #: whatever any worker does meanwhile (admissions never make it sooner), so repeats are
@@ -428,16 +422,16 @@ class RedisLimitsStage:
         for c in plan.checks:
             args += (KIND_CODE[c.kind], c.limit, c.limit2, costs[c.kind])
         try:
-            res = await self._run(ACQUIRE, names.keys, args)
+            res = await self._run(self._acquire, names.keys, args)
         except _RedisDown as exc:
             cause = exc.__cause__
-            if member and isinstance(cause, (TimeoutError, RedisTimeoutError)):
+            if member and isinstance(cause, redis_resp.OutcomeUnknownError):
                 # the script may have run: drop the lease it may have added
-                self._spawn(self._release(names.lease_sets, member))
+                self._release(names.lease_sets, member)
             return await self._fallback(ctx, cause)
         except asyncio.CancelledError:
-            if member:
-                self._spawn(self._release(names.lease_sets, member))
+            if member:  # sent after the decision on the same connection: it runs after it
+                self._release(names.lease_sets, member)
             raise
         code, now_s, day, month = (int(v) for v in res[:4])
         vals = [int(v) for v in res[4:]]
@@ -545,20 +539,17 @@ class RedisLimitsStage:
                     ("x-ratelimit-reset-tokens", duration(reset)),
                 )
         unused_cost = lease.reserved_cost - cost_used(ctx, lease) if plan.has_budget else 0
-        if unused or unused_cost or member:
+        if (unused or unused_cost or member) and asyncio.get_running_loop().time() >= self._down_until:
+            # Not waited for. On failure (or while Redis is down) the refund is lost (the key
+            # is charged more, never less) and the lease expires.
             names = self._names_of(plan)
             args = (member, unused, unused_cost, lease.day, lease.month, *names.settle_args)
-            self._spawn(self._settle(names.settle_keys, args))
+            self._client.evalsha_nowait(self._settle, names.settle_keys, args)
 
-    async def _settle(self, keys: tuple[str, ...], args: tuple[int | str, ...]) -> None:
-        # On failure the refund is lost (the key is charged more, never less) and the lease expires.
-        with contextlib.suppress(_RedisDown):
-            await self._run(SETTLE, keys, args)
-
-    async def _release(self, lease_sets: tuple[str, ...], member: str) -> None:
+    def _release(self, lease_sets: tuple[str, ...], member: str) -> None:
+        """Drop `member` from its lease sets (not waited for; if it fails, the lease expires)."""
         args = (member, 0, 0, 0, -1, *(x for _ in lease_sets for x in ("c", 0)))
-        with contextlib.suppress(_RedisDown):
-            await self._run(SETTLE, lease_sets, args, force=True)
+        self._client.evalsha_nowait(self._settle, lease_sets, args)
 
     async def _renew_loop(self) -> None:
         try:
@@ -570,51 +561,38 @@ class RedisLimitsStage:
                         by_set.setdefault(lease_set, []).append(member)
                 for lease_set, members in by_set.items():
                     try:
-                        await self._run(RENEW, (lease_set,), (self._lease_ttl_ms, *members), force=True)
+                        await self._run(self._renew, (lease_set,), (self._lease_ttl_ms, *members), force=True)
                     except _RedisDown:
                         break
         finally:
             self._renewer = None
 
+    async def settled(self) -> None:
+        """Wait until the settlements and releases sent so far have run (or failed)."""
+        with contextlib.suppress(redis_resp.RedisError):
+            await self._client.barrier()
+
     async def close(self) -> None:
-        """Let the settlements in flight finish, stop renewing, close the connections."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop renewing, let the settlements in flight finish, close the connection."""
         renewer = self._renewer
         if renewer is not None:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-        await self._client.aclose(close_connection_pool=True)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        await self._client.close()
 
     # ---- Redis --------------------------------------------------------------------------------
     async def _run(
-        self,
-        script: str,
-        keys: tuple[str, ...],
-        args: tuple[int | str, ...] | list[int | str],
-        force: bool = False,
-    ) -> list[Any]:
-        """One script call under the deadline: EVALSHA, then EVAL when Redis does not know the
-        script (first use, or Redis restarted). Raises `_RedisDown` on any failure."""
+        self, sha: str, keys: Sequence[str], args: Sequence[int | str], force: bool = False
+    ) -> Any:
+        """One script call under the deadline (NOSCRIPT is handled by the client). Raises
+        `_RedisDown` on any failure."""
         loop = asyncio.get_running_loop()
         if not force and loop.time() < self._down_until:
             raise _RedisDown
-        client = self._client
         try:
-            async with asyncio.timeout(self._timeout_s):
-                try:
-                    res = await cast(
-                        Awaitable[list[Any]], client.evalsha(_SHA[script], len(keys), *keys, *args)
-                    )
-                except NoScriptError:
-                    res = await cast(Awaitable[list[Any]], client.eval(script, len(keys), *keys, *args))
-        except (RedisError, OSError, TimeoutError) as exc:
+            res = await self._client.evalsha(sha, keys, args)
+        except (redis_resp.RedisError, OSError) as exc:
             self._down_until = loop.time() + self._retry_s
             raise _RedisDown from exc
         if self._down_until:
