@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -376,7 +377,7 @@ class RedisLimitsStage:
         #: lease member -> its lease sets, for renewal while the request runs
         self._live: dict[str, tuple[str, ...]] = {}
         self._renewer: asyncio.Task[None] | None = None
-        #: (key id, model) -> (loop time until which it is refused, message, headers): a request
+        #: (key id, model) -> (monotonic time until which it is refused, message, headers): a request
         #: refused by a requests-per-minute bucket is refused until the bucket's retry time
         #: whatever any worker does meanwhile (admissions never make it sooner), so repeats are
         #: answered here, off the network. Exact; token, budget and concurrency refusals depend
@@ -399,10 +400,10 @@ class RedisLimitsStage:
         plan = local.plan(principal, ctx.route.name)
         if not plan.checks:  # no limit applies to this key and model: no round trip
             return
-        loop = asyncio.get_running_loop()
+        now = time.monotonic()  # not the loop's: get_running_loop() is a getpid() syscall on 3.11
         refused = self._refused.get((principal.key_id, ctx.route.name)) if self._refused else None
         if refused is not None:
-            wait_ms = int((refused[0] - loop.time()) * 1000)
+            wait_ms = int((refused[0] - now) * 1000)
             if wait_ms > 0:
                 ctx.ratelimit_headers = tuple(
                     (k, duration(wait_ms) if k == "x-ratelimit-reset-requests" else v) for k, v in refused[2]
@@ -415,7 +416,7 @@ class RedisLimitsStage:
             self._members += 1
             member = f"{self._member_prefix}{self._members:x}"
         names = self._names_of(plan)
-        if loop.time() < self._down_until:
+        if now < self._down_until:
             return await self._fallback(ctx, None)
         args: list[int | str] = [member, self._lease_ttl_ms]
         costs = (0, 1, tokens, cost)  # by kind: CONC, RPM, TPM, BUDGET
@@ -466,7 +467,7 @@ class RedisLimitsStage:
             if member:
                 self._live[member] = names.lease_sets
                 if self._renewer is None:
-                    self._renewer = loop.create_task(self._renew_loop())
+                    self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
             return
         i = code - 1
         c = plan.checks[i]
@@ -480,7 +481,7 @@ class RedisLimitsStage:
             if len(self._refused) >= 10_000:
                 self._refused.clear()
             self._refused[(principal.key_id, ctx.route.name)] = (
-                loop.time() + retry_ms / 1000,
+                time.monotonic() + retry_ms / 1000,
                 message,
                 headers,
             )
@@ -492,7 +493,7 @@ class RedisLimitsStage:
         raise budget_refused(c.scope, monthly, limit, spent, cost, now_s)
 
     async def _fallback(self, ctx: RequestContext, cause: BaseException | None) -> None:
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         if now - self._last_log >= max(self._retry_s, 10.0):
             self._last_log = now
             what = type(cause).__name__ if cause is not None else "unavailable"
@@ -539,7 +540,7 @@ class RedisLimitsStage:
                     ("x-ratelimit-reset-tokens", duration(reset)),
                 )
         unused_cost = lease.reserved_cost - cost_used(ctx, lease) if plan.has_budget else 0
-        if (unused or unused_cost or member) and asyncio.get_running_loop().time() >= self._down_until:
+        if (unused or unused_cost or member) and time.monotonic() >= self._down_until:
             # Not waited for. On failure (or while Redis is down) the refund is lost (the key
             # is charged more, never less) and the lease expires.
             names = self._names_of(plan)
@@ -587,13 +588,12 @@ class RedisLimitsStage:
     ) -> Any:
         """One script call under the deadline (NOSCRIPT is handled by the client). Raises
         `_RedisDown` on any failure."""
-        loop = asyncio.get_running_loop()
-        if not force and loop.time() < self._down_until:
+        if not force and time.monotonic() < self._down_until:
             raise _RedisDown
         try:
             res = await self._client.evalsha(sha, keys, args)
         except (redis_resp.RedisError, OSError) as exc:
-            self._down_until = loop.time() + self._retry_s
+            self._down_until = time.monotonic() + self._retry_s
             raise _RedisDown from exc
         if self._down_until:
             self._down_until = 0.0
