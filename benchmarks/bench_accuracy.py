@@ -14,6 +14,7 @@ Not run in CI. Needs the built binary (`make install`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +48,9 @@ def wait_http(url: str, timeout_s: float = 20) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
-def run_level(args: argparse.Namespace, spin_us: int, conc: int, tmp: Path) -> tuple[dict, dict]:
+@contextlib.contextmanager
+def paced_upstream(first_ms: float, chunk_ms: float, chunks: int, spin_us: int) -> Iterator[str]:
+    """`fastpath-bench paced-upstream` on a free port, ready; yields its base URL."""
     port = free_port()
     up = subprocess.Popen(
         [
@@ -55,19 +59,28 @@ def run_level(args: argparse.Namespace, spin_us: int, conc: int, tmp: Path) -> t
             "--port",
             str(port),
             "--first-token-ms",
-            str(args.first_ms),
+            str(first_ms),
             "--interval-ms",
-            str(args.chunk_ms),
+            str(chunk_ms),
             "--chunks",
-            str(args.words),
+            str(chunks),
             "--spin-us",
             str(spin_us),
         ],
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health")
+        yield base
+    finally:
+        up.terminate()
+        up.wait(10)
+
+
+def run_level(args: argparse.Namespace, spin_us: int, conc: int, tmp: Path) -> tuple[dict, dict]:
+    with paced_upstream(args.first_ms, args.chunk_ms, args.words, spin_us) as base:
         out = tmp / f"s{spin_us}c{conc}.json"
         cmd = [
             str(BINARY),
@@ -93,9 +106,6 @@ def run_level(args: argparse.Namespace, spin_us: int, conc: int, tmp: Path) -> t
             stats = json.loads(resp.read())
         (run,) = json.loads(out.read_text())["runs"]
         return run, stats
-    finally:
-        up.terminate()
-        up.wait(10)
 
 
 def main() -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_accuracy import paced_upstream
 from proxy_overhead import free_port, nginx_conf, proc_cpu_s, tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,29 +262,8 @@ def upstream_stats(base: str, reset: bool = False) -> dict[str, float | None]:
 
 
 def accuracy(args: argparse.Namespace, tmp: Path, cache: Path) -> list[Result]:
-    port = free_port()
-    up = subprocess.Popen(
-        [
-            str(BINARY),
-            "paced-upstream",
-            "--port",
-            str(port),
-            "--first-token-ms",
-            str(args.first_ms),
-            "--interval-ms",
-            str(args.chunk_ms),
-            "--chunks",
-            str(args.chunks),
-            "--spin-us",
-            str(args.spin_us),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
     rows = []
-    try:
-        wait_ready(f"{base}/health")
+    with paced_upstream(args.first_ms, args.chunk_ms, args.chunks, args.spin_us) as base:
         for conc in args.concurrency:
             for tool in ("bench", "aiperf"):
                 load = ["--concurrency", str(conc)]
@@ -298,9 +278,6 @@ def accuracy(args: argparse.Namespace, tmp: Path, cache: Path) -> list[Result]:
                     f"  accuracy c={conc} {r.tool}: TTFT p50 {r.ttft['p50']}, ITL p50 {r.itl_gap['p50']}",
                     flush=True,
                 )
-    finally:
-        up.terminate()
-        up.wait(10)
     return rows
 
 
