@@ -106,7 +106,7 @@ class TritonGuard:
         return None
 
     async def score(self, text: str) -> float:
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[float] = self.adapter.loop.create_future()
         self._queue.append((text[-self.cfg.max_chars :].encode(), fut))
         if not self._inflight:
             self._launch()
@@ -116,7 +116,7 @@ class TritonGuard:
         batch = self._queue[: self.cfg.max_batch]
         del self._queue[: self.cfg.max_batch]
         self._inflight = True
-        asyncio.get_running_loop().create_task(self._run(batch))
+        self.adapter.loop.create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[bytes, asyncio.Future[float]]]) -> None:
         try:

@@ -200,7 +200,7 @@ async def handle(
     assert isinstance(adapter, TritonAdapter)
     view = ctx.view
     assert view is not None
-    loop = asyncio.get_running_loop()
+    loop = adapter.loop
     model = route.upstream_model
     t0 = time.perf_counter_ns()
     builder = await adapter.builder(model, route.triton)
@@ -287,7 +287,7 @@ async def _relay(
     adapter = route.adapter
     assert isinstance(adapter, TritonAdapter)
     model = route.upstream_model
-    loop = asyncio.get_running_loop()
+    loop = adapter.loop
     if isinstance(ctx.view, CompletionRequestView):
         ts = _fastpath.TextStream(
             f"cmpl-{ctx.request_id}", route.name, int(time.time()), stops, completion=True

@@ -107,6 +107,7 @@ class TritonAdapter:
         "connect_timeout_s",
         "first_byte_timeout_s",
         "idle_timeout_s",
+        "loop",
         "max_response_bytes",
         "name",
         "provider",
@@ -116,6 +117,7 @@ class TritonAdapter:
 
     def __init__(self, provider: ProviderConfig, loop: asyncio.AbstractEventLoop) -> None:
         url = urlsplit(provider.base_url)
+        self.loop = loop  # the worker's: get_running_loop() is a getpid() syscall per call on 3.11
         self.provider = provider
         self.name = provider.name
         self.connect_timeout_s = provider.connect_timeout_ms / 1000
