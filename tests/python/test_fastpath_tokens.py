@@ -1,5 +1,6 @@
 """Token counts against the reference `tiktoken` package, fed the vocabulary files the Rust crate
-bundles: tiktoken checks their official sha256, so equal counts also prove the vocabularies."""
+embeds (crates/fastpath/assets): tiktoken checks their official sha256, so equal counts also prove
+the vocabularies."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,30 +25,14 @@ ENCODINGS = ["o200k_base", "cl100k_base"]
 BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 
 
-def _tiktoken_rs_assets() -> Path:
-    try:
-        out = subprocess.run(
-            [
-                "cargo",
-                "metadata",
-                "--format-version",
-                "1",
-                "--manifest-path",
-                str(REPO / "crates/fastpath/Cargo.toml"),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"`cargo metadata` is unavailable, cannot locate tiktoken-rs's vocabularies: {exc}")
-    (pkg,) = [p for p in json.loads(out)["packages"] if p["name"] == "tiktoken-rs"]
-    return Path(pkg["manifest_path"]).parent / "assets"
+def _bundled_assets() -> Path:
+    """The vocabularies the extension embeds (crates/fastpath/assets)."""
+    return REPO / "crates" / "fastpath" / "assets"
 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """`tiktoken` encodings loaded offline from tiktoken-rs's bundled `.tiktoken` files.
+    """`tiktoken` encodings loaded offline from the extension's embedded `.tiktoken` files.
 
     They go into a private TIKTOKEN_CACHE_DIR under the names tiktoken derives from the blob URL
     (`read_file_cached`), which accepts a cached file only if it matches the official sha256 that
@@ -57,7 +41,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     """
     tiktoken = pytest.importorskip("tiktoken")
     load = pytest.importorskip("tiktoken.load")
-    assets = _tiktoken_rs_assets()
+    assets = _bundled_assets()
     cache = tmp_path_factory.mktemp("tiktoken-cache")
     for name in ENCODINGS:
         key = hashlib.sha1(BLOB_URL.format(name).encode()).hexdigest()
@@ -85,7 +69,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         official = pinned.get(BLOB_URL.format(name))
         assert official is not None and len(official) == 64, f"tiktoken did not pin a sha256 for {name}"
         bundled = hashlib.sha256((assets / f"{name}.tiktoken").read_bytes()).hexdigest()
-        assert bundled == official, f"tiktoken-rs's {name} vocabulary is not the official one"
+        assert bundled == official, f"the embedded {name} vocabulary is not the official one"
     yield encodings
 
 

@@ -2,6 +2,7 @@
 //!
 //! Every module is pyo3-free and tested with `cargo test`; `py` is the one thin binding layer.
 
+pub mod bpe;
 pub mod buckets;
 pub mod emit;
 pub mod limits;

@@ -1,7 +1,7 @@
-//! BPE token counting with OpenAI's own vocabularies (tiktoken-rs, bundled, offline), the
+//! BPE token counting with OpenAI's own vocabularies (bundled, offline; see `bpe`), the
 //! model → encoding map, the cookbook rules for chat requests, and a cheap estimate.
 //!
-//! Each `CoreBPE` takes ~100 ms and tens of MB to build, so it is built on first use, once per
+//! Each encoder takes tens of ms and several MB to build, so it is built on first use, once per
 //! process (`OnceLock`), never at import: granian forks its workers after importing the app, and
 //! nothing here starts a thread, so a fork sees either a finished table or none.
 
@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
-use tiktoken_rs::CoreBPE;
+
+use crate::bpe::Bpe;
 
 /// The BPE vocabularies the gateway knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,15 +86,13 @@ impl Encoding {
             .map_or(Self::O200kBase, |&(_, enc)| enc)
     }
 
-    fn bpe(self) -> Result<&'static CoreBPE, TokenError> {
-        static O200K: OnceLock<Result<CoreBPE, String>> = OnceLock::new();
-        static CL100K: OnceLock<Result<CoreBPE, String>> = OnceLock::new();
+    fn bpe(self) -> Result<&'static Bpe, TokenError> {
+        static O200K: OnceLock<Result<Bpe, String>> = OnceLock::new();
+        static CL100K: OnceLock<Result<Bpe, String>> = OnceLock::new();
         let cell = match self {
-            Self::O200kBase => {
-                O200K.get_or_init(|| tiktoken_rs::o200k_base().map_err(|e| e.to_string()))
-            }
+            Self::O200kBase => O200K.get_or_init(|| Bpe::o200k_base().map_err(|e| e.to_string())),
             Self::Cl100kBase => {
-                CL100K.get_or_init(|| tiktoken_rs::cl100k_base().map_err(|e| e.to_string()))
+                CL100K.get_or_init(|| Bpe::cl100k_base().map_err(|e| e.to_string()))
             }
         };
         cell.as_ref().map_err(|msg| TokenError::Init(msg.clone()))
@@ -101,11 +100,11 @@ impl Encoding {
 
     /// Exact count of ordinary tokens (special-token text such as `<|endoftext|>` is plain text).
     pub fn count(self, text: &str) -> Result<usize, TokenError> {
-        Ok(self.bpe()?.encode_ordinary(text).len())
+        self.bpe()?.count_ordinary(text)
     }
 
     pub fn encode(self, text: &str) -> Result<Vec<u32>, TokenError> {
-        Ok(self.bpe()?.encode_ordinary(text))
+        self.bpe()?.encode_ordinary(text)
     }
 }
 
@@ -278,25 +277,24 @@ pub fn count_request(body: &[u8], enc: Encoding) -> Result<usize, TokenError> {
     let req: RequestView<'_> =
         serde_json::from_slice(body).map_err(|e| TokenError::InvalidRequest(e.to_string()))?;
     let bpe = enc.bpe()?;
-    let count = |s: &Str<'_>| bpe.encode_ordinary(&s.0).len();
+    let text = |s: &str| bpe.count_ordinary(s);
+    let count = |s: Option<&Str<'_>>| s.map_or(Ok(0), |s| text(&s.0));
     if let Some(messages) = req.messages {
         let mut total = REPLY_PRIMING;
         for m in &messages {
             total += TOKENS_PER_MESSAGE;
-            total += m.role.as_ref().map_or(0, count);
+            total += count(m.role.as_ref())?;
             match &m.content {
-                Some(Content::Text(text)) => total += bpe.encode_ordinary(text).len(),
+                Some(Content::Text(t)) => total += text(t)?,
                 Some(Content::Parts(parts)) => {
-                    total += parts
-                        .iter()
-                        .filter_map(|p| p.text.as_ref())
-                        .map(count)
-                        .sum::<usize>();
+                    for p in parts {
+                        total += count(p.text.as_ref())?;
+                    }
                 }
                 None => {}
             }
             if let Some(name) = &m.name {
-                total += count(name) + TOKENS_PER_NAME;
+                total += text(&name.0)? + TOKENS_PER_NAME;
             }
             for f in m
                 .tool_calls
@@ -304,20 +302,23 @@ pub fn count_request(body: &[u8], enc: Encoding) -> Result<usize, TokenError> {
                 .flatten()
                 .filter_map(|c| c.function.as_ref())
             {
-                total += f.name.as_ref().map_or(0, count) + f.arguments.as_ref().map_or(0, count);
+                total += count(f.name.as_ref())? + count(f.arguments.as_ref())?;
             }
-            total += m.tool_call_id.as_ref().map_or(0, count);
+            total += count(m.tool_call_id.as_ref())?;
         }
         return Ok(total);
     }
     match req.prompt {
-        Some(Prompt(items)) => Ok(items
-            .iter()
-            .map(|item| match item {
-                PromptItem::Text(text) => bpe.encode_ordinary(text).len(),
-                PromptItem::Tokens(n) => *n,
-            })
-            .sum()),
+        Some(Prompt(items)) => {
+            let mut total = 0;
+            for item in &items {
+                total += match item {
+                    PromptItem::Text(t) => text(t)?,
+                    PromptItem::Tokens(n) => *n,
+                };
+            }
+            Ok(total)
+        }
         None => Err(TokenError::InvalidRequest(
             "the body has neither `messages` nor `prompt`".to_owned(),
         )),
