@@ -88,23 +88,27 @@ bench-deps: ## system tools for benchmarks (wrk, nginx, redis-server); not neede
 bench: install bench-deps ## first measurement: direct vs through the gateway (wrk)
 	$(PY) benchmarks/proxy_overhead.py
 
-# The LiteLLM proxy baseline, pinned, in its own venv (never imported by the gateway or its tests).
+# A pinned benchmark baseline in its own venv (never imported by the gateway or its tests).
+# $(call pinned_venv,VENV,REQUIREMENT)
+define pinned_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(UV) pip install -q -p $(1)/bin/python '$(2)'
+	touch $@
+endef
+
+# The LiteLLM proxy baseline.
 LITELLM_VERSION := 1.106.2
 LITELLM_VENV := .venv-litellm
 $(STAMPS)/litellm-venv: Makefile $(STAMPS)/venv
-	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
-	$(UV) pip install -q -p $(LITELLM_VENV)/bin/python 'litellm[proxy]==$(LITELLM_VERSION)'
-	touch $@
+	$(call pinned_venv,$(LITELLM_VENV),litellm[proxy]==$(LITELLM_VERSION))
 
 bench-litellm: $(STAMPS)/litellm-venv ## the LiteLLM proxy baseline (.venv-litellm, pinned litellm[proxy])
 
-# aiperf (NVIDIA's benchmark client), pinned, in its own venv: the reference `fastpath-bench` is measured against.
+# aiperf (NVIDIA's benchmark client): the reference `fastpath-bench` is measured against.
 AIPERF_VERSION := 0.13.0
 AIPERF_VENV := .venv-aiperf
 $(STAMPS)/aiperf-venv: Makefile $(STAMPS)/venv
-	test -x $(AIPERF_VENV)/bin/python || $(PYTHON) -m venv $(AIPERF_VENV)
-	$(UV) pip install -q -p $(AIPERF_VENV)/bin/python 'aiperf==$(AIPERF_VERSION)'
-	touch $@
+	$(call pinned_venv,$(AIPERF_VENV),aiperf==$(AIPERF_VERSION))
 
 bench-aiperf: $(STAMPS)/aiperf-venv ## the aiperf baseline (.venv-aiperf, pinned aiperf)
 

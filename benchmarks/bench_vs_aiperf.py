@@ -34,14 +34,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import paced_upstream
+from bench_accuracy import paced_upstream, wait_http
 from proxy_overhead import free_port, nginx_conf, proc_cpu_s, tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,19 +61,6 @@ def pct(values: list[float], p: float) -> float | None:
     s = sorted(values)
     rank = max(1, -(-len(s) * p // 100))
     return s[int(rank) - 1]
-
-
-def wait_ready(url: str, timeout_s: float = 20) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} not ready")
 
 
 def tiktoken_cache(tmp: Path) -> Path:
@@ -299,7 +285,7 @@ def capacity(args: argparse.Namespace, tmp: Path, cache: Path) -> list[Result]:
     base = f"http://127.0.0.1:{port}"
     rows: list[Result] = []
     try:
-        wait_ready(f"{base}/")
+        wait_http(f"{base}/")
         plans: list[tuple[str, list[float], Callable[[float], Result]]] = [
             (
                 "bench",
