@@ -17,8 +17,8 @@ Client CPU per request: fastpath-bench's own thread CPU over the level; aiperf's
     make bench-vs-aiperf             # installs aiperf (pinned, .venv-aiperf), nginx, then runs this
     .venv/bin/python benchmarks/bench_vs_aiperf.py [--quick] [--out report.md]
 
-aiperf runs offline: `--tokenizer builtin` (tiktoken o200k_base) fed tiktoken-rs's bundled
-vocabulary through TIKTOKEN_CACHE_DIR. Not run in CI.
+aiperf runs offline: `--tokenizer builtin` (tiktoken o200k_base) fed the vocabulary our extension
+embeds (crates/fastpath/assets) through TIKTOKEN_CACHE_DIR. Not run in CI.
 """
 
 from __future__ import annotations
@@ -64,22 +64,9 @@ def pct(values: list[float], p: float) -> float | None:
 
 
 def tiktoken_cache(tmp: Path) -> Path:
-    """tiktoken's cache layout (sha1 of the blob URL) filled from tiktoken-rs's bundled vocabularies;
-    tiktoken still checks them against its pinned sha256, so aiperf needs no network."""
-    meta = subprocess.run(
-        [
-            "cargo",
-            "metadata",
-            "--format-version",
-            "1",
-            "--manifest-path",
-            str(REPO / "crates/fastpath/Cargo.toml"),
-        ],
-        check=True,
-        capture_output=True,
-    ).stdout
-    (pkg,) = [p for p in json.loads(meta)["packages"] if p["name"] == "tiktoken-rs"]
-    assets = Path(pkg["manifest_path"]).parent / "assets"
+    """tiktoken's cache layout (sha1 of the blob URL) filled with the vocabularies our extension
+    embeds; tiktoken still checks them against its pinned sha256, so aiperf needs no network."""
+    assets = REPO / "crates" / "fastpath" / "assets"
     cache = tmp / "tiktoken-cache"
     cache.mkdir()
     for name in ("o200k_base", "cl100k_base"):
