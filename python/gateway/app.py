@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import multiprocessing
 import os
 import re
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -368,4 +370,17 @@ def _method_not_allowed(allowed: str) -> GatewayError:
 
 def create_app() -> Gateway:
     """granian factory target (`gateway.app:create_app`): runs in each worker process."""
+    _default_stop_signals_while_loading()
     return Gateway()
+
+
+def _default_stop_signals_while_loading() -> None:
+    """A granian worker is forked with the master's SIGTERM/SIGINT handlers, which only set a
+    flag on the master's (copied) server object; granian installs the worker's own handlers once
+    the app is loaded. A stop signal arriving while this app loads (imports, config) was lost and
+    the worker served on until the master killed it `shutdown_grace_ms` later. Until granian's
+    handlers are in place, a stop signal now simply ends the worker, which serves nothing yet."""
+    if multiprocessing.current_process().name != "granian-worker":
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)

@@ -91,6 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
 
+    # Imported here, before granian forks: workers start with it loaded, which keeps short the
+    # time in which a new worker still has the master's signal handlers (see app.create_app).
+    from . import app  # noqa: F401
+
     host = args.host or os.environ.get(envvars.HOST) or cfg.server.host
     port = args.port if args.port is not None else _env_int(envvars.PORT)
     port = cfg.server.port if port is None else port
