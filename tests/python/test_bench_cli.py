@@ -250,3 +250,13 @@ def test_bench_against_paced_upstream(tmp_path: Path) -> None:
     finally:
         up.terminate()
         up.wait(10)
+
+
+def test_paced_upstream_help_and_usage_errors() -> None:
+    """`paced-upstream --help` is help (stdout, exit 0), not an error; a bad flag is (exit 2)."""
+    binary = find_bench_binary()
+    assert binary is not None
+    ok = subprocess.run([binary, "paced-upstream", "--help"], capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and "--first-token-ms" in ok.stdout and "error" not in ok.stderr
+    bad = subprocess.run([binary, "paced-upstream", "--bogus"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--bogus" in bad.stderr
