@@ -162,22 +162,40 @@ def _row_to_key(row: _RowType) -> StoredKey:
     return StoredKey(row[0], row[1], row[2], row[3], tuple(models), row[5], bool(row[6]), row[7], row[8])
 
 
-class SqliteKeyStore:
+class _Store:
+    """What both stores share: the salt check, read-only mode, one lock serializing calls."""
+
+    def __init__(self, salt: str, *, readonly: bool, timeout_s: float) -> None:
+        if not salt:
+            raise KeyStoreError("the key store needs `auth.salt` (stored key hashes need a stable salt)")
+        self._salt_check = salt_check(salt)
+        self._readonly = readonly
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+
+    def _disconnect(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with self._lock:
+            self._disconnect()
+
+    def _require_writer(self) -> None:
+        if self._readonly:
+            raise KeyStoreError("this key store was opened read-only")
+
+
+class SqliteKeyStore(_Store):
     """One SQLite file. Readers (gateway workers) open it read-only and never create it: a
     missing file is an empty store, and a file replaced on disk is reopened. The writer (CLI)
     creates the file (mode 0600, its directory 0700) and the schema. Thread-safe: calls are
     serialized, so a worker may poll it from a thread."""
 
     def __init__(self, path: Path, salt: str, *, readonly: bool, timeout_s: float = 5.0) -> None:
-        if not salt:
-            raise KeyStoreError("the key store needs `auth.salt` (stored key hashes need a stable salt)")
+        super().__init__(salt, readonly=readonly, timeout_s=timeout_s)
         self.path = path
-        self._salt_check = salt_check(salt)
-        self._readonly = readonly
-        self._timeout_s = timeout_s
         self._conn: sqlite3.Connection | None = None
         self._ident: tuple[int, int] | None = None
-        self._lock = threading.Lock()
 
     # ---- connection ---------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection | None:
@@ -317,14 +335,6 @@ class SqliteKeyStore:
                 _bump(conn)
             return True
 
-    def close(self) -> None:
-        with self._lock:
-            self._disconnect()
-
-    def _require_writer(self) -> None:
-        if self._readonly:
-            raise KeyStoreError("this key store was opened read-only")
-
 
 def _bump(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE name = ?", ("version",))
@@ -416,7 +426,7 @@ def describe_dsn(dsn: str) -> tuple[str, str]:
     return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db}", str(params.get("password") or "")
 
 
-class PostgresKeyStore:
+class PostgresKeyStore(_Store):
     """PostgreSQL (psycopg 3), for many gateway instances sharing one set of keys. Readers
     (gateway workers) use a read-only session and never create anything: missing tables are an
     empty store. The writer (CLI) creates the tables if they are missing (under an advisory
@@ -427,17 +437,12 @@ class PostgresKeyStore:
     Messages name the server as `postgresql://user@host:port/db`: never the DSN's password."""
 
     def __init__(self, dsn: str, salt: str, *, readonly: bool, timeout_s: float = 5.0) -> None:
-        if not salt:
-            raise KeyStoreError("the key store needs `auth.salt` (stored key hashes need a stable salt)")
+        super().__init__(salt, readonly=readonly, timeout_s=timeout_s)
         if not dsn:
             raise KeyStoreError("the postgres key store needs `auth.store.dsn`")
         self.target, self._password = describe_dsn(dsn)
         self._dsn = dsn
-        self._salt_check = salt_check(salt)
-        self._readonly = readonly
-        self._timeout_s = timeout_s
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never the DSN
         return f"PostgresKeyStore({self.target!r}, readonly={self._readonly})"
@@ -590,14 +595,6 @@ class PostgresKeyStore:
             return True
 
         return self._call(run, False)
-
-    def close(self) -> None:
-        with self._lock:
-            self._disconnect()
-
-    def _require_writer(self) -> None:
-        if self._readonly:
-            raise KeyStoreError("this key store was opened read-only")
 
 
 def _pg_row(row: tuple[Any, ...]) -> _RowType:
