@@ -77,6 +77,8 @@ class Gateway:
         # The worker's loop, kept: asyncio.get_running_loop() / current_task() without a loop
         # make a getpid() syscall each (CPython 3.11's fork check), ~6 % of a worker's CPU.
         self._loop = loop
+        if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()):  # held by create_app
+            loop.call_soon(release_stop_signals)  # runs once the loop runs: see hold_stop_signals
         self.adapters = {}
         for p in self.cfg.providers:
             if p.kind is ProviderKind.TRITON:
@@ -370,17 +372,26 @@ def _method_not_allowed(allowed: str) -> GatewayError:
 
 def create_app() -> Gateway:
     """granian factory target (`gateway.app:create_app`): runs in each worker process."""
-    _default_stop_signals_while_loading()
+    hold_stop_signals()
     return Gateway()
 
 
-def _default_stop_signals_while_loading() -> None:
-    """A granian worker is forked with the master's SIGTERM/SIGINT handlers, which only set a
-    flag on the master's (copied) server object; granian installs the worker's own handlers once
-    the app is loaded. A stop signal arriving while this app loads (imports, config) was lost and
-    the worker served on until the master killed it `shutdown_grace_ms` later. Until granian's
-    handlers are in place, a stop signal now simply ends the worker, which serves nothing yet."""
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def hold_stop_signals() -> bool:
+    """In a granian worker, hold SIGTERM/SIGINT pending until its event loop runs (released by
+    `__rsgi_init__` with `loop.call_soon`). A worker starts with the master's handlers (they only
+    flag the master's copied server object), and granian's own loop handlers miss a signal that
+    arrives before the loop first runs: a stop signal sent while a worker loaded the app or ran
+    `__rsgi_init__` was lost, and the worker served on until the master killed it
+    `shutdown_grace_ms` later (1 start in 4 with 2 workers). Held, it is delivered once the
+    loop runs, and the worker stops like any other. Elsewhere (tests, tools): nothing."""
     if multiprocessing.current_process().name != "granian-worker":
-        return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+        return False
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    return True
+
+
+def release_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
