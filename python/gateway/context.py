@@ -6,8 +6,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .pipeline.auth import Principal
-    from .pipeline.limits import Lease
+    from .principal import Principal
+    from .quota import Lease
     from .routing import Route
     from .schemas import RequestView, Usage
 

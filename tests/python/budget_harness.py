@@ -12,10 +12,10 @@ import msgspec
 from gateway import config as config_mod
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError
-from gateway.pipeline.auth import Principal
-from gateway.pipeline.reframe import counted_prompt_tokens
+from gateway.principal import Principal
 from gateway.routing import Route
 from gateway.schemas import ChatRequestView, Usage
+from gateway.usage import counted_prompt_tokens
 
 MODELS = ("echo", "free-model", "gpt-4o-mini")
 NANO = 1_000_000_000  # nano-USD per USD

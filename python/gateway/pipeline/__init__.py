@@ -23,6 +23,7 @@ from ..context import RequestContext
 from ..keystore import open_store
 from ..ledger import ledger_on
 from ..routing import Route
+from ..usage import fill_usage
 from . import reframe, respond, upstream
 from .account import AccountStage
 from .auth import AuthStage
@@ -127,7 +128,7 @@ class Pipeline:
             else:
                 deadline = now + adapter.total_timeout_s
                 conn = await upstream.open_upstream(ctx, deadline)
-                body = reframe.fill_usage(ctx, await upstream.fetch_body(ctx, conn, deadline))
+                body = fill_usage(ctx, await upstream.fetch_body(ctx, conn, deadline))
                 self._settle(ctx)
                 respond.send_json(protocol, ctx, 200, body)
         finally:

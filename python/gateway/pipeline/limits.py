@@ -31,72 +31,20 @@ from .. import _fastpath
 from ..config import Config, budget_nano_usd, nano_usd_per_token
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
+from ..principal import Principal
+from ..quota import Check, CheckKind, Lease, Plan
 from ..schemas import ChatRequestView
-from .auth import Principal
-from .reframe import counted_prompt_tokens
+from ..usage import cost_used, counted_prompt_tokens, tokens_used
 
 #: A concurrency refusal has no refill time; clients may retry after this long.
 _CONCURRENCY_RETRY_MS = 1_000
 _TOKEN_STATE = frozenset(("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"))
 
-#: Check kinds, in the order a request's checks run (and the first refusal is reported).
-CONC, RPM, TPM, BUDGET = 0, 1, 2, 3
+CONC, RPM, TPM, BUDGET = CheckKind.CONC, CheckKind.RPM, CheckKind.TPM, CheckKind.BUDGET
 #: The kind codes of the Redis scripts.
 KIND_CODE = ("c", "r", "r", "b")
 _DAY_S = 86_400
 _PLAN_CACHE_MAX = 10_000
-
-
-class Check:
-    """One limit of a plan: what it counts, for whom, and its limit(s)."""
-
-    __slots__ = ("kind", "limit", "limit2", "local_key", "scope")
-
-    def __init__(self, kind: int, scope: str, local_key: str, limit: int, limit2: int = 0) -> None:
-        self.kind = kind
-        #: who it applies to, for messages: "API key", "API key on model m", "team t"
-        self.scope = scope
-        #: the bucket / gauge / counter name (the Redis key is the prefix + this)
-        self.local_key = local_key
-        #: RPM/TPM: per minute (also the burst); CONC: at most in flight; BUDGET: nano-USD per
-        #: UTC day (0 = none), with `limit2` per UTC month (0 = none)
-        self.limit = limit
-        self.limit2 = limit2
-
-
-class Plan:
-    """The checks for one (key, tier, team, model), built once per worker and cached."""
-
-    __slots__ = (
-        "checks",
-        "has_budget",
-        "has_conc",
-        "header_groups",
-        "in_price",
-        "needs_prompt",
-        "out_price",
-        "rpm_limits",
-        "settle_checks",
-        "tpm_limits",
-    )
-
-    def __init__(self, checks: list[Check], in_price: int, out_price: int) -> None:
-        self.checks = tuple(checks)
-        self.in_price = in_price  # nano-USD per prompt token
-        self.out_price = out_price  # nano-USD per completion token
-        self.has_conc = any(c.kind == CONC for c in checks)
-        self.has_budget = any(c.kind == BUDGET for c in checks)
-        self.needs_prompt = any(c.kind == TPM for c in checks) or self.has_budget
-        #: what on_finish touches: token buckets, concurrency gauges, budgets
-        self.settle_checks = tuple(c for c in checks if c.kind != RPM)
-        self.rpm_limits = tuple(c.limit for c in checks if c.kind == RPM)
-        self.tpm_limits = tuple(c.limit for c in checks if c.kind == TPM)
-        #: which checks make the `x-ratelimit-*-requests` and `-tokens` headers
-        self.header_groups = tuple(
-            (tuple(i for i, c in enumerate(checks) if c.kind == kind), what)
-            for kind, what in ((RPM, "requests"), (TPM, "tokens"))
-            if any(c.kind == kind for c in checks)
-        )
 
 
 def _limit_checks(checks: list[list[Check]], scope: str, base: str, limits: object) -> None:
@@ -117,40 +65,6 @@ def _budget(nano: int | None) -> int:
     if nano is None:
         return 0
     return nano if nano > 0 else -1
-
-
-class Lease:
-    """What one admitted request holds until it is settled."""
-
-    __slots__ = (
-        "budget_note",
-        "day",
-        "key",
-        "month",
-        "plan",
-        "prompt_tokens",
-        "reserved_cost",
-        "reserved_tokens",
-        "stream_token_limit",
-    )
-
-    def __init__(
-        self, key: str, plan: Plan, prompt_tokens: int, reserved_tokens: int, reserved_cost: int
-    ) -> None:
-        self.key = key
-        self.plan = plan
-        self.prompt_tokens = prompt_tokens
-        #: prompt + completion tokens reserved in every token bucket of the plan
-        self.reserved_tokens = reserved_tokens
-        #: nano-USD reserved in every budget of the plan
-        self.reserved_cost = reserved_cost
-        #: the budget windows the reservation was made in (UTC day and month numbers)
-        self.day = 0
-        self.month = 0
-        #: live budget enforcement: completion tokens this stream may produce (None: no cut)
-        self.stream_token_limit: int | None = None
-        #: which budget binds the stream, for the error event
-        self.budget_note = ""
 
 
 def duration(ms: int) -> str:
@@ -501,30 +415,6 @@ class LimitsStage:
                     (f"x-ratelimit-reset-{what}", duration(best[2])),
                 )
         return headers
-
-
-def tokens_used(ctx: RequestContext, prompt_tokens: int) -> int:
-    """What a request spent, for settlement: the reported usage; the prompt if the upstream
-    answered but reported nothing; nothing if it never answered."""
-    usage = ctx.usage
-    if usage is not None:
-        return usage.prompt_tokens + usage.completion_tokens
-    if "upstream_head" in ctx.timings:
-        return prompt_tokens
-    return 0
-
-
-def cost_used(ctx: RequestContext, lease: Lease) -> int:
-    """What a request cost in nano-USD, by the same rules as `tokens_used`."""
-    plan = lease.plan
-    if not plan.has_budget:
-        return 0
-    usage = ctx.usage
-    if usage is not None:
-        return usage.prompt_tokens * plan.in_price + usage.completion_tokens * plan.out_price
-    if "upstream_head" in ctx.timings:
-        return lease.prompt_tokens * plan.in_price
-    return 0
 
 
 def tokens_refused_message(reserved: int, tpm: int, scope: str = "API key") -> str:

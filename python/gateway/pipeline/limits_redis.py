@@ -50,23 +50,17 @@ from .. import redis_resp
 from ..config import Config, OnError
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
+from ..quota import BUDGET, CONC, RPM, TPM, Lease, Plan
+from ..usage import cost_used, tokens_used
 from .limits import (
     _CONCURRENCY_RETRY_MS,
     _TOKEN_STATE,
-    BUDGET,
-    CONC,
     KIND_CODE,
-    RPM,
-    TPM,
-    Lease,
     LimitsStage,
-    Plan,
     _rate_limited,
     budget_refused,
-    cost_used,
     duration,
     tokens_refused_message,
-    tokens_used,
 )
 
 log = logging.getLogger("gateway.limits")

@@ -12,64 +12,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import msgspec
-
 from .. import _fastpath
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
-from ..schemas import ResponseChoicesView, ResponseUsageView, Usage
+from ..schemas import Usage
 from ..upstreams.httpclient import Connection, UpstreamProtocolError, UpstreamTimeout
 from ..upstreams.openai_http import map_transport_error
+from ..usage import counted_prompt_tokens
 from . import respond
-
-_usage_view = msgspec.json.Decoder(ResponseUsageView)
-_choices_view = msgspec.json.Decoder(ResponseChoicesView)
-_raw_top = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_encode = msgspec.json.Encoder().encode
-
-
-def counted_prompt_tokens(ctx: RequestContext) -> int:
-    assert ctx.route is not None
-    try:
-        return _fastpath.count_chat_tokens(ctx.body, ctx.route.encoding)
-    except _fastpath.FastpathError:
-        return _fastpath.estimate_tokens(ctx.body.decode("utf-8", "replace"))
-
-
-def fill_usage(ctx: RequestContext, body: bytes) -> bytes:
-    """Record usage from a unary upstream body, adding counted usage if the upstream had none."""
-    try:
-        usage = _usage_view.decode(body).usage
-    except msgspec.DecodeError:
-        raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned invalid JSON.") from None
-    except msgspec.ValidationError:
-        usage = None
-    if usage is not None:
-        ctx.usage = usage
-        return body
-    assert ctx.route is not None
-    encoding = ctx.route.encoding
-    completion = 0
-    try:
-        for choice in _choices_view.decode(body).choices:
-            text = choice.text if choice.message is None else choice.message.content
-            if text:
-                completion += _fastpath.count_tokens(text, encoding)
-            if choice.message is not None and choice.message.tool_calls:
-                for call in choice.message.tool_calls:
-                    if call.function is not None and call.function.arguments:
-                        completion += _fastpath.count_tokens(call.function.arguments, encoding)
-        top = _raw_top.decode(body)
-    except msgspec.DecodeError:
-        raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned invalid JSON.") from None
-    except msgspec.ValidationError:
-        return body  # not an object with choices: pass it on as the upstream sent it
-    prompt = counted_prompt_tokens(ctx)
-    usage = Usage(prompt, completion, prompt + completion)
-    ctx.usage = usage
-    top["usage"] = msgspec.Raw(_encode(usage))
-    return _encode(top)
-
 
 #: A client sending this request header gets, before `[DONE]`, an SSE comment with the stream's
 #: timing as the gateway saw it (TTFT from request arrival, gaps between upstream reads), so a

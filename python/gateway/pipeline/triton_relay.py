@@ -26,8 +26,9 @@ from ..errors import Fault, GatewayError
 from ..schemas import CompletionRequestView, Usage
 from ..upstreams.grpc_transport import RpcError
 from ..upstreams.triton_grpc import TritonAdapter, TritonStream, map_rpc_error, map_stream_error
+from ..usage import counted_prompt_tokens
 from . import respond
-from .reframe import TIMING_HEADER, ReadGaps, StreamLimits, counted_prompt_tokens
+from .reframe import TIMING_HEADER, ReadGaps, StreamLimits
 
 _INT_SIZES = {"INT32": 4, "INT64": 8, "UINT32": 4, "UINT64": 8}
 

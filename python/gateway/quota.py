@@ -1,0 +1,106 @@
+"""Value types of the limits: what a request is checked against (`Plan`, `Check`) and what an
+admitted request holds until it is settled (`Lease`). Below the stages: the context carries a
+lease, the limits stage and its stores make and settle them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class CheckKind(IntEnum):
+    """In the order a request's checks run (and the first refusal is reported)."""
+
+    CONC = 0
+    RPM = 1
+    TPM = 2
+    BUDGET = 3
+
+
+CONC, RPM, TPM, BUDGET = CheckKind.CONC, CheckKind.RPM, CheckKind.TPM, CheckKind.BUDGET
+
+
+class Check:
+    """One limit of a plan: what it counts, for whom, and its limit(s)."""
+
+    __slots__ = ("kind", "limit", "limit2", "local_key", "scope")
+
+    def __init__(self, kind: CheckKind, scope: str, local_key: str, limit: int, limit2: int = 0) -> None:
+        self.kind = kind
+        #: who it applies to, for messages: "API key", "API key on model m", "team t"
+        self.scope = scope
+        #: the bucket / gauge / counter name (the Redis key is the prefix + this)
+        self.local_key = local_key
+        #: RPM/TPM: per minute (also the burst); CONC: at most in flight; BUDGET: nano-USD per
+        #: UTC day (0 = none), with `limit2` per UTC month (0 = none)
+        self.limit = limit
+        self.limit2 = limit2
+
+
+class Plan:
+    """The checks for one (key, tier, team, model), built once per worker and cached."""
+
+    __slots__ = (
+        "checks",
+        "has_budget",
+        "has_conc",
+        "header_groups",
+        "in_price",
+        "needs_prompt",
+        "out_price",
+        "rpm_limits",
+        "settle_checks",
+        "tpm_limits",
+    )
+
+    def __init__(self, checks: list[Check], in_price: int, out_price: int) -> None:
+        self.checks = tuple(checks)
+        self.in_price = in_price  # nano-USD per prompt token
+        self.out_price = out_price  # nano-USD per completion token
+        self.has_conc = any(c.kind == CONC for c in checks)
+        self.has_budget = any(c.kind == BUDGET for c in checks)
+        self.needs_prompt = any(c.kind == TPM for c in checks) or self.has_budget
+        #: what on_finish touches: token buckets, concurrency gauges, budgets
+        self.settle_checks = tuple(c for c in checks if c.kind != RPM)
+        self.rpm_limits = tuple(c.limit for c in checks if c.kind == RPM)
+        self.tpm_limits = tuple(c.limit for c in checks if c.kind == TPM)
+        #: which checks make the `x-ratelimit-*-requests` and `-tokens` headers
+        self.header_groups = tuple(
+            (tuple(i for i, c in enumerate(checks) if c.kind == kind), what)
+            for kind, what in ((RPM, "requests"), (TPM, "tokens"))
+            if any(c.kind == kind for c in checks)
+        )
+
+
+class Lease:
+    """What one admitted request holds until it is settled."""
+
+    __slots__ = (
+        "budget_note",
+        "day",
+        "key",
+        "month",
+        "plan",
+        "prompt_tokens",
+        "reserved_cost",
+        "reserved_tokens",
+        "stream_token_limit",
+    )
+
+    def __init__(
+        self, key: str, plan: Plan, prompt_tokens: int, reserved_tokens: int, reserved_cost: int
+    ) -> None:
+        self.key = key
+        self.plan = plan
+        self.prompt_tokens = prompt_tokens
+        #: prompt + completion tokens reserved in every token bucket of the plan
+        self.reserved_tokens = reserved_tokens
+        #: nano-USD reserved in every budget of the plan
+        self.reserved_cost = reserved_cost
+        #: the budget windows the reservation was made in (UTC day and month numbers)
+        self.day = 0
+        self.month = 0
+        #: live budget enforcement: completion tokens this stream may produce (None: no cut)
+        self.stream_token_limit: int | None = None
+        #: which budget binds the stream, for the error event
+        self.budget_note = ""
