@@ -103,35 +103,41 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     triton: TritonModelConfig | None = None
 
 
-class ModelLimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class LimitSet(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The limits of one scope; None = unlimited. Each per-minute limit is also the burst."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    #: false = shadow mode for this set's limits (not its `models:`): counted and reported in
+    #: the `x-ratelimit-*` headers like enforced ones, but a request one of them would refuse
+    #: goes on (an INFO log line says which limit and the 429 code it would have had). What it
+    #: would have refused is not counted in it (as a refused request would not be), so it shows
+    #: what the limit would admit; a shadow budget never ends a stream.
+    enforce: bool = True
+
+
+class ModelLimitsConfig(LimitSet, forbid_unknown_fields=True, frozen=True):
     """Limits per key and public model (`tiers.<t>.models.<model>`), on top of the tier's own."""
 
-    rpm: int | None = None
-    tpm: int | None = None
-    max_concurrent: int | None = None
 
+class BudgetLimitSet(LimitSet, forbid_unknown_fields=True, frozen=True):
+    """A limit set with money budgets per UTC day / UTC calendar month (prices from `prices:`);
+    None = unlimited."""
 
-class TierConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Per-key limits of a tier; None = unlimited. Each per-minute limit is also the burst."""
-
-    rpm: int | None = None
-    tpm: int | None = None
-    max_concurrent: int | None = None
-    #: Money per key and UTC day / UTC calendar month (prices from `prices:`); None = unlimited.
     budget_usd_per_day: float | None = None
     budget_usd_per_month: float | None = None
+
+
+class TierConfig(BudgetLimitSet, forbid_unknown_fields=True, frozen=True):
+    """Per-key limits of a tier."""
+
     #: Extra limits per key and public model, e.g. `{gpt-4o: {rpm: 10, tpm: 1000}}`.
     models: dict[str, ModelLimitsConfig] = {}
 
 
-class TeamLimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class TeamLimitsConfig(BudgetLimitSet, forbid_unknown_fields=True, frozen=True):
     """Limits shared by all keys of one team (`teams.<team>`), on top of each key's tier."""
-
-    rpm: int | None = None
-    tpm: int | None = None
-    max_concurrent: int | None = None
-    budget_usd_per_day: float | None = None
-    budget_usd_per_month: float | None = None
 
 
 class PriceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -671,12 +677,19 @@ def budget_nano_usd(usd: float | None) -> int | None:
 def limits_enabled(cfg: Config) -> bool:
     """Whether any limit applies (the pipeline's condition for the `limits` stage)."""
     fields = (*_LIMIT_FIELDS, *_BUDGET_FIELDS)
-    scopes: list[object] = [*cfg.tiers.values(), *cfg.teams.values()]
-    scopes += [m for t in cfg.tiers.values() for m in t.models.values()]
-    return any(getattr(x, f, None) is not None for x in scopes for f in fields)
+    return any(getattr(x, f, None) is not None for _, x in limit_sets(cfg) for f in fields)
 
 
-def _validate_limit_set(where: str, obj: object, models: set[str]) -> None:
+def limit_sets(cfg: Config) -> list[tuple[str, LimitSet]]:
+    """Every limit set of the config with its path: tiers, their models, teams."""
+    sets: list[tuple[str, LimitSet]] = [(f"$.tiers.{n}", t) for n, t in cfg.tiers.items()]
+    sets += [(f"$.teams.{n}", t) for n, t in cfg.teams.items()]
+    sets += [(f"$.tiers.{n}.models.{m}", x) for n, t in cfg.tiers.items() for m, x in t.models.items()]
+    return sets
+
+
+def _validate_limit_set(where: str, obj: LimitSet) -> None:
+    fields = _LIMIT_FIELDS + (_BUDGET_FIELDS if isinstance(obj, BudgetLimitSet) else ())
     for field in _LIMIT_FIELDS:
         value = getattr(obj, field)
         if value is not None:
@@ -685,18 +698,18 @@ def _validate_limit_set(where: str, obj: object, models: set[str]) -> None:
         usd = getattr(obj, field, None)
         if usd is not None and not 0 <= usd <= MAX_BUDGET_USD:
             raise ConfigError(f"{where}.{field}: must be 0..{MAX_BUDGET_USD} USD, got {usd}")
-    for model, limits in getattr(obj, "models", {}).items():
-        if model not in models:
-            raise ConfigError(f"{where}.models: unknown model {model!r}")
-        _validate_limit_set(f"{where}.models.{model}", limits, models)
+    if not obj.enforce and all(getattr(obj, f) is None for f in fields):
+        raise ConfigError(f"{where}.enforce: false (shadow mode) needs a limit in the same set")
 
 
 def _validate_limits(cfg: Config) -> None:
     models = {m.name for m in cfg.models}
     for name, tier in cfg.tiers.items():
-        _validate_limit_set(f"$.tiers.{name}", tier, models)
-    for name, team in cfg.teams.items():
-        _validate_limit_set(f"$.teams.{name}", team, models)
+        for model in tier.models:
+            if model not in models:
+                raise ConfigError(f"$.tiers.{name}.models: unknown model {model!r}")
+    for where, limits in limit_sets(cfg):
+        _validate_limit_set(where, limits)
     for model, price in cfg.prices.items():
         where = f"$.prices.{model}"
         if model not in models:
@@ -786,10 +799,7 @@ def _validate_redis_limits(cfg: Config) -> None:
         # never echo the URL: it may carry a password
         raise ConfigError("$.limits.redis.url: must be a redis://, rediss:// or unix:// URL")
     _check_all("$.limits.redis", r, ("timeout_ms", "retry_interval_ms", "lease_ttl_ms", "max_connections"))
-    scopes: list[tuple[str, object]] = [(f"$.tiers.{n}", t) for n, t in cfg.tiers.items()]
-    scopes += [(f"$.teams.{n}", t) for n, t in cfg.teams.items()]
-    scopes += [(f"$.tiers.{n}.models.{m}", x) for n, t in cfg.tiers.items() for m, x in t.models.items()]
-    for where, limits in scopes:
+    for where, limits in limit_sets(cfg):
         for field in ("rpm", "tpm"):
             value = getattr(limits, field)
             if value is not None and value > REDIS_MAX_RATE:
