@@ -129,10 +129,13 @@ impl StopMatcher {
         }
         self.held.push_str(text);
         // Earlier text never holds a whole stop sequence (its possible starts were held back).
-        if let Some(at) = self
+        // The stop sequence completed first wins (the earliest end; of those, the longest), as
+        // when the text arrives a character at a time: with stops "abc" and "b", "abc" stops
+        // after "a" however it was split, not after "" when it came in one delta.
+        if let Some((_, at)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at + s.len(), at)))
             .min()
         {
             self.stopped = true;
@@ -338,6 +341,15 @@ mod tests {
         assert_eq!(collect(&["END"], &[b"a EN"]), ("a EN".into(), false));
         // the earliest of several stops wins; empty stops are ignored
         assert_eq!(collect(&["c", "", "b"], &[b"a", b"bc"]), ("a".into(), true));
+        // the stop completed first wins, however the text was split
+        for deltas in [
+            &[&b"xabc"[..]][..],
+            &[b"xa", b"bc"],
+            &[b"x", b"a", b"b", b"c"],
+        ] {
+            assert_eq!(collect(&["abc", "b"], deltas), ("xa".into(), true));
+            assert_eq!(collect(&["ab", "xab"], deltas), (String::new(), true));
+        }
         // multi-byte stop and text
         assert_eq!(
             collect(&["\u{e9}t\u{e9}"], &[b"\xc3\xa9t\xc3", b"\xa9 x"]),
