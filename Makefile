@@ -7,8 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMPS := .stamps
-# The extension's sources (crates/bench is the separate fastpath-bench binary, built by its own stamp).
-RUST_SRC := $(shell find crates -path crates/bench -prune -o \( -name '*.rs' -o -name 'Cargo.toml' \) -print 2>/dev/null) Cargo.toml
+# The extension's sources (crates/bench is the separate fastpath-bench binary, built by its own stamp;
+# tests/ and fuzz/ are not in the extension).
+RUST_SRC := $(shell find crates/fastpath/src crates/fastpath/assets crates/fastpath/Cargo.toml -type f 2>/dev/null) Cargo.toml Cargo.lock
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR := never
 
@@ -29,7 +30,8 @@ $(STAMPS)/build-release: $(STAMPS)/venv $(RUST_SRC) pyproject.toml
 	rm -f $(STAMPS)/build-dev
 	touch $@
 
-BENCH_SRC := $(shell find crates/bench -name '*.rs' -o -name 'Cargo.toml' 2>/dev/null) Cargo.toml Cargo.lock
+# fastpath-bench links the fastpath core (without pyo3): its sources are the bench's too.
+BENCH_SRC := $(shell find crates/bench crates/fastpath/src crates/fastpath/assets crates/fastpath/Cargo.toml -name '*.rs' -o -name 'Cargo.toml' -o -name '*.tiktoken' 2>/dev/null) Cargo.toml Cargo.lock
 
 $(STAMPS)/bench: $(BENCH_SRC)
 	@mkdir -p $(STAMPS)
@@ -65,14 +67,14 @@ lint: $(STAMPS)/venv ## ruff, mypy, rustfmt, clippy
 	$(VENV)/bin/ruff format --check python tests benchmarks
 	$(VENV)/bin/mypy
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets -q -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -q -- -D warnings
 
 fmt: $(STAMPS)/venv ## format Python and Rust
 	$(VENV)/bin/ruff format python tests benchmarks
 	$(VENV)/bin/ruff check --fix python tests benchmarks
 	cargo fmt --all
 
-test-rust: $(STAMPS)/venv ## Rust unit tests
+test-rust: ## Rust unit tests (no venv: only the extension build enables pyo3)
 	cargo test --workspace -q
 
 test-python: install ## Python tests (real sockets, real upstream processes)

@@ -1,5 +1,17 @@
 //! `fastpath-bench`: see `--help`.
 
+// The workspace lints, less what a load generator does on purpose.
+#![allow(
+    clippy::print_stdout,
+    reason = "the report and --help go to stdout: that is the binary's output"
+)]
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "durations and counts are converted between u64 ns and f64 ms everywhere; values stay far below 2^52"
+)]
+
 use clap::Parser;
 use fastpath_bench::report::{self, Output, Percentiles, Slo, Summary};
 use fastpath_bench::runner::{self, RunConfig};

@@ -1,7 +1,6 @@
-//! Token counting and exact-length synthetic prompts with OpenAI's BPE vocabularies (tiktoken-rs,
-//! bundled in the binary: no downloads, no Python). The same encodings as the gateway's own
-//! counter (`crates/fastpath/src/tokens.rs`); this crate depends on tiktoken-rs directly so the
-//! load generator stays a plain binary, without pyo3 or libpython.
+//! Exact-length synthetic prompts with OpenAI's BPE vocabularies: the gateway's own encoder
+//! (`fastpath::tokens`, vocabularies bundled in the binary: no downloads, no Python), so the
+//! bench counts tokens exactly as the gateway does.
 //!
 //! Prompts are built piece by piece from words that are one token each in the chosen encoding
 //! (checked per word and form: `"Word"`, `" word"`, `" Word"`), plus `","` and `"."`. Both BPE
@@ -10,65 +9,12 @@
 //! its count is exact. All of it happens before the run, never in the request loop.
 
 use crate::schedule::Rng;
-use std::sync::OnceLock;
-use tiktoken_rs::CoreBPE;
+pub use fastpath::tokens::Encoding;
+use fastpath::tokens::TokenError;
 
-/// The BPE vocabularies the load generator knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Encoding {
-    O200kBase,
-    Cl100kBase,
-}
-
-impl Encoding {
-    pub fn from_name(name: &str) -> Result<Self, String> {
-        match name {
-            "o200k_base" => Ok(Self::O200kBase),
-            "cl100k_base" => Ok(Self::Cl100kBase),
-            _ => Err(format!(
-                "unknown encoding {name:?} (known: o200k_base, cl100k_base)"
-            )),
-        }
-    }
-
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::O200kBase => "o200k_base",
-            Self::Cl100kBase => "cl100k_base",
-        }
-    }
-
-    /// Built on first use (~100 ms), once per process.
-    fn bpe(self) -> Result<&'static CoreBPE, String> {
-        static O200K: OnceLock<Result<CoreBPE, String>> = OnceLock::new();
-        static CL100K: OnceLock<Result<CoreBPE, String>> = OnceLock::new();
-        let cell = match self {
-            Self::O200kBase => {
-                O200K.get_or_init(|| tiktoken_rs::o200k_base().map_err(|e| e.to_string()))
-            }
-            Self::Cl100kBase => {
-                CL100K.get_or_init(|| tiktoken_rs::cl100k_base().map_err(|e| e.to_string()))
-            }
-        };
-        cell.as_ref()
-            .map_err(|msg| format!("could not build the {} tables: {msg}", self.name()))
-    }
-
-    /// Ordinary tokens (special-token text such as `<|endoftext|>` is plain text).
-    pub fn encode(self, text: &str) -> Result<Vec<u32>, String> {
-        Ok(self.bpe()?.encode_ordinary(text))
-    }
-
-    pub fn count(self, text: &str) -> Result<usize, String> {
-        Ok(self.bpe()?.encode_ordinary(text).len())
-    }
-
-    pub fn decode(self, tokens: &[u32]) -> Result<String, String> {
-        self.bpe()?
-            .decode(tokens)
-            .map_err(|e| format!("{}: {e}", self.name()))
-    }
+#[expect(clippy::needless_pass_by_value, reason = "used as `map_err(text)`")]
+fn text(e: TokenError) -> String {
+    e.to_string()
 }
 
 /// Plain English words; those that are not one token in every form under an encoding are dropped
@@ -321,8 +267,9 @@ fn capitalize(w: &str) -> String {
 
 impl PromptGen {
     pub fn new(enc: Encoding) -> Result<Self, String> {
+        let count = |s: &str| enc.count(s).map_err(text);
         for punct in [",", "."] {
-            if enc.count(punct)? != 1 {
+            if count(punct)? != 1 {
                 return Err(format!("{punct:?} is not one {} token", enc.name()));
             }
         }
@@ -333,9 +280,9 @@ impl PromptGen {
                 spaced: format!(" {w}"),
                 spaced_cap: format!(" {}", capitalize(w)),
             };
-            if enc.count(&word.bare_cap)? == 1
-                && enc.count(&word.spaced)? == 1
-                && enc.count(&word.spaced_cap)? == 1
+            if count(&word.bare_cap)? == 1
+                && count(&word.spaced)? == 1
+                && count(&word.spaced_cap)? == 1
             {
                 words.push(word);
             }
@@ -396,10 +343,10 @@ impl PromptGen {
     /// Verify by encoding; trim at token granularity or extend by words until the count is `n`.
     fn make_exact(&self, rng: &mut Rng, mut s: String, n: usize) -> Result<String, String> {
         for _ in 0..16 {
-            let toks = self.enc.encode(&s)?;
+            let toks = self.enc.encode(&s).map_err(text)?;
             match toks.len().cmp(&n) {
                 std::cmp::Ordering::Equal => return Ok(s),
-                std::cmp::Ordering::Greater => s = self.enc.decode(&toks[..n])?,
+                std::cmp::Ordering::Greater => s = self.enc.decode(&toks[..n]).map_err(text)?,
                 std::cmp::Ordering::Less => {
                     for _ in toks.len()..n {
                         s.push_str(&self.word(rng).spaced);

@@ -193,7 +193,7 @@ pub fn synthetic(spec: &Spec) -> Result<Vec<Prepared>, String> {
 fn count_input_tokens(enc: Encoding, obj: &Map<String, Value>) -> Result<u64, String> {
     fn tokens(enc: Encoding, v: &Value) -> Result<u64, String> {
         Ok(match v {
-            Value::String(s) => enc.count(s)? as u64,
+            Value::String(s) => enc.count(s).map_err(|e| e.to_string())? as u64,
             Value::Number(_) => 1,
             Value::Array(a) => a.iter().map(|x| tokens(enc, x)).sum::<Result<u64, _>>()?,
             Value::Object(o) => match o.get("text").or_else(|| o.get("content")) {

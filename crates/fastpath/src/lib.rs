@@ -1,6 +1,8 @@
 //! `gateway._fastpath`: the gateway's per-byte and per-token hot loops, in plain Rust.
 //!
-//! Every module is pyo3-free and tested with `cargo test`; `py` is the one thin binding layer.
+//! Every module is pyo3-free and tested with `cargo test`; `py` is the one thin binding layer,
+//! compiled only with the `python` feature (maturin's build), so the core, its tests and
+//! fastpath-bench build without pyo3 or a Python interpreter.
 
 pub mod bpe;
 pub mod buckets;
@@ -12,4 +14,5 @@ pub mod sse;
 pub mod textstream;
 pub mod tokens;
 
+#[cfg(feature = "python")]
 mod py;

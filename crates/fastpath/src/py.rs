@@ -45,7 +45,7 @@ const DEFAULT_MAX_EVENT_BYTES: usize = 1_048_576;
 fn token_error(e: &TokenError) -> PyErr {
     match e {
         TokenError::UnknownEncoding(_) => UnknownEncodingError::new_err(e.to_string()),
-        TokenError::Init(_) | TokenError::InvalidRequest(_) => {
+        TokenError::Init(_) | TokenError::InvalidRequest(_) | TokenError::Decode(_) => {
             FastpathError::new_err(e.to_string())
         }
     }
@@ -519,6 +519,12 @@ impl PyLocalLimiter {
     }
 }
 
+// No `gil_used = false`. It would be dead: the extension is built for the stable ABI
+// (`abi3-py311`), which free-threaded CPython (3.13t/3.14t) cannot load. And it would not be
+// right as is: the classes would be memory-safe without the GIL (pyo3's borrow flag is atomic
+// under free-threading), but `LocalLimiter` (see its comment) and the stream objects rely on the
+// GIL to serialise calls; without it two threads calling one object at once would get
+// "Already borrowed" errors instead of waiting their turn.
 #[pymodule]
 #[pyo3(name = "_fastpath")]
 fn fastpath_module(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -27,6 +27,8 @@ pub enum TokenError {
     /// The bundled vocabulary failed to load (a broken build, not bad input).
     Init(String),
     InvalidRequest(String),
+    /// A token id outside the vocabulary, or (decoding to text) bytes that are not UTF-8.
+    Decode(String),
 }
 
 impl fmt::Display for TokenError {
@@ -38,6 +40,7 @@ impl fmt::Display for TokenError {
             ),
             Self::Init(msg) => write!(f, "could not build the BPE tables: {msg}"),
             Self::InvalidRequest(msg) => write!(f, "cannot count tokens of the request: {msg}"),
+            Self::Decode(msg) => write!(f, "cannot decode the tokens: {msg}"),
         }
     }
 }
@@ -105,6 +108,18 @@ impl Encoding {
 
     pub fn encode(self, text: &str) -> Result<Vec<u32>, TokenError> {
         self.bpe()?.encode_ordinary(text)
+    }
+
+    /// The tokens' bytes (see [`Bpe::decode_bytes`]).
+    pub fn decode_bytes(self, tokens: &[u32]) -> Result<Vec<u8>, TokenError> {
+        self.bpe()?.decode_bytes(tokens)
+    }
+
+    /// The tokens' text; an error if they end (or start) inside a UTF-8 character, as tiktoken's
+    /// `decode`.
+    pub fn decode(self, tokens: &[u32]) -> Result<String, TokenError> {
+        String::from_utf8(self.decode_bytes(tokens)?)
+            .map_err(|e| TokenError::Decode(format!("not UTF-8: {e}")))
     }
 }
 
@@ -381,6 +396,29 @@ mod tests {
         assert_eq!(Encoding::O200kBase.count("").unwrap(), 0);
         // Special-token text is ordinary text.
         assert!(Encoding::Cl100kBase.count("<|endoftext|>").unwrap() > 1);
+    }
+
+    #[test]
+    fn decode_inverts_encode_and_wants_whole_characters() {
+        assert_eq!(
+            Encoding::O200kBase.decode(&[24912, 2375]).unwrap(),
+            "hello world"
+        );
+        for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            let text = "Ça, c'est déjà 日本語 \u{10FFFD} ok";
+            let tokens = enc.encode(text).unwrap();
+            assert_eq!(enc.decode(&tokens).unwrap(), text);
+            // Some prefix ends inside a character (a private-use character is one token per byte).
+            let cut = (0..tokens.len())
+                .find(|&n| enc.decode(&tokens[..n]).is_err())
+                .unwrap();
+            assert!(matches!(
+                enc.decode(&tokens[..cut]),
+                Err(TokenError::Decode(_))
+            ));
+            let bytes = enc.decode_bytes(&tokens[..cut]).unwrap();
+            assert!(text.as_bytes().starts_with(&bytes));
+        }
     }
 
     #[test]
