@@ -6,6 +6,7 @@ lease, the limits stage and its stores make and settle them.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Protocol
 
 
 class CheckKind(IntEnum):
@@ -23,9 +24,11 @@ CONC, RPM, TPM, BUDGET = CheckKind.CONC, CheckKind.RPM, CheckKind.TPM, CheckKind
 class Check:
     """One limit of a plan: what it counts, for whom, and its limit(s)."""
 
-    __slots__ = ("kind", "limit", "limit2", "local_key", "scope")
+    __slots__ = ("enforce", "kind", "limit", "limit2", "local_key", "scope")
 
-    def __init__(self, kind: CheckKind, scope: str, local_key: str, limit: int, limit2: int = 0) -> None:
+    def __init__(
+        self, kind: CheckKind, scope: str, local_key: str, limit: int, limit2: int = 0, enforce: bool = True
+    ) -> None:
         self.kind = kind
         #: who it applies to, for messages: "API key", "API key on model m", "team t"
         self.scope = scope
@@ -35,6 +38,8 @@ class Check:
         #: UTC day (0 = none), with `limit2` per UTC month (0 = none)
         self.limit = limit
         self.limit2 = limit2
+        #: False: shadow mode (counted and reported, never refuses; see `config.LimitSet`)
+        self.enforce = enforce
 
 
 class Plan:
@@ -50,6 +55,7 @@ class Plan:
         "out_price",
         "rpm_limits",
         "settle_checks",
+        "settle_indices",
         "tpm_limits",
     )
 
@@ -62,6 +68,7 @@ class Plan:
         self.needs_prompt = any(c.kind == TPM for c in checks) or self.has_budget
         #: what on_finish touches: token buckets, concurrency gauges, budgets
         self.settle_checks = tuple(c for c in checks if c.kind != RPM)
+        self.settle_indices = tuple(i for i, c in enumerate(checks) if c.kind != RPM)
         self.rpm_limits = tuple(c.limit for c in checks if c.kind == RPM)
         self.tpm_limits = tuple(c.limit for c in checks if c.kind == TPM)
         #: which checks make the `x-ratelimit-*-requests` and `-tokens` headers
@@ -72,19 +79,31 @@ class Plan:
         )
 
 
+class Holder(Protocol):
+    """Where a lease is held (a limits store): what settles it."""
+
+    def settle(self, lease: Lease, unused_tokens: int, unused_cost: int) -> None: ...
+
+    def tokens_after(self, lease: Lease, unused_tokens: int) -> tuple[int, int, int]: ...
+
+
 class Lease:
     """What one admitted request holds until it is settled."""
 
     __slots__ = (
         "budget_note",
         "day",
+        "holder",
         "key",
+        "member",
         "month",
         "plan",
         "prompt_tokens",
         "reserved_cost",
         "reserved_tokens",
         "stream_token_limit",
+        "tokens_state",
+        "waived",
     )
 
     def __init__(
@@ -104,3 +123,11 @@ class Lease:
         self.stream_token_limit: int | None = None
         #: which budget binds the stream, for the error event
         self.budget_note = ""
+        #: the store that holds it (settlement goes there)
+        self.holder: Holder | None = None
+        #: this request's entry in shared concurrency lease sets ('' if none)
+        self.member = ""
+        #: (limit, remaining, reset ms) of the tightest token bucket after the decision
+        self.tokens_state: tuple[int, int, int] | None = None
+        #: shadow checks that would have refused this request: not taken, so not settled
+        self.waived: tuple[Check, ...] = ()

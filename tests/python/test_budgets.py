@@ -21,6 +21,7 @@ from test_streaming import data_events, sse_lines
 
 from gateway import config as config_mod
 from gateway.pipeline.limits import LimitsStage, month_number, usd, window_reset_s
+from gateway.pipeline.limits.local_store import LocalStore
 
 # ---- config --------------------------------------------------------------------------------------
 PRICES = "prices:\n  echo: {input_per_mtok: 1000, output_per_mtok: 2000}\n"
@@ -107,8 +108,13 @@ class Clock:
         return self.now
 
 
+def _local(stage: LimitsStage) -> LocalStore:
+    assert isinstance(stage.store, LocalStore)
+    return stage.store
+
+
 def _spent(stage: LimitsStage, name: str, now: float) -> tuple[int, int]:
-    return stage._spent(name, int(now) // 86_400, month_number(now))
+    return _local(stage).spent(name, int(now) // 86_400, month_number(now))
 
 
 def test_budget_reserve_settle_refund_overshoot_and_rollover() -> None:
@@ -189,7 +195,7 @@ def test_unpriced_models_cost_nothing_and_a_zero_budget_refuses_priced_ones() ->
         assert free.lease is not None and free.lease.reserved_cost == 0
         used(free, 100)
         stage.on_finish(free)
-        assert "{z}:b" not in stage._budgets  # nothing was ever counted
+        assert not _local(stage).tracks_budget("{z}:b")  # nothing was ever counted
 
     asyncio.run(run())
 
@@ -275,8 +281,8 @@ def test_team_and_model_limits_in_process() -> None:
         await stage2.on_request(request(b, model="gpt-4o-mini"))
         stage.on_finish(y)
         # refused requests left no count: a's own bucket holds exactly its 2 admitted requests
-        assert stage._buckets.acquire("{team:research}:k:a:r", 0, 100, 100)[1] == 98
-        assert stage._buckets.acquire("{team:research}:r", 0, 3, 3)[1] == 0
+        assert _local(stage).peek("{team:research}:k:a:r", 100)[1] == 98
+        assert _local(stage).peek("{team:research}:r", 3)[1] == 0
 
     asyncio.run(run())
 

@@ -19,8 +19,8 @@ from conftest import free_port
 
 from gateway.config import Config
 from gateway.context import RequestContext
-from gateway.pipeline.limits import month_number, usd
-from gateway.pipeline.limits_redis import _CIVIL, _LIB, RedisLimitsStage
+from gateway.pipeline.limits import LimitsStage, month_number, usd
+from gateway.pipeline.limits.redis_store import LUA_LIB, LUA_MONTH_OF
 
 redis = pytest.importorskip("redis")
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -83,7 +83,7 @@ def _run(body: Any) -> None:
     """Run `body(stages)` with fresh stages, then close them (no connection outlives its loop)."""
 
     async def main() -> None:
-        stages: list[RedisLimitsStage] = []
+        stages: list[LimitsStage] = []
         try:
             await body(stages)
         finally:
@@ -93,7 +93,7 @@ def _run(body: Any) -> None:
     asyncio.run(main())
 
 
-async def _finish(stage: RedisLimitsStage, ctx: RequestContext) -> None:
+async def _finish(stage: LimitsStage, ctx: RequestContext) -> None:
     stage.on_finish(ctx)
     await stage.settled()
 
@@ -101,7 +101,9 @@ async def _finish(stage: RedisLimitsStage, ctx: RequestContext) -> None:
 def test_month_of_matches_the_utc_calendar(r: Any) -> None:
     days = [*range(0, 120_000, 29), 19_722, 19_723, 20_513, 20_514, 21_184]  # around month ends
     script = (
-        _LIB + _CIVIL + "local o = {} for i = 1, #ARGV do o[i] = month_of(tonumber(ARGV[i])) end return o"
+        LUA_LIB
+        + LUA_MONTH_OF
+        + "local o = {} for i = 1, #ARGV do o[i] = month_of(tonumber(ARGV[i])) end return o"
     )
     got = r.eval(script, 0, *days)
     assert got == [month_number(d * 86_400) for d in days]
@@ -113,8 +115,8 @@ def test_budget_reserve_settle_refund_overshoot_and_rollover_redis(r: Any, prefi
     alice = principal(cfg, "alice", "b")
     name = f"{prefix}{{alice}}:b"
 
-    async def run(stages: list[RedisLimitsStage]) -> None:
-        stage = RedisLimitsStage(cfg)
+    async def run(stages: list[LimitsStage]) -> None:
+        stage = LimitsStage(cfg)
         stages.append(stage)
         a = request(alice)
         p = prompt_tokens(a)
@@ -172,8 +174,8 @@ def test_refused_requests_leave_no_count_redis(r: Any, prefix: str) -> None:
     cfg = _cfg(prefix, BUDGET_YAML)
     k = principal(cfg, "k", "rb")
 
-    async def run(stages: list[RedisLimitsStage]) -> None:
-        stage = RedisLimitsStage(cfg)
+    async def run(stages: list[LimitsStage]) -> None:
+        stage = LimitsStage(cfg)
         stages.append(stage)
         exc = await refused(stage, request(k, max_tokens=100))  # 0.2 USD > 0.1 USD
         assert exc.code == "budget_exceeded"
@@ -194,8 +196,8 @@ def test_concurrent_reservations_never_overspend_redis(r: Any, prefix: str) -> N
     cfg = _cfg(prefix, BUDGET_YAML)
     alice = principal(cfg, "alice", "b")
 
-    async def run(stages: list[RedisLimitsStage]) -> None:
-        stages += [RedisLimitsStage(cfg), RedisLimitsStage(cfg)]  # two workers' pools
+    async def run(stages: list[LimitsStage]) -> None:
+        stages += [LimitsStage(cfg), LimitsStage(cfg)]  # two workers' pools
 
         async def one(i: int) -> RequestContext | None:
             ctx = request(alice)
@@ -234,8 +236,8 @@ def test_team_and_model_limits_redis(r: Any, prefix: str) -> None:
     b = principal(cfg, "b", "t", "research")
     base = f"{prefix}{{team:research}}:"
 
-    async def run(stages: list[RedisLimitsStage]) -> None:
-        stage = RedisLimitsStage(cfg)
+    async def run(stages: list[LimitsStage]) -> None:
+        stage = LimitsStage(cfg)
         stages.append(stage)
         # the model's concurrency (1 per key on echo) and rate (2 per minute)
         first = request(a, max_tokens=10)
@@ -270,8 +272,8 @@ def test_live_allowance_from_the_script(r: Any, prefix: str) -> None:
     cfg = _cfg(prefix, BUDGET_YAML)
     alice = principal(cfg, "alice", "b")
 
-    async def run(stages: list[RedisLimitsStage]) -> None:
-        stage = RedisLimitsStage(cfg)
+    async def run(stages: list[LimitsStage]) -> None:
+        stage = LimitsStage(cfg)
         stages.append(stage)
         s = request(alice, stream=True)
         await stage.on_request(s)
@@ -294,8 +296,8 @@ def test_a_key_without_limits_costs_no_round_trip() -> None:
     )
     nobody = principal(cfg, "n", "none")
 
-    async def run(stages: list[RedisLimitsStage]) -> None:
-        stage = RedisLimitsStage(cfg)
+    async def run(stages: list[LimitsStage]) -> None:
+        stage = LimitsStage(cfg)
         stages.append(stage)
         ctx = request(nobody)
         await stage.on_request(ctx)

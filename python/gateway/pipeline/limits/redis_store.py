@@ -1,0 +1,498 @@
+"""The `redis` limits store: the same checks as the local store, held in Redis so that every
+worker process and every gateway instance shares them exactly. One round trip per decision (a
+Lua script, EVALSHA; the client re-sends it with EVAL on NOSCRIPT), a settlement script sent
+after the reply and not waited for, and concurrency slots as leases renewed while requests run.
+
+Redis is spoken to by `redis_resp` (not redis-py: several times its CPU per call), one pipelined
+connection per worker, so a settlement sent without waiting still reaches Redis before any later
+decision of this worker. Every call has a deadline (`timeout_ms`); after a failure Redis is left
+alone for `retry_interval_ms` (`StoreUnavailable`: the stage answers 503 under `fail_closed`,
+`FailOpenStore` decides locally under `fail_open`), then tried again: recovery needs no restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ... import redis_resp
+from ...config import Config, OnError
+from ...quota import CONC, Lease, Plan
+from .store import Decision, State, StoreUnavailable
+
+log = logging.getLogger("gateway.limits")
+
+#: The scripts' kind codes, by `CheckKind`: a lease set, a bucket (RPM and TPM), a budget hash.
+KIND_CODE = ("c", "r", "r", "b")
+
+# Shared by the scripts: Redis `TIME` (gateway clocks do not matter; the budget windows are
+# computed from it too), floor and ceiling division on integers, and the GCRA buckets.
+#
+# A bucket keeps its theoretical arrival time relative to the last update: `d`, its debt in units
+# of 1/60,000,000 token (a microsecond at one token per minute), and `t`, when it was written.
+# All integers, exact in Lua's doubles below 2**53 (see `config.REDIS_MAX_RATE`): the debt drains
+# by `rate` units per microsecond; a cost `c` fits when `debt + c * 60e6 <= burst * 60e6`. A full
+# bucket is no key at all; a bucket's key expires when the bucket would be full again.
+LUA_LIB = """
+if redis.replicate_commands then redis.replicate_commands() end
+local U = 60000000
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
+local function fdiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
+  return q
+end
+local function cdiv(a, b)
+  local q = fdiv(a, b)
+  if q * b < a then q = q + 1 end
+  return q
+end
+local function debt(key, rate)
+  local v = redis.call('HMGET', key, 'd', 't')
+  local d = tonumber(v[1])
+  if not d then return 0 end
+  local e = now - tonumber(v[2])
+  if e < 0 then e = 0 end
+  if e >= cdiv(d, rate) then return 0 end
+  return d - e * rate
+end
+local function store(key, d, rate)
+  if d <= 0 then
+    redis.call('DEL', key)
+  else
+    redis.call('HSET', key, 'd', string.format('%d', d), 't', string.format('%d', now))
+    redis.call('PEXPIRE', key, cdiv(cdiv(d, rate), 1000) + 1000)
+  end
+end
+"""
+
+#: Days since 1970-01-01 -> the UTC calendar month as year * 12 + month - 1 (H. Hinnant's
+#: civil_from_days, on integers). Needs `fdiv` (LUA_LIB).
+LUA_MONTH_OF = """
+local function month_of(days)
+  local z = days + 719468
+  local era = fdiv(z, 146097)
+  local doe = z - era * 146097
+  local yoe = fdiv(doe - fdiv(doe, 1460) + fdiv(doe, 36524) - fdiv(doe, 146096), 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + fdiv(yoe, 4) - fdiv(yoe, 100))
+  local mp = fdiv(5 * doy + 2, 153)
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  if m <= 2 then y = y + 1 end
+  return y * 12 + m - 1
+end
+"""
+
+# The decision. KEYS: one per check, in the plan's order (they share one hash tag, `{key_id}`
+# or `{team:<team>}` when the team has shared limits: one Redis Cluster slot). ARGV: lease
+# member, lease ttl ms, then 5 per check: kind, limit, limit2, cost, enforce (1, or 0: shadow).
+#   'c': a lease set (ZSET member -> expiry): at most `limit` live leases;
+#   'r': a GCRA bucket of `limit` per minute (= burst), taking `cost` tokens;
+#   'b': a budget hash: `d`/`ds` (UTC day number, nano-USD spent that day) and `m`/`ms` (UTC
+#        month number, spent that month; a stored window that is not the current one counts as
+#        0), at most `limit` a day and `limit2` a month (0 = none, -1 = nothing); 33 days TTL
+#        after its last write (the longest month, and a day to settle).
+# Every check is read (expired leases are pruned); only when no enforced check refuses are all
+# taken but the shadow checks that would refuse (a refused request changes nothing).
+# -> {code (0 admitted, else the index of the first refusing enforced check), now s, UTC day,
+#     UTC month, then 4 per check: fits (1/0), then 'r': remaining, reset ms, retry ms;
+#     'c': leases held, 0, 0; 'b': day spent, month spent, the window it does not fit (0, 1, 2)}
+ACQUIRE = (
+    LUA_LIB
+    + LUA_MONTH_OF
+    + """
+local member = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local n = #KEYS
+local day = fdiv(now, 86400000000)
+local month = -1
+local code = 0
+local st = {}
+local over = {}
+local no = {}
+for i = 1, n do
+  local j = 5 * i - 2
+  local kind = ARGV[j]
+  local a = tonumber(ARGV[j + 1])
+  local c = tonumber(ARGV[j + 3])
+  local key = KEYS[i]
+  if kind == 'r' then
+    st[i] = debt(key, a)
+    no[i] = st[i] + c * U > a * U
+  elseif kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    st[i] = redis.call('ZCARD', key)
+    no[i] = st[i] >= a
+  else
+    local b = tonumber(ARGV[j + 2])
+    if month < 0 then month = month_of(day) end
+    local v = redis.call('HMGET', key, 'd', 'ds', 'm', 'ms')
+    local sd = 0
+    local sm = 0
+    if tonumber(v[1]) == day then sd = tonumber(v[2]) end
+    if tonumber(v[3]) == month then sm = tonumber(v[4]) end
+    st[i] = {sd, sm}
+    over[i] = 0
+    if c > 0 then
+      if a ~= 0 and sd + c > a then over[i] = 1 elseif b ~= 0 and sm + c > b then over[i] = 2 end
+    end
+    no[i] = over[i] > 0
+  end
+  if code == 0 and no[i] and ARGV[j + 4] == '1' then code = i end
+end
+if code == 0 then
+  for i = 1, n do
+    local j = 5 * i - 2
+    local kind = ARGV[j]
+    local a = tonumber(ARGV[j + 1])
+    local c = tonumber(ARGV[j + 3])
+    local key = KEYS[i]
+    if no[i] then
+      -- a shadow check that would refuse: not taken
+    elseif kind == 'r' then
+      if c > 0 then
+        st[i] = st[i] + c * U
+        store(key, st[i], a)
+      end
+    elseif kind == 'c' then
+      redis.call('ZADD', key, now + ttl * 1000, member)
+      redis.call('PEXPIRE', key, ttl)
+      st[i] = st[i] + 1
+    elseif c > 0 then
+      local s = st[i]
+      s[1] = s[1] + c
+      s[2] = s[2] + c
+      redis.call('HSET', key, 'd', string.format('%d', day), 'ds', string.format('%d', s[1]),
+                 'm', string.format('%d', month), 'ms', string.format('%d', s[2]))
+      redis.call('PEXPIRE', key, BUDGET_TTL_MS)
+    end
+  end
+end
+local out = {code, fdiv(now, 1000000), day, month}
+for i = 1, n do
+  local j = 5 * i - 2
+  local kind = ARGV[j]
+  local a = tonumber(ARGV[j + 1])
+  local c = tonumber(ARGV[j + 3])
+  local fits = 1
+  if no[i] then fits = 0 end
+  out[#out + 1] = fits
+  if kind == 'r' then
+    local d = st[i]
+    local left = a * U - d
+    local rem = 0
+    if left > 0 then rem = fdiv(left, U) end
+    local reset = cdiv(cdiv(d, a), 1000)
+    local retry = 0
+    if no[i] then
+      if c > a then retry = reset else retry = cdiv(cdiv(d + c * U - a * U, a), 1000) end
+    end
+    out[#out + 1] = rem
+    out[#out + 1] = reset
+    out[#out + 1] = retry
+  elseif kind == 'c' then
+    out[#out + 1] = st[i]
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = st[i][1]
+    out[#out + 1] = st[i][2]
+    out[#out + 1] = over[i]
+  end
+end
+return out
+"""
+).replace("BUDGET_TTL_MS", str(33 * 86_400_000))
+
+# The settlement: give back unused reserved tokens and money, charge use beyond them, drop the
+# leases. KEYS: what the lease holds (token buckets, lease sets, budget hashes). ARGV: lease
+# member, tokens to give back (< 0: to charge), nano-USD to give back (< 0: to charge), the UTC
+# day and month of the reservation, then 2 per key: kind ('r', 'c', 'b'), limit per minute ('r').
+# It adjusts the budget windows the reservation was made in, or nothing once they have ended.
+SETTLE = (
+    LUA_LIB
+    + """
+local member = ARGV[1]
+local dt = tonumber(ARGV[2])
+local dc = tonumber(ARGV[3])
+local day = ARGV[4]
+local month = ARGV[5]
+for i = 1, #KEYS do
+  local kind = ARGV[4 + 2 * i]
+  local key = KEYS[i]
+  if kind == 'r' then
+    if dt ~= 0 then
+      local a = tonumber(ARGV[5 + 2 * i])
+      local d = debt(key, a) - dt * U
+      if d < 0 then d = 0 end
+      store(key, d, a)
+    end
+  elseif kind == 'c' then
+    if member ~= '' then redis.call('ZREM', key, member) end
+  elseif dc ~= 0 then
+    -- a window that has ended since the reservation is left alone
+    local v = redis.call('HMGET', key, 'd', 'ds', 'm', 'ms')
+    if v[1] == day then
+      local s = tonumber(v[2]) - dc
+      if s < 0 then s = 0 end
+      redis.call('HSET', key, 'ds', string.format('%d', s))
+    end
+    if v[3] == month then
+      local s = tonumber(v[4]) - dc
+      if s < 0 then s = 0 end
+      redis.call('HSET', key, 'ms', string.format('%d', s))
+    end
+  end
+end
+return 1
+"""
+)
+
+# Lease renewal: a concurrency lease expires `lease_ttl_ms` after its last renewal (so a crashed
+# worker cannot leak slots); while requests run, each worker renews its leases every third of
+# that. KEYS: one lease set. ARGV: lease ttl ms, members still running.
+RENEW = (
+    LUA_LIB
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + ttl * 1000, ARGV[i]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+)
+
+
+class PlanKeys:
+    """A plan's Redis side: its keys, the static script arguments, what settlement touches."""
+
+    __slots__ = ("check_args", "keys", "lease_sets", "plan", "settle_args", "settle_keys")
+
+    def __init__(self, plan: Plan, prefix: str) -> None:
+        self.plan = plan
+        self.keys = tuple(prefix + c.local_key for c in plan.checks)
+        #: per check: kind, limit, limit2 (the cost and enforce follow)
+        self.check_args = tuple((KIND_CODE[c.kind], c.limit, c.limit2, int(c.enforce)) for c in plan.checks)
+        self.lease_sets = tuple(prefix + c.local_key for c in plan.checks if c.kind == CONC)
+        self.settle_keys = tuple(prefix + c.local_key for c in plan.settle_checks)
+        self.settle_args = tuple(x for c in plan.settle_checks for x in (KIND_CODE[c.kind], c.limit))
+
+
+class RedisStore:
+    is_sync = False
+    cache_refusals = True
+    __slots__ = (
+        "_acquire",
+        "_client",
+        "_down_until",
+        "_fail_open",
+        "_keys",
+        "_last_log",
+        "_lease_ttl_ms",
+        "_live",
+        "_loop",
+        "_member_prefix",
+        "_members",
+        "_prefix",
+        "_renew",
+        "_renewer",
+        "_retry_s",
+        "_settle",
+        "_where",
+    )
+
+    def __init__(self, cfg: Config) -> None:
+        r = cfg.limits.redis
+        timeout_s = r.timeout_ms / 1000
+        self._retry_s = r.retry_interval_ms / 1000
+        # One pipelined connection per worker (Redis runs one command at a time anyway, and the
+        # scripts are atomic: `max_connections` is an upper bound, one is used). Every call has
+        # the `timeout_ms` deadline, connecting too; no retries: a failure is reported.
+        # Reconnecting backs off at most `retry_interval_ms`, so the first call after that
+        # interval really tries Redis again.
+        self._client = redis_resp.Redis(
+            r.url,
+            timeout_s=timeout_s,
+            connect_timeout_s=timeout_s,
+            backoff_min_s=min(0.05, self._retry_s),
+            backoff_max_s=self._retry_s,
+        )
+        self._where = self._client.where
+        self._acquire = self._client.register_script(ACQUIRE)
+        self._settle = self._client.register_script(SETTLE)
+        self._renew = self._client.register_script(RENEW)
+        self._fail_open = r.on_error is OnError.FAIL_OPEN
+        self._lease_ttl_ms = r.lease_ttl_ms
+        self._prefix = r.key_prefix
+        #: plan -> its Redis keys and static script arguments (plans are cached, so are these)
+        self._keys: dict[int, PlanKeys] = {}
+        self._down_until = 0.0
+        self._last_log = -1e9
+        self._member_prefix = os.urandom(6).hex() + ":"
+        self._members = 0
+        #: lease member -> its lease sets, for renewal while the request runs
+        self._live: dict[str, tuple[str, ...]] = {}
+        self._renewer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def _keys_of(self, plan: Plan) -> PlanKeys:
+        keys = self._keys.get(id(plan))
+        if keys is None or keys.plan is not plan:
+            if len(self._keys) >= 10_000:
+                self._keys.clear()
+            keys = self._keys[id(plan)] = PlanKeys(plan, self._prefix)
+        return keys
+
+    # ---- decisions ----------------------------------------------------------------------------
+    def decide_now(self, plan: Plan, tokens: int, cost: int) -> Decision:
+        raise NotImplementedError("RedisStore decides asynchronously")
+
+    async def decide(self, plan: Plan, tokens: int, cost: int) -> Decision:
+        member = ""
+        if plan.has_conc:
+            self._members += 1
+            member = f"{self._member_prefix}{self._members:x}"
+        keys = self._keys_of(plan)
+        if time.monotonic() < self._down_until:
+            raise self._unavailable(None)
+        args: list[int | str] = [member, self._lease_ttl_ms]
+        costs = (0, 1, tokens, cost)  # by kind: CONC, RPM, TPM, BUDGET
+        for c, (kind_code, limit, limit2, enforce) in zip(plan.checks, keys.check_args, strict=True):
+            args += (kind_code, limit, limit2, costs[c.kind], enforce)
+        try:
+            res = await self._run(self._acquire, keys.keys, args)
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if member and isinstance(cause, redis_resp.OutcomeUnknownError):
+                # the script may have run: drop the lease it may have added
+                self._release(keys.lease_sets, member)
+            raise self._unavailable(cause) from cause
+        except asyncio.CancelledError:
+            if member:  # sent after the decision on the same connection: it runs after it
+                self._release(keys.lease_sets, member)
+            raise
+        code, now_s, day, month = (int(v) for v in res[:4])
+        vals = [int(v) for v in res[4:]]
+        states: list[State | None] = [
+            (vals[j], vals[j + 1], vals[j + 2], vals[j + 3]) for j in range(0, len(vals), 4)
+        ]
+        waived: tuple[int, ...] = ()
+        if code == 0:
+            waived = tuple(i for i, s in enumerate(states) if s is not None and not s[0])
+            if member:
+                self._live[member] = keys.lease_sets
+                if self._renewer is None:
+                    loop = self._loop or asyncio.get_running_loop()
+                    self._renewer = loop.create_task(self._renew_loop())
+        return Decision(self, code - 1, states, day, month, now_s, waived, member)
+
+    def _unavailable(self, cause: BaseException | None) -> StoreUnavailable:
+        """Log (once per interval at most) and say so."""
+        now = time.monotonic()
+        if now - self._last_log >= max(self._retry_s, 10.0):
+            self._last_log = now
+            what = type(cause).__name__ if cause is not None else "unavailable"
+            log.warning(
+                "limits: Redis at %s failed (%s); %s for %g s",
+                self._where,
+                what,
+                "serving with this worker's local limits"
+                if self._fail_open
+                else "refusing requests (fail_closed)",
+                self._retry_s,
+            )
+        return StoreUnavailable(self._retry_s)
+
+    # ---- settlement ---------------------------------------------------------------------------
+    def settle(self, lease: Lease, unused_tokens: int, unused_cost: int) -> None:
+        member = lease.member
+        if member:
+            self._live.pop(member, None)
+        if (unused_tokens or unused_cost or member) and time.monotonic() >= self._down_until:
+            # Not waited for. On failure (or while Redis is down) the refund is lost (the key is
+            # charged more, never less) and the lease expires.
+            keys = self._keys_of(lease.plan)
+            settle_keys, settle_args = keys.settle_keys, keys.settle_args
+            if lease.waived:  # shadow checks that took nothing: nothing to give back there
+                kept = [
+                    (k, c)
+                    for k, c in zip(settle_keys, lease.plan.settle_checks, strict=True)
+                    if c not in lease.waived
+                ]
+                settle_keys = tuple(k for k, _ in kept)
+                settle_args = tuple(x for _, c in kept for x in (KIND_CODE[c.kind], c.limit))
+            args = (member, unused_tokens, unused_cost, lease.day, lease.month, *settle_args)
+            self._client.evalsha_nowait(self._settle, settle_keys, args)
+
+    def tokens_after(self, lease: Lease, unused_tokens: int) -> tuple[int, int, int]:
+        """Estimated from the decision (exact when no other request of the key ran meanwhile):
+        no round trip before the reply."""
+        state = lease.tokens_state
+        assert state is not None
+        tpm, remaining, reset = state
+        return (
+            tpm,
+            min(tpm, max(0, remaining + unused_tokens)),
+            max(0, reset - unused_tokens * 60_000 // tpm),
+        )
+
+    def _release(self, lease_sets: tuple[str, ...], member: str) -> None:
+        """Drop `member` from its lease sets (not waited for; if it fails, the lease expires)."""
+        args = (member, 0, 0, 0, -1, *(x for _ in lease_sets for x in ("c", 0)))
+        self._client.evalsha_nowait(self._settle, lease_sets, args)
+
+    async def _renew_loop(self) -> None:
+        try:
+            while self._live:
+                await asyncio.sleep(self._lease_ttl_ms / 3000)
+                by_set: dict[str, list[str]] = {}
+                for member, lease_sets in self._live.items():
+                    for lease_set in lease_sets:
+                        by_set.setdefault(lease_set, []).append(member)
+                for lease_set, members in by_set.items():
+                    try:
+                        await self._run(self._renew, (lease_set,), (self._lease_ttl_ms, *members), force=True)
+                    except StoreUnavailable:
+                        break
+        finally:
+            self._renewer = None
+
+    async def settled(self) -> None:
+        with contextlib.suppress(redis_resp.RedisError):
+            await self._client.barrier()
+
+    async def close(self) -> None:
+        """Stop renewing, let the settlements in flight finish, close the connection."""
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        await self._client.close()
+
+    # ---- Redis --------------------------------------------------------------------------------
+    async def _run(
+        self, sha: str, keys: Sequence[str], args: Sequence[int | str], force: bool = False
+    ) -> Any:
+        """One script call under the deadline (NOSCRIPT is handled by the client). Raises
+        `StoreUnavailable` on any failure, or without trying within `retry_interval_ms` of one."""
+        if not force and time.monotonic() < self._down_until:
+            raise StoreUnavailable(self._retry_s)
+        try:
+            res = await self._client.evalsha(sha, keys, args)
+        except (redis_resp.RedisError, OSError) as exc:
+            self._down_until = time.monotonic() + self._retry_s
+            raise StoreUnavailable(self._retry_s) from exc
+        if self._down_until:
+            self._down_until = 0.0
+            log.warning("limits: Redis at %s answers again; limits are shared again", self._where)
+        return res
