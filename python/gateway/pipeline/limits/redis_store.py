@@ -117,11 +117,15 @@ local code = 0
 local st = {}
 local over = {}
 local no = {}
+local kinds = {}
+local lims = {}
+local costs = {}
 for i = 1, n do
   local j = 5 * i - 2
   local kind = ARGV[j]
   local a = tonumber(ARGV[j + 1])
   local c = tonumber(ARGV[j + 3])
+  kinds[i], lims[i], costs[i] = kind, a, c
   local key = KEYS[i]
   if kind == 'r' then
     st[i] = debt(key, a)
@@ -149,11 +153,7 @@ for i = 1, n do
 end
 if code == 0 then
   for i = 1, n do
-    local j = 5 * i - 2
-    local kind = ARGV[j]
-    local a = tonumber(ARGV[j + 1])
-    local c = tonumber(ARGV[j + 3])
-    local key = KEYS[i]
+    local kind, a, c, key = kinds[i], lims[i], costs[i], KEYS[i]
     if no[i] then
       -- a shadow check that would refuse: not taken
     elseif kind == 'r' then
@@ -177,10 +177,7 @@ if code == 0 then
 end
 local out = {code, fdiv(now, 1000000), day, month}
 for i = 1, n do
-  local j = 5 * i - 2
-  local kind = ARGV[j]
-  local a = tonumber(ARGV[j + 1])
-  local c = tonumber(ARGV[j + 3])
+  local kind, a, c = kinds[i], lims[i], costs[i]
   local fits = 1
   if no[i] then fits = 0 end
   out[#out + 1] = fits
