@@ -18,22 +18,19 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import msgspec
-from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
 from . import config as config_mod
-from . import ledger
-from .config import Config, ProviderKind
+from . import ledger, upstreams
+from .config import Config
 from .context import Endpoint, RequestContext
 from .errors import Fault, GatewayError
 from .pipeline import Pipeline, respond
-from .pipeline.account import CLIENT_CLOSED, CLIENT_CLOSED_CODE, AccountStage
-from .routing import Route, build_routes
+from .routing import build_routes
 from .schemas import ModelCard, ModelList
-from .upstreams.openai_http import OpenAIHttpAdapter
+from .worker import Worker
 
 if TYPE_CHECKING:
-    # grpc, tritonclient (numpy) and h2 load only where a Triton provider is configured
-    from .upstreams.triton_grpc import TritonAdapter
+    from .upstreams.base import Adapter
 
 log = logging.getLogger("gateway")
 
@@ -41,10 +38,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON_TYPES = ("application/json", "application/json; charset=utf-8")
 _encode = msgspec.json.Encoder().encode
 _HEALTH_BODY = b'{"status":"ok"}'
-_INTERNAL = GatewayError(Fault.INTERNAL, "The gateway failed to handle the request.")
 _READY_CACHE_S = 1.0
 _READY_TIMEOUT_S = 2.0
-_DISCONNECT_GRACE_S = 0.05
 _BODY_TIMEOUT = "fastpath: request body deadline"
 
 
@@ -61,14 +56,12 @@ class Gateway:
         self._id_prefix = os.urandom(6).hex() + "-"
         self._id_counter = 0
         self._loop: asyncio.AbstractEventLoop  # set by __rsgi_init__
-        self.adapters: dict[str, OpenAIHttpAdapter | TritonAdapter] = {}
-        self.routes: dict[str, Route] = {}
+        self.worker: Worker | None = None
+        self.adapters: dict[str, Adapter] = {}
         self.pipeline: Pipeline | None = None
         self._models_body = b""
         self._ready: tuple[float, int, bytes] | None = None
         self._inference = {e.value: e for e in Endpoint}
-        #: the usage ledger (stage `account`); None when `ledger.enabled` is false
-        self.account: AccountStage | None = None
         admin_hash = self.cfg.admin.api_key_hash
         self._admin_digest = admin_hash.encode() if admin_hash is not None else None
 
@@ -79,18 +72,11 @@ class Gateway:
         self._loop = loop
         if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()):  # held by create_app
             loop.call_soon(release_stop_signals)  # runs once the loop runs: see hold_stop_signals
-        self.adapters = {}
-        for p in self.cfg.providers:
-            if p.kind is ProviderKind.TRITON:
-                from .upstreams.triton_grpc import TritonAdapter
-
-                self.adapters[p.name] = TritonAdapter(p, loop)
-            else:
-                self.adapters[p.name] = OpenAIHttpAdapter(p, loop)
-        self.routes = build_routes(self.cfg, self.adapters)
-        self.pipeline = Pipeline(self.cfg, self.routes, self.adapters)
-        self.pipeline.start(loop)
-        self.account = self.pipeline.account
+        worker = self.worker = Worker(self.cfg, loop)
+        self.adapters = worker.adapters = {p.name: upstreams.build(p, worker) for p in self.cfg.providers}
+        worker.routes = build_routes(self.cfg, self.adapters)
+        self.pipeline = Pipeline(self.cfg, worker)
+        self.pipeline.start(worker)
         created = int(time.time())
         self._models_body = _encode(
             ModelList([ModelCard(m.name, created, m.owned_by) for m in self.cfg.models])
@@ -98,11 +84,20 @@ class Gateway:
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         # granian calls this once the worker stopped serving (SIGTERM: after in-flight requests
-        # finished, loop no longer running); the pipeline's close drains the usage ledger.
+        # finished; the loop is stopped, not closed): the pipeline's parts close (the ledger
+        # drains, Redis settlements finish), then the upstream connections.
+        if loop.is_closed() or loop.is_running():
+            return
+        loop.run_until_complete(self.close())
+
+    async def close(self) -> None:
         if self.pipeline is not None:
-            self.pipeline.close(loop)
-        for adapter in self.adapters.values():
-            adapter.close()
+            await self.pipeline.close()
+        for name, adapter in self.adapters.items():
+            try:
+                await adapter.close()
+            except Exception:
+                log.exception("closing upstream %s failed", name)
 
     # ---- dispatch -----------------------------------------------------------------------------
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
@@ -127,7 +122,7 @@ class Gateway:
                 protocol.response_bytes(200, [respond.JSON, ("x-request-id", request_id)], _HEALTH_BODY)
             elif path == "/readyz":
                 self._only_get(scope)
-                status, body = await self._readiness(request_id)
+                status, body = await self._readiness()
                 protocol.response_bytes(status, [respond.JSON, ("x-request-id", request_id)], body)
             elif path == "/v1/usage":
                 self._only_get(scope)
@@ -136,11 +131,12 @@ class Gateway:
             else:
                 raise GatewayError(Fault.ROUTE_NOT_FOUND, f"Unknown route: {scope.method} {path}")
         except GatewayError as err:
-            respond.send_error(protocol, request_id, err)
-            if endpoint is not None and self.account is not None:
-                # refused before the pipeline (headers, method, content type, body); later
-                # failures are recorded by _infer
-                self.account.record_refused(request_id, endpoint, start, err)
+            if endpoint is not None and self.pipeline is not None:
+                # an inference request refused before the pipeline (headers, method, content
+                # type, body): the pipeline replies and tells its observers
+                self.pipeline.refuse(RequestContext(request_id, endpoint, b"", start, headers), protocol, err)
+            else:
+                respond.send_error(protocol, request_id, err)
 
     async def _infer(self, endpoint: Endpoint, request_id: str, headers: Any, protocol: Any) -> None:
         start = time.perf_counter_ns()
@@ -154,41 +150,8 @@ class Gateway:
         task = asyncio.current_task(loop)
         assert task is not None
         body = await self._read_body(headers, protocol, loop, task)
-        ctx = RequestContext(request_id, endpoint, body, start, headers)
         assert self.pipeline is not None
-        watch = _DisconnectWatch(protocol, loop, task)
-        # what the ledger records (stage `account`): the status the client got, the error code
-        status = 0
-        error: str | None = None
-        try:
-            await self.pipeline.handle(ctx, protocol)
-        except GatewayError as err:
-            error = err.code
-            if ctx.status == 0:
-                status = err.status
-                respond.send_error(protocol, request_id, err, ctx.ratelimit_headers + ctx.reply_headers)
-            else:
-                log.warning("request %s: error after the response started: %s", request_id, err.message)
-        except asyncio.CancelledError:
-            status, error = CLIENT_CLOSED, CLIENT_CLOSED_CODE
-            if not watch.fired:
-                error = "cancelled"
-                raise
-            task.uncancel()
-            log.info("request %s: client disconnected; upstream call cancelled", request_id)
-        except ProtocolClosed:
-            status, error = CLIENT_CLOSED, CLIENT_CLOSED_CODE
-            log.info("request %s: client disconnected mid-response", request_id)
-        except Exception:
-            error = _INTERNAL.code
-            log.exception("request %s: internal error", request_id)
-            if ctx.status == 0:
-                status = _INTERNAL.status
-                respond.send_error(protocol, request_id, _INTERNAL, ctx.ratelimit_headers + ctx.reply_headers)
-        finally:
-            watch.stop()
-            if self.account is not None:
-                self.account.record(ctx, status or ctx.status or _INTERNAL.status, error or ctx.stream_error)
+        await self.pipeline.serve(RequestContext(request_id, endpoint, body, start, headers), protocol, task)
 
     # ---- admin: usage ---------------------------------------------------------------------------
     def _check_admin(self, headers: Any) -> None:
@@ -212,7 +175,7 @@ class Gateway:
 
     async def _usage(self, scope: Any, headers: Any) -> bytes:
         """`GET /v1/usage?group_by=key|team|model|day&since=&until=&key=&team=&model=` (admin)."""
-        account = self.account
+        account = self.pipeline.ledger if self.pipeline is not None else None
         if account is None:
             raise GatewayError(Fault.ROUTE_NOT_FOUND, "The usage ledger is off (`ledger.enabled`).")
         self._check_admin(headers)
@@ -221,9 +184,8 @@ class Gateway:
         except ValueError as exc:
             raise GatewayError(Fault.INVALID_REQUEST, f"Invalid usage query: {exc}") from None
         await account.writer.flush()  # this worker's queued rows first (others: flush_interval_ms)
-        loop = asyncio.get_running_loop()
         try:
-            rows = await loop.run_in_executor(None, ledger.query_usage, self.cfg.ledger, query)
+            rows = await self._loop.run_in_executor(None, ledger.query_usage, self.cfg.ledger, query)
         except ledger.LedgerError as exc:
             log.error("usage query failed: %s", exc)
             raise GatewayError(Fault.INTERNAL, "The usage ledger cannot be read now.") from None
@@ -301,58 +263,20 @@ class Gateway:
             raise _method_not_allowed("GET")
 
     # ---- readiness ----------------------------------------------------------------------------
-    async def _readiness(self, request_id: str) -> tuple[int, bytes]:
+    async def _readiness(self) -> tuple[int, bytes]:
         """Ready when every upstream answers within 2 s: an HTTP server with any status below
         500; a Triton server with itself and every model routed to it ready."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         cached = self._ready
         if cached is not None and loop.time() - cached[0] < _READY_CACHE_S:
             return cached[1], cached[2]
-
-        async def probe(adapter: OpenAIHttpAdapter | TritonAdapter) -> dict[str, Any]:
-            if isinstance(adapter, OpenAIHttpAdapter):
-                return await adapter.probe(request_id, _READY_TIMEOUT_S)
-            models = sorted({r.upstream_model for r in self.routes.values() if r.adapter is adapter})
-            return await adapter.probe(models, _READY_TIMEOUT_S)
-
-        results = await asyncio.gather(*(probe(a) for a in self.adapters.values()))
+        results = await asyncio.gather(*(a.probe(_READY_TIMEOUT_S) for a in self.adapters.values()))
         upstreams = dict(zip(self.adapters, results, strict=True))
         ok = all(r["ready"] for r in results)
         body = _encode({"status": "ready" if ok else "not_ready", "upstreams": upstreams})
         status = 200 if ok else 503
         self._ready = (loop.time(), status, body)
         return status, body
-
-
-class _DisconnectWatch:
-    """The RSGI disconnect signal (never polled) cancels the request task, which closes the
-    upstream connection on its way out. Armed after a short grace period: requests that finish
-    sooner (most unary calls) never pay for the watcher task and its native future."""
-
-    __slots__ = ("_handle", "_loop", "_protocol", "_task", "_watcher", "fired")
-
-    def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
-        self._protocol = protocol
-        self._loop = loop
-        self._task = task
-        self._watcher: asyncio.Future[None] | None = None
-        self.fired = False
-        self._handle: asyncio.TimerHandle | None = loop.call_later(_DISCONNECT_GRACE_S, self._arm)
-
-    def _arm(self) -> None:
-        self._handle = None
-        self._watcher = self._loop.create_task(self._wait())
-
-    async def _wait(self) -> None:
-        await self._protocol.client_disconnect()
-        self.fired = True
-        self._task.cancel()
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
 
 
 def _is_json_type(ctype: str) -> bool:

@@ -41,7 +41,12 @@ def _load(path: str | None) -> config_mod.Config:
         if kept.is_file():
             os.environ[envvars.SALT] = kept.read_text(encoding="utf-8").strip()
     try:
-        return config_mod.load(path)
+        cfg = config_mod.load(path)
+        if cfg.extensions:
+            from .pipeline.extensions import check_extensions
+
+            check_extensions(cfg)
+        return cfg
     except config_mod.ConfigError as exc:
         where = path or "embedded default config"
         print(f"error: invalid config ({where}):\n  {exc}", file=sys.stderr)
@@ -67,6 +72,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         where = f" ({g.provider}:{g.model})" if g.provider else ""
         scope = ", ".join(g.models) or "all models"
         print(f"  guard {g.name}: {g.kind.value}{where}, {g.on_error.value}, {g.timeout_ms} ms; {scope}")
+    for e in cfg.extensions:
+        print(f"  extension {e.kind.value}: {e.factory}")
     return 0
 
 

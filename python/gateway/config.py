@@ -384,6 +384,23 @@ def _default_tiers() -> dict[str, TierConfig]:
     return {"default": TierConfig()}
 
 
+class ExtensionKind(StrEnum):
+    """Where an extension plugs into the pipeline (docs/architecture.md)."""
+
+    REQUEST_STAGE = "request_stage"  # after the built-in request stages; `on_finish` settles
+    RESPONSE_STAGE = "response_stage"  # `on_stream` (a hook per streamed read) / `on_body`
+    OBSERVER = "observer"  # `on_done`, once per request after its reply
+
+
+class ExtensionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Your own stage or observer: `factory` ("package.module:callable") is called once per
+    worker with `options` and returns the part."""
+
+    kind: ExtensionKind
+    factory: str
+    options: dict[str, Any] = {}
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     providers: list[ProviderConfig]
     models: list[ModelConfig]
@@ -400,6 +417,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ledger: LedgerConfig = LedgerConfig()
     #: The admin credential (admin routes: `GET /v1/usage`).
     admin: AdminConfig = AdminConfig()
+    #: Python stages and observers of your own, in order (see `ExtensionConfig`).
+    extensions: list[ExtensionConfig] = []
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -572,12 +591,24 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(f"{where}.triton: only for models of a triton provider")
             _validate_triton_model(f"{where}.triton", m.triton)
     _validate_guards(cfg, seen)
+    _validate_extensions(cfg)
     _validate_auth(cfg)
     _validate_ledger(cfg.ledger)
     _validate_admin(cfg)
 
 
 _MIN_ADMIN_KEY_CHARS = 32
+
+
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _validate_extensions(cfg: Config) -> None:
+    for i, ext in enumerate(cfg.extensions):
+        if not _FACTORY.fullmatch(ext.factory):
+            raise ConfigError(
+                f"$.extensions[{i}].factory: expected 'package.module:callable', got {ext.factory!r}"
+            )
 
 
 def _validate_ledger(ledger: LedgerConfig) -> None:

@@ -31,6 +31,7 @@ class RequestContext:
         "reply_headers",
         "request_id",
         "route",
+        "settled",
         "start_ns",
         "status",
         "stream",
@@ -65,5 +66,7 @@ class RequestContext:
         self.upstream_body = b""
         self.usage: Usage | None = None
         self.status = 0
+        #: the finish stages (settlement) have run: they run exactly once per request
+        self.settled = False
         #: stage name -> nanoseconds spent, for the server-timing header and benchmarks
         self.timings: dict[str, int] = {}

@@ -622,6 +622,15 @@ class LedgerWriter:
             )
 
     # ---- shutdown -----------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """`close` from inside the loop: a batch the thread is writing now finishes first."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        self.close()
+
     def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Stop the task and write every queued row (blocking; the worker is stopping). Rows the
         store refuses now are spilled to a local JSON-lines file."""

@@ -10,10 +10,7 @@ from . import _fastpath
 from .config import Config, TritonModelConfig
 
 if TYPE_CHECKING:
-    from .upstreams.openai_http import OpenAIHttpAdapter
-    from .upstreams.triton_grpc import TritonAdapter
-
-    Adapter = OpenAIHttpAdapter | TritonAdapter
+    from .upstreams.base import Adapter
 
 
 class Route:

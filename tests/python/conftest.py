@@ -43,6 +43,17 @@ def assert_rss_bounded(run: Callable[[int], None], calls: int = 20_000, limit: i
     assert growth < limit, f"RSS grew {growth} bytes over {calls} calls"
 
 
+def bare_worker(loop: Any) -> Any:
+    """A `Worker` on `loop` with a one-provider config and no routes (adapters built by hand)."""
+    from gateway.config import parse
+    from gateway.worker import Worker
+
+    cfg = parse(
+        "providers: [{name: p, base_url: 'http://127.0.0.1:9/v1'}]\nmodels: [{name: m, provider: p}]\n"
+    )
+    return Worker(cfg, loop)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,6 +63,9 @@ def free_port() -> int:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    # test parts loaded by gateways through `extensions:` (tests/python/contract_parts.py)
+    here = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = here + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else here
     return env
 
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from conftest import REPO, TritonServer, free_port, wait_event
+from conftest import REPO, TritonServer, bare_worker, free_port, wait_event
 from tritonclient.grpc import service_pb2 as pb
 
 from gateway.triton_local import LocalTriton
@@ -370,9 +370,10 @@ def test_provider_transport_setting_picks_the_transport() -> None:
 
     loop = asyncio.new_event_loop()
     try:
-        assert isinstance(TritonAdapter(provider(""), loop).transport, H2Transport)  # the default
-        assert isinstance(TritonAdapter(provider(", transport: h2"), loop).transport, H2Transport)
-        chosen = TritonAdapter(provider(", transport: grpcio"), loop).transport
+        worker = bare_worker(loop)
+        assert isinstance(TritonAdapter(provider(""), worker).transport, H2Transport)  # the default
+        assert isinstance(TritonAdapter(provider(", transport: h2"), worker).transport, H2Transport)
+        chosen = TritonAdapter(provider(", transport: grpcio"), worker).transport
         assert isinstance(chosen, GrpcioTransport)
     finally:
         loop.close()

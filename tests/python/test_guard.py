@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import openai
 import pytest
-from conftest import Gateway, TritonServer, run_gateway
+from conftest import Gateway, TritonServer, bare_worker, run_gateway
 
 from gateway.config import GuardConfig, GuardKind, ProviderConfig
 from gateway.pipeline.guard import RulesGuard, _Blocked
@@ -199,13 +199,12 @@ def test_guard_scores_match_the_model_called_directly(triton: TritonServer) -> N
         cfg = msgspec.convert(
             {"name": "triton", "kind": "triton", "base_url": f"grpc://{triton.grpc_address}"}, ProviderConfig
         )
-        adapter = TritonAdapter(cfg, asyncio.get_running_loop())
+        adapter = TritonAdapter(cfg, bare_worker(asyncio.get_running_loop()))
         guard = TritonGuard(GuardConfig(name="g", kind=GuardKind.TRITON, provider="triton"), adapter)
         try:
             return list(await asyncio.gather(*(guard.score(t) for t in texts)))
         finally:
-            adapter.close()
-            await asyncio.sleep(0)
+            await adapter.close()
 
     ours = asyncio.run(via_gateway())
     assert ours == pytest.approx(direct, abs=1e-4)

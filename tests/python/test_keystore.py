@@ -164,9 +164,7 @@ tiers: {{default: {{}}, pro: {{rpm: 10}}}}
         assert stage.refresh() and ids() == {"boot"}
     finally:
         writer.close()
-        loop = asyncio.new_event_loop()
-        stage.close(loop)  # never started: just closes the store
-        loop.close()
+        asyncio.run(stage.close())  # never started: just closes the store
 
 
 # ---- the CLI ------------------------------------------------------------------------------------

@@ -381,9 +381,7 @@ tiers: {{default: {{}}, pro: {{rpm: 10}}}}
         assert stage.refresh() and ids() == {"boot"}
     finally:
         writer.close()
-        loop = asyncio.new_event_loop()
-        stage.close(loop)
-        loop.close()
+        asyncio.run(stage.close())
     logged = caplog.text
     assert "cannot read the key store" in logged and "readable again" in logged
     assert PASSWORD not in logged

@@ -591,3 +591,37 @@ def test_grpcs_to_a_tls_tritonserver_with_a_private_ca(tmp_path: Path) -> None:
             with pytest.raises(openai.APIStatusError) as info:
                 client.chat.completions.create(model="plain", messages=MESSAGES)
             assert info.value.status_code == 503 and "unreachable" in str(info.value.body), info.value.body
+
+
+def test_a_response_stage_ends_a_triton_stream(triton: TritonServer, tmp_path: Path) -> None:
+    """The response-stage contract on the Triton adapter (the HTTP side: test_pipeline_contract):
+    a stage ends the stream after 3 reads with its error event, the call is cancelled, and a
+    unary body passes through the stage's body hook."""
+    config = triton_config(triton.grpc_address) + (
+        "extensions:\n"
+        "  - {kind: response_stage, factory: 'contract_parts:stop_after',\n"
+        "     options: {model: llm-bls, reads: 3}}\n"
+    )
+    rid = f"stop-{uuid.uuid4().hex[:10]}"
+    with run_gateway(tmp_path, None, config_text=config) as gw:
+        body = _stream_body("llm-bls", "[[testllm delay_ms=20]] a long answer please", 40)
+        with _sse_post(gw.port, body, rid) as resp:
+            assert resp.status == 200
+            raw = resp.read().decode()
+        unary = {"model": "llm-bls", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 3}
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        try:
+            conn.request(
+                "POST", "/v1/chat/completions", json.dumps(unary), {"content-type": "application/json"}
+            )
+            reply = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "test_stop" and err["message"].startswith("stopped after 3 reads"), err
+    words = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-2]).split()
+    assert 0 < len(words) < 40
+    wait_event(triton.events_path, rid, "cancel", model="tensorrt_llm_bls")
+    assert reply["stage"] == "stop_after" and reply["choices"][0]["message"]["content"]

@@ -1,109 +1,174 @@
-"""The request pipeline (DESIGN.md §2):
+"""The request pipeline (docs/architecture.md):
 
-    decode -> [auth] -> route -> [limits] -> [guard] -> upstream -> reframe -> respond
-           -> [limits.on_finish] -> [account] (the app, once the reply is out)
+    request stages: decode -> [auth] -> route -> [limits] -> [guard]
+    upstream:       route.adapter.start(ctx, deadline) -> UpstreamCall
+    relay:          frames out, response stages in reverse order ([live_budget], extensions)
+    settle:         finish stages ([limits]): exactly once, before a unary reply or after a stream
+    observers:      once, after the reply ([ledger], extensions)
 
 Stages the config does not enable are not in the chain at all. A request stage either returns
 (continue) or raises `GatewayError` (a local error reply); nothing else escapes into the server.
 `auth` runs after `decode` because the key's model allow-list needs the model; `limits` runs
 after `route` because counting prompt tokens needs the route's tokenizer (and an unknown model
 is refused before it costs the key anything); `guard` runs after `limits`, so a flood of prompts
-is refused before it reaches a guard model, and before any upstream call. Finish stages run in
-reverse order in a `finally` whatever happened (settlement), and before a unary reply is sent.
+is refused before it reaches a guard model, and before any upstream call.
+
+Every reply to an inference request, error replies included, is made here (or by the relay),
+and every such request ends in `_done`: the observers see each one exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from ..config import Config, LimitsBackend, limits_enabled
+# granian's public facade re-exports it under this name (mypy sees no explicit re-export)
+from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
+
+from ..config import Config, limits_enabled
 from ..context import RequestContext
+from ..errors import Fault, GatewayError
 from ..keystore import open_store
 from ..ledger import ledger_on
-from ..routing import Route
-from ..usage import fill_usage
-from . import reframe, respond, upstream
-from .account import AccountStage
-from .auth import AuthStage
+from . import respond
 from .decode import DecodeStage
-from .limits import LimitsStage
+from .disconnect import DisconnectWatch
+from .extensions import load_extensions
+from .relay import Relay, ResponseStage
 from .route import RouteStage
+from .stage import FinishStage, Observer, Outcome, RequestStage
 
 if TYPE_CHECKING:
-    from .limits_redis import RedisLimitsStage
+    from ..worker import Worker
+    from .account import LedgerObserver
 
+log = logging.getLogger("gateway")
 
-class RequestStage(Protocol):
-    name: str
-
-    async def on_request(self, ctx: RequestContext) -> None: ...
-
-
-class FinishStage(Protocol):
-    name: str
-
-    def on_finish(self, ctx: RequestContext) -> None:
-        """Runs at least once per request that reached the pipeline; must be idempotent."""
+#: the status observers get for a request whose client left before the reply was complete
+CLIENT_CLOSED = 499
+CLIENT_CLOSED_CODE = "client_disconnected"
+INTERNAL = GatewayError(Fault.INTERNAL, "The gateway failed to handle the request.")
 
 
 class Pipeline:
-    __slots__ = ("_loop", "account", "auth", "finish_stages", "max_stream_s", "ping_s", "request_stages")
+    __slots__ = (
+        "_loop",
+        "finish_stages",
+        "ledger",
+        "observers",
+        "relay",
+        "request_stages",
+        "response_stages",
+    )
 
-    def __init__(self, cfg: Config, routes: dict[str, Route], adapters: dict[str, Any] | None = None) -> None:
-        self._loop: asyncio.AbstractEventLoop  # set by start()
+    def __init__(self, cfg: Config, worker: Worker) -> None:
+        self._loop = worker.loop
         stages: list[RequestStage] = [DecodeStage(cfg.server)]
         finish: list[FinishStage] = []
-        self.auth: AuthStage | None = None
+        response: list[ResponseStage] = []
+        observers: list[Observer] = []
         if cfg.auth.enabled:
-            self.auth = AuthStage(cfg, open_store(cfg, readonly=True))
-            stages.append(self.auth)
-        stages.append(RouteStage(routes))
-        if cfg.auth.enabled and limits_enabled(cfg):
-            limits: LimitsStage | RedisLimitsStage
-            if cfg.limits.backend is LimitsBackend.REDIS:
-                from .limits_redis import RedisLimitsStage  # imports redis only when used
+            from .auth import AuthStage
 
-                limits = RedisLimitsStage(cfg)
-            else:
-                limits = LimitsStage(cfg)
+            stages.append(AuthStage(cfg, open_store(cfg, readonly=True)))
+        stages.append(RouteStage(worker.routes))
+        if cfg.auth.enabled and limits_enabled(cfg):
+            from .limits import LimitsStage
+
+            limits = LimitsStage(cfg)
             stages.append(limits)
             finish.append(limits)
+            if cfg.limits.live_budget_enforcement:
+                from .live_budget import LiveBudgetStage
+
+                response.append(LiveBudgetStage())
         if cfg.guards:
             from .guard import GuardStage, build_guards  # grpc and tritonclient only when used
 
-            guards = build_guards(cfg.guards, adapters or {})
-            stages.append(GuardStage(guards, list(routes)))
+            stages.append(GuardStage(build_guards(cfg.guards, worker.adapters), list(worker.routes)))
+        #: the usage ledger's observer (the admin usage route flushes it); None when off
+        self.ledger: LedgerObserver | None = None
+        if ledger_on(cfg.ledger):
+            from .account import LedgerObserver
+
+            self.ledger = LedgerObserver(cfg)
+            observers.append(self.ledger)
+        ext = load_extensions(cfg)
+        stages += ext.request_stages
+        finish += ext.finish_stages
+        response += ext.response_stages
+        observers += ext.observers
         self.request_stages: tuple[RequestStage, ...] = tuple(stages)
         self.finish_stages: tuple[FinishStage, ...] = tuple(reversed(finish))
-        #: the usage ledger's row per request: recorded by the app after the reply (its status
-        #: is final only then), so not one of `finish_stages`
-        self.account = AccountStage(cfg) if ledger_on(cfg.ledger) else None
-        self.max_stream_s = cfg.server.max_stream_duration_ms / 1000
-        self.ping_s = cfg.server.stream_ping_interval_ms / 1000
+        #: in reverse order of the request stages that own them (Envoy's encoder filters)
+        self.response_stages: tuple[ResponseStage, ...] = tuple(reversed(response))
+        self.observers: tuple[Observer, ...] = tuple(observers)
+        s = cfg.server
+        self.relay = Relay(
+            worker.loop,
+            s.max_stream_duration_ms / 1000,
+            s.stream_ping_interval_ms / 1000,
+            self.response_stages,
+        )
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Per-worker background work (key store polling); called from `__rsgi_init__`."""
-        self._loop = loop  # get_running_loop() costs a getpid() syscall per call (CPython 3.11)
-        if self.auth is not None:
-            self.auth.start(loop)
-        if self.account is not None:
-            self.account.start(loop)
+    def _parts(self) -> list[Any]:
+        seen: dict[int, Any] = {}
+        for part in (*self.request_stages, *self.response_stages, *self.observers):
+            seen.setdefault(id(part), part)
+        return list(seen.values())
 
-    def close(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.auth is not None:
-            self.auth.close(loop)
-        if self.account is not None:
-            self.account.close(loop)  # writes every queued row
+    def start(self, worker: Worker) -> None:
+        """Per-worker background work (key store polling, the ledger writer); from `__rsgi_init__`."""
+        for part in self._parts():
+            part.start(worker)
 
-    def _settle(self, ctx: RequestContext) -> None:
-        """Before a unary reply goes out: settle (finish stages) and stamp the total time."""
-        for finish in self.finish_stages:
-            finish.on_finish(ctx)
-        ctx.timings["total"] = time.perf_counter_ns() - ctx.start_ns
+    async def close(self) -> None:
+        """Worker shutdown: every part, in reverse order (the ledger drains its queue)."""
+        for part in reversed(self._parts()):
+            try:
+                await part.close()
+            except Exception:
+                log.exception("closing %s failed", getattr(part, "name", part))
 
-    async def handle(self, ctx: RequestContext, protocol: Any) -> None:
+    # ---- one request ----------------------------------------------------------------------------
+    async def serve(self, ctx: RequestContext, protocol: Any, task: asyncio.Task[Any]) -> None:
+        """Run the request to its end: a reply (or a stream), or an error reply; never raises
+        into the server except a cancellation that is not the client's."""
+        watch = DisconnectWatch(protocol, self._loop, task)
+        status = 0
+        error: str | None = None
+        try:
+            await self._handle(ctx, protocol)
+        except GatewayError as err:
+            error = err.code
+            if ctx.status == 0:
+                status = err.status
+                self._reply_error(ctx, protocol, err)
+            else:
+                log.warning("request %s: error after the response started: %s", ctx.request_id, err.message)
+        except asyncio.CancelledError:
+            status, error = CLIENT_CLOSED, CLIENT_CLOSED_CODE
+            if not watch.fired:
+                error = "cancelled"
+                raise
+            task.uncancel()
+            log.info("request %s: client disconnected; upstream call cancelled", ctx.request_id)
+        except ProtocolClosed:
+            status, error = CLIENT_CLOSED, CLIENT_CLOSED_CODE
+            log.info("request %s: client disconnected mid-response", ctx.request_id)
+        except Exception:
+            error = INTERNAL.code
+            log.exception("request %s: internal error", ctx.request_id)
+            if ctx.status == 0:
+                status = INTERNAL.status
+                self._reply_error(ctx, protocol, INTERNAL)
+        finally:
+            watch.stop()
+            self._done(ctx, Outcome(status or ctx.status or INTERNAL.status, error or ctx.stream_error))
+
+    async def _handle(self, ctx: RequestContext, protocol: Any) -> None:
         timings = ctx.timings
         try:
             for stage in self.request_stages:
@@ -112,25 +177,33 @@ class Pipeline:
                 timings[stage.name] = time.perf_counter_ns() - t
             route = ctx.route
             assert route is not None
-            adapter = route.adapter
-            now = self._loop.time()
-            if adapter.kind == "triton":
-                from . import triton_relay  # loaded once a Triton provider is configured
-
-                deadline = now + min(self.max_stream_s, adapter.total_timeout_s)
-                limits = reframe.StreamLimits(adapter.idle_timeout_s, self.ping_s, deadline)
-                await triton_relay.handle(ctx, protocol, limits, deadline, self._settle)
-            elif ctx.stream:
-                deadline = now + min(self.max_stream_s, adapter.total_timeout_s)
-                conn = await upstream.open_upstream(ctx, deadline)
-                limits = reframe.StreamLimits(adapter.idle_timeout_s, self.ping_s, deadline)
-                await reframe.relay_stream(ctx, protocol, conn, limits)
-            else:
-                deadline = now + adapter.total_timeout_s
-                conn = await upstream.open_upstream(ctx, deadline)
-                body = fill_usage(ctx, await upstream.fetch_body(ctx, conn, deadline))
-                self._settle(ctx)
-                respond.send_json(protocol, ctx, 200, body)
+            await self.relay.run(ctx, route.adapter, protocol, self._settle)
         finally:
-            for finish in self.finish_stages:
-                finish.on_finish(ctx)
+            self._settle(ctx)  # a no-op when the relay settled
+
+    def _settle(self, ctx: RequestContext) -> None:
+        if ctx.settled:
+            return
+        ctx.settled = True
+        for stage in self.finish_stages:
+            try:
+                stage.on_finish(ctx)
+            except Exception:
+                log.exception("request %s: settling in %s failed", ctx.request_id, stage.name)
+
+    def refuse(self, ctx: RequestContext, protocol: Any, err: GatewayError) -> None:
+        """A request refused before the pipeline (headers, method, content type, body)."""
+        self._reply_error(ctx, protocol, err)
+        self._done(ctx, Outcome(err.status, err.code))
+
+    @staticmethod
+    def _reply_error(ctx: RequestContext, protocol: Any, err: GatewayError) -> None:
+        ctx.status = err.status
+        respond.send_error(protocol, ctx.request_id, err, ctx.ratelimit_headers + ctx.reply_headers)
+
+    def _done(self, ctx: RequestContext, outcome: Outcome) -> None:
+        for observer in self.observers:
+            try:
+                observer.on_done(ctx, outcome)
+            except Exception:
+                log.exception("request %s: observer %s failed", ctx.request_id, observer.name)

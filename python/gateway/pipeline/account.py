@@ -1,36 +1,28 @@
-"""Stage `account`: one usage-ledger row per inference request, after its reply.
+"""Observer `ledger`: one usage-ledger row per inference request, after its reply.
 
-The row needs the status the client actually got, which only the app knows once every exit
-path has run (an error reply is sent after the pipeline's `finally`; a client that leaves is
-a cancellation): so the app calls `record` exactly once per request, from its own `finally`,
-after the reply or the failure. `record` only builds a tuple and appends it to the worker's
-`LedgerWriter` queue: no I/O on the request path (see `gateway.ledger`).
-
-Status recorded: the HTTP status sent (200 for a stream, also one that later ended with an
-error event: its error code is recorded), the error's status for a refused or failed request,
-499 when the client went away before the reply was complete (nginx's convention), 500 for an
-internal error.
+`on_done` only builds a row and appends it to the worker's `LedgerWriter` queue: no I/O on the
+request path (see `gateway.ledger`). The status is the outcome's (`stage.Outcome`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
+from typing import TYPE_CHECKING
 
 from ..config import Config, nano_usd_per_token
 from ..context import Endpoint, RequestContext
-from ..errors import GatewayError
 from ..ledger import DayClock, LedgerWriter, Row, open_sink
+from .stage import Outcome, Part
 
-#: the status recorded for a request whose client disconnected before the reply was complete
-CLIENT_CLOSED = 499
-CLIENT_CLOSED_CODE = "client_disconnected"
+if TYPE_CHECKING:
+    from ..worker import Worker
+
 _ENDPOINTS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "completions"}
 
 
-class AccountStage:
-    name = "account"
-    __slots__ = ("_clock", "_prices", "writer")
+class LedgerObserver(Part):
+    name = "ledger"
+    __slots__ = ("_clock", "_loop", "_prices", "writer")
 
     def __init__(self, cfg: Config, writer: LedgerWriter | None = None) -> None:
         ledger = cfg.ledger
@@ -48,12 +40,12 @@ class AccountStage:
         }
         self._clock = DayClock()
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.writer.start(loop)
+    def start(self, worker: Worker) -> None:
+        self.writer.start(worker.loop)
 
-    def close(self, loop: asyncio.AbstractEventLoop | None) -> None:
+    async def close(self) -> None:
         """Write every queued row (the worker is stopping)."""
-        self.writer.close(loop)
+        await self.writer.aclose()
 
     def cost_nano_usd(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
         price = self._prices.get(model) if model is not None else None
@@ -61,7 +53,7 @@ class AccountStage:
             return 0
         return prompt_tokens * price[0] + completion_tokens * price[1]
 
-    def record(self, ctx: RequestContext, status: int, error_code: str | None) -> None:
+    def on_done(self, ctx: RequestContext, outcome: Outcome) -> None:
         """The request is over: queue its row (never raises into the request)."""
         now_ns = time.perf_counter_ns()
         latency_ms = (now_ns - ctx.start_ns) / 1e6
@@ -84,36 +76,11 @@ class AccountStage:
             model,
             route.upstream_model if route is not None else None,
             ctx.stream,
-            status,
-            error_code,
+            outcome.status,
+            outcome.error,
             prompt,
             completion,
             self.cost_nano_usd(model, prompt, completion),
-            round(latency_ms, 3),
-        )
-        self.writer.append(row)
-
-    def record_refused(self, request_id: str, endpoint: Endpoint, start_ns: int, err: GatewayError) -> None:
-        """A request refused before it had a context (headers, content type, body size or
-        deadline): no principal, no model."""
-        latency_ms = (time.perf_counter_ns() - start_ns) / 1e6
-        ts = time.time() - latency_ms / 1000
-        row: Row = (
-            request_id,
-            ts,
-            self._clock.day(ts),
-            None,
-            None,
-            None,
-            _ENDPOINTS[endpoint],
-            None,
-            None,
-            False,
-            err.status,
-            err.code,
-            0,
-            0,
-            0,
             round(latency_ms, 3),
         )
         self.writer.append(row)

@@ -14,7 +14,6 @@ within about a second, without a restart. Config keys win over stored ones with 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -28,6 +27,7 @@ from ..context import RequestContext
 from ..errors import Fault, GatewayError
 from ..keystore import KeyStore, KeyStoreError, StoredKey
 from ..principal import Principal
+from ..worker import Worker
 from .jwt_auth import JwtRejected, JwtVerifier, looks_like_jwt
 
 log = logging.getLogger("gateway.auth")
@@ -112,9 +112,10 @@ class AuthStage:
         self._jwt = JwtVerifier(cfg.auth.jwt) if cfg.auth.jwt is not None else None
 
     # ---- the key store ------------------------------------------------------------------------
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, worker: Worker) -> None:
         """Load the stored keys (before the worker serves) and start polling for changes; start
         fetching the JWKS (`auth.jwt.jwks_url`)."""
+        loop = worker.loop
         if self._jwt is not None:
             self._jwt.start(loop)
         if self._store is None:
@@ -122,15 +123,14 @@ class AuthStage:
         self.refresh()
         self._task = loop.create_task(self._poll())
 
-    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def close(self) -> None:
         task, self._task = self._task, None
         tasks = self._jwt.close() if self._jwt is not None else []
         if task is not None:
             task.cancel()
             tasks.append(task)
-        if tasks and not loop.is_running() and not loop.is_closed():
-            with contextlib.suppress(BaseException):
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._store is not None:
             self._store.close()
 

@@ -15,6 +15,7 @@ from ..config import ServerConfig
 from ..context import Endpoint, RequestContext
 from ..errors import Fault, GatewayError
 from ..schemas import ChatRequestView, CompletionRequestView, RequestView
+from .stage import Part
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `([^`]*)`")
@@ -31,7 +32,7 @@ def _param_of(message: str) -> str | None:
     return path or None
 
 
-class DecodeStage:
+class DecodeStage(Part):
     name = "decode"
     __slots__ = ("_decoders", "max_depth")
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
 from tritonclient.grpc import service_pb2 as pb
 
@@ -30,6 +30,7 @@ from ..schemas import ChatRequestView
 from ..upstreams.grpc_transport import RpcError
 from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error
 from . import guard_rules
+from .stage import Part
 
 log = logging.getLogger("gateway.guard")
 
@@ -158,7 +159,7 @@ class TritonGuard:
 Guard = RulesGuard | TritonGuard
 
 
-class GuardStage:
+class GuardStage(Part):
     name = "guard"
     __slots__ = ("_by_model", "guards")
 
@@ -225,7 +226,6 @@ def build_guards(cfgs: list[GuardConfig], adapters: dict[str, Any]) -> list[Guar
         if c.kind is GuardKind.RULES:
             guards.append(RulesGuard(c))
         else:
-            adapter = adapters[c.provider]
-            assert isinstance(adapter, TritonAdapter)
-            guards.append(TritonGuard(c, adapter))
+            # the config allows only a triton provider here (config._validate_guards)
+            guards.append(TritonGuard(c, cast("TritonAdapter", adapters[c.provider])))
     return guards

@@ -6,14 +6,10 @@ taxonomy. Streams are unbuffered (`cache-control: no-cache`, `x-accel-buffering:
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from .. import _fastpath
 from ..context import RequestContext
 from ..errors import GatewayError
-
-log = logging.getLogger("gateway.respond")
 
 JSON = ("content-type", "application/json")
 SSE_HEADERS = (
@@ -87,13 +83,3 @@ def start_stream(protocol: Any, ctx: RequestContext) -> StreamWriter:
             ],
         )
     )
-
-
-async def end_stream_with_error(
-    ctx: RequestContext, writer: StreamWriter, message: str, type_: str, code: str, head: bytes = b""
-) -> None:
-    """End a started stream the only way a client can tell: `head` (frames still owed), an
-    error event, then `[DONE]`. The code is kept on the context for the usage ledger."""
-    log.info("request %s: stream ended with error %s: %s", ctx.request_id, code, message)
-    ctx.stream_error = code
-    await writer.send(head + _fastpath.sse_error(message, type_, code) + _fastpath.DONE)

@@ -12,6 +12,7 @@ import msgspec
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
 from ..routing import Route
+from .stage import Part
 
 #: Fields some proxies honour to pick the upstream host or key (an SSRF / key-injection vector
 #: in peers); never forwarded.
@@ -24,7 +25,7 @@ _any = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder().encode
 
 
-class RouteStage:
+class RouteStage(Part):
     name = "route"
     __slots__ = ("routes",)
 

@@ -43,3 +43,30 @@ class FinishStage(Protocol):
     def on_finish(self, ctx: RequestContext) -> None:
         """Settle: called exactly once per request that reached the pipeline, before a unary
         reply goes out (its headers show the settled state) or after a stream ended."""
+
+
+class Outcome:
+    """How a request ended, as the client saw it: what observers get once, after the reply."""
+
+    __slots__ = ("error", "status")
+
+    def __init__(self, status: int, error: str | None) -> None:
+        #: the HTTP status sent (200 for a stream, also one that later ended with an error
+        #: event), the error's status for a refused or failed request, 499 when the client went
+        #: away before the reply was complete (nginx's convention), 500 for an internal error
+        self.status = status
+        #: the error code (the OpenAI `code`: the stream's error event, the error reply, or
+        #: `client_disconnected`); None on success
+        self.error = error
+
+
+class Observer(Protocol):
+    name: str
+
+    def start(self, worker: Worker) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def on_done(self, ctx: RequestContext, outcome: Outcome) -> None:
+        """The request is over and its reply sent. Runs once per request, on the request's
+        task: never raises, never blocks (queue work for later)."""

@@ -1,20 +1,25 @@
 """Upstream adapter for OpenAI-compatible HTTP servers (vLLM, SGLang, OpenAI, ...).
 
 The base URL comes only from the config: nothing in a client request can choose the host, and
-redirects are answered as errors, never followed.
+redirects are answered as errors, never followed. A stream's bytes go through the Rust
+`ChatStreamReframer` in one call per upstream read: it re-frames the events, records usage
+(dropping the usage chunk the gateway asked for when the client did not), the completion text
+and an upstream error event.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import msgspec
 
+from .. import _fastpath
 from ..config import ProviderConfig
 from ..errors import Fault, GatewayError
-from ..schemas import UpstreamErrorDetail, UpstreamErrorView
+from ..schemas import UpstreamErrorDetail, UpstreamErrorView, Usage
+from ..usage import counted_prompt_tokens, fill_usage
 from .httpclient import (
     Connection,
     HttpPool,
@@ -22,6 +27,10 @@ from .httpclient import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+
+if TYPE_CHECKING:
+    from ..context import RequestContext
+    from ..worker import Worker
 
 _error_view = msgspec.json.Decoder(UpstreamErrorView)
 _MAX_ERROR_BODY = 64 * 1024
@@ -41,7 +50,8 @@ class OpenAIHttpAdapter:
         "total_timeout_s",
     )
 
-    def __init__(self, provider: ProviderConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, provider: ProviderConfig, worker: Worker) -> None:
+        loop = worker.loop
         url = urlsplit(provider.base_url)
         tls = url.scheme == "https"
         port = url.port or (443 if tls else 80)
@@ -84,6 +94,14 @@ class OpenAIHttpAdapter:
             body,
         )
 
+    async def start(self, ctx: RequestContext, deadline: float) -> OpenAICall:
+        t0 = time.perf_counter_ns()
+        conn = await self.open(
+            ctx.endpoint.value.removeprefix("/v1"), ctx.upstream_body, ctx.request_id, deadline
+        )
+        ctx.timings["upstream_head"] = time.perf_counter_ns() - t0
+        return OpenAICall(ctx, conn, self.max_response_bytes)
+
     async def open(self, path: str, body: bytes, request_id: str, deadline: float) -> Connection:
         """POST `body` and return the connection once a 2xx response head has arrived.
 
@@ -120,16 +138,119 @@ class OpenAIHttpAdapter:
         except (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolError) as exc:
             raise map_transport_error(exc) from None
 
-    async def probe(self, request_id: str, timeout_s: float) -> dict[str, Any]:
+    async def probe(self, timeout_s: float) -> dict[str, Any]:
         """Readiness: the server answers `GET /models` (any status below 500)."""
         try:
-            status, _ = await self.get("/models", request_id, timeout_s)
+            status, _ = await self.get("/models", "readyz", timeout_s)
         except GatewayError as err:
             return {"ready": False, "detail": err.message}
         return {"ready": status < 500, "detail": f"HTTP {status}"}
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.pool.close()
+
+
+class OpenAICall:
+    """One POST whose 2xx head has arrived: the body (unary) or the SSE stream (re-framed)."""
+
+    __slots__ = ("_conn", "_ctx", "_max_bytes", "_reframer", "_usage")
+
+    def __init__(self, ctx: RequestContext, conn: Connection, max_bytes: int) -> None:
+        self._ctx = ctx
+        self._conn = conn
+        self._max_bytes = max_bytes
+        self._usage: Usage | None = None
+        self._reframer: _fastpath.ChatStreamReframer | None = None
+        if ctx.stream:
+            self._reframer = _fastpath.ChatStreamReframer(strip_usage=not ctx.client_wants_usage)
+
+    async def first(self, deadline: float) -> bytes:
+        reframer = self._reframer
+        assert reframer is not None
+        try:
+            data = await self._conn.read(deadline, "first byte")
+            out = reframer.feed(data)
+        except (UpstreamTimeout, UpstreamProtocolError) as exc:
+            raise map_transport_error(exc) from None
+        except _fastpath.SseError as exc:
+            raise GatewayError(
+                Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream is malformed: {exc}"
+            ) from None
+        if reframer.error is not None and reframer.events <= 1:
+            raise GatewayError(
+                Fault.UPSTREAM_ERROR, f"The upstream failed the stream: {reframer.error[:500]}"
+            )
+        if not data:
+            raise GatewayError(
+                Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without any event."
+            )
+        return out
+
+    async def next(self, deadline: float) -> bytes | None:
+        reframer = self._reframer
+        assert reframer is not None
+        try:
+            data = await self._conn.read(deadline)
+            if not data:
+                return None
+            return reframer.feed(data)
+        except UpstreamTimeout:
+            raise TimeoutError from None
+        except (UpstreamProtocolError, _fastpath.SseError) as exc:
+            raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}") from None
+
+    def finish(self) -> tuple[bytes, GatewayError | None]:
+        reframer = self._reframer
+        assert reframer is not None
+        tail = reframer.finish()
+        if not reframer.done:
+            return tail, GatewayError(
+                Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without [DONE]."
+            )
+        if self._ctx.client_wants_usage and reframer.usage is None:
+            usage = self.usage()
+            assert usage is not None
+            tail += reframer.usage_chunk(usage.prompt_tokens, usage.completion_tokens)
+        return tail, None
+
+    async def body(self, deadline: float) -> bytes:
+        try:
+            raw = await self._conn.read_all(self._max_bytes, deadline)
+        except (UpstreamTimeout, UpstreamProtocolError) as exc:
+            raise map_transport_error(exc) from None
+        body = fill_usage(self._ctx, raw)
+        self._usage = self._ctx.usage
+        return body
+
+    def usage(self) -> Usage | None:
+        reframer = self._reframer
+        if reframer is None:
+            return self._usage
+        if self._usage is None:  # asked once the stream is over: counting it once is enough
+            usage = reframer.usage
+            if usage is not None:
+                self._usage = Usage(*usage)
+            else:
+                ctx = self._ctx
+                assert ctx.route is not None
+                prompt = counted_prompt_tokens(ctx)
+                completion = reframer.completion_tokens(ctx.route.encoding)
+                self._usage = Usage(prompt, completion, prompt + completion)
+        return self._usage
+
+    @property
+    def completion_text(self) -> str:
+        return self._reframer.completion_text if self._reframer is not None else ""
+
+    @property
+    def generated_tokens(self) -> int | None:
+        return None
+
+    def abort(self) -> None:
+        self._conn.abort()
+
+    def release(self) -> None:
+        self._conn.release()
 
 
 def map_transport_error(exc: Exception) -> GatewayError:

@@ -10,10 +10,9 @@ without a gateway restart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -23,7 +22,12 @@ from ..config import GrpcTransportKind, ProviderConfig, TritonModelConfig
 from ..errors import Fault, GatewayError
 from .grpc_h2 import H2Transport
 from .grpc_transport import GrpcioTransport, RpcError, StreamCall, Transport
+from .triton_call import TritonCall
 from .triton_request import TritonRequestBuilder
+
+if TYPE_CHECKING:
+    from ..context import RequestContext
+    from ..worker import Worker
 
 #: Re-read a model's metadata this long after it was cached (a reload may change its inputs).
 _METADATA_TTL_S = 60.0
@@ -48,12 +52,16 @@ def _unavailable(message: str) -> GatewayError:
     return GatewayError(Fault.UPSTREAM_UNAVAILABLE, message, headers=(("retry-after", "1"),))
 
 
+def _not_loaded(detail: str) -> bool:
+    return "unknown model" in detail or "is not found" in detail or "not ready" in detail
+
+
 def map_rpc_error(exc: RpcError, model: str) -> GatewayError:
     """gRPC status -> the gateway's taxonomy (the details are Triton's own words)."""
     code = exc.code
     detail = exc.details[:500]
     if code == grpc.StatusCode.UNAVAILABLE:
-        if "unknown model" in detail or "is not found" in detail or "not ready" in detail:
+        if _not_loaded(detail):
             return _unavailable(f"The Triton model `{model}` is not loaded: {detail}")
         return _unavailable(f"The Triton server is unreachable: {detail}")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -76,7 +84,7 @@ def map_rpc_error(exc: RpcError, model: str) -> GatewayError:
 def map_stream_error(message: str, model: str) -> GatewayError:
     """An error carried inside a `ModelStreamInfer` response (the RPC itself is fine)."""
     detail = message[:500]
-    if "unknown model" in message or "is not found" in message or "not ready" in message:
+    if _not_loaded(message):
         return _unavailable(f"The Triton model `{model}` is not loaded: {detail}")
     return GatewayError(Fault.UPSTREAM_ERROR, f"The Triton model `{model}` failed: {detail}")
 
@@ -113,11 +121,13 @@ class TritonAdapter:
         "provider",
         "total_timeout_s",
         "transport",
+        "worker",
     )
 
-    def __init__(self, provider: ProviderConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, provider: ProviderConfig, worker: Worker) -> None:
         url = urlsplit(provider.base_url)
-        self.loop = loop  # the worker's: get_running_loop() is a getpid() syscall per call on 3.11
+        self.worker = worker
+        self.loop = worker.loop
         self.provider = provider
         self.name = provider.name
         self.connect_timeout_s = provider.connect_timeout_ms / 1000
@@ -187,8 +197,17 @@ class TritonAdapter:
         )
         return TritonStream(call)
 
-    async def probe(self, models: list[str], timeout_s: float) -> dict[str, Any]:
-        """Readiness: the server, then each routed model."""
+    async def start(self, ctx: RequestContext, deadline: float) -> TritonCall:
+        route = ctx.route
+        assert route is not None and ctx.view is not None
+        builder = await self.builder(route.upstream_model, route.triton)
+        request, stops, max_tokens = builder.build(ctx.view, ctx.body, ctx.request_id, ctx.stream)
+        call = self.stream(request, max(deadline - self.loop.time(), 0.001))
+        return TritonCall(ctx, self, call, stops, max_tokens)
+
+    async def probe(self, timeout_s: float) -> dict[str, Any]:
+        """Readiness: the server, then each model routed to it."""
+        models = sorted({r.upstream_model for r in self.worker.routes.values() if r.adapter is self})
         try:
             live = await self.unary("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, timeout_s)
             if not live.ready:
@@ -204,7 +223,5 @@ class TritonAdapter:
         states = {m: a.ready for m, a in zip(models, answers, strict=True)}
         return {"ready": all(states.values()), "detail": "Triton", "models": states}
 
-    def close(self) -> None:
-        # no running loop (worker shutdown): the process is ending anyway
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(self.transport.close())
+    async def close(self) -> None:
+        await self.transport.close()

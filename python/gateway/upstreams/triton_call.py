@@ -1,0 +1,286 @@
+"""One `ModelStreamInfer` call on a Triton route, as an `UpstreamCall`.
+
+Each Triton response carries the new text only (`text_output`); the Rust `TextStream` turns it
+into OpenAI frames (`chat.completion.chunk`, or `text_completion` on `/v1/completions`), carries
+split UTF-8 and cuts stop words. The end of generation is whichever comes first of the two
+end-of-stream shapes (the `triton_final_response` flag on the last data response, or on a
+separate empty one) and the RPC ending. A stop word ends the stream and cancels the call, as
+does an abort (client gone, a response stage). Unary requests use the same call, collected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .. import _fastpath
+from ..errors import Fault, GatewayError
+from ..schemas import CompletionRequestView, Usage
+from ..usage import counted_prompt_tokens
+from .grpc_transport import RpcError
+
+if TYPE_CHECKING:
+    from ..context import RequestContext
+    from .triton_grpc import TritonAdapter, TritonStream
+
+_INT_SIZES = {"INT32": 4, "INT64": 8, "UINT32": 4, "UINT64": 8}
+
+
+class _Reply:
+    """What one `ModelStreamInferResponse` says."""
+
+    __slots__ = ("final", "n_in", "n_out", "text")
+
+    def __init__(self, resp: Any) -> None:
+        ir = resp.infer_response
+        self.text: bytes | None = None
+        self.n_in: int | None = None
+        self.n_out: int | None = None
+        raws = ir.raw_output_contents
+        for i, out in enumerate(ir.outputs):
+            raw = raws[i] if i < len(raws) else b""
+            name = out.name
+            if name == "text_output":
+                self.text = raw
+            elif name in ("num_input_tokens", "num_output_tokens") and raw:
+                size = _INT_SIZES.get(out.datatype, 4)
+                value = int.from_bytes(raw[-size:], "little", signed=out.datatype.startswith("INT"))
+                if name == "num_input_tokens":
+                    self.n_in = value
+                else:
+                    self.n_out = value
+        params = ir.parameters
+        self.final = "triton_final_response" in params and params["triton_final_response"].bool_param
+
+
+# kw_only: fields in OpenAI's order, defaults first
+class ChatCompletionMessage(msgspec.Struct, gc=False, kw_only=True):
+    role: str = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(msgspec.Struct, gc=False, kw_only=True):
+    index: int = 0
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class TextCompletionChoice(msgspec.Struct, gc=False, kw_only=True):
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: str
+
+
+class Completion(msgspec.Struct, gc=False, kw_only=True):
+    """`chat.completion` or `text_completion`, by `object` and the choice type."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice] | list[TextCompletionChoice]
+    usage: Usage
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _malformed(exc: Exception) -> GatewayError:
+    return GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model's output is malformed: {exc}")
+
+
+class TritonCall:
+    """The call's responses through one `TextStream`, counting what the model reports."""
+
+    __slots__ = (
+        "_adapter",
+        "_call",
+        "_ctx",
+        "_deltas",
+        "_final",
+        "_max_tokens",
+        "_model",
+        "_n_in",
+        "_n_out",
+        "_ts",
+        "_usage",
+    )
+
+    def __init__(
+        self,
+        ctx: RequestContext,
+        adapter: TritonAdapter,
+        call: TritonStream,
+        stops: list[str],
+        max_tokens: int,
+    ) -> None:
+        route = ctx.route
+        assert route is not None
+        self._ctx = ctx
+        self._adapter = adapter
+        self._call = call
+        self._model = route.upstream_model
+        self._max_tokens = max_tokens
+        self._final = False
+        self._n_in: int | None = None
+        self._n_out: int | None = None
+        self._deltas = 0
+        self._usage: Usage | None = None
+        if not ctx.stream:
+            self._ts = _fastpath.TextStream("", "", 0, stops, frames=False)
+        elif isinstance(ctx.view, CompletionRequestView):
+            self._ts = _fastpath.TextStream(
+                f"cmpl-{ctx.request_id}", route.name, int(time.time()), stops, completion=True
+            )
+        else:
+            self._ts = _fastpath.TextStream(f"chatcmpl-{ctx.request_id}", route.name, int(time.time()), stops)
+
+    # ---- reading --------------------------------------------------------------------------
+    async def _read(self) -> Any:
+        """The next response; None at the end. Raises GatewayError (mapped)."""
+        from .triton_grpc import map_rpc_error, map_stream_error
+
+        try:
+            resp = await self._call.read()
+        except RpcError as exc:
+            raise map_rpc_error(exc, self._model) from None
+        if resp is not None and resp.error_message:
+            err = map_stream_error(resp.error_message, self._model)
+            if err.fault is Fault.UPSTREAM_UNAVAILABLE:
+                self._adapter.forget(self._model)
+            raise err
+        return resp
+
+    def _push(self, resp: Any) -> bytes:
+        r = _Reply(resp)
+        if r.n_in is not None:
+            self._n_in = r.n_in
+        if r.n_out is not None:
+            self._n_out = r.n_out
+        if r.final:
+            self._final = True
+        if not r.text:
+            return b""
+        self._deltas += 1
+        try:
+            return self._ts.push_tensor(r.text)
+        except _fastpath.FastpathError as exc:
+            raise _malformed(exc) from None
+
+    @property
+    def _ended(self) -> bool:
+        return self._final or self._ts.stopped
+
+    # ---- UpstreamCall -----------------------------------------------------------------------
+    async def first(self, deadline: float) -> bytes:
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await self._read()
+        except TimeoutError:
+            raise GatewayError(
+                Fault.UPSTREAM_TIMEOUT, "The Triton model sent no first token in time."
+            ) from None
+        if resp is None:
+            raise GatewayError(
+                Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model `{self._model}` sent no response."
+            )
+        return self._ts.role() + self._push(resp)
+
+    async def next(self, deadline: float) -> bytes | None:
+        if self._ended:
+            return None
+        async with asyncio.timeout_at(deadline):
+            resp = await self._read()
+        if resp is None:
+            return None
+        return self._push(resp)
+
+    def _reason(self) -> str:
+        return "length" if self.generated_tokens >= self._max_tokens else "stop"
+
+    def finish(self) -> tuple[bytes, GatewayError | None]:
+        ts = self._ts
+        if ts.stopped:
+            self._call.cancel()  # the stop word ended it: free the model's slot now
+        tail = ts.finish(self._reason())
+        if self._ctx.client_wants_usage:
+            usage = self.usage()
+            tail += ts.usage_chunk(usage.prompt_tokens, usage.completion_tokens)
+        return tail, None
+
+    async def body(self, deadline: float) -> bytes:
+        ctx = self._ctx
+        route = ctx.route
+        assert route is not None
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await self._read()
+                if resp is None:
+                    raise GatewayError(
+                        Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model `{self._model}` sent no response."
+                    )
+                self._push(resp)
+                while not self._ended and (resp := await self._read()) is not None:
+                    self._push(resp)
+        except TimeoutError:
+            raise GatewayError(Fault.UPSTREAM_TIMEOUT, "The Triton model did not finish in time.") from None
+        ts = self._ts
+        ts.finish("stop")
+        usage = self.usage()
+        reason = "stop" if ts.stopped else self._reason()
+        created = int(time.time())
+        if isinstance(ctx.view, CompletionRequestView):
+            text = TextCompletionChoice(text=ts.text, finish_reason=reason)
+            return _encode(
+                Completion(
+                    id=f"cmpl-{ctx.request_id}",
+                    object="text_completion",
+                    created=created,
+                    model=route.name,
+                    choices=[text],
+                    usage=usage,
+                )
+            )
+        choice = ChatCompletionChoice(message=ChatCompletionMessage(content=ts.text), finish_reason=reason)
+        return _encode(
+            Completion(
+                id=f"chatcmpl-{ctx.request_id}",
+                object="chat.completion",
+                created=created,
+                model=route.name,
+                choices=[choice],
+                usage=usage,
+            )
+        )
+
+    def usage(self) -> Usage:
+        if self._usage is None:
+            ctx = self._ctx
+            assert ctx.route is not None
+            prompt = self._n_in if self._n_in is not None else counted_prompt_tokens(ctx)
+            completion = (
+                self._n_out if self._n_out is not None else self._ts.completion_tokens(ctx.route.encoding)
+            )
+            self._usage = Usage(prompt, completion, prompt + completion)
+        return self._usage
+
+    @property
+    def completion_text(self) -> str:
+        return self._ts.text
+
+    @property
+    def generated_tokens(self) -> int:
+        """The model's own count, else one per text delta (TensorRT-LLM streams one token per
+        response)."""
+        return self._n_out if self._n_out is not None else self._deltas
+
+    def abort(self) -> None:
+        self._call.cancel()
+
+    def release(self) -> None:
+        self._call.cancel()  # a no-op once the RPC is done
