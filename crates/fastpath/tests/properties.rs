@@ -461,8 +461,7 @@ fn reference(payloads: &[String], strip_usage: bool) -> Reframed {
     r
 }
 
-// Hunts: a re-framer whose output or accounting depends on read boundaries, or strays from a
-// plain JSON reading of a well-formed stream (text, finish reason, usage, ids, stripping).
+// Hunts: re-framed bytes or accounting that depend on read boundaries or stray from a JSON reading.
 #[test]
 fn reframer_matches_reference_however_split() {
     let mut rng = Rng::new(3);
@@ -563,8 +562,7 @@ fn stream_text(pieces: &[&[u8]], stops: &[&str], tensors: bool) -> (String, Stri
     (ts.text().to_owned(), content, ts.stopped())
 }
 
-// Hunts: a multi-byte character split across deltas that comes out as U+FFFD, twice, or not at
-// all, whether the deltas arrive as raw bytes or as BYTES tensors.
+// Hunts: a character split across deltas (bytes or BYTES tensors) that comes out mangled or twice.
 #[test]
 fn text_stream_utf8_split_anywhere() {
     let mut rng = Rng::new(5);
@@ -581,8 +579,7 @@ fn text_stream_utf8_split_anywhere() {
     }
 }
 
-// Hunts: invalid UTF-8 (stray continuation bytes, truncated sequences, surrogates) replaced
-// differently depending on where the deltas were cut.
+// Hunts: invalid UTF-8 replaced (U+FFFD) differently depending on where the deltas were cut.
 #[test]
 fn text_stream_invalid_utf8_split_anywhere() {
     let mut rng = Rng::new(6);
@@ -632,8 +629,7 @@ fn stop_reference(text: &str, stops: &[&str]) -> (String, bool) {
     )
 }
 
-// Hunts: stop sequences missed, cut in the wrong place, or leaking held-back text, depending on
-// how the deltas were split (overlapping stops included).
+// Hunts: stop sequences (overlapping too) missed, misplaced or leaking, depending on the splits.
 #[test]
 fn text_stream_stops_split_anywhere() {
     const ALPHABET: &[&str] = &["a", "b", "é", "日", "😀", "\n", " "];
