@@ -9,7 +9,11 @@ and tiers but `limits.backend: redis` (Redis at --redis-url, a fresh key prefix 
 at the end; Redis's own CPU per request is read from /proc/<redis pid>/stat), all in the same run.
 
     .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--warmup 3] [--repeat 2] \
-        [--auth] [--auth-redis] [--redis-url redis://127.0.0.1:6379/0]
+        [--auth] [--auth-redis] [--redis-url redis://127.0.0.1:6379/0] [--baseline-tree DIR]
+
+`--baseline-tree DIR`: every gateway target also runs from another checkout's `python/` (e.g. a
+`git worktree` of the commit before a change, with this venv's built extension copied into its
+`python/gateway/`), interleaved with this tree's in every repeat: a before/after in one run.
 
 Not run in CI. Needs `wrk` and `nginx` (`make bench-deps`).
 """
@@ -51,6 +55,7 @@ AUTH_CONFIG = (
 GW = "fastpath-gateway"
 GW_LOCAL = "fastpath-gateway +auth+limits"
 GW_REDIS = "fastpath-gateway +auth+redis limits"
+BASE = " @baseline"
 STREAM_REQUEST = REQUEST.replace('{"model":"bench",', '{"model":"bench","stream":true,')
 
 
@@ -288,6 +293,7 @@ def main() -> int:
         help="add a gateway with the same auth + limits on limits.backend redis, same run",
     )
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--baseline-tree", type=Path, help="also run each gateway from DIR/python (before/after)")
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -326,11 +332,18 @@ def main() -> int:
         gateways[GW_LOCAL] = (free_port(), cfg_auth)
     if args.auth_redis:
         gateways[GW_REDIS] = (free_port(), cfg_redis)
+    trees: dict[str, Path | None] = {name: None for name in gateways}
+    if args.baseline_tree is not None:
+        for name, (_, c) in list(gateways.items()):
+            gateways[name + BASE] = (free_port(), c)
+            trees[name + BASE] = args.baseline_tree.resolve() / "python"
     load_start = Path("/proc/loadavg").read_text().strip()
     procs = {
         name: subprocess.Popen(
             [
-                str(REPO / ".venv/bin/fastpath-gateway"),
+                str(REPO / ".venv/bin/python"),
+                "-m",
+                "gateway.cli",
                 "serve",
                 "--config",
                 str(c),
@@ -342,6 +355,7 @@ def main() -> int:
                 "error",
             ],
             stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(trees[name])} if trees[name] else None,
         )
         for name, (port, c) in gateways.items()
     }
@@ -439,6 +453,13 @@ def main() -> int:
             a = _cells(rows, name, conc)
             if a and d:
                 print(f"c={conc}: {name} added latency vs direct: {_added(a, d)}")
+        for name in (GW, GW_LOCAL, GW_REDIS):
+            a, base = _cells(rows, name, conc), _cells(rows, name + BASE, conc)
+            if a and base:
+                print(
+                    f"c={conc}: {name} this tree vs {args.baseline_tree}, interleaved: CPU/request ratio = "
+                    f"{_cpu_ratios(a, base)}; RPS ratio = {_ratios(a, base)}"
+                )
         for name in (GW_LOCAL, GW_REDIS):
             a = _cells(rows, name, conc)
             if a and g:

@@ -7,7 +7,7 @@ single parameterized `executemany` in one transaction, every `ledger.flush_inter
 soon as a full batch waits. When the worker stops (SIGTERM: granian lets in-flight requests
 finish, then calls `__rsgi_del__`), `close()` writes everything still queued.
 
-Failure policy (DESIGN.md §6): a batch that cannot be written goes back to the front of the
+Failure policy: a batch that cannot be written goes back to the front of the
 queue and is tried again on the next flush; when the queue holds `ledger.max_queue` rows, new
 rows are dropped, counted (`dropped`) and logged (at most once per 10 s per worker), never
 blocking a request. If the store is still unreachable when the worker stops, the rows left are

@@ -2,7 +2,7 @@
 
 The binary comes from the `nvidia-pytriton` wheel installed in its own venv (`make triton-venv`,
 default `<repo>/.venv-triton`, or the environment variable FASTPATH_TRITON_VENV). Facts this
-relies on (../shared/TRITON.md section 1): the Python backend finds its stub only next to
+relies on: the Python backend finds its stub only next to
 `libtriton_python.so`, so a backend directory of symlinks is built; the stub must load the
 venv interpreter's own libpython (LD_LIBRARY_PATH) and finds the venv's site-packages through
 `PATH`; a port already in use makes the server exit, so port 0 picks a free one.

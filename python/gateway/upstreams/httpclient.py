@@ -1,6 +1,6 @@
 """A lean pooled keep-alive HTTP/1.1 client on `asyncio.Protocol`.
 
-Chosen by measurement (../shared/PERFORMANCE.md): a minimal protocol client cost 104 µs per
+Chosen by measurement (benchmarks/results/): a minimal protocol client cost 104 µs per
 proxied request against aiohttp's 251 µs. It does only what an upstream hop needs: one request
 per connection at a time, Content-Length / chunked / read-to-EOF bodies, back-pressure by
 pausing the socket, deadlines via loop timers (cheaper than `asyncio.wait_for`), no redirects.
@@ -89,7 +89,7 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Two small writes without NODELAY wait ~40 ms for a delayed ACK (PERFORMANCE.md).
+            # Two small writes without NODELAY wait ~40 ms for a delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:

@@ -1,7 +1,7 @@
 """OpenAI chat request -> a Triton `ModelInferRequest` in the TensorRT-LLM tensor contract.
 
 The names, dtypes and shapes are TensorRT-LLM's `ensemble` / `tensorrt_llm_bls` inputs
-(../shared/TRITON.md §2): every tensor has a leading batch dimension of 1. Only inputs the model
+(Triton's TensorRT-LLM backend docs): every tensor has a leading batch dimension of 1. Only inputs the model
 declares are sent (its metadata is read once), so one mapping serves both the stock configs and
 older ones without `return_num_*_tokens`. What the model cannot do is refused with a 400 naming
 the parameter, never silently dropped.
