@@ -625,3 +625,15 @@ def test_a_response_stage_ends_a_triton_stream(triton: TritonServer, tmp_path: P
     assert 0 < len(words) < 40
     wait_event(triton.events_path, rid, "cancel", model="tensorrt_llm_bls")
     assert reply["stage"] == "stop_after" and reply["choices"][0]["message"]["content"]
+
+
+def test_a_silent_triton_model_gets_ping_comments(gw: Gateway) -> None:
+    """The relay's keep-alive pings (`stream_ping_interval_ms: 200` here) on a Triton stream
+    whose tokens come 600 ms apart; the content is unchanged."""
+    body = _stream_body("llm-core", "[[testllm delay_ms=600]] slow please", 3)
+    with _sse_post(gw.port, body, f"ping-{uuid.uuid4().hex[:8]}") as resp:
+        assert resp.status == 200
+        raw = resp.read().decode()
+    assert ": ping" in raw
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events)

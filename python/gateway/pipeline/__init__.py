@@ -166,7 +166,8 @@ class Pipeline:
                 self._reply_error(ctx, protocol, INTERNAL)
         finally:
             watch.stop()
-            self._done(ctx, Outcome(status or ctx.status or INTERNAL.status, error or ctx.stream_error))
+            if self.observers:
+                self._done(ctx, Outcome(status or ctx.status or INTERNAL.status, error or ctx.stream_error))
 
     async def _handle(self, ctx: RequestContext, protocol: Any) -> None:
         timings = ctx.timings
