@@ -43,6 +43,23 @@ def assert_rss_bounded(run: Callable[[int], None], calls: int = 20_000, limit: i
     assert growth < limit, f"RSS grew {growth} bytes over {calls} calls"
 
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_or_skip(url: str = REDIS_URL) -> Any:
+    """A redis-py client on the shared Redis, or skip (fail under CI: .ci/run starts one)."""
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError:
+        client.close()
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no Redis at {url} (.ci/run starts one)")
+    return client
+
+
 def bare_worker(loop: Any) -> Any:
     """A `Worker` on `loop` with a one-provider config and no routes (adapters built by hand)."""
     from gateway.config import parse

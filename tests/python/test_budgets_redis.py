@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from budget_harness import IN, NANO, OUT, parse, principal, prompt_tokens, refused, request, used
-from conftest import free_port
+from conftest import free_port, redis_or_skip
 
 from gateway.config import Config
 from gateway.context import RequestContext
@@ -23,19 +22,11 @@ from gateway.pipeline.limits import LimitsStage, month_number, usd
 from gateway.pipeline.limits.redis_store import LUA_LIB, LUA_MONTH_OF
 
 redis = pytest.importorskip("redis")
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture
 def r() -> Iterator[Any]:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError:
-        client.close()
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no Redis at 127.0.0.1:6379 (.ci/run starts one)")
+    client = redis_or_skip()
     yield client
     client.close()
 

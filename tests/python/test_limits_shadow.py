@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,14 +12,12 @@ from typing import Any
 
 import pytest
 from budget_harness import parse, principal, refused, request, used
-from conftest import MockUpstream, run_gateway
+from conftest import REDIS_URL, MockUpstream, redis_or_skip, run_gateway
 from test_auth import auth_config, chat, post
 
 from gateway.config import Config
 from gateway.pipeline.limits import LimitsStage
 from gateway.pipeline.limits.local_store import LocalStore
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 LIMITS_YAML = """
 prices:
@@ -38,15 +35,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "local":
         yield "limits: {live_budget_enforcement: true}\n"
         return
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError:
-        client.close()
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no Redis at 127.0.0.1:6379")
+    client = redis_or_skip()
     prefix = f"fp-test-shadow:{uuid.uuid4().hex[:12]}:"
     yield (
         "limits:\n  backend: redis\n  live_budget_enforcement: true\n"

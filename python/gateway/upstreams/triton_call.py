@@ -233,30 +233,23 @@ class TritonCall:
         ts.finish("stop")
         usage = self.usage()
         reason = "stop" if ts.stopped else self._reason()
-        created = int(time.time())
+        choices: list[ChatCompletionChoice] | list[TextCompletionChoice]
         if isinstance(ctx.view, CompletionRequestView):
-            text = TextCompletionChoice(text=ts.text, finish_reason=reason)
-            return _encode(
-                Completion(
-                    id=f"cmpl-{ctx.request_id}",
-                    object="text_completion",
-                    created=created,
-                    model=route.name,
-                    choices=[text],
-                    usage=usage,
-                )
-            )
-        choice = ChatCompletionChoice(message=ChatCompletionMessage(content=ts.text), finish_reason=reason)
-        return _encode(
-            Completion(
-                id=f"chatcmpl-{ctx.request_id}",
-                object="chat.completion",
-                created=created,
-                model=route.name,
-                choices=[choice],
-                usage=usage,
-            )
+            kind, prefix = "text_completion", "cmpl"
+            choices = [TextCompletionChoice(text=ts.text, finish_reason=reason)]
+        else:
+            kind, prefix = "chat.completion", "chatcmpl"
+            message = ChatCompletionMessage(content=ts.text)
+            choices = [ChatCompletionChoice(message=message, finish_reason=reason)]
+        reply = Completion(
+            id=f"{prefix}-{ctx.request_id}",
+            object=kind,
+            created=int(time.time()),
+            model=route.name,
+            choices=choices,
+            usage=usage,
         )
+        return _encode(reply)
 
     def usage(self) -> Usage:
         if self._usage is None:
