@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -55,24 +55,41 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     backlog: int = 2048
 
 
-class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class _Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag_field="kind"):
+    """What every provider kind has. `kind` picks the Struct (a tagged union: a field of another
+    kind is an unknown field); a provider without `kind` is `openai`."""
+
     name: str
     #: openai: http(s)://host[:port]/v1; triton: grpc://host:port or grpcs://host:port (TLS)
     base_url: str
-    kind: ProviderKind = ProviderKind.OPENAI
     api_key: str | None = None
     #: HTTP headers (openai) or gRPC metadata (triton) sent with every request
     headers: dict[str, str] = {}
-    #: grpcs: PEM file with the CA roots to trust (empty: the system roots)
-    tls_ca_file: str = ""
     connect_timeout_ms: int = 3_000
     first_byte_timeout_ms: int = 120_000
     idle_timeout_ms: int = 60_000
     total_timeout_ms: int = 900_000
-    max_idle_connections: int = 256
     max_response_bytes: int = 64 * 1024 * 1024
-    #: kind triton only: which gRPC client carries the calls (unset: h2)
-    transport: GrpcTransportKind | None = None
+
+
+class OpenAIProvider(_Provider, frozen=True, tag="openai"):
+    """Any OpenAI-compatible HTTP server (vLLM, SGLang, OpenAI, ...)."""
+
+    kind: ClassVar[ProviderKind] = ProviderKind.OPENAI
+    max_idle_connections: int = 256
+
+
+class TritonProvider(_Provider, frozen=True, tag="triton"):
+    """NVIDIA Triton over gRPC, TensorRT-LLM tensor contract."""
+
+    kind: ClassVar[ProviderKind] = ProviderKind.TRITON
+    #: grpcs: PEM file with the CA roots to trust (empty: the system roots)
+    tls_ca_file: str = ""
+    #: which gRPC client carries the calls
+    transport: GrpcTransportKind = GrpcTransportKind.H2
+
+
+ProviderConfig = OpenAIProvider | TritonProvider
 
 
 class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -546,10 +563,8 @@ def _validate(cfg: Config) -> None:
             )
         if p.kind is ProviderKind.TRITON and (url.path.strip("/") or url.port is None):
             raise ConfigError(f"{where}.base_url: a Triton address is grpc://host:port (no path)")
-        if p.tls_ca_file and url.scheme != "grpcs":
+        if isinstance(p, TritonProvider) and p.tls_ca_file and url.scheme != "grpcs":
             raise ConfigError(f"{where}.tls_ca_file: only for grpcs:// providers")
-        if p.kind is not ProviderKind.TRITON and p.transport is not None:
-            raise ConfigError(f"{where}.transport: only for kind triton providers")
         try:
             url.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
         except ValueError:
@@ -567,7 +582,8 @@ def _validate(cfg: Config) -> None:
                 "max_response_bytes",
             ),
         )
-        _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
+        if isinstance(p, OpenAIProvider):
+            _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
         for h in p.headers:
             if not re.fullmatch(r"[A-Za-z0-9-]+", h):
                 raise ConfigError(f"{where}.headers: invalid header name {h!r}")
@@ -848,10 +864,20 @@ def parse(text: str, source: str = "<config>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     raw = _interpolate(raw, "$")
+    providers = raw.get("providers")
+    if isinstance(providers, list):
+        for p in providers:
+            if isinstance(p, dict):
+                p.setdefault("kind", ProviderKind.OPENAI.value)
     try:
         cfg = msgspec.convert(raw, Config, strict=True)
     except msgspec.ValidationError as exc:
         msg = str(exc)
+        if "unknown field" in msg and "- at `$.providers[" in msg:
+            msg += (
+                " (each provider `kind` has its own fields: `transport` and `tls_ca_file` are for kind"
+                " triton, `max_idle_connections` for kind openai, the default)"
+            )
         # msgspec names no path for the top level ("Object contains unknown field `x`").
         raise ConfigError(msg if " - at `" in msg else f"{msg} - at `$`") from None
     _validate(cfg)

@@ -590,3 +590,37 @@ def test_guard_config_errors(guard: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse(TRITON + f"guards:\n  - {guard}\n")
     assert needle in str(info.value)
+
+
+def test_providers_are_a_tagged_union_on_kind() -> None:
+    """`kind` picks the provider Struct (openai when absent); a field of the other kind is an
+    unknown field with a hint, an unknown kind names the path."""
+    cfg = config_mod.parse(
+        "providers:\n  - {name: a, base_url: 'http://h:1/v1', max_idle_connections: 8}\n"
+        "  - {name: t, kind: triton, base_url: 'grpcs://h:8001', tls_ca_file: /ca.pem, transport: grpcio}\n"
+        "models: [{name: m, provider: a}]\n"
+    )
+    a, t = cfg.providers
+    assert (
+        isinstance(a, config_mod.OpenAIProvider)
+        and a.kind is ProviderKind.OPENAI
+        and a.max_idle_connections == 8
+    )
+    assert isinstance(t, config_mod.TritonProvider) and t.kind is ProviderKind.TRITON
+    assert t.transport is config_mod.GrpcTransportKind.GRPCIO and t.tls_ca_file == "/ca.pem"
+    for extra, field in (("tls_ca_file: /ca.pem", "tls_ca_file"), ("transport: h2", "transport")):
+        with pytest.raises(ConfigError, match=f"unknown field `{field}` - at `\\$.providers\\[0\\]` \\(each"):
+            config_mod.parse(
+                f"providers: [{{name: a, base_url: 'http://h:1/v1', {extra}}}]\n"
+                "models: [{name: m, provider: a}]\n"
+            )
+    with pytest.raises(ConfigError, match="unknown field `max_idle_connections`"):
+        config_mod.parse(
+            "providers: [{name: t, kind: triton, base_url: 'grpc://h:1', max_idle_connections: 3}]\n"
+            "models: [{name: m, provider: t}]\n"
+        )
+    with pytest.raises(ConfigError, match=r"Invalid value 'bogus' - at `\$.providers\[0\].kind`"):
+        config_mod.parse(
+            "providers: [{name: a, kind: bogus, base_url: 'http://h:1/v1'}]\n"
+            "models: [{name: m, provider: a}]\n"
+        )

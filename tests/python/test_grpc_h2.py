@@ -377,7 +377,9 @@ def test_provider_transport_setting_picks_the_transport() -> None:
         assert isinstance(chosen, GrpcioTransport)
     finally:
         loop.close()
-    with pytest.raises(ConfigError, match="only for kind triton"):
+    with pytest.raises(
+        ConfigError, match=r"unknown field `transport` - at `\$.providers\[0\]` \(each provider `kind`"
+    ):
         parse(
             "providers:\n  - {name: o, base_url: 'http://127.0.0.1:9/v1', transport: h2}\n"
             "models:\n  - {name: m, provider: o}\n"

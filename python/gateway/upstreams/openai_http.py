@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .. import _fastpath
-from ..config import ProviderConfig
+from ..config import OpenAIProvider
 from ..errors import Fault, GatewayError
 from ..schemas import UpstreamErrorDetail, UpstreamErrorView, Usage
 from ..usage import counted_prompt_tokens, fill_usage
@@ -50,7 +50,7 @@ class OpenAIHttpAdapter:
         "total_timeout_s",
     )
 
-    def __init__(self, provider: ProviderConfig, worker: Worker) -> None:
+    def __init__(self, provider: OpenAIProvider, worker: Worker) -> None:
         loop = worker.loop
         url = urlsplit(provider.base_url)
         tls = url.scheme == "https"

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from ..config import GrpcTransportKind, ProviderConfig, TritonModelConfig
+from ..config import GrpcTransportKind, TritonModelConfig, TritonProvider
 from ..errors import Fault, GatewayError
 from .grpc_h2 import H2Transport
 from .grpc_transport import GrpcioTransport, RpcError, StreamCall, Transport
@@ -124,7 +124,7 @@ class TritonAdapter:
         "worker",
     )
 
-    def __init__(self, provider: ProviderConfig, worker: Worker) -> None:
+    def __init__(self, provider: TritonProvider, worker: Worker) -> None:
         url = urlsplit(provider.base_url)
         self.worker = worker
         self.loop = worker.loop
