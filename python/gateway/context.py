@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from .quota import Lease
     from .routing import Route
     from .schemas import RequestView, Usage
+    from .timing import ReadGaps
 
 
 class Endpoint(Enum):
@@ -24,6 +25,8 @@ class RequestContext:
         "body",
         "client_wants_usage",
         "endpoint",
+        "first_ns",
+        "gaps",
         "headers",
         "lease",
         "principal",
@@ -66,6 +69,11 @@ class RequestContext:
         self.upstream_body = b""
         self.usage: Usage | None = None
         self.status = 0
+        #: perf_counter_ns when a stream's first frame was ready (0: not a stream, or none came);
+        #: TTFT as the gateway saw it is `first_ns - start_ns`
+        self.first_ns = 0
+        #: a stream's gaps between upstream reads (inter-token latency as the gateway saw it)
+        self.gaps: ReadGaps | None = None
         #: the finish stages (settlement) have run: they run exactly once per request
         self.settled = False
         #: stage name -> nanoseconds spent, for the server-timing header and benchmarks

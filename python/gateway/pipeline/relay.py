@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import _fastpath
 from ..errors import Fault, GatewayError
+from ..timing import ReadGaps
 from . import respond
 
 if TYPE_CHECKING:
@@ -51,33 +52,6 @@ class ResponseStage(Protocol):
     def on_body(self, ctx: RequestContext, body: bytes) -> bytes:
         """A unary reply body, before it is sent; may rewrite it or raise `GatewayError`."""
         ...
-
-
-class ReadGaps:
-    """Gaps between upstream reads (the inter-token latency as the gateway sees it)."""
-
-    __slots__ = ("count", "last", "max", "total")
-
-    def __init__(self, start: float) -> None:
-        self.last = start
-        self.count = 0
-        self.total = 0.0
-        self.max = 0.0
-
-    def add(self, now: float) -> None:
-        gap = now - self.last
-        self.last = now
-        self.count += 1
-        self.total += gap
-        if gap > self.max:
-            self.max = gap
-
-    def comment(self, ttft_ms: float) -> bytes:
-        mean = self.total / self.count * 1e3 if self.count else 0.0
-        return (
-            f": server-timing ttft;dur={ttft_ms:.3f}, gap-mean;dur={mean:.3f}, "
-            f'gap-max;dur={self.max * 1e3:.3f}, reads;desc="{self.count + 1}"\n\n'
-        ).encode()
 
 
 class _Live:
@@ -191,12 +165,12 @@ class Relay:
         except BaseException:
             call.abort()
             raise
-        first_ns = time.perf_counter_ns()
+        first_ns = ctx.first_ns = time.perf_counter_ns()
         ctx.timings["ttfb"] = first_ns - t0
         hooks = [h for s in self._stages if (h := s.on_stream(ctx)) is not None]
         writer = respond.start_stream(protocol, ctx)
         live = self._pings.add(writer)
-        gaps = ReadGaps(loop.time())
+        gaps = ctx.gaps = ReadGaps(loop.time())
         idle_s = adapter.idle_timeout_s
         ended_ok = False
         try:
