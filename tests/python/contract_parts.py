@@ -39,6 +39,9 @@ class _Stop:
             code="test_stop",
         )
 
+    def on_end(self, ctx: RequestContext) -> bytes:
+        return b": stop_after saw the end\n\n"
+
 
 class StopAfter(Part):
     """Response stage: ends every stream whose model is `model` after `reads` upstream reads;

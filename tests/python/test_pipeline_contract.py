@@ -39,6 +39,8 @@ extensions:
   - {{kind: request_stage, factory: "contract_parts:settle_counter",
      options: {{path: "{tmp}/settled.jsonl"}}}}
   - {{kind: response_stage, factory: "contract_parts:stop_after", options: {{model: stopme, reads: 3}}}}
+  - {{kind: response_stage, factory: "contract_parts:stop_after",
+     options: {{model: mock-echo, reads: 100000}}}}
   - {{kind: observer, factory: "contract_parts:recorder", options: {{path: "{tmp}/done.jsonl"}}}}
 """
     )
@@ -178,6 +180,10 @@ def test_a_response_stage_ends_a_stream_and_rewrites_a_body(
         assert status == 200 and json.loads(raw)["stage"] == "stop_after"
         status, raw = post(gw.port, chat("echo", stream=True), "stop-3")  # another model: untouched
         assert status == 200 and data_events(raw)[-1] == "[DONE]" and "error" not in raw.decode()
+        assert b"stop_after saw the end" not in raw
+        # a stream the stage lets finish: its end hook adds a comment before [DONE]
+        status, raw = post(gw.port, chat("mock-echo", stream=True), "stop-4")
+        assert status == 200 and raw.endswith(b": stop_after saw the end\n\ndata: [DONE]\n\n"), raw[-120:]
         done = read_lines(tmp_path / "done.jsonl", {"stop-1", "stop-2", "stop-3"})
     seen = {r["id"]: r for r in done}
     assert (seen["stop-1"]["status"], seen["stop-1"]["error"]) == (200, "test_stop")

@@ -48,6 +48,9 @@ class _Budget:
             code="budget_exceeded",
         )
 
+    def on_end(self, ctx: RequestContext) -> bytes:
+        return b""
+
     def _count(self, call: UpstreamCall, nbytes: int) -> bool:
         """Bring `counted` up to date if the limit may have been passed; False: it cannot have."""
         self.unchecked += nbytes

@@ -40,6 +40,11 @@ class DeltaHook(Protocol):
         tokens). An error ends the stream with it; the call is aborted."""
         ...
 
+    def on_end(self, ctx: RequestContext) -> bytes:
+        """The upstream stream ended well and `ctx.usage` is final: frames (or SSE comments) to
+        send before `[DONE]` (b"": none)."""
+        ...
+
 
 class ResponseStage(Protocol):
     name: str
@@ -203,6 +208,10 @@ class Relay:
             if err is not None:
                 await _end_with_error(ctx, writer, err, tail)
                 return
+            if hooks:
+                ctx.usage = call.usage()
+                for hook in hooks:
+                    tail += hook.on_end(ctx)
             if ctx.headers.get(TIMING_HEADER) is not None:
                 tail += gaps.comment((first_ns - ctx.start_ns) / 1e6)
             await writer.send(tail + _fastpath.DONE)
