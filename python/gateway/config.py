@@ -387,6 +387,27 @@ class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_queue: int = 100_000
 
 
+class AccessLogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The access log (`gateway.pipeline.access_log`): one JSON line per inference request (who,
+    which model, status, tokens, cost, timings, guard and limit decisions; never a secret or the
+    prompt), written by a per-worker thread off the request path."""
+
+    #: Off by default, like the ledger: a gateway adds no per-request output unless asked to.
+    enabled: bool = False
+    #: A file (size-rotated; every worker appends to it, rotation under a lock); empty = stdout.
+    path: str = ""
+    #: The file is rotated before it would grow past this (`path.1` .. `path.<backups>`).
+    max_bytes: int = 100 * 1024 * 1024
+    #: Rotated files kept; 0 = the file is truncated when full.
+    backups: int = 5
+    #: Share of successful requests (2xx, no error) logged; errors are always logged.
+    sample_success: float = 1.0
+    #: Lines waiting per worker at most; beyond it new lines are dropped (counted, logged).
+    max_queue: int = 100_000
+    #: How often the writer thread writes what waits.
+    flush_interval_ms: int = 200
+
+
 class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The admin credential of the admin routes (`GET /v1/usage`). Exactly one of `api_key` (the
     secret, normally `${ENV}`; replaced by its hash while the config is parsed) or
@@ -434,6 +455,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ledger: LedgerConfig = LedgerConfig()
     #: The admin credential (admin routes: `GET /v1/usage`).
     admin: AdminConfig = AdminConfig()
+    #: The access log (off unless `access_log.enabled`).
+    access_log: AccessLogConfig = AccessLogConfig()
     #: Python stages and observers of your own, in order (see `ExtensionConfig`).
     extensions: list[ExtensionConfig] = []
 
@@ -611,6 +634,7 @@ def _validate(cfg: Config) -> None:
     _validate_auth(cfg)
     _validate_ledger(cfg.ledger)
     _validate_admin(cfg)
+    _validate_access_log(cfg.access_log)
 
 
 _MIN_ADMIN_KEY_CHARS = 32
@@ -641,6 +665,14 @@ def _validate_ledger(ledger: LedgerConfig) -> None:
     if postgres and sep and scheme not in ("postgresql", "postgres"):
         # never echo the DSN: it may hold a password
         raise ConfigError(f"{where}.dsn: must be a postgresql:// URL or a libpq key=value string")
+
+
+def _validate_access_log(a: AccessLogConfig) -> None:
+    where = "$.access_log"
+    _check_all(where, a, ("max_bytes", "max_queue", "flush_interval_ms"))
+    _check_positive(f"{where}.backups", a.backups, allow_zero=True)
+    if not 0.0 <= a.sample_success <= 1.0:
+        raise ConfigError(f"{where}.sample_success: must be in [0, 1], got {a.sample_success}")
 
 
 def _validate_admin(cfg: Config) -> None:
