@@ -418,6 +418,39 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     api_key_hash: str | None = None
 
 
+#: seconds: request, stage and upstream latency (1 ms .. 2 min)
+DEFAULT_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+DEFAULT_LATENCY_BUCKETS += [30.0, 60.0, 120.0]
+#: seconds: time to first token and time per output token / inter-token gaps
+DEFAULT_TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75]
+DEFAULT_TOKEN_BUCKETS += [1.0, 2.5, 5.0, 10.0]
+
+
+class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`/metrics` (Prometheus text, OpenMetrics on `Accept`), one scrape for all workers (see
+    `gateway.metrics`). Served on the main port behind the admin key (`Authorization: Bearer
+    <admin.api_key>`; no admin key configured: 403 unless `require_admin: false`), or, with
+    `listen: "host:port"`, on a separate listener without a credential (bind it privately)."""
+
+    enabled: bool = True
+    #: "" = the main port's `/metrics`; "host:port" = a separate listener (and no main-port route)
+    listen: str = ""
+    require_admin: bool = True
+    #: where the workers' shards live; "" = $TMPDIR/fastpath-metrics-<granian master pid>
+    dir: str = ""
+    latency_buckets: list[float] = msgspec.field(default_factory=lambda: list(DEFAULT_LATENCY_BUCKETS))
+    token_latency_buckets: list[float] = msgspec.field(default_factory=lambda: list(DEFAULT_TOKEN_BUCKETS))
+    #: a `key` label (the key id, never the secret) on the per-team token and cost counters
+    per_key_labels: bool = False
+    #: distinct key ids / teams that get their own label value; later ones are `__other__`
+    max_keys: int = 100
+    max_teams: int = 1_000
+    #: label sets per worker (all metrics together); past it new label sets are `__other__`
+    max_series: int = 10_000
+    #: how often a worker publishes its gauges (queues, pools, limiter fail-open counts)
+    publish_interval_ms: int = 1_000
+
+
 def _default_tiers() -> dict[str, TierConfig]:
     return {"default": TierConfig()}
 
@@ -455,6 +488,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ledger: LedgerConfig = LedgerConfig()
     #: The admin credential (admin routes: `GET /v1/usage`).
     admin: AdminConfig = AdminConfig()
+    #: `/metrics` (Prometheus / OpenMetrics): all workers in one scrape.
+    metrics: MetricsConfig = MetricsConfig()
     #: The access log (off unless `access_log.enabled`).
     access_log: AccessLogConfig = AccessLogConfig()
     #: Python stages and observers of your own, in order (see `ExtensionConfig`).
@@ -634,6 +669,7 @@ def _validate(cfg: Config) -> None:
     _validate_auth(cfg)
     _validate_ledger(cfg.ledger)
     _validate_admin(cfg)
+    _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
 
 
@@ -673,6 +709,23 @@ def _validate_access_log(a: AccessLogConfig) -> None:
     _check_positive(f"{where}.backups", a.backups, allow_zero=True)
     if not 0.0 <= a.sample_success <= 1.0:
         raise ConfigError(f"{where}.sample_success: must be in [0, 1], got {a.sample_success}")
+
+
+def _validate_metrics(m: MetricsConfig) -> None:
+    where = "$.metrics"
+    _check_all(where, m, ("max_keys", "max_teams", "max_series", "publish_interval_ms"))
+    if m.max_series > 1_000_000:
+        raise ConfigError(f"{where}.max_series: at most 1000000, got {m.max_series}")
+    for name in ("latency_buckets", "token_latency_buckets"):
+        b = getattr(m, name)
+        if not b or len(b) > 64:
+            raise ConfigError(f"{where}.{name}: 1..64 bucket bounds, got {len(b)}")
+        if any(not 0 < x < float("inf") for x in b) or any(b[i] >= b[i + 1] for i in range(len(b) - 1)):
+            raise ConfigError(f"{where}.{name}: finite positive bounds in increasing order")
+    if m.listen:
+        host, sep, port = m.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"{where}.listen: expected 'host:port' (e.g. 127.0.0.1:9464), got {m.listen!r}")
 
 
 def _validate_admin(cfg: Config) -> None:
