@@ -455,6 +455,25 @@ def _default_tiers() -> dict[str, TierConfig]:
     return {"default": TierConfig()}
 
 
+class TracingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """OpenTelemetry traces: W3C `traceparent` in and out, spans exported over OTLP/HTTP."""
+
+    enabled: bool = False
+    #: OTLP/HTTP traces endpoint (protobuf), e.g. an OpenTelemetry Collector's
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    #: requests without a sampled parent: the share traced (a client's `traceparent` decides
+    #: for its requests: parent-based)
+    sample_ratio: float = 1.0
+    service_name: str = "fastpath-gateway"
+    #: spans waiting for export at most (more are dropped and counted)
+    max_queue: int = 10_000
+    batch_max_spans: int = 512
+    flush_interval_ms: int = 1_000
+    timeout_ms: int = 5_000
+    #: extra HTTP headers for the OTLP endpoint (an auth token, `${ENV}` welcome)
+    headers: dict[str, str] = {}
+
+
 class ExtensionKind(StrEnum):
     """Where an extension plugs into the pipeline (docs/architecture.md)."""
 
@@ -494,6 +513,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     access_log: AccessLogConfig = AccessLogConfig()
     #: Python stages and observers of your own, in order (see `ExtensionConfig`).
     extensions: list[ExtensionConfig] = []
+    #: OpenTelemetry tracing (off unless `tracing.enabled`).
+    tracing: TracingConfig = TracingConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -666,6 +687,7 @@ def _validate(cfg: Config) -> None:
             _validate_triton_model(f"{where}.triton", m.triton)
     _validate_guards(cfg, seen)
     _validate_extensions(cfg)
+    _validate_tracing(cfg.tracing)
     _validate_auth(cfg)
     _validate_ledger(cfg.ledger)
     _validate_admin(cfg)
@@ -677,6 +699,18 @@ _MIN_ADMIN_KEY_CHARS = 32
 
 
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _validate_tracing(t: TracingConfig) -> None:
+    where = "$.tracing"
+    url = urlsplit(t.otlp_endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"{where}.otlp_endpoint: must be an http(s):// URL with a host, got {t.otlp_endpoint!r}"
+        )
+    if not 0.0 <= t.sample_ratio <= 1.0:
+        raise ConfigError(f"{where}.sample_ratio: must be between 0 and 1, got {t.sample_ratio}")
+    _check_all(where, t, ("max_queue", "batch_max_spans", "flush_interval_ms", "timeout_ms"))
 
 
 def _validate_extensions(cfg: Config) -> None:

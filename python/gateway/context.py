@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .routing import Route
     from .schemas import RequestView, Usage
     from .timing import ReadGaps
+    from .tracing import TraceContext
 
 
 class Endpoint(Enum):
@@ -23,6 +24,7 @@ class RequestContext:
 
     __slots__ = (
         "body",
+        "client",
         "client_wants_usage",
         "endpoint",
         "first_ns",
@@ -40,18 +42,29 @@ class RequestContext:
         "stream",
         "stream_error",
         "timings",
+        "trace",
         "upstream_body",
         "usage",
         "view",
     )
 
-    def __init__(self, request_id: str, endpoint: Endpoint, body: bytes, start_ns: int, headers: Any) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        endpoint: Endpoint,
+        body: bytes,
+        start_ns: int,
+        headers: Any,
+        client: str | None = None,
+    ) -> None:
         self.request_id = request_id
         self.endpoint = endpoint
         self.body = body
         self.start_ns = start_ns
         #: the RSGI request headers (`.get(name)` with lower-case names)
         self.headers = headers
+        #: the client's address as the server saw it (RSGI `scope.client`, "ip:port")
+        self.client = client
         #: who is calling (stage `auth`); None when auth is off
         self.principal: Principal | None = None
         #: what stage `limits` reserved for this request, until it is settled
@@ -74,6 +87,8 @@ class RequestContext:
         self.first_ns = 0
         #: a stream's gaps between upstream reads (inter-token latency as the gateway saw it)
         self.gaps: ReadGaps | None = None
+        #: the W3C trace context (stage `trace`, when `tracing.enabled`); adapters propagate it
+        self.trace: TraceContext | None = None
         #: the finish stages (settlement) have run: they run exactly once per request
         self.settled = False
         #: stage name -> nanoseconds spent, for the server-timing header and benchmarks

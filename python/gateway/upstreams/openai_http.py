@@ -82,13 +82,17 @@ class OpenAIHttpAdapter:
         #: Header lines shared by every request to this provider, encoded once.
         self._prefix = ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    def _serialize(self, method: str, path: str, body: bytes | None, request_id: str) -> bytes:
+    def _serialize(
+        self, method: str, path: str, body: bytes | None, request_id: str, extra: bytes = b""
+    ) -> bytes:
+        """`extra`: header lines of this request only (`traceparent`), each ending in CRLF."""
         start = f"{method} {self.base_path}{path} HTTP/1.1\r\n".encode("latin-1")
         if body is None:
-            return b"%s%sx-request-id: %s\r\n\r\n" % (start, self._prefix, request_id.encode())
-        return b"%s%sx-request-id: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            return b"%s%s%sx-request-id: %s\r\n\r\n" % (start, self._prefix, extra, request_id.encode())
+        return b"%s%s%sx-request-id: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
             start,
             self._prefix,
+            extra,
             request_id.encode(),
             len(body),
             body,
@@ -96,13 +100,19 @@ class OpenAIHttpAdapter:
 
     async def start(self, ctx: RequestContext, deadline: float) -> OpenAICall:
         t0 = time.perf_counter_ns()
+        trace = ctx.trace
+        extra = (
+            b"" if trace is None else "".join(f"{k}: {v}\r\n" for k, v in trace.upstream_headers()).encode()
+        )
         conn = await self.open(
-            ctx.endpoint.value.removeprefix("/v1"), ctx.upstream_body, ctx.request_id, deadline
+            ctx.endpoint.value.removeprefix("/v1"), ctx.upstream_body, ctx.request_id, deadline, extra
         )
         ctx.timings["upstream_head"] = time.perf_counter_ns() - t0
         return OpenAICall(ctx, conn, self.max_response_bytes)
 
-    async def open(self, path: str, body: bytes, request_id: str, deadline: float) -> Connection:
+    async def open(
+        self, path: str, body: bytes, request_id: str, deadline: float, extra: bytes = b""
+    ) -> Connection:
         """POST `body` and return the connection once a 2xx response head has arrived.
 
         Non-2xx answers are read, mapped to the error taxonomy and raised."""
@@ -110,7 +120,7 @@ class OpenAIHttpAdapter:
         head_deadline = min(deadline, loop.time() + self.first_byte_timeout_s)
         try:
             conn = await self.pool.request(
-                self._serialize("POST", path, body, request_id), head_deadline=head_deadline
+                self._serialize("POST", path, body, request_id, extra), head_deadline=head_deadline
             )
         except (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolError) as exc:
             raise map_transport_error(exc) from None

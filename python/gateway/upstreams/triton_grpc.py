@@ -189,11 +189,13 @@ class TritonAdapter:
         """Drop cached metadata (the model went away; re-read it next time)."""
         self._models.pop(model, None)
 
-    def stream(self, request: Any, deadline_s: float) -> TritonStream:
+    def stream(
+        self, request: Any, deadline_s: float, extra: tuple[tuple[str, str], ...] = ()
+    ) -> TritonStream:
         """Start one `ModelStreamInfer` call carrying `request`; the client side half-closes
         after it, so the RPC ends once the request is complete."""
         call = self.transport.stream(
-            "ModelStreamInfer", request.SerializeToString(), deadline_s, self._metadata
+            "ModelStreamInfer", request.SerializeToString(), deadline_s, self._metadata + extra
         )
         return TritonStream(call)
 
@@ -202,7 +204,9 @@ class TritonAdapter:
         assert route is not None and ctx.view is not None
         builder = await self.builder(route.upstream_model, route.triton)
         request, stops, max_tokens = builder.build(ctx.view, ctx.body, ctx.request_id, ctx.stream)
-        call = self.stream(request, max(deadline - self.loop.time(), 0.001))
+        trace = ctx.trace
+        extra = () if trace is None else trace.upstream_headers()
+        call = self.stream(request, max(deadline - self.loop.time(), 0.001), extra)
         return TritonCall(ctx, self, call, stops, max_tokens)
 
     async def probe(self, timeout_s: float) -> dict[str, Any]:
