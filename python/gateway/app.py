@@ -113,7 +113,7 @@ class Gateway:
             if endpoint is not None:
                 if scope.method != "POST":
                     raise _method_not_allowed("POST")
-                await self._infer(endpoint, request_id, headers, protocol)
+                await self._infer(endpoint, request_id, headers, protocol, scope.client)
             elif path in ("/v1/models", "/models"):
                 self._only_get(scope)
                 protocol.response_bytes(200, [respond.JSON, ("x-request-id", request_id)], self._models_body)
@@ -134,11 +134,14 @@ class Gateway:
             if endpoint is not None and self.pipeline is not None:
                 # an inference request refused before the pipeline (headers, method, content
                 # type, body): the pipeline replies and tells its observers
-                self.pipeline.refuse(RequestContext(request_id, endpoint, b"", start, headers), protocol, err)
+                ctx = RequestContext(request_id, endpoint, b"", start, headers, scope.client)
+                self.pipeline.refuse(ctx, protocol, err)
             else:
                 respond.send_error(protocol, request_id, err)
 
-    async def _infer(self, endpoint: Endpoint, request_id: str, headers: Any, protocol: Any) -> None:
+    async def _infer(
+        self, endpoint: Endpoint, request_id: str, headers: Any, protocol: Any, client: str
+    ) -> None:
         start = time.perf_counter_ns()
         ctype = headers.get("content-type")
         if ctype is not None and ctype.lower() not in _JSON_TYPES and not _is_json_type(ctype):
@@ -151,7 +154,8 @@ class Gateway:
         assert task is not None
         body = await self._read_body(headers, protocol, loop, task)
         assert self.pipeline is not None
-        await self.pipeline.serve(RequestContext(request_id, endpoint, body, start, headers), protocol, task)
+        ctx = RequestContext(request_id, endpoint, body, start, headers, client)
+        await self.pipeline.serve(ctx, protocol, task)
 
     # ---- admin: usage ---------------------------------------------------------------------------
     def _check_admin(self, headers: Any) -> None:

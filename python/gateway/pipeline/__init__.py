@@ -2,9 +2,9 @@
 
     request stages: decode -> [auth] -> route -> [limits] -> [guard]
     upstream:       route.adapter.start(ctx, deadline) -> UpstreamCall
-    relay:          frames out, response stages in reverse order ([live_budget], extensions)
+    relay:          frames out, response stages in reverse order ([live_budget], extensions, [cost])
     settle:         finish stages ([limits]): exactly once, before a unary reply or after a stream
-    observers:      once, after the reply ([ledger], extensions)
+    observers:      once, after the reply ([ledger], [access_log], extensions)
 
 Stages the config does not enable are not in the chain at all. A request stage either returns
 (continue) or raises `GatewayError` (a local error reply); nothing else escapes into the server.
@@ -69,6 +69,10 @@ class Pipeline:
         finish: list[FinishStage] = []
         response: list[ResponseStage] = []
         observers: list[Observer] = []
+        if cfg.prices:  # first in the list: its on_body runs last, on the final body
+            from .cost import CostStage
+
+            response.append(CostStage(cfg))
         if cfg.auth.enabled:
             from .auth import AuthStage
 
@@ -95,6 +99,10 @@ class Pipeline:
 
             self.ledger = LedgerObserver(cfg)
             observers.append(self.ledger)
+        if cfg.access_log.enabled:
+            from .access_log import AccessLogObserver
+
+            observers.append(AccessLogObserver(cfg))
         ext = load_extensions(cfg)
         stages += ext.request_stages
         finish += ext.finish_stages
