@@ -1,7 +1,8 @@
 """Observer `access_log` (`access_log.enabled`): one JSON line per inference request.
 
 Fields: `ts` (when the request arrived, ISO 8601 UTC), `request_id`, `trace_id` (from a
-well-formed W3C `traceparent` request header, else null), `client` (the peer address),
+trace context when tracing is on, else from a well-formed W3C `traceparent` request
+header, else null), `client` (the peer address),
 `endpoint`, `key_id` / `team` / `tier` (never the secret), `model` (the public model; the
 requested one when it was not routed), `upstream_model`, `provider`, `stream`, `status`, `error`
 (the outcome's error code), `prompt_tokens` / `completion_tokens`, `cost_usd` (at `prices:`; null
@@ -27,7 +28,6 @@ import fcntl
 import logging
 import os
 import random
-import re
 import threading
 import time
 from collections import deque
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ..money import NANO_PER_USD, price_table
+from ..tracing import parse_traceparent
 from .stage import Part
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.access_log")
 
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-_ZERO_TRACE = "0" * 32
 _GUARD = "x-fastpath-guard"
 _REMAINING = "x-ratelimit-remaining-"
 _MAX_MODEL_CHARS = 256
@@ -81,12 +80,8 @@ class Line(msgspec.Struct):
 
 def trace_id(traceparent: str | None) -> str | None:
     """The trace id of a W3C `traceparent` (version-traceid-parentid-flags), None unless valid."""
-    if traceparent is None:
-        return None
-    m = _TRACEPARENT.fullmatch(traceparent.strip())
-    if m is None or traceparent.startswith("ff") or m.group(1) == _ZERO_TRACE:
-        return None
-    return m.group(1)
+    parsed = parse_traceparent(traceparent)
+    return parsed[0] if parsed is not None else None
 
 
 # What `on_done` captures (cheap: references and numbers; the formatting is the writer's).
@@ -223,7 +218,7 @@ class AccessLogObserver(Part):
             (
                 time.time(),
                 time.perf_counter_ns() - ctx.start_ns,
-                ctx.headers.get("traceparent"),
+                ctx.trace.trace_id if ctx.trace is not None else trace_id(ctx.headers.get("traceparent")),
                 status,
                 error,
                 ctx.request_id,
@@ -274,7 +269,7 @@ class AccessLogObserver(Part):
         (
             wall,
             total_ns,
-            traceparent,
+            trace,
             status,
             error,
             request_id,
@@ -308,7 +303,7 @@ class AccessLogObserver(Part):
         return Line(
             ts=start.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             request_id=request_id,
-            trace_id=trace_id(traceparent),
+            trace_id=trace,
             client=client,
             endpoint=endpoint.value,
             key_id=principal.key_id if principal is not None else None,
