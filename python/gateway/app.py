@@ -21,6 +21,7 @@ import msgspec
 
 from . import config as config_mod
 from . import ledger, upstreams
+from .audit import AdminAudit
 from .config import Config
 from .context import Endpoint, RequestContext
 from .errors import Fault, GatewayError
@@ -64,6 +65,7 @@ class Gateway:
         self._inference = {e.value: e for e in Endpoint}
         admin_hash = self.cfg.admin.api_key_hash
         self._admin_digest = admin_hash.encode() if admin_hash is not None else None
+        self._audit = AdminAudit(self.cfg)  # admin reads: opens the store on first use
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -177,12 +179,25 @@ class Gateway:
         if not hmac.compare_digest(presented, digest):
             raise GatewayError(Fault.UNAUTHORIZED, "Invalid admin key.")
 
+    def _check_admin_audited(self, scope: Any, headers: Any, action: str) -> None:
+        """`_check_admin`, then an audit row (`action`; target: the route and its query; source:
+        the client's address) written by a thread, off the request path. A refused attempt is
+        logged, not stored: anyone may send one, and none may make the gateway write the store."""
+        try:
+            self._check_admin(headers)
+        except GatewayError as err:
+            log.warning("admin route %s refused for %s: %s", scope.path, scope.client, err.message)
+            raise
+        query = scope.query_string
+        target = f"{scope.path}?{query}" if query else scope.path
+        self._audit.record(self._loop, action, target, str(scope.client), {"method": scope.method})
+
     async def _usage(self, scope: Any, headers: Any) -> bytes:
         """`GET /v1/usage?group_by=key|team|model|day&since=&until=&key=&team=&model=` (admin)."""
         account = self.pipeline.ledger if self.pipeline is not None else None
         if account is None:
             raise GatewayError(Fault.ROUTE_NOT_FOUND, "The usage ledger is off (`ledger.enabled`).")
-        self._check_admin(headers)
+        self._check_admin_audited(scope, headers, "admin.usage.read")
         try:
             query = ledger.parse_query(parse_qsl(scope.query_string, keep_blank_values=True))
         except ValueError as exc:

@@ -7,6 +7,12 @@ out that something changed with one tiny query (`version()`) and only then reloa
 (`load_all()`). The CLI writes; gateway workers only read (SQLite: a read-only connection;
 PostgreSQL: a read-only session).
 
+The store also keeps the audit log (`audit_log`): who created or revoked which key, and who read
+the admin routes. A key's create or revoke writes its audit row in the same transaction as the
+change, so neither exists without the other. Audit rows never hold a secret, a key hash, the
+admin key or a DSN password. Writing the audit does not bump `version` (gateways do not reload
+keys for it).
+
 `KeyStore` is the interface; `SqliteKeyStore` (stdlib sqlite3, one file in the data dir) is the
 default, `PostgresKeyStore` (psycopg 3, `auth.store.kind: postgres`) the one for many gateway
 instances. Both keep the same rows. SQL is parameterized everywhere: no statement is ever built
@@ -16,10 +22,12 @@ from a value.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import json
 import math
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -68,6 +76,42 @@ class StoredKey(msgspec.Struct, frozen=True):
         return f"StoredKey(id={self.id!r}, team={self.team!r}, tier={self.tier!r}, status={self.status()!r})"
 
 
+class Actor(msgspec.Struct, frozen=True):
+    """Who makes a change (the audit row's `actor`) and from where (`source`)."""
+
+    name: str
+    source: str = ""
+
+
+def cli_actor() -> Actor:
+    """`cli:<os user>` on this host: the actor of changes made by the CLI."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name for this uid (e.g. a container)
+        user = f"uid{os.getuid()}"
+    return Actor(f"cli:{user}", socket.gethostname())
+
+
+class AuditEvent(msgspec.Struct, frozen=True):
+    """One audit row. `detail` is a JSON object of plain facts (e.g. a created key's tier):
+    callers never put a secret, a key hash, the admin key or a password in any field."""
+
+    action: str  # key.create, key.revoke, admin.usage.read, ... (see AUDIT_ACTIONS)
+    actor: str  # cli:<os user> | admin-api
+    target: str = ""  # a key id, or an admin route and its query
+    source: str = ""  # the CLI's hostname, or the HTTP client's address
+    detail: dict[str, Any] = {}
+    ts: float = 0.0  # Unix time; 0: now
+    id: int | None = None  # assigned by the store
+
+
+#: The actions written today, and `config.reload`: reserved for a hot config reload (the
+#: gateway has none yet: a config change is a restart, which is not audited).
+AUDIT_ACTIONS = ("key.create", "key.revoke", "admin.usage.read", "config.reload")
+#: Longest `target` / `detail` text stored (an admin query is client input).
+AUDIT_TEXT_MAX = 1024
+
+
 class KeyStore(Protocol):
     def version(self) -> int | None:
         """A number that changes with every write; None: the store does not exist (yet)."""
@@ -75,11 +119,20 @@ class KeyStore(Protocol):
     def load_all(self) -> tuple[int, list[StoredKey]]:
         """The version and every key that is not revoked, read consistently."""
 
-    def create(self, key: StoredKey) -> None:
-        """Store a new key; KeyExistsError if its id is taken."""
+    def create(self, key: StoredKey, by: Actor | None = None) -> None:
+        """Store a new key and its `key.create` audit row (by `by`, default `cli_actor()`) in
+        one transaction; KeyExistsError if its id is taken (and no audit row)."""
 
-    def revoke(self, key_id: str, at: float) -> bool:
-        """Revoke a key; False if there is no such key or it was already revoked."""
+    def revoke(self, key_id: str, at: float, by: Actor | None = None) -> bool:
+        """Revoke a key and write its `key.revoke` audit row in one transaction; False if there
+        is no such key or it was already revoked: nothing changed, nothing is written."""
+
+    def audit(self, event: AuditEvent) -> None:
+        """Append one audit row (writable stores only)."""
+
+    def list_audit(self, since: float | None, limit: int, action: str | None = None) -> list[AuditEvent]:
+        """The latest `limit` audit rows at or after `since` (Unix time; None: all), only
+        `action` if given, oldest first. Readers may call it; a store without the table: []."""
 
     def list_keys(self) -> list[StoredKey]:
         """Every key, revoked ones included, oldest first."""
@@ -137,6 +190,17 @@ _SCHEMA = (
         created_at REAL NOT NULL,
         revoked_at REAL
     )""",
+    # Added after the first release: a writer creates it in an existing store on open.
+    """CREATE TABLE IF NOT EXISTS audit_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts)",
 )
 # Whole statements, never built from values: every value is a `?` parameter.
 _SELECT_ACTIVE = (
@@ -151,8 +215,55 @@ _INSERT = (
     "INSERT INTO api_keys (id, key_hash, team, tier, models, expires_at, disabled, created_at, revoked_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_AUDIT_INSERT = "INSERT INTO audit_log (ts, actor, action, target, source, detail) VALUES (?, ?, ?, ?, ?, ?)"
+# The latest rows first (LIMIT), turned around by the caller; `action` NULL: every action.
+_AUDIT_SELECT = (
+    "SELECT id, ts, actor, action, target, source, detail FROM audit_log"
+    " WHERE ts >= ? AND (? IS NULL OR action = ?) ORDER BY id DESC LIMIT ?"
+)
+#: Tables added later (audit_log) do not change it: old gateways still read the keys, and a
+#: writer creates a missing table on open (CREATE ... IF NOT EXISTS, in its schema transaction).
 _SCHEMA_VERSION = "1"
 _RowType = tuple[str, str, str, str, str, float | None, int, float, float | None]
+
+
+def _audit_values(event: AuditEvent) -> tuple[float, str, str, str, str, str]:
+    detail = json.dumps(event.detail, separators=(",", ":"), sort_keys=True, default=str)
+    if len(detail) > AUDIT_TEXT_MAX:
+        detail = json.dumps({"truncated": True})
+    return (
+        event.ts or time.time(),
+        event.actor,
+        event.action,
+        event.target[:AUDIT_TEXT_MAX],
+        event.source[:AUDIT_TEXT_MAX],
+        detail,
+    )
+
+
+def _create_event(key: StoredKey, by: Actor | None) -> AuditEvent:
+    by = by or cli_actor()
+    detail: dict[str, Any] = {"team": key.team, "tier": key.tier, "models": list(key.models)}
+    if key.expires_at is not None:
+        detail["expires_at"] = key.expires_at
+    if key.disabled:
+        detail["disabled"] = True
+    return AuditEvent("key.create", by.name, key.id, by.source, detail, key.created_at or time.time())
+
+
+def _revoke_event(key_id: str, at: float, by: Actor | None) -> AuditEvent:
+    by = by or cli_actor()
+    return AuditEvent("key.revoke", by.name, key_id, by.source, {}, at)
+
+
+def _row_to_event(row: tuple[Any, ...]) -> AuditEvent:
+    try:
+        detail = json.loads(row[6])
+    except ValueError:
+        detail = None
+    if not isinstance(detail, dict):
+        detail = {"malformed": True}
+    return AuditEvent(row[3], row[2], row[4], row[5], detail, float(row[1]), int(row[0]))
 
 
 def _row_to_key(row: _RowType) -> StoredKey:
@@ -294,8 +405,9 @@ class SqliteKeyStore(_Store):
                 rows = conn.execute(_SELECT_ALL).fetchall()
             return [_row_to_key(r) for r in rows]
 
-    def create(self, key: StoredKey) -> None:
+    def create(self, key: StoredKey, by: Actor | None = None) -> None:
         self._require_writer()
+        event = _create_event(key, by)
         with self._locked():
             conn = self._connect()
             assert conn is not None
@@ -315,14 +427,16 @@ class SqliteKeyStore(_Store):
                             key.revoked_at,
                         ),
                     )
+                    conn.execute(_AUDIT_INSERT, _audit_values(event))
                     _bump(conn)
             except sqlite3.IntegrityError:
                 if conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key.id,)).fetchone():
                     raise KeyExistsError(f"a key with id {key.id!r} already exists") from None
                 raise KeyStoreError("a key with the same hash already exists") from None
 
-    def revoke(self, key_id: str, at: float) -> bool:
+    def revoke(self, key_id: str, at: float, by: Actor | None = None) -> bool:
         self._require_writer()
+        event = _revoke_event(key_id, at, by)
         with self._locked():
             conn = self._connect()
             assert conn is not None
@@ -332,8 +446,34 @@ class SqliteKeyStore(_Store):
                 )
                 if cur.rowcount != 1:
                     return False
+                conn.execute(_AUDIT_INSERT, _audit_values(event))
                 _bump(conn)
             return True
+
+    def audit(self, event: AuditEvent) -> None:
+        self._require_writer()
+        with self._locked():
+            conn = self._connect()
+            assert conn is not None
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                conn.execute(_AUDIT_INSERT, _audit_values(event))
+
+    def list_audit(self, since: float | None, limit: int, action: str | None = None) -> list[AuditEvent]:
+        with self._locked():
+            conn = self._connect()
+            if conn is None:
+                return []
+            try:
+                with _transaction(conn, "BEGIN"):
+                    self._check(conn)
+                    rows = conn.execute(
+                        _AUDIT_SELECT, (since if since is not None else -math.inf, action, action, limit)
+                    ).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # a store made before the audit log, not yet upgraded
+                    return []
+                raise
+            return [_row_to_event(r) for r in reversed(rows)]
 
 
 def _bump(conn: sqlite3.Connection) -> None:
@@ -374,6 +514,17 @@ _PG_SCHEMA = (
         created_at DOUBLE PRECISION NOT NULL,
         revoked_at DOUBLE PRECISION
     )""",
+    # Added after the first release: a writer creates it in an existing store on open.
+    """CREATE TABLE IF NOT EXISTS fastpath_audit_log (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        ts DOUBLE PRECISION NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX IF NOT EXISTS fastpath_audit_log_ts ON fastpath_audit_log (ts)",
 )
 #: `pg_advisory_xact_lock` key: one process at a time creates the tables (CREATE TABLE IF NOT
 #: EXISTS alone can fail when two sessions run it at once).
@@ -400,6 +551,14 @@ _PG_INSERT = (
 )
 _PG_EXISTS = "SELECT 1 FROM fastpath_api_keys WHERE id = %s"
 _PG_REVOKE = "UPDATE fastpath_api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL"
+_PG_AUDIT_INSERT = (
+    "INSERT INTO fastpath_audit_log (ts, actor, action, target, source, detail)"
+    " VALUES (%s, %s, %s, %s, %s, %s)"
+)
+_PG_AUDIT_SELECT = (
+    "SELECT id, ts, actor, action, target, source, detail FROM fastpath_audit_log"
+    " WHERE ts >= %s AND (%s::text IS NULL OR action = %s) ORDER BY id DESC LIMIT %s"
+)
 _PG_SESSION = (
     "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
     " set_config('idle_in_transaction_session_timeout', %s, false)"
@@ -556,9 +715,11 @@ class PostgresKeyStore(_Store):
 
         return self._call(run, [])
 
-    def create(self, key: StoredKey) -> None:
+    def create(self, key: StoredKey, by: Actor | None = None) -> None:
         self._require_writer()
         import psycopg
+
+        event = _create_event(key, by)
 
         def run(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
             values = (
@@ -575,6 +736,7 @@ class PostgresKeyStore(_Store):
             try:
                 with conn.transaction():
                     conn.execute(_PG_INSERT, values)
+                    conn.execute(_PG_AUDIT_INSERT, _audit_values(event))
                     conn.execute(_PG_BUMP, ("version",))
             except psycopg.errors.UniqueViolation:
                 if conn.execute(_PG_EXISTS, (key.id,)).fetchone():
@@ -583,18 +745,38 @@ class PostgresKeyStore(_Store):
 
         self._call(run, None)
 
-    def revoke(self, key_id: str, at: float) -> bool:
+    def revoke(self, key_id: str, at: float, by: Actor | None = None) -> bool:
         self._require_writer()
+        event = _revoke_event(key_id, at, by)
 
         def run(conn: psycopg.Connection[tuple[Any, ...]]) -> bool:
             with conn.transaction():
                 cur = conn.execute(_PG_REVOKE, (at, key_id))
                 if cur.rowcount != 1:
                     return False
+                conn.execute(_PG_AUDIT_INSERT, _audit_values(event))
                 conn.execute(_PG_BUMP, ("version",))
             return True
 
         return self._call(run, False)
+
+    def audit(self, event: AuditEvent) -> None:
+        self._require_writer()
+
+        def run(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+            conn.execute(_PG_AUDIT_INSERT, _audit_values(event))  # autocommit: its own transaction
+
+        self._call(run, None)
+
+    def list_audit(self, since: float | None, limit: int, action: str | None = None) -> list[AuditEvent]:
+        def run(conn: psycopg.Connection[tuple[Any, ...]]) -> list[AuditEvent]:
+            with conn.transaction():
+                self._check(conn)
+                start = since if since is not None else -math.inf
+                rows = conn.execute(_PG_AUDIT_SELECT, (start, action, action, limit)).fetchall()
+            return [_row_to_event(r) for r in reversed(rows)]
+
+        return self._call(run, [])
 
 
 def _pg_row(row: tuple[Any, ...]) -> _RowType:
