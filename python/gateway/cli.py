@@ -1,5 +1,5 @@
-"""`fastpath-gateway` command line: serve, check-config, run-local, triton-local, keys, usage, load-spills,
-bench, print-default-config, version."""
+"""`fastpath-gateway` command line: serve, check-config, run-local, triton-local, keys, audit, usage,
+load-spills, bench, print-default-config, version."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import config as config_mod
 from . import envvars, keystore
@@ -488,6 +489,60 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 1
 
 
+# ---- audit --------------------------------------------------------------------------------------
+def _parse_since(text: str) -> float:
+    """`--since`: Unix seconds, or ISO 8601 (a date or a time; without a timezone: UTC)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise _usage_error(
+            f"--since: neither Unix seconds nor ISO 8601: {text!r} (e.g. 2030-01-01T00:00:00Z)"
+        ) from None
+    return (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The key store's audit log: key changes and admin reads, oldest first (read-only)."""
+    if args.limit < 1:
+        raise _usage_error("--limit: must be at least 1")
+    since = _parse_since(args.since) if args.since else None
+    _, store = _keys_setup(args, readonly=True)
+    try:
+        events = store.list_audit(since, args.limit, args.action or None)
+    except keystore.KeyStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    if args.json:  # JSON lines
+        for e in events:
+            line: dict[str, Any] = {"id": e.id, "ts": e.ts, "time": _iso(e.ts), "actor": e.actor}
+            line |= {"action": e.action, "target": e.target, "source": e.source, "detail": e.detail}
+            print(json.dumps(line))
+        return 0
+    header = ("ID", "TIME", "ACTOR", "ACTION", "TARGET", "SOURCE", "DETAIL")
+    table = [header] + [
+        (
+            str(e.id),
+            _iso(e.ts),
+            e.actor,
+            e.action,
+            e.target or "-",
+            e.source or "-",
+            json.dumps(e.detail, separators=(",", ":")) if e.detail else "-",
+        )
+        for e in events
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 # ---- usage --------------------------------------------------------------------------------------
 def _ledger_config(args: argparse.Namespace) -> config_mod.LedgerConfig:
     from . import ledger
@@ -656,6 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", parents=[cfg_opt], help="revoke a stored key")
     kr.add_argument("id")
     kr.set_defaults(func=cmd_keys_revoke)
+    a = sub.add_parser(
+        "audit", parents=[cfg_opt], help="show the audit log (key changes, admin reads), oldest first"
+    )
+    a.add_argument("--since", help="only rows from this time: Unix seconds or ISO 8601 (default UTC)")
+    a.add_argument("--limit", type=int, default=100, help="the latest N rows (default 100)")
+    a.add_argument("--action", help="only this action, e.g. key.create, key.revoke, admin.usage.read")
+    a.add_argument("--json", action="store_true", help="print JSON lines")
+    a.set_defaults(func=cmd_audit)
     u = sub.add_parser(
         "usage", parents=[cfg_opt], help="summarise the usage ledger by key, team, model or day"
     )

@@ -336,7 +336,11 @@ class SqliteKeyStore(_Store):
         # Created here (not by sqlite) to be private from the first byte; sqlite gives its
         # journal the database file's mode.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(str(path), timeout=self._timeout_s, isolation_level=None)
+        # check_same_thread=False: calls are serialized by the lock, and may come from any
+        # thread (a gateway worker writes admin audit rows from its executor's threads)
+        conn = sqlite3.connect(
+            str(path), timeout=self._timeout_s, isolation_level=None, check_same_thread=False
+        )
         try:
             with _transaction(conn, "BEGIN IMMEDIATE"):
                 for statement in _SCHEMA:

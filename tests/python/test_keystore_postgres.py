@@ -65,7 +65,7 @@ def pg_db() -> Iterator[str]:
 def pg(pg_db: str) -> str:
     """The session database with no key store tables: every test starts from nothing."""
     with psycopg.connect(pg_db, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS fastpath_api_keys, fastpath_key_meta")
+        conn.execute("DROP TABLE IF EXISTS fastpath_api_keys, fastpath_key_meta, fastpath_audit_log")
     return pg_db
 
 
