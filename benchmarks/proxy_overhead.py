@@ -11,6 +11,10 @@ at the end; Redis's own CPU per request is read from /proc/<redis pid>/stat), al
     .venv/bin/python benchmarks/proxy_overhead.py [--duration 10] [--warmup 3] [--repeat 2] \
         [--auth] [--auth-redis] [--redis-url redis://127.0.0.1:6379/0] [--baseline-tree DIR]
 
+`--metrics-off`: every gateway target also runs with `metrics: {enabled: false}`, interleaved: the
+cost of `/metrics` recording per request (CPU µs/request difference). `--scrape-ms N`: and once more
+with a client scraping its `/metrics` every N ms during its cells (the p99 under scraping).
+
 `--baseline-tree DIR`: every gateway target also runs from another checkout's `python/` (e.g. a
 `git worktree` of the commit before a change, with this venv's built extension copied into its
 `python/gateway/`), interleaved with this tree's in every repeat: a before/after in one run.
@@ -56,6 +60,8 @@ GW = "fastpath-gateway"
 GW_LOCAL = "fastpath-gateway +auth+limits"
 GW_REDIS = "fastpath-gateway +auth+redis limits"
 BASE = " @baseline"
+METRICS_OFF = " @metrics-off"
+SCRAPED = " @scraped"
 STREAM_REQUEST = REQUEST.replace('{"model":"bench",', '{"model":"bench","stream":true,')
 
 
@@ -251,6 +257,36 @@ def run_wrk(url: str, conc: int, duration: int, script: Path) -> tuple[float, di
     return rps, pct, errs, total
 
 
+class Scraper:
+    """GETs `url` every `interval_s` while `url` is set (the target being measured)."""
+
+    def __init__(self, interval_s: float) -> None:
+        import threading
+
+        self.url = ""
+        self.count = 0
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if interval_s > 0 else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            url = self.url
+            if not url:
+                continue
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    resp.read()
+                self.count += 1
+            except OSError as exc:
+                print(f"  scrape failed: {exc}", flush=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def _cells(rows: list[Row], name: str, conc: int) -> list[Row]:
     return [r for r in rows if r.target == name and r.conc == conc]
 
@@ -294,6 +330,8 @@ def main() -> int:
     )
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--baseline-tree", type=Path, help="also run each gateway from DIR/python (before/after)")
+    ap.add_argument("--metrics-off", action="store_true", help="also run each gateway with metrics off")
+    ap.add_argument("--scrape-ms", type=int, default=0, help="also run each gateway scraped every N ms")
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -332,6 +370,15 @@ def main() -> int:
         gateways[GW_LOCAL] = (free_port(), cfg_auth)
     if args.auth_redis:
         gateways[GW_REDIS] = (free_port(), cfg_redis)
+    for name, (_, c) in list(gateways.items()):
+        if args.metrics_off:
+            off = c.with_name(c.stem + "-metrics-off.yaml")
+            off.write_text(c.read_text() + "metrics: {enabled: false}\n")
+            gateways[name + METRICS_OFF] = (free_port(), off)
+        if args.scrape_ms:
+            open_ = c.with_name(c.stem + "-scraped.yaml")
+            open_.write_text(c.read_text() + "metrics: {require_admin: false}\n")
+            gateways[name + SCRAPED] = (free_port(), open_)
     trees: dict[str, Path | None] = {name: None for name in gateways}
     if args.baseline_tree is not None:
         for name, (_, c) in list(gateways.items()):
@@ -360,6 +407,7 @@ def main() -> int:
         for name, (port, c) in gateways.items()
     }
     rows: list[Row] = []
+    scraper = Scraper(args.scrape_ms / 1000)
     try:
         targets: dict[str, tuple[str, Path]] = {
             "direct (nginx static)": (f"http://127.0.0.1:{up}/v1/chat/completions", lua),
@@ -379,9 +427,11 @@ def main() -> int:
                     if rep == 0:
                         run_wrk(url, conc, args.warmup, script)
                     gw_pids = pids.get(name, [])
+                    scraper.url = url.replace("/v1/chat/completions", "/metrics") if SCRAPED in name else ""
                     cpu0 = proc_cpu_s(gw_pids)
                     r0 = proc_cpu_s([rpid]) if rpid else 0.0
                     rps, pct, errs, total = run_wrk(url, conc, args.duration, script)
+                    scraper.url = ""
                     cpu = (proc_cpu_s(gw_pids) - cpu0) / total * 1e6 if gw_pids and total else None
                     r_us = (proc_cpu_s([rpid]) - r0) / total * 1e6 if rpid and total else None
                     rows.append(
@@ -401,6 +451,7 @@ def main() -> int:
                     )
                     print(f"  {name:24} c={conc:<3} rps={rps:>9.0f} p50={pct.get('50', 0):.3f}ms", flush=True)
     finally:
+        scraper.stop()
         for pr in [*procs.values(), ngx]:
             pr.terminate()
         for pr in [*procs.values(), ngx]:
@@ -459,6 +510,25 @@ def main() -> int:
                 print(
                     f"c={conc}: {name} this tree vs {args.baseline_tree}, interleaved: CPU/request ratio = "
                     f"{_cpu_ratios(a, base)}; RPS ratio = {_ratios(a, base)}"
+                )
+        for name in (GW, GW_LOCAL, GW_REDIS):
+            a, off, scr = (_cells(rows, name + x, conc) for x in ("", METRICS_OFF, SCRAPED))
+            if a and off:
+                print(
+                    f"c={conc}: {name} metrics on vs off, interleaved: CPU/request = "
+                    + ", ".join(
+                        f"{x.cpu_us - y.cpu_us:+.2f} µs"
+                        for x, y in zip(a, off, strict=False)
+                        if x.cpu_us and y.cpu_us
+                    )
+                    + "; p99 on/off = "
+                    + ", ".join(f"{x.p99:.3f}/{y.p99:.3f} ms" for x, y in zip(a, off, strict=False))
+                )
+            if a and scr:
+                print(
+                    f"c={conc}: {name} scraped every {args.scrape_ms} ms ({scraper.count} scrapes in all) "
+                    "vs not: p99 = "
+                    + ", ".join(f"{x.p99:.3f}/{y.p99:.3f} ms" for x, y in zip(scr, a, strict=False))
                 )
         for name in (GW_LOCAL, GW_REDIS):
             a = _cells(rows, name, conc)

@@ -31,6 +31,7 @@ from .schemas import ModelCard, ModelList
 from .worker import Worker
 
 if TYPE_CHECKING:
+    from .metrics.listener import Listener
     from .upstreams.base import Adapter
 
 log = logging.getLogger("gateway")
@@ -66,6 +67,10 @@ class Gateway:
         admin_hash = self.cfg.admin.api_key_hash
         self._admin_digest = admin_hash.encode() if admin_hash is not None else None
         self._audit = AdminAudit(self.cfg)  # admin reads: opens the store on first use
+        m = self.cfg.metrics
+        #: `/metrics` on the main port (not when a separate `metrics.listen` serves it)
+        self._metrics_here = m.enabled and not m.listen
+        self._metrics_server: Listener | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -79,6 +84,10 @@ class Gateway:
         worker.routes = build_routes(self.cfg, self.adapters)
         self.pipeline = Pipeline(self.cfg, worker)
         self.pipeline.start(worker)
+        if self.pipeline.metrics is not None and self.cfg.metrics.listen:
+            from .metrics.listener import start_listener
+
+            self._metrics_server = start_listener(self.cfg, self.pipeline.metrics, loop)
         created = int(time.time())
         self._models_body = _encode(
             ModelList([ModelCard(m.name, created, m.owned_by) for m in self.cfg.models])
@@ -93,6 +102,8 @@ class Gateway:
         loop.run_until_complete(self.close())
 
     async def close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self.pipeline is not None:
             await self.pipeline.close()
         for name, adapter in self.adapters.items():
@@ -126,6 +137,10 @@ class Gateway:
                 self._only_get(scope)
                 status, body = await self._readiness()
                 protocol.response_bytes(status, [respond.JSON, ("x-request-id", request_id)], body)
+            elif path == "/metrics" and self._metrics_here:
+                self._only_get(scope)
+                ctype, body = self._metrics(headers)
+                protocol.response_bytes(200, [("content-type", ctype), ("x-request-id", request_id)], body)
             elif path == "/v1/usage":
                 self._only_get(scope)
                 body = await self._usage(scope, headers)
@@ -157,7 +172,16 @@ class Gateway:
         body = await self._read_body(headers, protocol, loop, task)
         assert self.pipeline is not None
         ctx = RequestContext(request_id, endpoint, body, start, headers, client)
-        await self.pipeline.serve(ctx, protocol, task)
+        metrics = self.pipeline.metrics
+        if metrics is None:
+            await self.pipeline.serve(ctx, protocol, task)
+            return
+        v, slot = metrics.v, metrics.inflight  # the in-flight gauge: one slot, up and down
+        v[slot] += 1.0
+        try:
+            await self.pipeline.serve(ctx, protocol, task)
+        finally:
+            v[slot] -= 1.0
 
     # ---- admin: usage ---------------------------------------------------------------------------
     def _check_admin(self, headers: Any) -> None:
@@ -178,6 +202,17 @@ class Gateway:
         presented = config_mod.hash_key(self.cfg.auth.salt, token).encode()
         if not hmac.compare_digest(presented, digest):
             raise GatewayError(Fault.UNAUTHORIZED, "Invalid admin key.")
+
+    def _metrics(self, headers: Any) -> tuple[str, bytes]:
+        """`GET /metrics`: every worker's shard summed (see `gateway.metrics`). Behind the admin
+        key unless `metrics.require_admin: false`."""
+        metrics = self.pipeline.metrics if self.pipeline is not None else None
+        assert metrics is not None
+        if self.cfg.metrics.require_admin:
+            self._check_admin(headers)
+        from .metrics.expose import scrape
+
+        return scrape(metrics.dir, metrics.fams, headers.get("accept"))
 
     def _check_admin_audited(self, scope: Any, headers: Any, action: str) -> None:
         """`_check_admin`, then an audit row (`action`; target: the route and its query; source:

@@ -135,6 +135,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # installed; the name is cosmetic, so set it only where it can be.
         process_name="fastpath-gateway" if importlib.util.find_spec("setproctitle") else None,
     )
+    if cfg.metrics.enabled:  # this instance's empty metrics directory, stale ones removed
+        from .metrics import prepare_dir
+
+        prepare_dir(cfg)
     _warn_spills(cfg)
     print(f"fastpath-gateway: serving on http://{host}:{port} with {workers} worker(s)", flush=True)
     server.serve()

@@ -447,8 +447,9 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_teams: int = 1_000
     #: label sets per worker (all metrics together); past it new label sets are `__other__`
     max_series: int = 10_000
-    #: how often a worker publishes its gauges (queues, pools, limiter fail-open counts)
-    publish_interval_ms: int = 1_000
+    #: how often a worker copies its slots into its shared file and publishes its gauges (queues,
+    #: pools, limiter fail-open counts): a scrape sees a worker's requests at most this late
+    publish_interval_ms: int = 250
 
 
 def _default_tiers() -> dict[str, TierConfig]:

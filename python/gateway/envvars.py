@@ -26,4 +26,7 @@ LOCAL_MOCK_URL = "FASTPATH_LOCAL_MOCK_URL"
 #: host:port of the local tritonserver's gRPC endpoint in the embedded default config.
 LOCAL_TRITON_GRPC = "FASTPATH_LOCAL_TRITON_GRPC"
 
+#: Set by `serve` for its workers: the directory of this instance's metrics shards (internal).
+METRICS_DIR = "FASTPATH_GATEWAY_METRICS_DIR"
+
 ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL, DATA_DIR, SALT, LOCAL_MOCK_URL, LOCAL_TRITON_GRPC)

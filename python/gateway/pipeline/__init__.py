@@ -41,6 +41,7 @@ from .route import RouteStage
 from .stage import FinishStage, Observer, Outcome, RequestStage
 
 if TYPE_CHECKING:
+    from ..metrics import MetricsObserver
     from ..worker import Worker
     from .account import LedgerObserver
 
@@ -57,6 +58,7 @@ class Pipeline:
         "_loop",
         "finish_stages",
         "ledger",
+        "metrics",
         "observers",
         "relay",
         "request_stages",
@@ -103,6 +105,14 @@ class Pipeline:
             from .access_log import AccessLogObserver
 
             observers.append(AccessLogObserver(cfg))
+        #: the `/metrics` observer (app.py serves the scrape); None when off
+        self.metrics: MetricsObserver | None = None
+        if cfg.metrics.enabled:
+            from ..metrics import MetricsObserver
+
+            self.metrics = MetricsObserver(cfg)
+            self.metrics.watch(*stages, *observers, *worker.adapters.values())  # read off the path
+            observers.append(self.metrics)
         ext = load_extensions(cfg)
         stages += ext.request_stages
         finish += ext.finish_stages

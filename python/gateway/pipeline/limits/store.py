@@ -92,11 +92,13 @@ class FailOpenStore:
 
     is_sync = False
     cache_refusals = True
-    __slots__ = ("local", "shared")
+    __slots__ = ("fail_open", "local", "shared")
 
     def __init__(self, shared: Store, local: Store) -> None:
         self.shared = shared
         self.local = local
+        #: decisions made locally because the shared store failed (read by `/metrics`)
+        self.fail_open = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.shared.start(loop)
@@ -113,6 +115,7 @@ class FailOpenStore:
         try:
             return await self.shared.decide(plan, tokens, cost)
         except StoreUnavailable:
+            self.fail_open += 1
             return self.local.decide_now(plan, tokens, cost)
 
     def settle(self, lease: Lease, unused_tokens: int, unused_cost: int) -> None:

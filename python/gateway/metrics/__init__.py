@@ -1,0 +1,587 @@
+"""`/metrics`: Prometheus text (OpenMetrics on `Accept`), one scrape for every worker process.
+
+The decision (measured, benchmarks/results/2026-12-04-metrics.md): **per-worker shards in shared
+memory, written from Python, summed at scrape time.** granian workers share nothing, so each
+worker owns a file `<dir>/<pid>.shard`, mmap'd and written through a `memoryview` cast to
+doubles (one 8-byte slot per counter, gauge, histogram bucket and histogram sum; a double is
+exact for counts below 2**53 and an aligned 8-byte store is never torn on x86-64/arm64). Which
+slots belong to which metric and label set is appended, once per new label set, to the sidecar
+`<pid>.series` (one JSON line each). A scrape, in any worker, reads every shard of the instance
+and sums. No locks, no syscalls and no allocation on the request path beyond the first sighting
+of a label set: `MetricsObserver.on_done` does all per-request recording in one call, looking
+its slots up in small per-worker dicts. prometheus-client's multiprocess mode was not chosen: it
+keeps one file per metric per process, takes a lock and formats label JSON on each update
+(several µs per sample, more than the whole 3 µs budget for the ~20 samples a request makes).
+Rust was not needed: the Python path measures under the budget.
+
+Directory: `metrics.dir`, else `$TMPDIR/fastpath-metrics-<granian master pid>` (the serve
+command, `cli.cmd_serve`, creates it empty and removes the directories of earlier instances
+whose master is gone; it passes it to the workers in `FASTPATH_METRICS_DIR`).
+
+Worker restarts: a worker's files stay when it exits. Counters and histograms are summed over
+every shard, the dead workers' included, so totals never go back; a new worker (a new pid) starts
+its own shard at zero. Gauges (in flight, queue depth, pool sizes) are summed over live workers
+only (the pid still exists).
+
+Cardinality: every label value comes from the config (models, providers, guards, stages), from a
+bounded set (endpoints, status codes, error codes, token types, limiter decisions), or is capped:
+teams (`max_teams`), key ids (only with `per_key_labels`, `max_keys`), then past the cap
+`__other__`. Each worker also caps its label sets at `max_series`; past it a new label set is
+recorded under all-`__other__` labels. Secrets never become labels: keys appear only as their
+configured id, and upstream keys, JWTs and the admin key are never read here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+import time
+from array import array
+from bisect import bisect_left
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import envvars
+from ..config import Config, nano_usd_per_token
+from ..context import Endpoint
+from ..errors import Fault
+from ..pipeline.stage import Part
+
+if TYPE_CHECKING:
+    from ..context import RequestContext
+    from ..pipeline.stage import Outcome
+    from ..worker import Worker
+
+log = logging.getLogger("gateway.metrics")
+
+OTHER = "__other__"
+#: labels whose values come from callers (capped); the others come from the config or a fixed set
+_UNBOUNDED = frozenset(("team", "key"))
+DIR_PREFIX = "fastpath-metrics-"
+COUNTER, GAUGE, HISTOGRAM, INFO = "counter", "gauge", "histogram", "info"
+NS = 1e-9  # a histogram whose sum is kept in nanoseconds
+
+
+class Family:
+    """One metric: its name, type, help, label names and (histograms) bucket bounds."""
+
+    __slots__ = ("bounds", "bounds_ns", "help", "labels", "name", "scale", "type", "width")
+
+    def __init__(
+        self,
+        name: str,
+        type_: str,
+        help_: str,
+        labels: tuple[str, ...],
+        bounds: list[float] | None = None,
+        scale: float = 1.0,
+    ) -> None:
+        self.name = name
+        self.type = type_
+        self.help = help_
+        self.labels = labels
+        self.bounds = list(bounds or ())
+        self.bounds_ns = [round(b * 1e9) for b in self.bounds]
+        #: slots: a counter or gauge 1; a histogram its buckets, +Inf, then the sum
+        self.width = len(self.bounds) + 2 if type_ == HISTOGRAM else 1
+        #: what the stored histogram sum is multiplied by when exported (1e-9: kept in ns)
+        self.scale = scale
+
+
+_TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304]
+
+
+def families(cfg: Config) -> dict[str, Family]:
+    m = cfg.metrics
+    lat, tok = m.latency_buckets, m.token_latency_buckets
+    per_key = ("model", "team", "key") if m.per_key_labels else ("model", "team")
+    fams = [
+        Family(
+            "fastpath_requests",
+            COUNTER,
+            "Inference requests by endpoint, public model, provider, HTTP status and error code.",
+            ("endpoint", "model", "provider", "status", "error"),
+        ),
+        Family("fastpath_requests_in_flight", GAUGE, "Inference requests being served now.", ()),
+        Family(
+            "gen_ai_server_request_duration_seconds",
+            HISTOGRAM,
+            "End-to-end request latency as the gateway saw it (refusals included; model 'none' "
+            "before routing).",
+            ("gen_ai_operation_name", "gen_ai_request_model"),
+            lat,
+            NS,
+        ),
+        Family(
+            "fastpath_upstream_duration_seconds",
+            HISTOGRAM,
+            "Upstream call time, request sent to last byte, by provider.",
+            ("provider",),
+            lat,
+            NS,
+        ),
+        Family(
+            "fastpath_stage_duration_seconds",
+            HISTOGRAM,
+            "Time per request stage (the server-timing names: decode, auth, route, limits, "
+            "guard_<name>); the upstream's time is fastpath_upstream_duration_seconds.",
+            ("stage",),
+            lat,
+            NS,
+        ),
+        Family(
+            "gen_ai_server_time_to_first_token_seconds",
+            HISTOGRAM,
+            "Streams: request start to the first frame ready to send.",
+            ("gen_ai_request_model",),
+            tok,
+            NS,
+        ),
+        Family(
+            "gen_ai_server_time_per_output_token_seconds",
+            HISTOGRAM,
+            "Streams: (end - first token) / (completion tokens - 1).",
+            ("gen_ai_request_model",),
+            tok,
+            NS,
+        ),
+        Family(
+            "fastpath_inter_token_latency_seconds",
+            HISTOGRAM,
+            "Streams: the mean gap between upstream reads, one observation per stream.",
+            ("gen_ai_request_model",),
+            tok,
+        ),
+        Family(
+            "gen_ai_client_token_usage",
+            HISTOGRAM,
+            "Tokens per request by type (input, output).",
+            ("gen_ai_request_model", "gen_ai_token_type"),
+            [float(b) for b in _TOKEN_BUCKETS],
+        ),
+        Family("fastpath_tokens", COUNTER, "Tokens by model, team and type.", (*per_key, "type")),
+        Family("fastpath_cost_usd", COUNTER, "Cost in USD at the configured prices.", per_key),
+        Family(
+            "fastpath_limiter_decisions",
+            COUNTER,
+            "Limiter decisions: allowed, or refused as rate_limited / budget_exceeded, or "
+            "limiter_unavailable (store error, fail_closed).",
+            ("decision",),
+        ),
+        Family(
+            "fastpath_limiter_fail_open",
+            COUNTER,
+            "Decisions made locally because the shared limiter store failed (fail_open).",
+            (),
+        ),
+        Family("fastpath_guard_verdicts", COUNTER, "Prompt guard verdicts.", ("guard", "verdict")),
+        Family("fastpath_guard_duration_seconds", HISTOGRAM, "Prompt guard latency.", ("guard",), lat, NS),
+        Family("fastpath_ledger_queue_depth", GAUGE, "Usage rows queued for the ledger.", ()),
+        Family("fastpath_ledger_dropped_rows", COUNTER, "Usage rows dropped (queue full).", ()),
+        Family("fastpath_ledger_written_rows", COUNTER, "Usage rows written.", ()),
+        Family(
+            "fastpath_upstream_pool_idle_connections",
+            GAUGE,
+            "Idle pooled HTTP connections per provider.",
+            ("provider",),
+        ),
+        Family(
+            "fastpath_build",
+            INFO,
+            "Build information.",
+            ("version", "python"),
+        ),
+    ]
+    return {f.name: f for f in fams}
+
+
+# ---- the per-worker shard -------------------------------------------------------------------------
+class Shard:
+    """This worker's slots (see the module doc). `slot(family, labels)` -> index in `self.v`."""
+
+    def __init__(self, directory: Path, max_series: int, max_width: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        self.path = directory / f"{pid}.shard"
+        self.max_series = max_series
+        #: the cap's series, the overflow series, then one sink (a width) past the end
+        self.capacity = (max_series + 1024) * max_width
+        size = (self.capacity + max_width) * 8
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._mv = memoryview(self._mm).cast("d")
+        #: the slots this worker writes: a plain list (a list item `+=` costs a third of a
+        #: memoryview's), copied into the shared file by `flush` (every `publish_interval_ms`)
+        self.v: list[float] = [0.0] * (self.capacity + max_width)
+        self._side = open(directory / f"{pid}.series", "w", encoding="utf-8")  # noqa: SIM115
+        self._series: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._next = 0
+
+    def slot(self, fam: Family, labels: tuple[str, ...]) -> int:
+        key = (fam.name, labels)
+        base = self._series.get(key)
+        if base is not None:
+            return base
+        if len(self._series) >= self.max_series:
+            # over the cap: the unbounded labels (team, key) become `__other__`; the bounded
+            # ones stay, so the overflow series are few (models x token types at most)
+            labels = tuple(OTHER if n in _UNBOUNDED else v for n, v in zip(fam.labels, labels, strict=True))
+            key = (fam.name, labels)
+            base = self._series.get(key)
+            if base is not None:
+                return base
+        base = self._next
+        if base + fam.width > self.capacity:
+            return self.capacity  # the sink past the last series: counted nowhere
+        self._next = base + fam.width
+        self._series[key] = base
+        self._side.write(json.dumps([base, fam.name, list(labels)]) + "\n")
+        self._side.flush()
+        return base
+
+    def flush(self) -> None:
+        """Copy this worker's slots into its shared file (a memcpy of the used part)."""
+        n = self._next
+        if n:
+            self._mv[:n] = array("d", self.v[:n])
+
+    def close(self) -> None:
+        self.flush()
+        self._side.close()
+        self._mv.release()
+        self._mm.close()
+
+    @property
+    def series(self) -> int:
+        return len(self._series)
+
+
+# ---- the observer (the request path) ------------------------------------------------------------
+_CHAT = Endpoint.CHAT
+_OPERATIONS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "text_completion"}
+_LIMIT_CODES = ("rate_limited", "budget_exceeded", "limiter_unavailable")
+_SKIP_STAGES = frozenset(("total", "upstream"))
+
+
+class _Capped:
+    """label value -> itself for the first `cap` distinct values, then `__other__`."""
+
+    __slots__ = ("cap", "seen")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.seen: dict[str, str] = {}
+
+    def __call__(self, value: str) -> str:
+        v = self.seen.get(value)
+        if v is None:
+            v = value if len(self.seen) < self.cap else OTHER
+            if v is value:
+                self.seen[value] = v
+        return v
+
+
+class MetricsObserver(Part):
+    """Observer `metrics`: every per-request sample in one `on_done`; gauges published on a timer."""
+
+    name = "metrics"
+
+    def __init__(self, cfg: Config, directory: Path | None = None) -> None:
+        m = cfg.metrics
+        self.cfg = cfg
+        self.fams = families(cfg)
+        self.dir = directory or metrics_dir(cfg)
+        width = max(f.width for f in self.fams.values())
+        self.shard = Shard(self.dir, m.max_series, width)
+        self.v = self.shard.v
+        self._per_key = m.per_key_labels
+        self._teams = _Capped(m.max_teams)
+        self._keys = _Capped(m.max_keys)
+        self._errors = {f.code for f in Fault} | {"budget_exceeded", "client_disconnected", "cancelled"}
+        self._errors |= {g.name for g in cfg.guards}
+        self._prices = {
+            model: (nano_usd_per_token(p.input_per_mtok) * 1e-9, nano_usd_per_token(p.output_per_mtok) * 1e-9)
+            for model, p in cfg.prices.items()
+        }
+        self._limits = bool(cfg.auth.enabled)  # limiter decisions only where the stage can run
+        self._guards = bool(cfg.guards)
+        # per-worker caches: a key of the request's shape -> its slots
+        self._req: dict[tuple[Any, ...], tuple[int, int, int, int, int, int, int, int]] = {}
+        self._stage: dict[str, int] = dict.fromkeys(("total", "upstream_head", "ttfb"), -2)
+        self._usage: dict[tuple[Any, ...], tuple[int, int, int, float, float]] = {}
+        self._misc: dict[tuple[str, tuple[str, ...]], int] = {}
+        f = self.fams
+        self._f_stage = f["fastpath_stage_duration_seconds"]
+        self._b_stage = f["fastpath_stage_duration_seconds"].bounds_ns
+        self._b_lat = f["gen_ai_server_request_duration_seconds"].bounds_ns
+        self._n_lat = len(self._b_lat) + 1
+        self._b_tok = f["gen_ai_server_time_to_first_token_seconds"].bounds_ns
+        self._b_tok_s = f["gen_ai_server_time_to_first_token_seconds"].bounds
+        self._b_usage = f["gen_ai_client_token_usage"].bounds
+        self.inflight = self.shard.slot(f["fastpath_requests_in_flight"], ())
+        self.v[self.shard.slot(f["fastpath_build"], (_version(), _python()))] = 1.0
+        self._allowed = self.shard.slot(f["fastpath_limiter_decisions"], ("allowed",)) if self._limits else 0
+        self._task: asyncio.Task[None] | None = None
+        self._sources: list[Any] = []
+
+    # -- slots for a label set (first sighting only; then cached) --
+    def _slot(self, name: str, labels: tuple[str, ...]) -> int:
+        key = (name, labels)
+        s = self._misc.get(key)
+        if s is None:
+            s = self._misc[key] = self.shard.slot(self.fams[name], labels)
+        return s
+
+    def _req_slots(self, key: tuple[Any, ...]) -> tuple[int, int, int, int, int, int, int, int]:
+        chat, route, status, error, stream = key
+        endpoint = Endpoint.CHAT if chat else Endpoint.COMPLETIONS
+        model = route.name if route is not None else "none"
+        provider = route.adapter.name if route is not None else "none"
+        err = "" if error is None else (error if error in self._errors else OTHER)
+        sl = self.shard.slot
+        f = self.fams
+        slots = (
+            sl(f["fastpath_requests"], (endpoint.value, model, provider, str(status), err)),
+            sl(f["gen_ai_server_request_duration_seconds"], (_OPERATIONS[endpoint], model)),
+            sl(f["fastpath_upstream_duration_seconds"], (provider,)),
+            sl(f["gen_ai_server_time_to_first_token_seconds"], (model,)) if stream else 0,
+            sl(f["gen_ai_server_time_per_output_token_seconds"], (model,)) if stream else 0,
+            sl(f["fastpath_inter_token_latency_seconds"], (model,)) if stream else 0,
+            sl(f["gen_ai_client_token_usage"], (model, "input")),
+            sl(f["gen_ai_client_token_usage"], (model, "output")),
+        )
+        if len(self._req) < 4096:
+            self._req[key] = slots
+        return slots
+
+    def _usage_slots(self, key: tuple[Any, ...]) -> tuple[int, int, int, float, float]:
+        model, team, kid = key
+        labels = (model, self._teams(team), self._keys(kid)) if self._per_key else (model, self._teams(team))
+        f = self.fams
+        pin, pout = self._prices.get(model, (0.0, 0.0))
+        slots = (
+            self.shard.slot(f["fastpath_tokens"], (*labels, "input")),
+            self.shard.slot(f["fastpath_tokens"], (*labels, "output")),
+            self.shard.slot(f["fastpath_cost_usd"], labels),
+            pin,
+            pout,
+        )
+        if len(self._usage) < 8192:
+            self._usage[key] = slots
+        return slots
+
+    def on_done(self, ctx: RequestContext, outcome: Outcome) -> None:
+        # Hot: every request. Latency sums are kept in nanoseconds (`Family.scale` turns them
+        # into seconds at scrape time): no float multiply per observation.
+        end = time.perf_counter_ns()
+        v = self.v
+        bl = bisect_left
+        route = ctx.route
+        first_ns = ctx.first_ns
+        # `is`, not the Enum in the key: an Enum's __hash__ is Python code (~0.15 µs)
+        key = (ctx.endpoint is _CHAT, route, outcome.status, outcome.error, first_ns != 0)
+        s = self._req.get(key)
+        if s is None:
+            s = self._req_slots(key)
+        v[s[0]] += 1.0
+        ns = end - ctx.start_ns
+        b = s[1]
+        bounds = self._b_lat
+        nb = self._n_lat
+        v[b + bl(bounds, ns)] += 1.0
+        v[b + nb] += ns
+        timings = ctx.timings
+        # per stage (the upstream call is its own histogram, by provider; `total` is above)
+        stage_slot = self._stage
+        for name, t in timings.items():
+            b = stage_slot.get(name, -1)
+            if b < 0:
+                if name == "upstream":
+                    b = s[2]
+                elif b == -2:  # total, upstream_head, ttfb: covered by the histograms above
+                    continue
+                else:
+                    b = stage_slot[name] = self.shard.slot(self._f_stage, (name,))
+            v[b + bl(bounds, t)] += 1.0
+            v[b + nb] += t
+        usage = ctx.usage
+        if first_ns:
+            tb = self._b_tok
+            nt = len(tb) + 1
+            ttft = first_ns - ctx.start_ns
+            b = s[3]
+            v[b + bl(tb, ttft)] += 1.0
+            v[b + nt] += ttft
+            out = usage.completion_tokens if usage is not None else 0
+            if out > 1:
+                tpot = (end - first_ns) / (out - 1)
+                b = s[4]
+                v[b + bl(tb, tpot)] += 1.0
+                v[b + nt] += tpot
+            gaps = ctx.gaps
+            if gaps is not None and gaps.count:
+                itl = gaps.total / gaps.count  # seconds (the loop's clock)
+                b = s[5]
+                v[b + bl(self._b_tok_s, itl)] += 1.0
+                v[b + nt] += itl
+        if usage is not None and route is not None:
+            pin, pout = usage.prompt_tokens, usage.completion_tokens
+            ub = self._b_usage
+            nu = len(ub) + 1
+            b = s[6]
+            v[b + bl(ub, pin)] += 1.0
+            v[b + nu] += pin
+            b = s[7]
+            v[b + bl(ub, pout)] += 1.0
+            v[b + nu] += pout
+            p = ctx.principal
+            if p is None:
+                ukey: tuple[Any, ...] = (route.name, "none", "none")
+            else:
+                ukey = (route.name, p.team, p.key_id if self._per_key else "")
+            u = self._usage.get(ukey)
+            if u is None:
+                u = self._usage_slots(ukey)
+            v[u[0]] += pin
+            v[u[1]] += pout
+            if u[3] or u[4]:
+                v[u[2]] += pin * u[3] + pout * u[4]
+        if self._limits:
+            err = outcome.error
+            if "limits" in timings:
+                v[self._allowed] += 1.0
+            elif err in _LIMIT_CODES:
+                v[self._slot("fastpath_limiter_decisions", (err,))] += 1.0
+        if self._guards:
+            self._guard_verdicts(ctx)
+
+    def _guard_verdicts(self, ctx: RequestContext) -> None:
+        v = self.v
+        for name, value in ctx.reply_headers:
+            if name != "x-fastpath-guard":
+                continue
+            for item in value.split(", "):
+                guard, _, rest = item.partition("=")
+                verdict = rest.partition(";")[0]
+                if guard and verdict:
+                    v[self._slot("fastpath_guard_verdicts", (guard, verdict))] += 1.0
+                    ns = ctx.timings.get(f"guard_{guard}")
+                    if ns is not None:
+                        b = self._slot("fastpath_guard_duration_seconds", (guard,))
+                        bounds = self._b_stage
+                        v[b + bisect_left(bounds, ns)] += 1.0
+                        v[b + len(bounds) + 1] += ns
+
+    # -- gauges and stage-owned counters, published off the request path --
+    def start(self, worker: Worker) -> None:
+        self._worker = worker
+        self._task = worker.loop.create_task(self._publish_loop())
+
+    def watch(self, *sources: Any) -> None:
+        """Objects to read each publish: the ledger writer, the limits stage, adapters."""
+        self._sources.extend(sources)
+
+    async def _publish_loop(self) -> None:
+        interval = self.cfg.metrics.publish_interval_ms / 1000
+        while True:
+            try:
+                self.publish()
+            except Exception:
+                log.exception("metrics: publishing gauges failed")
+            await asyncio.sleep(interval)
+
+    def publish(self) -> None:
+        """Gauges and stage-owned counters into slots, then every slot into the shared file."""
+        try:
+            self._publish_sources()
+        finally:
+            self.shard.flush()
+
+    def _publish_sources(self) -> None:
+        v = self.v
+        for src in self._sources:
+            writer = getattr(src, "writer", None)
+            if writer is not None and hasattr(writer, "dropped"):
+                v[self._slot("fastpath_ledger_queue_depth", ())] = float(writer.queued)
+                v[self._slot("fastpath_ledger_dropped_rows", ())] = float(writer.dropped)
+                v[self._slot("fastpath_ledger_written_rows", ())] = float(writer.written)
+            store = getattr(src, "store", None)
+            if store is not None and hasattr(store, "fail_open"):
+                v[self._slot("fastpath_limiter_fail_open", ())] = float(store.fail_open)
+            pool = getattr(src, "pool", None)
+            idle = getattr(pool, "_idle", None)
+            if idle is not None:
+                v[self._slot("fastpath_upstream_pool_idle_connections", (src.name,))] = float(len(idle))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            self.publish()  # the last values of this worker's counters
+        except Exception:
+            log.exception("metrics: publishing gauges failed")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fastpath-gateway")
+    except Exception:
+        return "unknown"
+
+
+def _python() -> str:
+    import platform
+
+    return platform.python_version()
+
+
+# ---- the directory -------------------------------------------------------------------------------
+def metrics_dir(cfg: Config) -> Path:
+    """Where this instance's shards live (set by `prepare_dir` in the serve command)."""
+    env = os.environ.get(envvars.METRICS_DIR)
+    if env:
+        return Path(env)
+    if cfg.metrics.dir:
+        return Path(cfg.metrics.dir)
+    # not started by `serve` (tests, tools): this process alone
+    return Path(tempfile.gettempdir()) / f"{DIR_PREFIX}{os.getpid()}"
+
+
+def prepare_dir(cfg: Config) -> Path:
+    """In the serve command (the granian master), before workers start: this instance's empty
+    directory, and the directories of earlier instances whose master is gone removed."""
+    if cfg.metrics.dir:
+        path = Path(cfg.metrics.dir)
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        base = Path(tempfile.gettempdir())
+        for old in base.glob(f"{DIR_PREFIX}*"):
+            pid = old.name.removeprefix(DIR_PREFIX)
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        path = base / f"{DIR_PREFIX}{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+    os.environ[envvars.METRICS_DIR] = str(path)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
