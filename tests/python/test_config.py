@@ -477,12 +477,18 @@ def test_cli_print_default_config_is_valid(tmp_path: Path) -> None:
     assert run_cli("check-config", str(path), env=salt).returncode == 0
 
 
-def test_default_config_is_secure_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Auth on; without the salt the default config does not load, and the CLI says what to do."""
+def test_default_config_is_secure_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Auth on; without the salt the default config does not load, and the CLI says what to do
+    (in an empty data dir: `make run` keeps a salt in the default one, which `serve` would use)."""
     monkeypatch.delenv("FASTPATH_GATEWAY_SALT", raising=False)
     with pytest.raises(ConfigError, match="FASTPATH_GATEWAY_SALT"):
         config_mod.load(None)
-    proc = run_cli("serve", "--port", "0", env={"FASTPATH_GATEWAY_SALT": None})
+    proc = run_cli(
+        "serve",
+        "--port",
+        "0",
+        env={"FASTPATH_GATEWAY_SALT": None, "FASTPATH_GATEWAY_DATA_DIR": str(tmp_path)},
+    )
     assert_clean_failure(proc)
     assert "make run" in proc.stderr and "serving on" not in proc.stdout
 

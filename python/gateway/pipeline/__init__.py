@@ -1,6 +1,6 @@
 """The request pipeline (docs/architecture.md):
 
-    request stages: decode -> [auth] -> route -> [limits] -> [guard]
+    request stages: [trace] -> decode -> [auth] -> route -> [limits] -> [guard]
     upstream:       route.adapter.start(ctx, deadline) -> UpstreamCall
     relay:          frames out, response stages in reverse order ([live_budget], extensions, [cost])
     settle:         finish stages ([limits]): exactly once, before a unary reply or after a stream
@@ -67,7 +67,7 @@ class Pipeline:
 
     def __init__(self, cfg: Config, worker: Worker) -> None:
         self._loop = worker.loop
-        stages: list[RequestStage] = [DecodeStage(cfg.server)]
+        stages: list[RequestStage] = []
         finish: list[FinishStage] = []
         response: list[ResponseStage] = []
         observers: list[Observer] = []
@@ -75,6 +75,12 @@ class Pipeline:
             from .cost import CostStage
 
             response.append(CostStage(cfg))
+        if cfg.tracing.enabled:  # first: a request refused by any stage is traced too
+            from .trace import TraceObserver, TraceStage
+
+            stages.append(TraceStage(cfg.tracing))
+            observers.append(TraceObserver(cfg.tracing))
+        stages.append(DecodeStage(cfg.server))
         if cfg.auth.enabled:
             from .auth import AuthStage
 
