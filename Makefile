@@ -13,7 +13,7 @@ RUST_SRC := $(shell find crates/fastpath/src crates/fastpath/assets crates/fastp
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR := never
 
-.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python lint fmt bench-deps bench bench-litellm bench-suite bench-aiperf bench-vs-aiperf clean
+.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python test-rules prometheus-deps observe lint fmt bench-deps bench bench-litellm bench-suite bench-aiperf bench-vs-aiperf clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -63,15 +63,15 @@ serve: install ## run only the gateway on the embedded default config
 	$(VENV)/bin/fastpath-gateway serve
 
 lint: $(STAMPS)/venv ## ruff, mypy, rustfmt, clippy
-	$(VENV)/bin/ruff check python tests benchmarks
-	$(VENV)/bin/ruff format --check python tests benchmarks
+	$(VENV)/bin/ruff check python tests benchmarks deploy
+	$(VENV)/bin/ruff format --check python tests benchmarks deploy
 	$(VENV)/bin/mypy
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --all-features -q -- -D warnings
 
 fmt: $(STAMPS)/venv ## format Python and Rust
-	$(VENV)/bin/ruff format python tests benchmarks
-	$(VENV)/bin/ruff check --fix python tests benchmarks
+	$(VENV)/bin/ruff format python tests benchmarks deploy
+	$(VENV)/bin/ruff check --fix python tests benchmarks deploy
 	cargo fmt --all
 
 test-rust: ## Rust unit tests (no venv: only the extension build enables pyo3)
@@ -80,7 +80,22 @@ test-rust: ## Rust unit tests (no venv: only the extension build enables pyo3)
 test-python: install ## Python tests (real sockets, real upstream processes)
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-test: lint test-rust test-python ## everything CI runs: lint, Rust and Python tests
+# promtool and prometheus (Debian's `prometheus` package): the alert rules and the dashboard's
+# queries are checked by promtool, and a test scrapes a gateway with a real Prometheus.
+prometheus-deps: ## install promtool + prometheus (Debian package; idempotent)
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  (if [ "$$(id -u)" = 0 ]; then S=; else S="sudo -n"; fi; \
+	   $$S apt-get update -q && $$S apt-get install -y -q --no-install-recommends prometheus)
+
+test-rules: $(STAMPS)/venv prometheus-deps ## promtool: check and unit-test the alert rules, check the dashboard's queries
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
+	$(PY) deploy/check_dashboard.py deploy/grafana/fastpath-gateway.json
+
+observe: install prometheus-deps ## the gateway + its local upstream, and a real Prometheus scraping it (:9090)
+	$(VENV)/bin/fastpath-gateway run-local --prometheus
+
+test: lint test-rust test-rules test-python ## everything CI runs: lint, Rust, rules and Python tests
 
 bench-deps: ## system tools for benchmarks (wrk, nginx, redis-server); not needed for tests
 	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null || \

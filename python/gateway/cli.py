@@ -251,6 +251,21 @@ def cmd_run_local(args: argparse.Namespace) -> int:
             env = dict(os.environ)
             env[envvars.LOCAL_MOCK_URL] = f"http://127.0.0.1:{args.upstream_port}/v1"
             env[envvars.LOCAL_TRITON_GRPC] = triton.grpc_address
+            if args.prometheus:
+                from .prometheus_local import LocalPrometheus
+
+                metrics_at = f"127.0.0.1:{args.metrics_port}"
+                env[envvars.METRICS_LISTEN] = metrics_at
+                prometheus = LocalPrometheus({"fastpath-gateway": (metrics_at, None)})
+                prometheus.start()
+                prom_proc = prometheus.proc
+                assert prom_proc is not None
+                children.append(prom_proc)
+                print(
+                    f"fastpath-gateway: Prometheus on {prometheus.url} scrapes the gateway's metrics at"
+                    f" {metrics_at} (alert rules: deploy/prometheus/alerts.yml)",
+                    flush=True,
+                )
             port = ["--port", str(args.port)] if args.port else []
             serve = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "serve", *port], env=env, start_new_session=True
@@ -682,6 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--triton-grpc-port", type=int, default=9101)
     r.add_argument("--triton-http-port", type=int, default=9102)
     r.add_argument("--triton-metrics-port", type=int, default=9103)
+    r.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start a real Prometheus on :9090 scraping the gateway (make observe)",
+    )
+    r.add_argument(
+        "--metrics-port", type=int, default=9464, help="the private metrics listener (--prometheus)"
+    )
     r.set_defaults(func=cmd_run_local)
     t = sub.add_parser("triton-local", help="run a real tritonserver on the test models (make triton-venv)")
     t.add_argument("--model-repository", help="model repository (default: <repo>/triton_models)")

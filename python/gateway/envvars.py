@@ -26,7 +26,23 @@ LOCAL_MOCK_URL = "FASTPATH_LOCAL_MOCK_URL"
 #: host:port of the local tritonserver's gRPC endpoint in the embedded default config.
 LOCAL_TRITON_GRPC = "FASTPATH_LOCAL_TRITON_GRPC"
 
+#: `metrics.listen` of the embedded default config (empty: `/metrics` on the main port, behind
+#: the admin key); `run-local --prometheus` sets a private listener for its Prometheus.
+METRICS_LISTEN = "FASTPATH_GATEWAY_METRICS_LISTEN"
+
 #: Set by `serve` for its workers: the directory of this instance's metrics shards (internal).
 METRICS_DIR = "FASTPATH_GATEWAY_METRICS_DIR"
 
-ALL = (CONFIG, HOST, PORT, WORKERS, LOG_LEVEL, DATA_DIR, SALT, LOCAL_MOCK_URL, LOCAL_TRITON_GRPC)
+ALL = (
+    CONFIG,
+    HOST,
+    PORT,
+    WORKERS,
+    LOG_LEVEL,
+    DATA_DIR,
+    SALT,
+    LOCAL_MOCK_URL,
+    LOCAL_TRITON_GRPC,
+    METRICS_LISTEN,
+    METRICS_DIR,
+)
