@@ -639,6 +639,15 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from .top import run
+
+    if args.interval <= 0:
+        print("error: --interval must be > 0", file=sys.stderr)
+        return 2
+    return run(args.url, os.environ.get(args.admin_key_env) or None, args.interval, args.once)
+
+
 def cmd_print_default_config(_: argparse.Namespace) -> int:
     sys.stdout.write(config_mod.default_text())
     return 0
@@ -706,6 +715,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=9464, help="the private metrics listener (--prometheus)"
     )
     r.set_defaults(func=cmd_run_local)
+    tp = sub.add_parser("top", help="a live view of a running gateway from its /metrics")
+    tp.add_argument("url", help="the metrics URL, e.g. http://127.0.0.1:9464/metrics")
+    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    tp.add_argument("--once", action="store_true", help="print one frame (after one interval) and exit")
+    tp.add_argument(
+        "--admin-key-env", default="FASTPATH_ADMIN_KEY", help="env var holding the admin key, if any"
+    )
+    tp.set_defaults(func=cmd_top)
     t = sub.add_parser("triton-local", help="run a real tritonserver on the test models (make triton-venv)")
     t.add_argument("--model-repository", help="model repository (default: <repo>/triton_models)")
     t.add_argument("--grpc-port", type=int, default=8001)
