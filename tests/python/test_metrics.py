@@ -8,6 +8,8 @@ import http.client
 import json
 import math
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from conftest import MockUpstream, gateway_config, run_gateway
 
 from gateway import config as config_mod
+from gateway.cli import find_bench_binary
 from gateway.config import TierConfig
 from gateway.context import Endpoint, RequestContext
 from gateway.metrics import MetricsObserver
@@ -190,6 +193,49 @@ def test_stream_ttft_lands_in_the_clients_bucket(gw: Any) -> None:
     assert server_bucket <= client_bucket
     assert total(a, "gen_ai_server_time_per_output_token_seconds_count") > total(
         b, "gen_ai_server_time_per_output_token_seconds_count"
+    )
+
+
+@pytest.mark.skipif(
+    find_bench_binary() is None, reason="fastpath-bench is not built (make install builds it)"
+)
+def test_stream_ttft_histogram_matches_fastpath_bench_within_one_bucket(gw: Any, tmp_path: Path) -> None:
+    """The acceptance check: `fastpath-gateway bench` streams 12 requests (the upstream holds
+    each first token 180 ms); each request's TTFT as bench measured it and as the gateway's histogram
+    counted it fall in the same bucket or neighbouring ones (sorted and paired)."""
+    name = "gen_ai_server_time_to_first_token_seconds"
+    _, _, before = scrape(gw.port)
+    csv = tmp_path / "bench.csv"
+    bench = subprocess.run(
+        [
+            sys.executable, "-m", "gateway.cli", "bench", "--url", f"http://127.0.0.1:{gw.port}/v1/chat/completions",
+            "--model", "echo", "--api-key", KEY, "--stream", "--requests", "12", "--warmup", "0",
+            "--extra-body", json.dumps({"mock": {"first_delay_ms": 180}}), "--csv", str(csv), "--no-progress",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stderr
+    rows = [
+        dict(zip(csv.read_text().splitlines()[0].split(","), line.split(","), strict=False))
+        for line in csv.read_text().splitlines()[1:]
+    ]
+    client = sorted(float(r["ttft_ms"]) / 1000 for r in rows if r["status"] == "200" and r["ttft_ms"])
+    assert len(client) == 12, rows
+    _, _, after = scrape(gw.port)
+    b, a = parse(before), parse(after)
+    bounds = sorted({float(lb["le"]) for n, lb, _ in a if n == f"{name}_bucket" and lb["le"] != "+Inf"})
+    server: list[int] = []
+    prev = 0.0
+    for i, le in enumerate(bounds):
+        cum = total(a, f"{name}_bucket", le=repr(le)) - total(b, f"{name}_bucket", le=repr(le))
+        server += [i] * round(cum - prev)
+        prev = cum
+    server += [len(bounds)] * round(total(a, f"{name}_count") - total(b, f"{name}_count") - prev)
+    assert len(server) == 12, server
+    client_idx = [next((i for i, le in enumerate(bounds) if t <= le), len(bounds)) for t in client]
+    assert all(abs(s_ - c) <= 1 for s_, c in zip(sorted(server), client_idx, strict=True)), (
+        server,
+        client_idx,
     )
 
 

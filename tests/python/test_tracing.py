@@ -28,12 +28,15 @@ class Receiver:
     def __init__(self) -> None:
         self.spans: list[Any] = []
         self.resources: list[dict[str, str]] = []
+        #: the payloads as received (for the secret grep)
+        self.raw: list[bytes] = []
         self.port = free_port()
-        spans, resources = self.spans, self.resources
+        spans, resources, raw = self.spans, self.resources, self.raw
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                raw.append(body)
                 assert self.path == "/v1/traces" and self.headers["content-type"] == "application/x-protobuf"
                 req = tsvc.ExportTraceServiceRequest.FromString(body)
                 for rs in req.resource_spans:
@@ -114,7 +117,8 @@ def test_a_traced_request_is_a_tree_under_the_clients_parent(
     rid = f"trace-{trace_id[:8]}"
     body = {"model": "echo", "messages": [{"role": "user", "content": "hello there"}], "stream": stream}
     with run_gateway(tmp_path, mock_upstream, config_text=config(mock_upstream, receiver)) as gw:
-        status, _ = post(gw.port, body, {"traceparent": f"00-{trace_id}-{parent}-01", "x-request-id": rid})
+        headers = {"traceparent": f"00-{trace_id}-{parent}-01", "x-request-id": rid}
+        status, _ = post(gw.port, body, {**headers, "authorization": "Bearer sk-client-secret-0123456789"})
         assert status == 200
         spans = receiver.of(trace_id, least=5)
     by_kind = {}
@@ -138,6 +142,10 @@ def test_a_traced_request_is_a_tree_under_the_clients_parent(
     sent = parse_traceparent(upstream_traceparent(mock_upstream, rid))
     assert sent == (trace_id, client.span_id.hex(), True)
     assert receiver.resources[0]["service.name"] == "gw-test"
+    # no secret in any span: the client's key, the upstream key (conftest's provider api_key)
+    assert not any(
+        b"sk-client-secret" in r or b"sk-upstream-secret" in r or b"Bearer" in r for r in receiver.raw
+    )
 
 
 def test_sampling_is_parent_based_and_a_sampled_out_request_exports_nothing(
