@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import MockUpstream, gateway_config, run_gateway
+from test_pipeline_contract import chat
 
 from gateway.money import usd_text
 from gateway.pipeline.access_log import trace_id
@@ -67,15 +68,6 @@ def post(
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
-
-
-def chat(model: str = "echo", stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": "tell me a story"}],
-        "stream": stream,
-        **extra,
-    }
 
 
 def lines_of(*paths: Path) -> list[dict[str, Any]]:
