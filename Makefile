@@ -87,7 +87,7 @@ prometheus-deps: ## install promtool + prometheus (Debian package; idempotent)
 	  (if [ "$$(id -u)" = 0 ]; then S=; else S="sudo -n"; fi; \
 	   $$S apt-get update -q && $$S apt-get install -y -q --no-install-recommends prometheus)
 
-test-rules: $(STAMPS)/venv prometheus-deps ## promtool: check and unit-test the alert rules, check the dashboard's queries
+test-rules: $(STAMPS)/build-release prometheus-deps ## promtool: check and unit-test the alert rules, check the dashboard's queries
 	promtool check rules deploy/prometheus/alerts.yml
 	cd deploy/prometheus && promtool test rules alerts_test.yml
 	$(PY) deploy/check_dashboard.py deploy/grafana/fastpath-gateway.json
