@@ -47,9 +47,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import envvars
-from ..config import Config, nano_usd_per_token
+from ..config import Config
 from ..context import Endpoint
 from ..errors import Fault
+from ..money import price_table
 from ..pipeline.stage import Part
 
 if TYPE_CHECKING:
@@ -308,10 +309,7 @@ class MetricsObserver(Part):
         self._keys = _Capped(m.max_keys)
         self._errors = {f.code for f in Fault} | {"budget_exceeded", "client_disconnected", "cancelled"}
         self._errors |= {g.name for g in cfg.guards}
-        self._prices = {
-            model: (nano_usd_per_token(p.input_per_mtok) * 1e-9, nano_usd_per_token(p.output_per_mtok) * 1e-9)
-            for model, p in cfg.prices.items()
-        }
+        self._prices = {m: (pin * 1e-9, pout * 1e-9) for m, (pin, pout) in price_table(cfg).items()}
         self._limits = bool(cfg.auth.enabled)  # limiter decisions only where the stage can run
         self._guards = bool(cfg.guards)
         # per-worker caches: a key of the request's shape -> its slots

@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ..config import Config, nano_usd_per_token
+from ..config import Config
 from ..context import Endpoint, RequestContext
 from ..ledger import DayClock, LedgerWriter, Row, open_sink
+from ..money import price_table
 from .stage import Outcome, Part
 
 if TYPE_CHECKING:
@@ -34,10 +35,7 @@ class LedgerObserver(Part):
         )
         #: public model -> (nano-USD per prompt token, per completion token). The cost hook:
         #: models without a price cost 0.
-        self._prices = {
-            model: (nano_usd_per_token(p.input_per_mtok), nano_usd_per_token(p.output_per_mtok))
-            for model, p in cfg.prices.items()
-        }
+        self._prices = price_table(cfg)
         self._clock = DayClock()
 
     def start(self, worker: Worker) -> None:

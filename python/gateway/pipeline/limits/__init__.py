@@ -30,10 +30,10 @@ from ...config import (
     LimitSet,
     OnError,
     budget_nano_usd,
-    nano_usd_per_token,
 )
 from ...context import RequestContext
 from ...errors import Fault, GatewayError
+from ...money import price_table
 from ...principal import Principal
 from ...quota import BUDGET, CONC, RPM, TPM, Check, Lease, Plan
 from ...schemas import ChatRequestView
@@ -175,10 +175,7 @@ class LimitsStage:
         self._sync = self.store.is_sync
         self._default_max_tokens = cfg.limits.default_max_tokens
         self._live = cfg.limits.live_budget_enforcement
-        self._prices = {
-            m: (nano_usd_per_token(p.input_per_mtok), nano_usd_per_token(p.output_per_mtok))
-            for m, p in cfg.prices.items()
-        }
+        self._prices = price_table(cfg)
         self._teams = cfg.teams
         self._plans: dict[tuple[str, str, str, str], Plan] = {}
         #: plan -> (monotonic time until which it is refused, message, headers): a request refused
