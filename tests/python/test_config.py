@@ -630,3 +630,26 @@ def test_providers_are_a_tagged_union_on_kind() -> None:
             "providers: [{name: a, kind: bogus, base_url: 'http://h:1/v1'}]\n"
             "models: [{name: m, provider: a}]\n"
         )
+
+
+@pytest.mark.parametrize(
+    ("section", "path"),
+    [
+        ("tracing: {otlp_endpoint: 'grpc://collector:4317'}", "$.tracing.otlp_endpoint"),
+        ("tracing: {otlp_endpoint: 'http://'}", "$.tracing.otlp_endpoint"),
+        ("tracing: {sample_ratio: 1.5}", "$.tracing.sample_ratio"),
+        ("tracing: {batch_max_spans: 0}", "$.tracing.batch_max_spans"),
+        ("tracing: {flush_interval_ms: -1}", "$.tracing.flush_interval_ms"),
+        ("tracing: {enabled: yes-please}", "$.tracing.enabled"),
+        ("tracing: {bogus: 1}", "bogus"),
+        ("access_log: {sample_success: -0.1}", "$.access_log.sample_success"),
+        ("access_log: {max_bytes: 0}", "$.access_log.max_bytes"),
+        ("access_log: {backups: -1}", "$.access_log.backups"),
+        ("access_log: {max_queue: 0}", "$.access_log.max_queue"),
+    ],
+)
+def test_tracing_and_access_log_fields_are_validated_with_their_path(section: str, path: str) -> None:
+    base = "providers: [{name: a, base_url: 'http://h:1/v1'}]\nmodels: [{name: m, provider: a}]\n"
+    with pytest.raises(ConfigError) as info:
+        config_mod.parse(base + section + "\n")
+    assert path in str(info.value), info.value
