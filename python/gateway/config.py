@@ -21,6 +21,18 @@ import msgspec
 import yaml
 
 from . import _fastpath, envvars
+from .config_routing import (
+    AffinityConfig,
+    BalanceKind,
+    CacheConfig,
+    DeploymentConfig,
+    FallbackConfig,
+    HedgeConfig,
+    QueueConfig,
+    RetryConfig,
+    RoutingConfig,
+    validate_routing,
+)
 
 
 class ConfigError(ValueError):
@@ -112,12 +124,22 @@ class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
-    provider: str
+    #: one deployment (the shorthand); or list them in `deployments`
+    provider: str | None = None
     upstream_model: str | None = None  # defaults to `name`
     owned_by: str = "fastpath-gateway"
     encoding: str | None = None  # tokenizer for counted usage; default: by model name
     #: Only for models of a `triton` provider (defaults apply when absent).
     triton: TritonModelConfig | None = None
+    #: several upstreams serving this model (see gateway.config_routing)
+    deployments: list[DeploymentConfig] = []
+    balance: BalanceKind = BalanceKind.P2C
+    affinity: AffinityConfig = AffinityConfig()
+    retry: RetryConfig = RetryConfig()
+    fallbacks: list[FallbackConfig] = []
+    hedge: HedgeConfig = HedgeConfig()
+    cache: CacheConfig = CacheConfig()
+    queue: QueueConfig = QueueConfig()
 
 
 class LimitSet(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -151,6 +173,9 @@ class TierConfig(BudgetLimitSet, forbid_unknown_fields=True, frozen=True):
 
     #: Extra limits per key and public model, e.g. `{gpt-4o: {rpm: 10, tpm: 1000}}`.
     models: dict[str, ModelLimitsConfig] = {}
+    #: Higher first: the order of the fair queue (`models[].queue`) and the request priority
+    #: passed to engines that take one (Triton).
+    priority: int = 0
 
 
 class TeamLimitsConfig(BudgetLimitSet, forbid_unknown_fields=True, frozen=True):
@@ -516,6 +541,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     extensions: list[ExtensionConfig] = []
     #: OpenTelemetry tracing (off unless `tracing.enabled`).
     tracing: TracingConfig = TracingConfig()
+    #: Other public names for models (alias -> model name).
+    aliases: dict[str, str] = {}
+    #: Circuit breaking and active health checks of every deployment.
+    routing: RoutingConfig = RoutingConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -670,22 +699,16 @@ def _validate(cfg: Config) -> None:
     if not cfg.models:
         raise ConfigError("$.models: at least one model is required")
     seen: set[str] = set()
+    kinds = {p.name: p.kind for p in cfg.providers}
     for i, m in enumerate(cfg.models):
         where = f"$.models[{i}]"
         if m.name in seen:
             raise ConfigError(f"{where}.name: duplicate model name {m.name!r}")
         seen.add(m.name)
-        if m.provider not in names:
-            raise ConfigError(
-                f"{where}.provider: unknown provider {m.provider!r} (known: {', '.join(sorted(names))})"
-            )
         if m.encoding is not None and m.encoding not in ("o200k_base", "cl100k_base"):
             raise ConfigError(f"{where}.encoding: must be o200k_base or cl100k_base, got {m.encoding!r}")
-        kinds = {p.name: p.kind for p in cfg.providers}
-        if m.triton is not None:
-            if kinds[m.provider] is not ProviderKind.TRITON:
-                raise ConfigError(f"{where}.triton: only for models of a triton provider")
-            _validate_triton_model(f"{where}.triton", m.triton)
+        _validate_deployments(where, m, kinds)
+    validate_routing(cfg, seen)
     _validate_guards(cfg, seen)
     _validate_extensions(cfg)
     _validate_tracing(cfg.tracing)
@@ -697,6 +720,32 @@ def _validate(cfg: Config) -> None:
 
 
 _MIN_ADMIN_KEY_CHARS = 32
+
+
+def _validate_deployments(where: str, m: ModelConfig, kinds: dict[str, ProviderKind]) -> None:
+    if (m.provider is None) == (not m.deployments):
+        raise ConfigError(f"{where}: set exactly one of `provider` (one deployment) or `deployments`")
+    known = ", ".join(sorted(kinds))
+    if m.provider is not None and m.provider not in kinds:
+        raise ConfigError(f"{where}.provider: unknown provider {m.provider!r} (known: {known})")
+    for j, d in enumerate(m.deployments):
+        if d.provider not in kinds:
+            raise ConfigError(
+                f"{where}.deployments[{j}].provider: unknown provider {d.provider!r} (known: {known})"
+            )
+    if m.triton is not None:
+        providers = [m.provider] if m.provider is not None else [d.provider for d in m.deployments]
+        if all(kinds[p] is not ProviderKind.TRITON for p in providers):
+            raise ConfigError(f"{where}.triton: only for models with a triton provider")
+        _validate_triton_model(f"{where}.triton", m.triton)
+
+
+def model_deployments(m: ModelConfig) -> list[DeploymentConfig]:
+    """The model's deployments, the `provider:` shorthand expanded."""
+    if m.deployments:
+        return m.deployments
+    assert m.provider is not None
+    return [DeploymentConfig(provider=m.provider)]
 
 
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from .principal import Principal
     from .quota import Lease
     from .routing import Route
+    from .routing.deployment import Deployment
     from .schemas import RequestView, Usage
     from .timing import ReadGaps
     from .tracing import TraceContext
@@ -32,7 +33,8 @@ class RequestContext:
         "headers",
         "lease",
         "principal",
-        "ratelimit_headers",
+        "priority",
+    "ratelimit_headers",
         "reply_headers",
         "request_id",
         "route",
@@ -79,6 +81,14 @@ class RequestContext:
         #: the error code of an error event that ended a started stream (for the usage ledger)
         self.stream_error: str | None = None
         self.route: Route | None = None
+        #: the deployment answering (the last attempt's); None before any upstream attempt
+        self.deployment: Deployment | None = None
+        #: upstream attempts made (retries, fallbacks and hedges included)
+        self.attempts = 0
+        #: the response cache's verdict (`hit`, `miss`, `shared`: single-flight); None: not cached
+        self.cache: str | None = None
+        #: the request's priority (its tier's): the fair queue's order, Triton's `priority`
+        self.priority = 0
         self.upstream_body = b""
         self.usage: Usage | None = None
         self.status = 0

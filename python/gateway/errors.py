@@ -51,6 +51,9 @@ class Fault(Enum):
     UPSTREAM_BAD_RESPONSE = _Spec(502, "upstream_error", retryable=True, log_level=logging.WARNING)
     UPSTREAM_UNAVAILABLE = _Spec(503, "upstream_error", retryable=True, log_level=logging.WARNING)
     UPSTREAM_TIMEOUT = _Spec(504, "timeout_error", retryable=True, log_level=logging.WARNING)
+    #: every deployment of the model is at `max_concurrent` and the fair queue is full or its
+    #: wait ran out
+    UPSTREAM_CAPACITY = _Spec(429, "rate_limit_error", retryable=True, log_level=logging.INFO)
     STREAM_TIMEOUT = _Spec(504, "timeout_error", log_level=logging.INFO)
     INTERNAL = _Spec(500, "api_error", log_level=logging.ERROR)
 
