@@ -120,6 +120,10 @@ class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
     #: becomes `guided_decoding_guide_type` / `guided_decoding_guide`; otherwise such a request
     #: is refused with 400.
     guided_decoding: bool = False
+    #: The model's `dynamic_batching.priority_levels` (give it `default_priority_level` equal to
+    #: it, the lowest): a tier `priority` p > 0 is sent as Triton's request priority
+    #: `max(1, priority_levels - p)`, p steps above the default. 0: no priority is sent.
+    priority_levels: int = 0
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -832,6 +836,7 @@ def _validate_admin(cfg: Config) -> None:
 
 def _validate_triton_model(where: str, t: TritonModelConfig) -> None:
     _check_positive(f"{where}.default_max_tokens", t.default_max_tokens)
+    _check_positive(f"{where}.priority_levels", t.priority_levels, allow_zero=True)
     if t.chat_template and t.chat_template_file:
         raise ConfigError(f"{where}: set at most one of chat_template and chat_template_file")
     if any(not s for s in t.stop):

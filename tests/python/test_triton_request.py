@@ -11,7 +11,7 @@ import pytest
 from gateway.config import TritonModelConfig
 from gateway.errors import GatewayError
 from gateway.schemas import ChatRequestView
-from gateway.upstreams.triton_request import TritonRequestBuilder, chatml
+from gateway.upstreams.triton_request import TritonRequestBuilder, chatml, triton_priority
 
 #: The inputs of the stock TensorRT-LLM `ensemble` config (newer releases).
 TRTLLM_INPUTS = {
@@ -184,3 +184,25 @@ def test_guided_decoding_when_configured() -> None:
 def test_a_model_without_the_text_contract_is_named() -> None:
     with pytest.raises(GatewayError, match="missing max_tokens, text_output"):
         TritonRequestBuilder("resnet", TritonModelConfig(), {"text_input"}, {"probs"})
+
+
+def test_tier_priority_becomes_tritons_request_priority() -> None:
+    """Higher first becomes Triton's 1 = highest; 0 and unconfigured levels send nothing (the
+    model's default level), as tritonclient does: a uint64 `priority` parameter."""
+    raw = msgspec.json.encode({"model": "m", "messages": MESSAGES})
+    view = msgspec.json.decode(raw, type=ChatRequestView)
+
+    def sent(priority: int, levels: int) -> int | None:
+        builder = TritonRequestBuilder(
+            "ensemble", TritonModelConfig(priority_levels=levels), TRTLLM_INPUTS, OUTPUTS
+        )
+        req = builder.build(view, raw, "rid-1", True, priority)[0]
+        if "priority" not in req.parameters:
+            return None
+        assert req.parameters["priority"].WhichOneof("parameter_choice") == "uint64_param"
+        return int(req.parameters["priority"].uint64_param)
+
+    assert sent(0, 4) is None and sent(3, 0) is None
+    assert [sent(p, 4) for p in (1, 2, 3, 9)] == [3, 2, 1, 1]
+    assert sent(-2, 4) == 4  # below the default: the lowest level
+    assert [triton_priority(p, 2) for p in (-1, 0, 1, 5)] == [2, 0, 1, 1]

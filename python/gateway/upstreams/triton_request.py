@@ -75,6 +75,17 @@ def _bytes1(value: bytes) -> bytes:
     return struct.pack("<I", len(value)) + value
 
 
+def triton_priority(priority: int, levels: int) -> int:
+    """Our priority (higher first, 0 = the default) -> Triton's request priority (1 = the
+    highest of `levels`; 0 = the model's `default_priority_level`, the lowest by our advice).
+
+    Triton reads 0 and anything above the model's levels as its default, so priority 0 (or no
+    levels configured) sends nothing and a priority below 0 shares the lowest level."""
+    if priority == 0 or levels == 0:
+        return 0
+    return min(levels, max(1, levels - priority))
+
+
 def _refuse(param: str, what: str) -> GatewayError:
     return GatewayError(Fault.UNSUPPORTED_PARAMETER, what, param=param)
 
@@ -178,9 +189,10 @@ class TritonRequestBuilder:
             raise GatewayError(Fault.INTERNAL, f"The model's chat template failed: {exc}") from None
 
     def build(
-        self, view: RequestView, body: bytes, request_id: str, stream: bool
+        self, view: RequestView, body: bytes, request_id: str, stream: bool, priority: int = 0
     ) -> tuple[Any, list[str], int]:
-        """-> (ModelInferRequest, stop words to cut, max_tokens)."""
+        """-> (ModelInferRequest, stop words to cut, max_tokens). `priority` is the request's
+        (its tier's, higher first): see `triton_priority`."""
         s: _Sampling
         try:
             if isinstance(view, ChatRequestView):
@@ -257,6 +269,9 @@ class TritonRequestBuilder:
             raw_input_contents=raws,
         )
         request.parameters["triton_enable_empty_final_response"].CopyFrom(_EMPTY_FINAL)
+        level = triton_priority(priority, self.cfg.priority_levels)
+        if level:  # a uint64 `priority` parameter, as tritonclient sends it
+            request.parameters["priority"].uint64_param = level
         return request, stops, max_tokens
 
     def _refuse_unsupported_completion(self, s: CompletionSamplingView) -> None:
