@@ -81,7 +81,7 @@ class Gateway:
             loop.call_soon(release_stop_signals)  # runs once the loop runs: see hold_stop_signals
         worker = self.worker = Worker(self.cfg, loop)
         self.adapters = worker.adapters = {p.name: upstreams.build(p, worker) for p in self.cfg.providers}
-        worker.routes = build_routes(self.cfg, self.adapters)
+        worker.routes = build_routes(self.cfg, self.adapters, worker)
         self.pipeline = Pipeline(self.cfg, worker)
         self.pipeline.start(worker)
         if self.pipeline.metrics is not None and self.cfg.metrics.listen:
@@ -90,7 +90,10 @@ class Gateway:
             self._metrics_server = start_listener(self.cfg, self.pipeline.metrics, loop)
         created = int(time.time())
         self._models_body = _encode(
-            ModelList([ModelCard(m.name, created, m.owned_by) for m in self.cfg.models])
+            ModelList(
+                [ModelCard(m.name, created, m.owned_by) for m in self.cfg.models]
+                + [ModelCard(alias, created, "fastpath-gateway") for alias in self.cfg.aliases]
+            )
         )
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:

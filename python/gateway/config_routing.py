@@ -69,7 +69,12 @@ class RetryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: attempts in all, the first included (1 = no retries)
     max_attempts: int = 2
     on: list[ErrorClass] = msgspec.field(
-        default_factory=lambda: [ErrorClass.CONNECT, ErrorClass.TIMEOUT, ErrorClass.RATE_LIMITED, ErrorClass.SERVER_ERROR]
+        default_factory=lambda: [
+            ErrorClass.CONNECT,
+            ErrorClass.TIMEOUT,
+            ErrorClass.RATE_LIMITED,
+            ErrorClass.SERVER_ERROR,
+        ]
     )
     backoff_ms: int = 25  # base of the exponential backoff (full jitter)
     max_backoff_ms: int = 1_000

@@ -24,9 +24,15 @@ class RequestContext:
     """One request's state. Slotted: created per request, read by every stage."""
 
     __slots__ = (
+        "attempt_t0",
+        "attempts",
         "body",
+        "body_model",
+        "body_parts",
+        "cache",
         "client",
         "client_wants_usage",
+        "deployment",
         "endpoint",
         "first_ns",
         "gaps",
@@ -34,7 +40,7 @@ class RequestContext:
         "lease",
         "principal",
         "priority",
-    "ratelimit_headers",
+        "ratelimit_headers",
         "reply_headers",
         "request_id",
         "route",
@@ -85,6 +91,12 @@ class RequestContext:
         self.deployment: Deployment | None = None
         #: upstream attempts made (retries, fallbacks and hedges included)
         self.attempts = 0
+        #: loop time the answering attempt started (0.0: no slot held on `deployment`)
+        self.attempt_t0 = 0.0
+        #: the upstream model (JSON) that `upstream_body` names, and the body as a template
+        #: around its model value (made when a deployment needs another model name)
+        self.body_model = b""
+        self.body_parts: tuple[bytes, bytes] | None = None
         #: the response cache's verdict (`hit`, `miss`, `shared`: single-flight); None: not cached
         self.cache: str | None = None
         #: the request's priority (its tier's): the fair queue's order, Triton's `priority`

@@ -343,7 +343,7 @@ class MetricsObserver(Part):
         chat, route, status, error, stream = key
         endpoint = Endpoint.CHAT if chat else Endpoint.COMPLETIONS
         model = route.name if route is not None else "none"
-        provider = route.adapter.name if route is not None else "none"
+        provider = route.deployments[0].adapter.name if route is not None else "none"
         err = "" if error is None else (error if error in self._errors else OTHER)
         sl = self.shard.slot
         f = self.fams

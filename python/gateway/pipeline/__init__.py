@@ -1,7 +1,7 @@
 """The request pipeline (docs/architecture.md):
 
     request stages: [trace] -> decode -> [auth] -> route -> [limits] -> [guard]
-    upstream:       route.adapter.start(ctx, deadline) -> UpstreamCall
+    dispatch:       deployments, retries, fallbacks, hedges, cache -> an answering UpstreamCall
     relay:          frames out, response stages in reverse order ([live_budget], extensions, [cost])
     settle:         finish stages ([limits]): exactly once, before a unary reply or after a stream
     observers:      once, after the reply ([ledger], [access_log], extensions)
@@ -32,6 +32,7 @@ from ..context import RequestContext
 from ..errors import Fault, GatewayError
 from ..keystore import open_store
 from ..ledger import ledger_on
+from ..routing.dispatch import Dispatch
 from . import respond
 from .decode import DecodeStage
 from .disconnect import DisconnectWatch
@@ -57,6 +58,7 @@ class Pipeline:
     __slots__ = (
         "_loop",
         "finish_stages",
+        "routing_parts",
         "ledger",
         "metrics",
         "observers",
@@ -129,17 +131,22 @@ class Pipeline:
         #: in reverse order of the request stages that own them (Envoy's encoder filters)
         self.response_stages: tuple[ResponseStage, ...] = tuple(reversed(response))
         self.observers: tuple[Observer, ...] = tuple(observers)
+        #: per-route parts with a lifecycle (response caches), the health checker
+        self.routing_parts: tuple[Any, ...] = tuple(
+            {id(r.cache): r.cache for r in worker.routes.values() if r.cache is not None}.values()
+        )
         s = cfg.server
         self.relay = Relay(
             worker.loop,
             s.max_stream_duration_ms / 1000,
             s.stream_ping_interval_ms / 1000,
             self.response_stages,
+            Dispatch(worker.loop, s.max_stream_duration_ms / 1000),
         )
 
     def _parts(self) -> list[Any]:
         seen: dict[int, Any] = {}
-        for part in (*self.request_stages, *self.response_stages, *self.observers):
+        for part in (*self.request_stages, *self.response_stages, *self.observers, *self.routing_parts):
             seen.setdefault(id(part), part)
         return list(seen.values())
 
@@ -200,9 +207,7 @@ class Pipeline:
                 t = time.perf_counter_ns()
                 await stage.on_request(ctx)
                 timings[stage.name] = time.perf_counter_ns() - t
-            route = ctx.route
-            assert route is not None
-            await self.relay.run(ctx, route.adapter, protocol, self._settle)
+            await self.relay.run(ctx, protocol, self._settle)
         finally:
             self._settle(ctx)  # a no-op when the relay settled
 

@@ -72,7 +72,7 @@ class LedgerObserver(Part):
             principal.tier_name if principal is not None else None,
             _ENDPOINTS[ctx.endpoint],
             model,
-            route.upstream_model if route is not None else None,
+            ctx.deployment.upstream_model if ctx.deployment is not None else None,
             ctx.stream,
             outcome.status,
             outcome.error,

@@ -24,7 +24,8 @@ from . import respond
 
 if TYPE_CHECKING:
     from ..context import RequestContext
-    from ..upstreams.base import Adapter, UpstreamCall
+    from ..routing.dispatch import Dispatch
+    from ..upstreams.base import UpstreamCall
 
 log = logging.getLogger("gateway.relay")
 
@@ -118,7 +119,7 @@ Settle = Callable[["RequestContext"], None]
 class Relay:
     """Per worker: the stream limits of the config and the response stages, in reverse order."""
 
-    __slots__ = ("_loop", "_pings", "_stages", "max_stream_s", "ping_s")
+    __slots__ = ("_dispatch", "_loop", "_pings", "_stages", "max_stream_s", "ping_s")
 
     def __init__(
         self,
@@ -126,32 +127,42 @@ class Relay:
         max_stream_s: float,
         ping_s: float,
         stages: tuple[ResponseStage, ...],
+        dispatch: Dispatch,
     ) -> None:
         self._loop = loop
         self.max_stream_s = max_stream_s
         self.ping_s = ping_s
         self._stages = stages
         self._pings = _Pings(loop, ping_s)
+        self._dispatch = dispatch
 
-    def run(
-        self, ctx: RequestContext, adapter: Adapter, protocol: Any, settle: Settle
-    ) -> Coroutine[Any, Any, None]:
+    def run(self, ctx: RequestContext, protocol: Any, settle: Settle) -> Coroutine[Any, Any, None]:
         """The coroutine that answers the request (not itself a coroutine: one frame less on
         every resumption of a stream's reads)."""
         if ctx.stream:
-            return self._stream(ctx, adapter, protocol, settle)
-        return self._unary(ctx, adapter, protocol, settle)
+            return self._stream(ctx, protocol, settle)
+        return self._unary(ctx, protocol, settle)
 
-    async def _unary(self, ctx: RequestContext, adapter: Adapter, protocol: Any, settle: Settle) -> None:
-        deadline = self._loop.time() + adapter.total_timeout_s
-        call = await adapter.start(ctx, deadline)
+    def _limits(self, ctx: RequestContext) -> tuple[float, float]:
+        """The answering deployment's total deadline and idle timeout (a replayed call: ours)."""
+        dep = ctx.deployment
+        if dep is None or ctx.attempt_t0 == 0.0:
+            return self._loop.time() + self.max_stream_s, self.max_stream_s
+        adapter = dep.adapter
+        return ctx.attempt_t0 + min(self.max_stream_s, adapter.total_timeout_s), adapter.idle_timeout_s
+
+    async def _unary(self, ctx: RequestContext, protocol: Any, settle: Settle) -> None:
         t0 = time.perf_counter_ns()
+        call, _ = await self._dispatch.open(ctx)
+        deadline, _ = self._limits(ctx)
         try:
             body = await call.body(deadline)
         except BaseException:
             call.abort()
+            self._dispatch.finish(ctx, False)
             raise
         call.release()
+        self._dispatch.finish(ctx, True)
         ctx.timings["upstream"] = time.perf_counter_ns() - t0
         ctx.usage = call.usage()
         for stage in self._stages:
@@ -160,23 +171,22 @@ class Relay:
         ctx.timings["total"] = time.perf_counter_ns() - ctx.start_ns
         respond.send_json(protocol, ctx, 200, body)
 
-    async def _stream(self, ctx: RequestContext, adapter: Adapter, protocol: Any, settle: Settle) -> None:
+    async def _stream(self, ctx: RequestContext, protocol: Any, settle: Settle) -> None:
         loop = self._loop
-        deadline = loop.time() + min(self.max_stream_s, adapter.total_timeout_s)
-        call = await adapter.start(ctx, deadline)
         t0 = time.perf_counter_ns()
-        try:
-            out = await call.first(min(deadline, loop.time() + adapter.first_byte_timeout_s))
-        except BaseException:
-            call.abort()
-            raise
+        call, out = await self._dispatch.open(ctx)  # retries, fallbacks and hedges are in there
         first_ns = ctx.first_ns = time.perf_counter_ns()
         ctx.timings["ttfb"] = first_ns - t0
-        hooks = [h for s in self._stages if (h := s.on_stream(ctx)) is not None]
-        writer = respond.start_stream(protocol, ctx)
+        deadline, idle_s = self._limits(ctx)
+        try:
+            hooks = [h for s in self._stages if (h := s.on_stream(ctx)) is not None]
+            writer = respond.start_stream(protocol, ctx)
+        except BaseException:
+            call.abort()
+            self._dispatch.finish(ctx, False)
+            raise
         live = self._pings.add(writer)
         gaps = ctx.gaps = ReadGaps(loop.time())
-        idle_s = adapter.idle_timeout_s
         ended_ok = False
         try:
             while True:
@@ -225,6 +235,7 @@ class Relay:
                 call.release()
             else:
                 call.abort()
+            self._dispatch.finish(ctx, ended_ok)
             ctx.usage = call.usage()
             settle(ctx)
 

@@ -43,16 +43,21 @@ class RouteStage(Part):
                 param="model",
             )
         ctx.route = route
+        principal = ctx.principal
+        if principal is not None:
+            ctx.priority = principal.tier.priority
         body = ctx.body
         inject_usage = ctx.stream and not ctx.client_wants_usage
         # A `\u` escape can spell a key without its literal bytes: then look at decoded keys.
         strip = b"\\u" in body or any(k in body for k in _HOST_CHOOSING)
-        if route.passthrough_model and not inject_usage and not strip:
+        model_json = route.model_json
+        if model_json is not None and route.upstream_model == view.model and not inject_usage and not strip:
             ctx.upstream_body = body
+            ctx.body_model = model_json
             return
         top = _raw_top.decode(body)
-        if not route.passthrough_model:
-            top["model"] = msgspec.Raw(route.upstream_model_json)
+        # one upstream model: write it; several: a placeholder the dispatcher splices per deployment
+        top["model"] = msgspec.Raw(model_json if model_json is not None else _PLACEHOLDER)
         if inject_usage:
             prior = top.get("stream_options")
             opts = _any.decode(prior) if prior is not None else None
@@ -64,4 +69,23 @@ class RouteStage(Part):
         if strip:
             for key in _HOST_CHOOSING_KEYS:
                 top.pop(key, None)
-        ctx.upstream_body = _encode(top)
+        encoded = _encode(top)
+        if model_json is not None:
+            ctx.upstream_body = encoded
+            ctx.body_model = model_json
+        else:
+            head, _, tail = encoded.partition(_PLACEHOLDER)
+            ctx.body_parts = (head, tail)
+
+
+#: not valid inside JSON text (control characters must be escaped), so it cannot occur elsewhere
+_PLACEHOLDER = b"\x00"
+
+
+def split_template(body: bytes) -> tuple[bytes, bytes]:
+    """`body` (a JSON object) around its `model` value: for a deployment of another model
+    than the one the body names (a fallback)."""
+    top = _raw_top.decode(body)
+    top["model"] = msgspec.Raw(_PLACEHOLDER)
+    head, _, tail = _encode(top).partition(_PLACEHOLDER)
+    return head, tail

@@ -90,9 +90,10 @@ class _Done:
         self.stream = ctx.stream
         route = ctx.route
         self.model = route.name if route is not None else None
-        self.upstream_model = route.upstream_model if route is not None else None
-        self.provider = route.adapter.name if route is not None else None
-        self.system = route.adapter.kind if route is not None else None
+        dep = ctx.deployment
+        self.upstream_model = dep.upstream_model if dep is not None else None
+        self.provider = dep.adapter.name if dep is not None else None
+        self.system = dep.adapter.kind if dep is not None else None
         usage = ctx.usage
         self.usage = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from ..context import RequestContext
     from ..errors import GatewayError
+    from ..routing.deployment import Deployment
     from ..schemas import Usage
 
 
@@ -82,9 +83,13 @@ class Adapter(Protocol):
 
     async def close(self) -> None: ...
 
-    async def start(self, ctx: RequestContext, deadline: float) -> UpstreamCall:
-        """Send the request (`ctx.upstream_body` for its route); return once the upstream has
-        accepted it (HTTP: a 2xx head). Raises `GatewayError` (mapped) on refusal or failure."""
+    async def start(
+        self, ctx: RequestContext, target: Deployment, body: bytes, deadline: float
+    ) -> UpstreamCall:
+        """Send the request to `target` (a deployment on this adapter's server; `body` is the
+        upstream body for its model); return once the upstream has accepted it (HTTP: a 2xx
+        head). Raises `GatewayError` (mapped) on refusal or failure. May be cancelled (a lost
+        hedge, a client gone): then it leaves nothing behind."""
         ...
 
     async def probe(self, timeout_s: float) -> dict[str, Any]:

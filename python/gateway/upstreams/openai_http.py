@@ -30,6 +30,7 @@ from .httpclient import (
 
 if TYPE_CHECKING:
     from ..context import RequestContext
+    from ..routing.deployment import Deployment
     from ..worker import Worker
 
 _error_view = msgspec.json.Decoder(UpstreamErrorView)
@@ -98,15 +99,15 @@ class OpenAIHttpAdapter:
             body,
         )
 
-    async def start(self, ctx: RequestContext, deadline: float) -> OpenAICall:
+    async def start(
+        self, ctx: RequestContext, target: Deployment, body: bytes, deadline: float
+    ) -> OpenAICall:
         t0 = time.perf_counter_ns()
         trace = ctx.trace
         extra = (
             b"" if trace is None else "".join(f"{k}: {v}\r\n" for k, v in trace.upstream_headers()).encode()
         )
-        conn = await self.open(
-            ctx.endpoint.value.removeprefix("/v1"), ctx.upstream_body, ctx.request_id, deadline, extra
-        )
+        conn = await self.open(ctx.endpoint.value.removeprefix("/v1"), body, ctx.request_id, deadline, extra)
         ctx.timings["upstream_head"] = time.perf_counter_ns() - t0
         return OpenAICall(ctx, conn, self.max_response_bytes)
 

@@ -118,13 +118,14 @@ class TritonCall:
         call: TritonStream,
         stops: list[str],
         max_tokens: int,
+        model: str,
     ) -> None:
         route = ctx.route
         assert route is not None
         self._ctx = ctx
         self._adapter = adapter
         self._call = call
-        self._model = route.upstream_model
+        self._model = model
         self._max_tokens = max_tokens
         self._final = False
         self._n_in: int | None = None

@@ -27,6 +27,7 @@ from .triton_request import TritonRequestBuilder
 
 if TYPE_CHECKING:
     from ..context import RequestContext
+    from ..routing.deployment import Deployment
     from ..worker import Worker
 
 #: Re-read a model's metadata this long after it was cached (a reload may change its inputs).
@@ -199,19 +200,28 @@ class TritonAdapter:
         )
         return TritonStream(call)
 
-    async def start(self, ctx: RequestContext, deadline: float) -> TritonCall:
-        route = ctx.route
-        assert route is not None and ctx.view is not None
-        builder = await self.builder(route.upstream_model, route.triton)
+    async def start(
+        self, ctx: RequestContext, target: Deployment, body: bytes, deadline: float
+    ) -> TritonCall:
+        """`body` is unused: Triton gets tensors built from the client's request."""
+        assert ctx.view is not None
+        builder = await self.builder(target.upstream_model, target.triton)
         request, stops, max_tokens = builder.build(ctx.view, ctx.body, ctx.request_id, ctx.stream)
         trace = ctx.trace
         extra = () if trace is None else trace.upstream_headers()
         call = self.stream(request, max(deadline - self.loop.time(), 0.001), extra)
-        return TritonCall(ctx, self, call, stops, max_tokens)
+        return TritonCall(ctx, self, call, stops, max_tokens, target.upstream_model)
 
     async def probe(self, timeout_s: float) -> dict[str, Any]:
         """Readiness: the server, then each model routed to it."""
-        models = sorted({r.upstream_model for r in self.worker.routes.values() if r.adapter is self})
+        models = sorted(
+            {
+                d.upstream_model
+                for r in self.worker.routes.values()
+                for d in r.deployments
+                if d.adapter is self
+            }
+        )
         try:
             live = await self.unary("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, timeout_s)
             if not live.ready:
