@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
@@ -43,7 +43,7 @@ def request(
     raw = json.dumps(body).encode()
     ctx = RequestContext("req", Endpoint.CHAT, raw, 0, {})
     ctx.view = msgspec.json.decode(raw, type=ChatRequestView)
-    ctx.route = Route(model, "mock-echo", cast(Any, None), "o200k_base")
+    ctx.route = Route(model, "o200k_base", (), config_mod.ModelConfig(name=model, provider="mock"))
     ctx.principal = who
     ctx.stream = stream
     return ctx

@@ -40,7 +40,7 @@ def completions(m: MockUpstream) -> list[dict[str, object]]:
 
 def set_faults(m: MockUpstream, **faults: object) -> None:
     req = urllib.request.Request(
-        f"{m.url}/mock/faults",
+        f"{m.url}/_mock/faults",
         json.dumps(faults).encode(),
         {"content-type": "application/json"},
         method="POST",

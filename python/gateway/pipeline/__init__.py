@@ -58,13 +58,13 @@ class Pipeline:
     __slots__ = (
         "_loop",
         "finish_stages",
-        "routing_parts",
         "ledger",
         "metrics",
         "observers",
         "relay",
         "request_stages",
         "response_stages",
+        "routing_parts",
     )
 
     def __init__(self, cfg: Config, worker: Worker) -> None:

@@ -21,6 +21,8 @@ SSE_HEADERS = (
 
 def server_timing(ctx: RequestContext) -> tuple[str, str]:
     parts = [f"{k};dur={v / 1e6:.3f}" for k, v in ctx.timings.items()]
+    if ctx.attempts > 1:  # retried, failed over or hedged: how many upstream attempts it took
+        parts.append(f'attempts;desc="{ctx.attempts}"')
     return ("server-timing", ", ".join(parts))
 
 
