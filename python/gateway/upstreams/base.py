@@ -95,3 +95,9 @@ class Adapter(Protocol):
     async def probe(self, timeout_s: float) -> dict[str, Any]:
         """Readiness of this upstream: `{"ready": bool, "detail": str, ...}`."""
         ...
+
+    async def check(self, model: str | None, path: str, timeout_s: float) -> tuple[bool, str]:
+        """The active health check of one deployment (`routing.health`): (healthy, what was
+        seen). Kind-specific: an HTTP server answers `GET path` below 500; Triton says the
+        server and `model` are ready. Never raises for an unreachable upstream."""
+        ...

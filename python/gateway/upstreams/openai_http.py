@@ -157,6 +157,32 @@ class OpenAIHttpAdapter:
             return {"ready": False, "detail": err.message}
         return {"ready": status < 500, "detail": f"HTTP {status}"}
 
+    async def check(self, model: str | None, path: str, timeout_s: float) -> tuple[bool, str]:
+        """Active health check (routing.health): GET `path` from the server's root, healthy
+        below 500. A leading `/v1` is the base URL's own `/v1` (`https://host/openai/v1` +
+        `/v1/models` -> `/openai/v1/models`); any other path is from the root (vLLM's `/health`).
+        `model` is not looked for: a listing answering is the liveness signal."""
+        base = self.base_path
+        if base.endswith("/v1") and (path == "/v1" or path.startswith("/v1/")):
+            path = base + path[3:]
+        loop = self.pool.loop
+        deadline = loop.time() + timeout_s
+        request = b"GET %s HTTP/1.1\r\n%sx-request-id: healthcheck\r\n\r\n" % (
+            path.encode("latin-1"),
+            self._prefix,
+        )
+        try:
+            conn = await self.pool.request(request, head_deadline=deadline)
+        except (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolError) as exc:
+            return False, str(exc)
+        try:  # read the body so the connection can be reused; its content does not matter
+            await conn.read_all(self.max_response_bytes, deadline)
+        except (UpstreamTimeout, UpstreamProtocolError):
+            pass
+        finally:
+            conn.release()  # closes it unless the body was read whole
+        return conn.status < 500, f"HTTP {conn.status}"
+
     async def close(self) -> None:
         self.pool.close()
 

@@ -237,5 +237,29 @@ class TritonAdapter:
         states = {m: a.ready for m, a in zip(models, answers, strict=True)}
         return {"ready": all(states.values()), "detail": "Triton", "models": states}
 
+    async def check(self, model: str | None, path: str, timeout_s: float) -> tuple[bool, str]:
+        """Active health check (routing.health): the server's readiness, then `model`'s, over
+        the channel the calls use (`path` is the HTTP kinds'). A model not ready loses its cached
+        metadata: a reload may change its inputs."""
+        deadline = self.loop.time() + timeout_s
+        try:
+            server = await self.unary(
+                "ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, timeout_s
+            )
+            if not server.ready:
+                return False, "Triton server not ready"
+            if model is None:
+                return True, "Triton server ready"
+            left = max(deadline - self.loop.time(), 0.001)
+            answer = await self.unary(
+                "ModelReady", pb.ModelReadyRequest(name=model), pb.ModelReadyResponse, left
+            )
+        except RpcError as exc:
+            return False, f"{exc.code.name}: {exc.details[:200]}"
+        if not answer.ready:
+            self.forget(model)
+            return False, f"model {model!r} not ready"
+        return True, "ready"
+
     async def close(self) -> None:
         await self.transport.close()
