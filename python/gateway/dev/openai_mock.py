@@ -10,7 +10,11 @@ Usage::
     python -m gateway.dev.openai_mock --host 127.0.0.1 --port 9100 [--ready-file PATH]
 
 Per-request behaviour is steered by an optional top-level ``"mock": {...}`` object in the request
-body (see :class:`Knobs`); observability for tests lives under ``/_mock/events`` and ``/_mock/stats``.
+body (see :class:`Knobs`). Process-wide faults (see :class:`Faults`: an error status for a fraction of
+completions, a slow tail, hangs) are set at start (``--fault-status`` ...) or at runtime with
+``POST /_mock/faults`` (``GET`` reads, ``DELETE`` clears), so that one of several mock upstreams can be
+broken under load without touching the requests; a request's own knobs win over them. Observability
+for tests lives under ``/_mock/events`` and ``/_mock/stats`` (``DELETE`` resets the counters).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import http
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -33,7 +38,7 @@ from typing import Any, Final, cast
 
 import orjson
 
-__all__ = ["MODEL_IDS", "Knobs", "MockServer", "MockState", "main", "serve"]
+__all__ = ["MODEL_IDS", "Faults", "Knobs", "MockServer", "MockState", "main", "serve"]
 
 log = logging.getLogger("gateway.dev.openai_mock")
 
@@ -172,6 +177,82 @@ class Knobs:
             hang=_get_bool(mock, "hang", param="mock.hang"),
             raw=raw,
         )
+
+
+_FAULT_FIELDS: Final = frozenset(
+    {
+        "status",
+        "status_rate",
+        "first_delay_ms",
+        "slow_tail_rate",
+        "slow_tail_ms",
+        "hang_rate",
+        "retry_after",
+        "seed",
+    }
+)
+
+
+def _get_rate(obj: JSONDict, key: str, default: float) -> float:
+    value = obj.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise HTTPError(400, f"{key} must be a number between 0 and 1", param=key)
+    return float(value)
+
+
+@dataclass(slots=True, frozen=True)
+class Faults:
+    """Process-wide faults for completion requests: how one upstream of several misbehaves.
+
+    Each completion draws three numbers from the process's random source (seeded for reproducible
+    runs), whatever is configured, so a seed gives the same faults for the same request order.
+    A request's own ``mock`` knobs win: its ``status``, ``hang``, ``raw`` or ``first_delay_ms``
+    replace the matching fault.
+    """
+
+    status: int | None = None  #: answer with this status (an OpenAI error body) ...
+    status_rate: float = 1.0  #: ... for this fraction of completion requests
+    first_delay_ms: float = 0.0  #: before every answer's headers
+    slow_tail_rate: float = 0.0  #: this fraction of requests gets ...
+    slow_tail_ms: float = 0.0  #: ... this much more first-byte delay
+    hang_rate: float = 0.0  #: this fraction is accepted and never answered
+    retry_after: str | None = None  #: a ``Retry-After`` header on the mock's error answers
+
+    @classmethod
+    def from_json(cls, obj: object) -> Faults:
+        if not isinstance(obj, dict):
+            raise HTTPError(400, "faults must be a JSON object")
+        unknown = sorted(set(obj) - _FAULT_FIELDS)
+        if unknown:
+            raise HTTPError(400, f"unknown fault fields: {', '.join(unknown)}", param=unknown[0])
+        status = _get_int(obj, "status", minimum=100, param="status")
+        if status is not None and status > 599:
+            raise HTTPError(400, "status must be a valid HTTP status", param="status")
+        retry_after = obj.get("retry_after")
+        if retry_after is not None and not isinstance(retry_after, str):
+            raise HTTPError(400, "retry_after must be a string", param="retry_after")
+        return cls(
+            status=status,
+            status_rate=_get_rate(obj, "status_rate", 1.0),
+            first_delay_ms=_get_float(obj, "first_delay_ms", param="first_delay_ms"),
+            slow_tail_rate=_get_rate(obj, "slow_tail_rate", 0.0),
+            slow_tail_ms=_get_float(obj, "slow_tail_ms", param="slow_tail_ms"),
+            hang_rate=_get_rate(obj, "hang_rate", 0.0),
+            retry_after=retry_after,
+        )
+
+    def to_json(self) -> JSONDict:
+        return {
+            "status": self.status,
+            "status_rate": self.status_rate,
+            "first_delay_ms": self.first_delay_ms,
+            "slow_tail_rate": self.slow_tail_rate,
+            "slow_tail_ms": self.slow_tail_ms,
+            "hang_rate": self.hang_rate,
+            "retry_after": self.retry_after,
+        }
 
 
 def count_words(text: str) -> int:
@@ -486,19 +567,37 @@ class MockState:
     Events live in a bounded deque so that a long benchmark cannot grow the mock without limit.
     """
 
-    def __init__(self, max_events: int = DEFAULT_MAX_EVENTS) -> None:
+    def __init__(
+        self, max_events: int = DEFAULT_MAX_EVENTS, faults: Faults | None = None, seed: int | None = None
+    ) -> None:
         self.events: deque[JSONDict] = deque(maxlen=max_events)
         self.conns: set[MockConnection] = set()
         self.active: dict[str, ActiveStream] = {}
         self.total_connections = 0
-        self.requests = 0
+        self.faults = faults or Faults()
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self._conn_counter = 0
+        self._request_counter = 0
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """``DELETE /_mock/stats``: start counting afresh (e.g. between phases of a test)."""
+        self.requests = 0  #: every request but ``/_mock/*`` (health checks included)
+        self.completions = 0  #: completion requests, faulted ones included
+        self.completions_by_status: dict[int, int] = {}  #: the status each completion was answered
+        self.faulted = {"status": 0, "hang": 0, "slow_tail": 0}
         self.streams = 0
         self.completed_streams = 0
         self.aborted_streams = 0
         self.dropped_streams = 0
         self.aborted_requests = 0
-        self._conn_counter = 0
-        self._request_counter = 0
+
+    def set_faults(self, faults: Faults, seed: int | None) -> None:
+        self.faults = faults
+        if seed is not None:
+            self.seed = seed
+            self.rng.seed(seed)
 
     def next_conn_id(self) -> int:
         self._conn_counter += 1
@@ -520,6 +619,9 @@ class MockState:
             "open_connections": len(self.conns),
             "total_connections": self.total_connections,
             "requests": self.requests,
+            "completions": self.completions,
+            "completions_by_status": {str(k): v for k, v in sorted(self.completions_by_status.items())},
+            "faulted": dict(self.faulted),
             "streams": self.streams,
             "completed_streams": self.completed_streams,
             "aborted_streams": self.aborted_streams,
@@ -562,11 +664,17 @@ def _status_line(status: int) -> bytes:
 
 
 def response_bytes(
-    status: int, body: bytes, *, keep_alive: bool, content_type: str = "application/json"
+    status: int,
+    body: bytes,
+    *,
+    keep_alive: bool,
+    content_type: str = "application/json",
+    extra: Sequence[tuple[str, str]] = (),
 ) -> bytes:
     head = (
         f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in extra)
+        + f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     )
     return _status_line(status) + head.encode("latin-1") + body
 
@@ -852,6 +960,11 @@ def route(conn: MockConnection, req: Request) -> Handler | None:
         elif path == "/_mock/stats" and method == "GET":
             loop_module = type(asyncio.get_running_loop()).__module__  # "uvloop" or "asyncio.*"
             conn.send_json({**state.stats(), "loop": loop_module}, keep_alive=req.keep_alive)
+        elif path == "/_mock/stats" and method == "DELETE":
+            state.reset_counters()
+            conn.send_json({"cleared": True}, keep_alive=req.keep_alive)
+        elif path == "/_mock/faults":
+            _faults_route(conn, req)
         else:
             raise _invalid_url(req)
         return None
@@ -876,6 +989,27 @@ def route(conn: MockConnection, req: Request) -> Handler | None:
     return None
 
 
+def _faults_route(conn: MockConnection, req: Request) -> None:
+    """``GET`` the process faults, ``POST`` a new set (every field absent takes its default;
+    ``"seed"`` re-seeds the random source), ``DELETE`` clears them (the seed is not a fault: the
+    random source goes on)."""
+    state = conn.state
+    if req.method == "POST":
+        try:
+            obj = orjson.loads(req.body or b"{}")
+        except orjson.JSONDecodeError:
+            raise HTTPError(400, "faults must be a JSON object") from None
+        faults = Faults.from_json(obj)
+        seed = _get_int(obj, "seed", minimum=0, param="seed")
+        state.set_faults(faults, seed)
+        log.info("faults set: %s", faults)
+    elif req.method == "DELETE":
+        state.set_faults(Faults(), None)
+    elif req.method != "GET":
+        raise _invalid_url(req)
+    conn.send_json({**state.faults.to_json(), "seed": state.seed}, keep_alive=req.keep_alive)
+
+
 def _model(model_id: str) -> JSONDict:
     return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "fastpath-mock"}
 
@@ -897,7 +1031,9 @@ def _completion(conn: MockConnection, req: Request, *, chat: bool) -> Handler | 
         headers=req.headers,
         body=body,
     )
+    state.completions += 1
     if not isinstance(body, dict):
+        _answered(state, 400)
         raise HTTPError(
             400,
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
@@ -905,26 +1041,63 @@ def _completion(conn: MockConnection, req: Request, *, chat: bool) -> Handler | 
             "not valid JSON.)",
         )
     counter = state.next_request_id()
-    plan = (
-        plan_chat(body, f"chatcmpl-mock-{counter}") if chat else plan_completion(body, f"cmpl-mock-{counter}")
-    )
-    knobs = plan.knobs
+    try:
+        plan = (
+            plan_chat(body, f"chatcmpl-mock-{counter}")
+            if chat
+            else plan_completion(body, f"cmpl-mock-{counter}")
+        )
+    except HTTPError as err:
+        _answered(state, err.status)
+        raise
+    knobs = _with_faults(state, plan.knobs, body.get("mock") or {})
     first_delay = knobs.first_delay_ms / 1000.0
     if knobs.raw is not None:
         return _raw(conn, req, plan, knobs.raw.encode("utf-8"), first_delay)
     if knobs.hang:
         return _hang(conn, req, plan)
     if knobs.status is not None and knobs.status != 200:
-        err = HTTPError(knobs.status, f"mock error (status {knobs.status})")
-        data = response_bytes(knobs.status, err.body(), keep_alive=req.keep_alive)
+        error = HTTPError(knobs.status, f"mock error (status {knobs.status})")
+        retry_after = state.faults.retry_after
+        extra = () if retry_after is None else (("Retry-After", retry_after),)
+        data = response_bytes(knobs.status, error.body(), keep_alive=req.keep_alive, extra=extra)
+        _answered(state, knobs.status)
     elif plan.stream:
+        _answered(state, 200)
         return _stream(conn, req, plan)
     else:
         data = response_bytes(200, orjson.dumps(render_body(plan)), keep_alive=req.keep_alive)
+        _answered(state, 200)
     if first_delay > 0:
         return _delayed(conn, req, plan, data, first_delay)
     conn.write(data)
     return None
+
+
+def _answered(state: MockState, status: int) -> None:
+    state.completions_by_status[status] = state.completions_by_status.get(status, 0) + 1
+
+
+def _with_faults(state: MockState, knobs: Knobs, mock: JSONDict) -> Knobs:
+    """The request's knobs with the process faults filled in where the request set nothing."""
+    faults, rng = state.faults, state.rng
+    # always three draws, so a seed reproduces the same faults whatever is configured
+    status_draw, hang_draw, tail_draw = rng.random(), rng.random(), rng.random()
+    if knobs.raw is not None:
+        return knobs
+    if "hang" not in mock and hang_draw < faults.hang_rate:
+        state.faulted["hang"] += 1
+        knobs.hang = True
+        return knobs
+    if "status" not in mock and faults.status is not None and status_draw < faults.status_rate:
+        state.faulted["status"] += 1
+        knobs.status = faults.status
+    if "first_delay_ms" not in mock:
+        knobs.first_delay_ms = faults.first_delay_ms
+        if tail_draw < faults.slow_tail_rate:
+            state.faulted["slow_tail"] += 1
+            knobs.first_delay_ms += faults.slow_tail_ms
+    return knobs
 
 
 async def _guard_request(conn: MockConnection, req: Request, plan: Plan, work: Callable[[], Handler]) -> None:
@@ -1083,10 +1256,16 @@ class MockServer:
 
 
 async def serve(
-    host: str = "127.0.0.1", port: int = 0, *, max_events: int = DEFAULT_MAX_EVENTS, backlog: int = 1024
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_events: int = DEFAULT_MAX_EVENTS,
+    backlog: int = 1024,
+    faults: Faults | None = None,
+    seed: int | None = None,
 ) -> MockServer:
     """Start listening on the running loop and return at once; ``port=0`` picks a free port."""
-    state = MockState(max_events)
+    state = MockState(max_events, faults, seed)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: MockConnection(state), host, port, backlog=backlog, reuse_address=True
@@ -1104,7 +1283,34 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-events", type=int, default=DEFAULT_MAX_EVENTS, help="events kept in memory")
     parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib asyncio loop")
     parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(argv)
+    faults = parser.add_argument_group("process-wide faults (also: POST /_mock/faults)")
+    faults.add_argument("--fault-status", type=int, help="answer completions with this HTTP status ...")
+    faults.add_argument("--fault-status-rate", type=float, default=1.0, help="... this fraction of them")
+    faults.add_argument("--first-delay-ms", type=float, default=0.0, help="delay before every answer")
+    faults.add_argument("--slow-tail-rate", type=float, default=0.0, help="this fraction of requests ...")
+    faults.add_argument("--slow-tail-ms", type=float, default=0.0, help="... waits this much longer")
+    faults.add_argument("--hang-rate", type=float, default=0.0, help="this fraction never answers")
+    faults.add_argument("--retry-after", help="Retry-After header on the mock's error answers")
+    faults.add_argument("--seed", type=int, help="seed of the fault draws (reproducible runs)")
+    args = parser.parse_args(argv)
+    try:
+        args.faults = Faults.from_json(
+            {
+                "status": args.fault_status,
+                "status_rate": args.fault_status_rate,
+                "first_delay_ms": args.first_delay_ms,
+                "slow_tail_rate": args.slow_tail_rate,
+                "slow_tail_ms": args.slow_tail_ms,
+                "hang_rate": args.hang_rate,
+                "retry_after": args.retry_after,
+            }
+        )
+    except HTTPError as err:
+        flag = {"status": "fault-status", "status_rate": "fault-status-rate"}.get(
+            str(err.param), str(err.param)
+        )
+        parser.error(f"--{flag.replace('_', '-')}: {err.message}")
+    return args
 
 
 def _write_ready_file(path: str, url: str) -> None:
@@ -1116,7 +1322,7 @@ def _write_ready_file(path: str, url: str) -> None:
 
 
 async def _amain(args: argparse.Namespace) -> int:
-    mock = await serve(args.host, args.port, max_events=args.max_events)
+    mock = await serve(args.host, args.port, max_events=args.max_events, faults=args.faults, seed=args.seed)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

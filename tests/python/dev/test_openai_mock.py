@@ -769,3 +769,158 @@ def test_in_process_serve() -> None:
     content, stats = asyncio.run(run())
     assert content == "You said: in process"
     assert stats["requests"] == 1 and stats["total_connections"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Process-wide faults (one of several upstreams broken under load)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockProcess]:
+    proc = start_mock(tmp_path_factory.mktemp("openai_mock_faults"))
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.stderr()
+    assert "Traceback" not in proc.stderr(), proc.stderr()
+
+
+@pytest.fixture
+def faulty(faulty_proc: MockProcess) -> MockProcess:
+    """A mock of its own (faults are process-wide), faults cleared and counters reset."""
+    get_json(faulty_proc, "DELETE", "/_mock/faults")
+    get_json(faulty_proc, "DELETE", "/_mock/stats")
+    return faulty_proc
+
+
+def set_faults(mock: MockProcess, faults: dict[str, Any]) -> tuple[int, Any]:
+    with RawConn(mock.port) as conn:
+        conn.request("POST", "/_mock/faults", faults)
+        status, _, body = conn.json_response()
+    return status, body
+
+
+def chat_status(conn: RawConn, **extra: Any) -> tuple[int, dict[str, str]]:
+    conn.request("POST", "/v1/chat/completions", chat_body(**extra))
+    status, headers, _ = conn.json_response()
+    return status, headers
+
+
+DEFAULT_FAULTS = {
+    "status": None,
+    "status_rate": 1.0,
+    "first_delay_ms": 0.0,
+    "slow_tail_rate": 0.0,
+    "slow_tail_ms": 0.0,
+    "hang_rate": 0.0,
+    "retry_after": None,
+    "seed": None,
+}
+
+
+def test_faults_set_read_clear_and_are_counted(faulty: MockProcess) -> None:
+    assert {**get_json(faulty, "GET", "/_mock/faults"), "seed": None} == DEFAULT_FAULTS
+    status, body = set_faults(faulty, {"status": 503, "retry_after": "2"})
+    assert status == 200 and {**body, "seed": None} == {**DEFAULT_FAULTS, "status": 503, "retry_after": "2"}
+    assert get_json(faulty, "GET", "/_mock/faults") == body
+    with RawConn(faulty.port) as conn:
+        status, headers = chat_status(conn)
+        assert status == 503 and headers["retry-after"] == "2"
+        status, headers = chat_status(conn, stream=True)  # refused before the stream starts
+        assert status == 503
+        assert chat_status(conn, mock={"status": 200})[0] == 200  # the request's own knob wins
+        assert chat_status(conn, mock={"status": 429})[0] == 429
+        conn.request("GET", "/v1/models")  # not a completion: never faulted, not counted as one
+        assert conn.json_response()[0] == 200
+    stats = get_json(faulty, "GET", "/_mock/stats")
+    assert stats["requests"] == 5 and stats["completions"] == 4
+    assert stats["completions_by_status"] == {"200": 1, "429": 1, "503": 2}
+    assert stats["faulted"] == {"status": 2, "hang": 0, "slow_tail": 0}
+
+    assert {**get_json(faulty, "DELETE", "/_mock/faults"), "seed": None} == DEFAULT_FAULTS
+    with RawConn(faulty.port) as conn:
+        status, headers = chat_status(conn)
+    assert status == 200 and "retry-after" not in headers
+    get_json(faulty, "DELETE", "/_mock/stats")
+    assert get_json(faulty, "GET", "/_mock/stats")["completions"] == 0
+
+
+def statuses(mock: MockProcess, n: int) -> list[int]:
+    with RawConn(mock.port) as conn:
+        return [chat_status(conn)[0] for _ in range(n)]
+
+
+def test_fault_rate_is_reproducible_with_a_seed(faulty: MockProcess) -> None:
+    faults = {"status": 500, "status_rate": 0.3, "seed": 7}
+    assert set_faults(faulty, faults)[0] == 200
+    first = statuses(faulty, 200)
+    assert set_faults(faulty, faults)[0] == 200  # re-seeded: the same sequence again
+    assert statuses(faulty, 200) == first
+    assert set(first) == {200, 500} and 0.2 < first.count(500) / 200 < 0.4
+    stats = get_json(faulty, "GET", "/_mock/stats")
+    assert stats["completions"] == 400 and stats["faulted"]["status"] == 2 * first.count(500)
+
+
+def test_slow_tail_delays_a_fraction(faulty: MockProcess) -> None:
+    assert set_faults(faulty, {"slow_tail_rate": 0.5, "slow_tail_ms": 40, "seed": 1})[0] == 200
+    took = []
+    with RawConn(faulty.port) as conn:
+        for _ in range(20):
+            t0 = time.monotonic()
+            assert chat_status(conn)[0] == 200
+            took.append(time.monotonic() - t0)
+    slow = get_json(faulty, "GET", "/_mock/stats")["faulted"]["slow_tail"]
+    assert 3 <= slow <= 17
+    assert sum(t >= 0.04 for t in took) >= slow  # at least that many waited the tail
+    # the request's own first_delay_ms replaces the process delay and its tail
+    assert set_faults(faulty, {"slow_tail_rate": 1.0, "slow_tail_ms": 60_000})[0] == 200
+    with RawConn(faulty.port) as conn:
+        assert chat_status(conn, mock={"first_delay_ms": 0})[0] == 200
+
+
+def test_hang_rate_accepts_and_never_answers(faulty: MockProcess) -> None:
+    assert set_faults(faulty, {"hang_rate": 1.0})[0] == 200
+    with RawConn(faulty.port) as conn:
+        conn.request("POST", "/v1/chat/completions", chat_body())
+        _wait_for(lambda: get_json(faulty, "GET", "/_mock/stats")["faulted"]["hang"] == 1, "the hang")
+        conn.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            conn.sock.recv(1)
+    _wait_for(lambda: get_json(faulty, "GET", "/_mock/stats")["aborted_requests"] == 1, "the abort")
+
+
+def test_bad_faults_are_refused(faulty: MockProcess) -> None:
+    for bad in ({"status_rate": 2}, {"status": 99}, {"slow_tail_ms": -1}, {"nope": 1}, {"retry_after": 5}):
+        status, body = set_faults(faulty, bad)
+        assert status == 400, (bad, body)
+    assert {**get_json(faulty, "GET", "/_mock/faults"), "seed": None} == DEFAULT_FAULTS
+
+
+def test_fault_cli_flags(tmp_path: Path) -> None:
+    proc = start_mock(
+        tmp_path,
+        "--fault-status",
+        "502",
+        "--fault-status-rate",
+        "1",
+        "--slow-tail-rate",
+        "0",
+        "--slow-tail-ms",
+        "5",
+        "--seed",
+        "3",
+    )
+    try:
+        faults = get_json(proc, "GET", "/_mock/faults")
+        assert faults == {**DEFAULT_FAULTS, "status": 502, "slow_tail_ms": 5.0, "seed": 3}
+        assert statuses(proc, 2) == [502, 502]
+    finally:
+        assert proc.stop() == 0, proc.stderr()
+    bad = subprocess.run(
+        [*_mock_cmd(), "--port", "0", "--fault-status-rate", "1.5"],
+        env=_env(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and b"--fault-status-rate" in bad.stderr
