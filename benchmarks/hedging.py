@@ -48,7 +48,7 @@ def upstream_requests(port: int) -> int:
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/_mock/stats", timeout=5) as r:
-        return int(json.loads(r.read())["requests"])
+        return int(json.loads(r.read())["completions"])
 
 
 def config(ports: list[int], quantile: float) -> str:
@@ -59,7 +59,8 @@ def config(ports: list[int], quantile: float) -> str:
     return (
         f"server: {{host: 127.0.0.1}}\nproviders:\n{providers}models:\n"
         f"  - name: plain\n    deployments:\n{deps}"
-        f"  - name: hedged\n    hedge: {{enabled: true, quantile: {quantile}, min_samples: 50, after_ms: 50}}\n"
+        f"  - name: hedged\n"
+        f"    hedge: {{enabled: true, quantile: {quantile}, min_samples: 50, after_ms: 50}}\n"
         f"    retry: {{budget_ratio: 0.2, budget_min_per_s: 5}}\n    deployments:\n{deps}"
     )
 
@@ -115,7 +116,8 @@ def main() -> int:
         f"{args.duration:.0f} s per run; hedge after the deployment's TTFT p{args.quantile * 100:.0f}\n"
     )
     print(
-        "| run | model | requests | TTFT p50 ms | p95 | p99 | max | extra upstream requests | errors | loadavg |"
+        "| run | model | requests | TTFT p50 ms | p95 | p99 | max | extra upstream requests | errors"
+        " | loadavg |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))

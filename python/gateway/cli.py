@@ -68,7 +68,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"listens on {cfg.server.host}:{cfg.server.port}"
     )
     for m in cfg.models:
-        print(f"  model {m.name} -> {m.provider}:{m.upstream_model or m.name}")
+        deps = ", ".join(
+            f"{d.provider}:{d.upstream_model or m.upstream_model or m.name}"
+            for d in config_mod.model_deployments(m)
+        )
+        print(f"  model {m.name} -> {deps}" + (f" ({m.balance.value})" if len(m.deployments) > 1 else ""))
+    for alias, target in cfg.aliases.items():
+        print(f"  alias {alias} -> {target}")
     for g in cfg.guards:
         where = f" ({g.provider}:{g.model})" if g.provider else ""
         scope = ", ".join(g.models) or "all models"
@@ -617,7 +623,10 @@ def cmd_usage(args: argparse.Namespace) -> int:
             json.dumps({"group_by": query.group_by, "since": query.since, "until": query.until, "data": data})
         )
         return 0
-    header = (query.group_by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "COST_USD", "ERRORS", "P50_MS")
+    header = (
+        query.group_by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "COST_USD", "ERRORS", "P50_MS",
+        "ATTEMPTS", "CACHED",
+    )  # fmt: skip
     table = [header] + [
         (
             r.group if r.group is not None else "-",
@@ -627,6 +636,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
             f"{r.cost_usd:.6f}",
             str(r.errors),
             f"{r.p50_latency_ms:.1f}" if r.p50_latency_ms is not None else "-",
+            str(r.attempts),
+            str(r.cache_hits),
         )
         for r in rows
     ]
@@ -764,9 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print JSON lines")
     a.set_defaults(func=cmd_audit)
     u = sub.add_parser(
-        "usage", parents=[cfg_opt], help="summarise the usage ledger by key, team, model or day"
+        "usage", parents=[cfg_opt], help="summarise the usage ledger by key, team, model, provider or day"
     )
-    u.add_argument("--group-by", choices=["key", "team", "model", "day"], default="key")
+    u.add_argument("--group-by", choices=["key", "team", "model", "provider", "day"], default="key")
     u.add_argument("--since", help="first UTC day, YYYY-MM-DD (inclusive)")
     u.add_argument("--until", help="last UTC day, YYYY-MM-DD (inclusive)")
     u.add_argument("--key", help="only this key id")

@@ -68,7 +68,8 @@ class RetryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     #: attempts in all, the first included (1 = no retries)
     max_attempts: int = 2
-    on: list[ErrorClass] = msgspec.field(
+    #: the error classes worth a retry (not `on`: YAML 1.1 reads a bare `on` key as true)
+    errors: list[ErrorClass] = msgspec.field(
         default_factory=lambda: [
             ErrorClass.CONNECT,
             ErrorClass.TIMEOUT,
@@ -87,9 +88,9 @@ class RetryConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class FallbackConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """When the model's own deployments fail with one of `on`, try these models in order."""
+    """When the model's own deployments fail with one of `errors`, try these models in order."""
 
-    on: list[ErrorClass]
+    errors: list[ErrorClass]
     models: list[str]
 
 
@@ -210,11 +211,11 @@ def validate_routing(cfg: Config, models: set[str]) -> None:
             _positive(f"{where}.retry.{field}", getattr(r, field), zero=True)
         _fraction(f"{where}.retry.budget_ratio", r.budget_ratio)
         _positive(f"{where}.retry.budget_min_per_s", r.budget_min_per_s, zero=True)
-        if ErrorClass.REJECTED in r.on:
-            _fail(f"{where}.retry.on", "`rejected` is never retried: the same request fails the same way")
+        if ErrorClass.REJECTED in r.errors:
+            _fail(f"{where}.retry.errors", "`rejected` is never retried: the same request fails the same way")
         for j, fb in enumerate(m.fallbacks):
-            if not fb.on or not fb.models:
-                _fail(f"{where}.fallbacks[{j}]", "needs `on` and `models`")
+            if not fb.errors or not fb.models:
+                _fail(f"{where}.fallbacks[{j}]", "needs `errors` and `models`")
             for target in fb.models:
                 if target not in models or target == m.name:
                     _fail(f"{where}.fallbacks[{j}].models", f"{target!r} is not another model")

@@ -198,7 +198,7 @@ def test_fallback_to_another_model_by_error_class(tmp_path: Path) -> None:
             "    upstream_model: mock-echo\n"
             "    retry: {max_attempts: 1}\n"
             "    fallbacks:\n"
-            "      - {on: [rate_limited], models: [big]}\n"
+            "      - {errors: [rate_limited], models: [big]}\n"
             "  - name: big\n"
             "    provider: m1\n"
             "    upstream_model: mock-big\n"

@@ -118,6 +118,7 @@ def build_routes(cfg: Config, adapters: dict[str, Adapter], worker: Worker | Non
         route = Route(m.name, encoding, deps, m)
         route.ejection = group
         for dep in deps:
+            dep.owner = route
             dep.breaker.on_change = route.invalidate
         route.balancer = make_balancer(m, deps)
         if worker is not None:
@@ -131,7 +132,7 @@ def build_routes(cfg: Config, adapters: dict[str, Adapter], worker: Worker | Non
         routes[m.name] = route
     for m in cfg.models:
         routes[m.name].fallbacks = tuple(
-            (frozenset(fb.on), tuple(routes[name] for name in fb.models)) for fb in m.fallbacks
+            (frozenset(fb.errors), tuple(routes[name] for name in fb.models)) for fb in m.fallbacks
         )
     for alias, target in cfg.aliases.items():
         routes[alias] = routes[target]

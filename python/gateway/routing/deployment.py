@@ -13,6 +13,7 @@ from ..config import TritonModelConfig
 if TYPE_CHECKING:
     from ..config_routing import DeploymentConfig
     from ..upstreams.base import Adapter
+    from . import Route
     from .breaker import Breaker
 
 
@@ -62,6 +63,7 @@ class Deployment:
         "latency",
         "name",
         "outstanding",
+        "owner",
         "passthrough_model",
         "priority",
         "tags",
@@ -100,6 +102,8 @@ class Deployment:
         #: the active health check's verdict (True until a check says otherwise)
         self.healthy = True
         self.outstanding = 0
+        #: the route it belongs to (its fair queue is woken when a slot here frees)
+        self.owner: Route | None = None
         self.ttft = LatencyStats()
         self.latency = LatencyStats()
 

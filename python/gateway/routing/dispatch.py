@@ -71,9 +71,9 @@ class Dispatch:
         dep.outstanding -= 1
         if ok and not ctx.stream:
             dep.latency.add(self._loop.time() - t0)
-        route = ctx.route
-        if route is not None and route.queue is not None:
-            route.queue.wake()
+        owner = dep.owner
+        if owner is not None and owner.queue is not None:
+            owner.queue.wake()
 
     # ---- the attempt loop ------------------------------------------------------------------
     async def _attempts(self, ctx: RequestContext, route: Route) -> tuple[UpstreamCall, bytes]:
@@ -95,7 +95,7 @@ class Dispatch:
                         call, first, dep, t0 = await self._hedged(ctx, current, dep, tried)
                     else:
                         ctx.attempts += 1
-                        call, first, dep, t0 = await self._attempt(ctx, dep)
+                        call, first, dep, t0 = await self._attempt(ctx, current, dep)
                 except GatewayError as err:
                     last = err
                     cls = classify(err)
@@ -136,7 +136,7 @@ class Dispatch:
     ) -> float | None:
         """Seconds to wait before the next attempt on `route`; None: no retry there."""
         r = route.retry
-        if cls not in r.on or done >= r.max_attempts:
+        if cls not in r.errors or done >= r.max_attempts:
             return None
         cap = min(r.max_backoff_ms, r.backoff_ms * (1 << min(done - 1, 16))) / 1000
         wait = self._rand.uniform(0, cap)  # full jitter
@@ -186,7 +186,7 @@ class Dispatch:
             await queue.wait(ctx, now + self.max_stream_s)
             now = self._loop.time()
 
-    async def _attempt(self, ctx: RequestContext, dep: Deployment) -> Attempt:
+    async def _attempt(self, ctx: RequestContext, route: Route, dep: Deployment) -> Attempt:
         """One upstream attempt up to its head (unary) or first frames (stream)."""
         loop = self._loop
         adapter = dep.adapter
@@ -203,6 +203,8 @@ class Dispatch:
                 )
         except BaseException as exc:
             dep.outstanding -= 1
+            if route.queue is not None:
+                route.queue.wake()
             if call is not None:
                 call.abort()
             if isinstance(exc, GatewayError):
@@ -226,9 +228,9 @@ class Dispatch:
         delay = stats.quantile(h.quantile) if stats.count >= h.min_samples else h.after_ms / 1000
         ctx.attempts += 1
         if delay <= 0:
-            return await self._attempt(ctx, dep)
+            return await self._attempt(ctx, route, dep)
         loop = self._loop
-        pending = {loop.create_task(self._attempt(ctx, dep))}
+        pending = {loop.create_task(self._attempt(ctx, route, dep))}
         hedges = 0
         errors: list[BaseException] = []
         try:
@@ -257,7 +259,7 @@ class Dispatch:
                     )
                     ctx.attempts += 1
                     tried.append(other)
-                    pending.add(loop.create_task(self._attempt(ctx, other)))
+                    pending.add(loop.create_task(self._attempt(ctx, route, other)))
                     continue
                 winner: Attempt | None = None
                 for task in done:
@@ -267,7 +269,7 @@ class Dispatch:
                     elif winner is None:
                         winner = task.result()
                     else:  # two finished at once: the later one loses
-                        _drop(task.result())
+                        _drop(route, task.result())
                 if winner is not None:
                     return winner
             raise errors[0]
@@ -279,10 +281,12 @@ class Dispatch:
                     await task
 
 
-def _drop(attempt: Attempt) -> None:
+def _drop(route: Route, attempt: Attempt) -> None:
     call, _, dep, _ = attempt
     call.abort()
     dep.outstanding -= 1
+    if route.queue is not None:
+        route.queue.wake()
 
 
 def _fallback(route: Route, cls: ErrorClass, visited: list[Route]) -> Route | None:

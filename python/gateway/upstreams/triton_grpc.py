@@ -206,7 +206,9 @@ class TritonAdapter:
         """`body` is unused: Triton gets tensors built from the client's request."""
         assert ctx.view is not None
         builder = await self.builder(target.upstream_model, target.triton)
-        request, stops, max_tokens = builder.build(ctx.view, ctx.body, ctx.request_id, ctx.stream)
+        request, stops, max_tokens = builder.build(
+            ctx.view, ctx.body, ctx.request_id, ctx.stream, priority=ctx.priority
+        )
         trace = ctx.trace
         extra = () if trace is None else trace.upstream_headers()
         call = self.stream(request, max(deadline - self.loop.time(), 0.001), extra)
