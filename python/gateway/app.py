@@ -27,6 +27,7 @@ from .context import Endpoint, RequestContext
 from .errors import Fault, GatewayError
 from .pipeline import Pipeline, respond
 from .routing import build_routes
+from .routing.health import HealthChecker
 from .schemas import ModelCard, ModelList
 from .worker import Worker
 
@@ -322,15 +323,23 @@ class Gateway:
     # ---- readiness ----------------------------------------------------------------------------
     async def _readiness(self) -> tuple[int, bytes]:
         """Ready when every upstream answers within 2 s: an HTTP server with any status below
-        500; a Triton server with itself and every model routed to it ready."""
+        500; a Triton server with itself and every model routed to it ready. With active health
+        checks (`routing.health`), their verdicts instead: every model has a deployment that is
+        healthy and not ejected; per deployment its last check and breaker state."""
         loop = self._loop
         cached = self._ready
         if cached is not None and loop.time() - cached[0] < _READY_CACHE_S:
             return cached[1], cached[2]
-        results = await asyncio.gather(*(a.probe(_READY_TIMEOUT_S) for a in self.adapters.values()))
-        upstreams = dict(zip(self.adapters, results, strict=True))
-        ok = all(r["ready"] for r in results)
-        body = _encode({"status": "ready" if ok else "not_ready", "upstreams": upstreams})
+        parts = self.pipeline.routing_parts if self.pipeline is not None else ()
+        health = next((p for p in parts if isinstance(p, HealthChecker)), None)
+        if health is not None:
+            ok, report = health.report()
+            body = _encode({"status": "ready" if ok else "not_ready", **report})
+        else:
+            results = await asyncio.gather(*(a.probe(_READY_TIMEOUT_S) for a in self.adapters.values()))
+            upstreams = dict(zip(self.adapters, results, strict=True))
+            ok = all(r["ready"] for r in results)
+            body = _encode({"status": "ready" if ok else "not_ready", "upstreams": upstreams})
         status = 200 if ok else 503
         self._ready = (loop.time(), status, body)
         return status, body
