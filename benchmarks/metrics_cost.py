@@ -21,7 +21,7 @@ from gateway.context import Endpoint, RequestContext
 from gateway.metrics import MetricsObserver
 from gateway.pipeline.stage import Outcome
 from gateway.principal import Principal
-from gateway.schemas import Usage
+from gateway.schemas import PromptTokensDetails, Usage
 from gateway.timing import ReadGaps
 
 CFG = """
@@ -46,7 +46,7 @@ def context(stream: bool) -> RequestContext:
     ctx = RequestContext("r", Endpoint.CHAT, b"", time.perf_counter_ns() - 3_000_000, None)
     ctx.route = _Route()  # type: ignore[assignment]
     ctx.principal = Principal("k", b"", "team-a", "default", TierConfig(), None, math.inf, False)
-    ctx.usage = Usage(12, 64, 76)
+    ctx.usage = Usage(12, 64, 76, PromptTokensDetails(8))
     ctx.timings = {
         "decode": 9_000,
         "auth": 4_000,

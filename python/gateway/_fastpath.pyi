@@ -4,7 +4,7 @@ Hot per-byte / per-token loops live here: BPE token counting, the incremental SS
 the OpenAI stream re-framer and the chunk emitter.
 """
 
-from typing import Final
+from typing import Any, Final
 
 __version__: Final[str]
 BUILD_PROFILE: Final[str]  # "release" or "debug"
@@ -225,3 +225,62 @@ class PromptRules:
     def __init__(self, phrases: list[tuple[str, str]], patterns: list[tuple[str, str]]) -> None: ...
     def first_match(self, text: str) -> str | None:
         """The rule name of the first phrase (else pattern) found in `text`."""
+
+class MetricSlots:
+    """One worker's metric slots (counters, gauges, histogram buckets and sums as doubles) and
+    the per-request recording of `gateway.metrics` in one call. `tables`: the histogram bounds,
+    in order: latency (ns), token latency (ns), token latency (s), token counts; a value goes to
+    the first bound >= it. Out-of-range slots are ignored. Not thread-safe: one worker, one thread."""
+
+    def __init__(self, len: int, tables: list[list[float]]) -> None: ...
+    def add(self, i: int, x: float) -> None: ...
+    def set(self, i: int, x: float) -> None: ...
+    def get(self, i: int) -> float: ...
+    def observe(self, base: int, table: int, x: float) -> None:
+        """One histogram observation at `base` (buckets, +Inf, sum) with bounds table `table`."""
+    def plan(
+        self,
+        requests: int,
+        duration: int,
+        upstream: int,
+        ttft: int,
+        tpot: int,
+        itl: int,
+        tokens_in: int,
+        tokens_out: int,
+        tokens_cached: int,
+    ) -> int:
+        """A request shape's slots; returns its id for `request`."""
+    def usage_plan(
+        self,
+        tokens_in: int,
+        tokens_out: int,
+        tokens_cached: int,
+        cost: int,
+        price_in: float,
+        price_out: float,
+    ) -> int:
+        """A (model, team[, key])'s token and cost counters and its USD-per-token prices."""
+    def stage(self, name: str, base: int) -> None:
+        """A stage name's histogram: `base` >= 0; -1 not recorded; -2 the plan's upstream one."""
+    def request(
+        self,
+        plan: int,
+        total_ns: int,
+        timings: dict[str, int],
+        ttft_ns: int,
+        tail_ns: int,
+        itl_s: float,
+        uplan: int,
+        prompt: int,
+        completion: int,
+        cached: int,
+        extra: int,
+    ) -> list[str] | None:
+        """Record one request: count, duration, each stage of `timings`, streams' TTFT
+        (`ttft_ns` > 0), TPOT (`tail_ns` / (completion - 1)) and inter-token gap (`itl_s` >= 0),
+        token usage and the usage plan's counters (`uplan` >= 0), slot `extra` + 1 (>= 0).
+        Returns the stage names not registered yet (not recorded), or None."""
+    def copy_to(self, buffer: Any) -> None:
+        """Copy the first len(buffer) slots into a writable buffer of doubles."""
+    def __len__(self) -> int: ...

@@ -232,7 +232,7 @@ class Gateway:
         self._audit.record(self._loop, action, target, str(scope.client), {"method": scope.method})
 
     async def _usage(self, scope: Any, headers: Any) -> bytes:
-        """`GET /v1/usage?group_by=key|team|model|day&since=&until=&key=&team=&model=` (admin)."""
+        """`GET /v1/usage?group_by=key|team|model|provider|day&since=&until=&key=&team=&model=` (admin)."""
         account = self.pipeline.ledger if self.pipeline is not None else None
         if account is None:
             raise GatewayError(Fault.ROUTE_NOT_FOUND, "The usage ledger is off (`ledger.enabled`).")

@@ -66,11 +66,22 @@ COLUMNS = (
     "completion_tokens",
     "cost_nano_usd",  # USD x 1e9 (integers add up exactly); from `prices:`, 0 if unpriced
     "latency_ms",  # arrival -> last byte sent (or failure)
+    # added with routing (issue 13); last, so that a migrated table and a new one agree
+    "provider",  # the answering deployment's provider; NULL: no upstream attempt (refused, cache hit)
+    "attempts",  # upstream attempts made (retries, fallbacks and hedges included)
+    "cache",  # the response cache's verdict: hit | miss | shared; NULL: not cached
 )
 Row = tuple[
     str, float, str, str | None, str | None, str | None, str, str | None, str | None, bool, int, str | None,
-    int, int, int, float,
+    int, int, int, float, str | None, int, str | None,
 ]  # fmt: skip
+#: Columns added after the first schema, their SQL types (SQLite, PostgreSQL) and the value a row
+#: written before them gets (migrated tables, old spill files).
+_ADDED: tuple[tuple[str, str, str, Any], ...] = (
+    ("provider", "TEXT", "TEXT", None),
+    ("attempts", "INTEGER NOT NULL DEFAULT 0", "INTEGER NOT NULL DEFAULT 0", 0),
+    ("cache", "TEXT", "TEXT", None),
+)
 
 _COLS = ", ".join(COLUMNS)
 _SQLITE_SCHEMA = (
@@ -90,7 +101,10 @@ _SQLITE_SCHEMA = (
         prompt_tokens INTEGER NOT NULL,
         completion_tokens INTEGER NOT NULL,
         cost_nano_usd INTEGER NOT NULL,
-        latency_ms REAL NOT NULL
+        latency_ms REAL NOT NULL,
+        provider TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        cache TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS fastpath_usage_day ON fastpath_usage (day)",
 )
@@ -112,7 +126,10 @@ _PG_SCHEMA = (
         prompt_tokens BIGINT NOT NULL,
         completion_tokens BIGINT NOT NULL,
         cost_nano_usd BIGINT NOT NULL,
-        latency_ms DOUBLE PRECISION NOT NULL
+        latency_ms DOUBLE PRECISION NOT NULL,
+        provider TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        cache TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS fastpath_usage_day ON fastpath_usage (day)",
 )
@@ -127,16 +144,26 @@ _PG_INSERT_NEW = (
     f"INSERT INTO fastpath_usage ({_COLS}) SELECT {', '.join(['%s'] * len(COLUMNS))} "
     "WHERE NOT EXISTS (SELECT 1 FROM fastpath_usage WHERE request_id = %s AND ts = %s)"
 )
+# Migration: the added columns a table lacks (names from `_ADDED`, never from input).
+_SQLITE_ADD = {name: f"ALTER TABLE fastpath_usage ADD COLUMN {name} {sql}" for name, sql, _, _ in _ADDED}
+_PG_COLUMNS = (
+    "SELECT attname FROM pg_attribute WHERE attrelid = 'fastpath_usage'::regclass AND attnum > 0 "
+    "AND NOT attisdropped"
+)
+_PG_ADD = "ALTER TABLE fastpath_usage " + ", ".join(
+    f"ADD COLUMN IF NOT EXISTS {name} {sql}" for name, _, sql, _ in _ADDED
+)
 #: pg_advisory_xact_lock key: one session at a time creates the table.
 _PG_SCHEMA_LOCK = 0x6670_7573_6167  # "fpusag"
 
-GROUPS = ("key", "team", "model", "day")
-_GROUP_COLUMN = {"key": "key_id", "team": "team", "model": "model", "day": "day"}
+GROUPS = ("key", "team", "model", "provider", "day")
+_GROUP_COLUMN = {"key": "key_id", "team": "team", "model": "model", "provider": "provider", "day": "day"}
 # One constant statement per grouping (the column names come from the table above, never from a
 # request); filters are parameters: since, until, then (key, key), (team, team), (model, model).
 _SUMMARY = """
 WITH f AS (
-    SELECT COALESCE({col}, '') AS grp, prompt_tokens, completion_tokens, cost_nano_usd, status, latency_ms
+    SELECT COALESCE({col}, '') AS grp, prompt_tokens, completion_tokens, cost_nano_usd, status, latency_ms,
+           {added}
     FROM fastpath_usage
     WHERE day >= ? AND day <= ?
       AND (CAST(? AS TEXT) IS NULL OR key_id = ?)
@@ -154,15 +181,26 @@ WITH f AS (
            CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens,
            CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens,
            CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd,
-           SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors
+           SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors,
+           CAST(SUM(attempts) AS BIGINT) AS attempts,
+           SUM(CASE WHEN cache IN ('hit', 'shared') THEN 1 ELSE 0 END) AS cache_hits
     FROM f GROUP BY grp
 )
-SELECT t.grp, t.requests, t.prompt_tokens, t.completion_tokens, t.cost_nano_usd, t.errors, m.p50
+SELECT t.grp, t.requests, t.prompt_tokens, t.completion_tokens, t.cost_nano_usd, t.errors, m.p50,
+       t.attempts, t.cache_hits
 FROM totals t LEFT JOIN median m ON m.grp = t.grp
 ORDER BY t.grp
 """
-_SQLITE_SUMMARY = {g: _SUMMARY.format(col=c) for g, c in _GROUP_COLUMN.items()}
+_SQLITE_SUMMARY = {g: _SUMMARY.format(col=c, added="attempts, cache") for g, c in _GROUP_COLUMN.items()}
 _PG_SUMMARY = {g: s.replace("?", "%s") for g, s in _SQLITE_SUMMARY.items()}
+# A table no gateway of this version has written yet (readers never migrate: they open it
+# read-only): the added columns read as their defaults.
+_LEGACY_GROUP_COLUMN = {**_GROUP_COLUMN, "provider": "CAST(NULL AS TEXT)"}
+_SQLITE_SUMMARY_LEGACY = {
+    g: _SUMMARY.format(col=c, added="0 AS attempts, CAST(NULL AS TEXT) AS cache")
+    for g, c in _LEGACY_GROUP_COLUMN.items()
+}
+_PG_SUMMARY_LEGACY = {g: s.replace("?", "%s") for g, s in _SQLITE_SUMMARY_LEGACY.items()}
 _MIN_DAY = "0000-01-01"
 _MAX_DAY = "9999-12-31"
 
@@ -192,6 +230,11 @@ class UsageRow(msgspec.Struct, frozen=True):
     errors: int
     #: median latency (ms) of the group's requests
     p50_latency_ms: float | None
+    #: upstream attempts (retries, fallbacks, hedges): above `requests` - `cache_hits` when the
+    #: upstreams needed more than one try
+    attempts: int = 0
+    #: requests answered by the response cache (`hit`, or `shared` with a concurrent request)
+    cache_hits: int = 0
 
 
 _FILTER_MAX_CHARS = 256
@@ -253,8 +296,10 @@ def _summary_rows(rows: Iterable[Sequence[Any]]) -> list[UsageRow]:
             int(cost or 0) / 1e9,
             int(errors or 0),
             None if p50 is None else round(float(p50), 3),
+            int(attempts or 0),
+            int(cache_hits or 0),
         )
-        for grp, requests, prompt, completion, cost, errors, p50 in rows
+        for grp, requests, prompt, completion, cost, errors, p50, attempts, cache_hits in rows
     ]
 
 
@@ -273,7 +318,13 @@ def query_usage(cfg: LedgerConfig, q: UsageQuery) -> list[UsageRow]:
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: {exc}") from None
     try:
-        return _summary_rows(conn.execute(_SQLITE_SUMMARY[q.group_by], _summary_params(q)).fetchall())
+        try:
+            rows = conn.execute(_SQLITE_SUMMARY[q.group_by], _summary_params(q)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such column" not in str(exc):
+                raise
+            rows = conn.execute(_SQLITE_SUMMARY_LEGACY[q.group_by], _summary_params(q)).fetchall()
+        return _summary_rows(rows)
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return []
@@ -291,7 +342,10 @@ def _pg_query(cfg: LedgerConfig, q: UsageQuery) -> list[UsageRow]:
     try:
         with _pg_connect(cfg, autocommit=True) as conn:
             conn.read_only = True
-            rows = conn.execute(_PG_SUMMARY[q.group_by], _summary_params(q)).fetchall()
+            try:
+                rows = conn.execute(_PG_SUMMARY[q.group_by], _summary_params(q)).fetchall()
+            except psycopg.errors.UndefinedColumn:  # autocommit: the session is still usable
+                rows = conn.execute(_PG_SUMMARY_LEGACY[q.group_by], _summary_params(q)).fetchall()
     except psycopg.errors.UndefinedTable:
         return []
     except psycopg.Error as exc:
@@ -351,6 +405,27 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def _sqlite_migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a table made by an older gateway lacks (inside the schema transaction, so
+    workers starting together add each once). Old rows get the defaults; an older gateway still
+    writing the table names only its columns, so it keeps working during a rolling upgrade."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(fastpath_usage)")}
+    for name, statement in _SQLITE_ADD.items():
+        if name not in have:
+            conn.execute(statement)
+            log.info("ledger: added column %s to fastpath_usage", name)
+
+
+def _pg_migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    """`_sqlite_migrate` for PostgreSQL, under the schema advisory lock. ALTER TABLE takes an
+    ACCESS EXCLUSIVE lock even when every column exists, so it runs only when one is missing:
+    a worker's (re)connect never stalls the writers and readers of a migrated table."""
+    have = {r[0] for r in conn.execute(_PG_COLUMNS).fetchall()}
+    if any(name not in have for name, *_ in _ADDED):
+        conn.execute(_PG_ADD)
+        log.info("ledger: added the routing columns to fastpath_usage")
+
+
 class SqliteSink:
     """One connection per worker (opened by the writer thread on first use), WAL journal so
     that readers never block writers, and a busy timeout so that the workers writing the same
@@ -391,6 +466,7 @@ class SqliteSink:
             try:
                 for statement in _SQLITE_SCHEMA:
                     conn.execute(statement)
+                _sqlite_migrate(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -449,6 +525,7 @@ class PostgresSink:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
                 for statement in _PG_SCHEMA:
                     conn.execute(statement)
+                _pg_migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -717,14 +794,20 @@ class SpillLoad(msgspec.Struct, frozen=True):
     inserted: int  # rows - inserted: already in the store (an earlier, interrupted load)
 
 
+#: What a spilled row without the added columns (written by an older gateway) gets for them.
+_SPILL_DEFAULTS = {name: default for name, _, _, default in _ADDED}
+
+
 def _spill_rows(path: Path) -> list[Row]:
+    """The rows of a spill file: one JSON object per line, keyed by column; the columns added
+    since (`_ADDED`) are optional, so files an older gateway left behind still load."""
     rows: list[Row] = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = {**_SPILL_DEFAULTS, **json.loads(line)}
                 row = tuple(obj[c] for c in COLUMNS)
             except (ValueError, KeyError, TypeError) as exc:
                 raise LedgerError(f"{path}:{n}: not a usage row ({type(exc).__name__}: {exc})") from None

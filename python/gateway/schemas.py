@@ -64,10 +64,17 @@ class CompletionRequestView(msgspec.Struct, gc=False):
 RequestView = ChatRequestView | CompletionRequestView
 
 
+class PromptTokensDetails(msgspec.Struct, gc=False):
+    cached_tokens: int | None = None
+
+
 class Usage(msgspec.Struct, gc=False):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    #: as the upstream reported it (the cached prompt tokens, for `/metrics`); UNSET is never
+    #: encoded, so usage the gateway fills in has the three counts only
+    prompt_tokens_details: PromptTokensDetails | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class ResponseUsageView(msgspec.Struct, gc=False):

@@ -274,6 +274,7 @@ def test_rows_for_every_outcome_and_usage_summaries(
                 "echo",
                 "mock-echo",
             )
+            assert (r["provider"], r["attempts"], r["cache"]) == ("mock", 1, None)
             assert not r["stream"] and r["error_code"] is None and r["endpoint"] == "chat"
             assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0
             assert r["cost_nano_usd"] == r["prompt_tokens"] * PRICE_IN + r["completion_tokens"] * PRICE_OUT
@@ -293,6 +294,8 @@ def test_rows_for_every_outcome_and_usage_summaries(
         assert [(r["key_id"], r["model"], r["error_code"]) for r in by_status[404]] == [
             ("alice", None, "model_not_found")
         ]
+        for r in by_status[400] + by_status[401] + by_status[404] + by_status[415]:  # no upstream attempt
+            assert (r["provider"], r["upstream_model"], r["attempts"]) == (None, None, 0)
         assert [r["error_code"] for r in by_status[400]] == ["invalid_json"]
         assert [r["error_code"] for r in by_status[415]] == ["unsupported_media_type"]
         aborted, left = sorted(by_status[499], key=lambda r: r["stream"])
@@ -335,6 +338,8 @@ def test_rows_for_every_outcome_and_usage_summaries(
                         "cost_usd": sum(r["cost_nano_usd"] for r in rs) / 1e9,
                         "errors": sum(r["status"] >= 400 for r in rs),
                         "p50_latency_ms": round(p50, 3),
+                        "attempts": sum(r["attempts"] for r in rs),
+                        "cache_hits": sum(r["cache"] in ("hit", "shared") for r in rs),
                     }
                 )
             return out
@@ -361,7 +366,12 @@ def test_rows_for_every_outcome_and_usage_summaries(
             )
             + sum(r["cost_nano_usd"] for r in alice_rows if r["status"] != 200) / 1e9
         )
-        for group_by, column in (("team", "team"), ("model", "model"), ("day", "day")):
+        for group_by, column in (
+            ("team", "team"),
+            ("model", "model"),
+            ("provider", "provider"),
+            ("day", "day"),
+        ):
             status, body = usage(gw.port, f"?group_by={group_by}")
             assert status == 200, body
             same(body["data"], expect(lambda r, c=column: r[c]))  # type: ignore[misc]
@@ -381,7 +391,9 @@ def test_rows_for_every_outcome_and_usage_summaries(
         cli = cli_usage(cfg_file, "--group-by", "team", "--json")
         same(json.loads(cli)["data"], expect(lambda r: r["team"]))
         table = cli_usage(cfg_file, "--group-by", "key").splitlines()
-        assert table[0].split() == ["KEY", "REQUESTS", "PROMPT", "COMPLETION", "COST_USD", "ERRORS", "P50_MS"]
+        assert table[0].split() == [
+            "KEY", "REQUESTS", "PROMPT", "COMPLETION", "COST_USD", "ERRORS", "P50_MS", "ATTEMPTS", "CACHED",
+        ]  # fmt: skip
         assert table[1].split()[:2] == ["-", "3"]  # anonymous: 401, 400, 415
         assert table[2].split()[:2] == ["alice", "6"]
         assert table[3].split()[:2] == ["bob", "4"]
@@ -538,7 +550,7 @@ def test_sqlite_workers_share_one_file(mock_upstream: MockUpstream, tmp_path: Pa
 # ---- the writer, in process ---------------------------------------------------------------------
 def make_row(i: int, key: str = "k") -> ledger.Row:
     return (f"r{i}", 1_700_000_000.0 + i, "2023-11-14", key, "t", "default", "chat", "echo", "mock-echo",
-            False, 200, None, 3, 4, 11_000, 1.5)  # fmt: skip
+            False, 200, None, 3, 4, 11_000, 1.5, "mock", 1, None)  # fmt: skip
 
 
 class CountingSink:
@@ -770,6 +782,171 @@ def test_query_usage_direct(tmp_path: Path) -> None:
         ledger.parse_query([("since", "2024-02-01"), ("until", "2024-01-01")])
 
 
+# ---- the routing columns (provider, attempts, cache) and older stores ----------------------------
+#: The table and spill rows as the gateway wrote them before the routing columns (issue 13).
+OLD_COLUMNS = ledger.COLUMNS[:16]
+OLD_SQLITE_TABLE = """CREATE TABLE fastpath_usage (
+    request_id TEXT NOT NULL, ts REAL NOT NULL, day TEXT NOT NULL, key_id TEXT, team TEXT, tier TEXT,
+    endpoint TEXT NOT NULL, model TEXT, upstream_model TEXT, stream INTEGER NOT NULL,
+    status INTEGER NOT NULL, error_code TEXT, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cost_nano_usd INTEGER NOT NULL, latency_ms REAL NOT NULL)"""
+OLD_PG_TABLE = """CREATE TABLE fastpath_usage (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL, day TEXT NOT NULL, key_id TEXT, team TEXT, tier TEXT,
+    endpoint TEXT NOT NULL, model TEXT, upstream_model TEXT, stream BOOLEAN NOT NULL,
+    status INTEGER NOT NULL, error_code TEXT, prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL, cost_nano_usd BIGINT NOT NULL,
+    latency_ms DOUBLE PRECISION NOT NULL)"""
+OLD_INSERT = f"INSERT INTO fastpath_usage ({', '.join(OLD_COLUMNS)}) VALUES ({', '.join('?' * 16)})"
+
+
+def test_sqlite_table_of_an_older_gateway_is_migrated_once(tmp_path: Path) -> None:
+    """A table without the routing columns: readers see their defaults before any migration; the
+    first writer adds them (old rows keep their values, get attempts 0); a second start finds
+    nothing to do; an older gateway's insert (old columns only) still works afterwards."""
+    path = tmp_path / "u.db"
+    conn = sqlite3.connect(path)
+    conn.execute(OLD_SQLITE_TABLE)
+    conn.execute(OLD_INSERT, make_row(0, key="old")[:16])
+    conn.commit()
+    conn.close()
+    cfg = config_mod.LedgerConfig(enabled=True, path=str(path))
+    [before] = ledger.query_usage(cfg, ledger.parse_query([("group_by", "provider")]))
+    assert (before.group, before.requests, before.attempts, before.cache_hits) == (None, 1, 0, 0)
+
+    for _ in range(2):  # the second open: already migrated
+        sink = ledger.SqliteSink(path, 5.0)
+        sink.write([(*make_row(1, key="new")[:16], "mock", 2, "miss")])
+        sink.close()
+    store = sqlite_store(path)
+    rows = store.rows()
+    assert [(r["request_id"], r["key_id"], r["provider"], r["attempts"], r["cache"]) for r in rows] == [
+        ("r0", "old", None, 0, None),
+        ("r1", "new", "mock", 2, "miss"),
+        ("r1", "new", "mock", 2, "miss"),
+    ]
+    assert {k: v for k, v in rows[0].items() if k in OLD_COLUMNS} == dict(
+        zip(OLD_COLUMNS, (*make_row(0, key="old")[:9], 0, *make_row(0)[10:16]), strict=True)
+    )
+    conn = sqlite3.connect(path)
+    cols = [(c[1], c[2], c[3], c[4]) for c in conn.execute("PRAGMA table_info(fastpath_usage)")]
+    assert cols[-3:] == [
+        ("provider", "TEXT", 0, None),
+        ("attempts", "INTEGER", 1, "0"),
+        ("cache", "TEXT", 0, None),
+    ]
+    conn.execute(OLD_INSERT, make_row(5, key="older-gateway")[:16])
+    conn.commit()
+    conn.close()
+    got = ledger.query_usage(cfg, ledger.parse_query([("group_by", "provider")]))
+    assert [(g.group, g.requests, g.attempts, g.cache_hits) for g in got] == [
+        (None, 2, 0, 0),
+        ("mock", 2, 4, 0),
+    ]
+
+
+def test_postgres_table_of_an_older_gateway_is_migrated_once(pg_dsn: str) -> None:
+    """The same for PostgreSQL: readers fall back before the migration; the writers that start
+    together add the columns once (under the schema lock); old rows are intact."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS fastpath_usage")
+        conn.execute(OLD_PG_TABLE)
+        conn.execute(OLD_INSERT.replace("?", "%s"), make_row(0, key="old")[:16])
+    cfg = config_mod.LedgerConfig(enabled=True, kind=config_mod.LedgerKind.POSTGRES, dsn=pg_dsn)
+    [before] = ledger.query_usage(cfg, ledger.parse_query([("group_by", "provider")]))
+    assert (before.group, before.requests, before.attempts) == (None, 1, 0)
+
+    sinks = [ledger.PostgresSink(cfg) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def start(sink: ledger.PostgresSink, i: int) -> None:
+        try:
+            sink.write([(*make_row(i + 1, key="new")[:16], "mock", 1, "hit")])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s, i)) for i, s in enumerate(sinks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sink in sinks:
+        sink.close()
+    assert errors == []
+    rows = pg_store(pg_dsn).rows()
+    assert sorted((r["request_id"], r["key_id"], r["provider"], r["attempts"], r["cache"]) for r in rows) == [
+        ("r0", "old", None, 0, None),
+        *[(f"r{i}", "new", "mock", 1, "hit") for i in range(1, 5)],
+    ]
+    old = next(r for r in rows if r["request_id"] == "r0")
+    assert tuple(old[c] for c in OLD_COLUMNS) == make_row(0, key="old")[:16]
+    got = ledger.query_usage(cfg, ledger.parse_query([("group_by", "provider")]))
+    assert [(g.group, g.requests, g.attempts, g.cache_hits) for g in got] == [
+        (None, 1, 0, 0),
+        ("mock", 4, 4, 4),
+    ]
+    pg_truncate(pg_dsn)
+
+
+def test_spill_file_of_an_older_gateway_loads(tmp_path: Path) -> None:
+    """Rows spilled before the routing columns existed load with their defaults."""
+    db = tmp_path / "u.db"
+    data = tmp_path / "data"
+    data.mkdir()
+    spill = data / "usage-spill-1-1.jsonl"
+    lines = [json.dumps(dict(zip(OLD_COLUMNS, make_row(i, key="old")[:16], strict=True))) for i in range(2)]
+    lines.append(json.dumps(dict(zip(ledger.COLUMNS, make_row(2, key="new"), strict=True))))
+    spill.write_text("\n".join(lines) + "\n")
+    cfg = config_mod.LedgerConfig(enabled=True, path=str(db))
+    [done] = ledger.load_spills(cfg)
+    assert (done.rows, done.inserted) == (3, 3) and not spill.exists()
+    rows = sqlite_store(db).rows()
+    assert [(r["request_id"], r["provider"], r["attempts"], r["cache"]) for r in rows] == [
+        ("r0", None, 0, None),
+        ("r1", None, 0, None),
+        ("r2", "mock", 1, None),
+    ]
+
+
+def test_gateway_rows_say_who_answered_and_how(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    """Through a real gateway: an answered request records its provider, upstream model and one
+    attempt; a cache miss then hit record their verdict (the hit: no attempt, no provider); a
+    request refused before routing records none; `?group_by=provider` sums them."""
+    store = sqlite_store(tmp_path / "ledger" / "usage.db")
+    text = config_text(mock_upstream.port, store.yaml, flush_interval_ms=50).replace(
+        "models:\n",
+        "models:\n  - name: cached\n    provider: mock\n    upstream_model: mock-echo\n"
+        "    cache: {enabled: true}\n",
+        1,
+    )
+    with run_gateway(tmp_path, mock_upstream, config_text=text) as gw:
+        assert request(gw.port, "POST", "/v1/chat/completions", chat(), ALICE)[0] == 200
+        for _ in range(2):
+            assert request(gw.port, "POST", "/v1/chat/completions", chat("cached"), ALICE)[0] == 200
+        assert request(gw.port, "POST", "/v1/chat/completions", chat(), "sk-not-a-key-000000000")[0] == 401
+        rows = wait_for(lambda: len(store.rows()) >= 4 and store.rows(), 15)
+        status, body = usage(gw.port, "?group_by=provider")
+    got = sorted(
+        ((r["model"], r["provider"], r["upstream_model"], r["attempts"], r["cache"]) for r in rows), key=repr
+    )
+    assert got == sorted(
+        [
+            ("echo", "mock", "mock-echo", 1, None),
+            ("cached", "mock", "mock-echo", 1, "miss"),
+            ("cached", None, None, 0, "hit"),
+            (None, None, None, 0, None),
+        ],
+        key=repr,
+    ), rows
+    assert status == 200
+    assert [(g["group"], g["requests"], g["attempts"], g["cache_hits"]) for g in body["data"]] == [
+        (None, 2, 0, 1),
+        ("mock", 2, 2, 0),
+    ]
+
+
 # ---- config -------------------------------------------------------------------------------------
 BASE = "providers: [{name: p, base_url: 'http://127.0.0.1:1/v1'}]\nmodels: [{name: m, provider: p}]\n"
 
@@ -825,7 +1002,7 @@ def test_cli_usage_refuses_a_config_without_ledger(tmp_path: Path) -> None:
     on = tmp_path / "on.yaml"
     on.write_text(BASE + f"ledger: {{enabled: true, path: {tmp_path / 'none.db'}}}\n")
     assert cli_usage(on, "--since", "2024-01-01").splitlines() == [
-        "KEY  REQUESTS  PROMPT  COMPLETION  COST_USD  ERRORS  P50_MS"
+        "KEY  REQUESTS  PROMPT  COMPLETION  COST_USD  ERRORS  P50_MS  ATTEMPTS  CACHED"
     ]
     bad = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "usage", "--config", str(on), "--since", "yesterday"],

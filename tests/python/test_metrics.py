@@ -310,7 +310,7 @@ def _close_observers() -> Iterator[None]:
 
 
 def collect_now(obs: MetricsObserver) -> Any:
-    obs.shard.flush()  # what the publish timer does every `publish_interval_ms`
+    obs.publish()  # what the publish timer does every `publish_interval_ms`
     return collect(obs.dir, obs.fams)
 
 
@@ -365,10 +365,10 @@ def test_a_dead_workers_counters_stay_and_its_gauges_go(tmp_path: Path) -> None:
     obs.v[obs.inflight] = 3.0
     # a copy of the shard under a pid that no longer exists: a worker that exited
     dead = 2**22 + 12345
-    obs.shard.flush()
+    obs.publish()
     (d / f"{dead}.shard").write_bytes((d / obs.shard.path.name).read_bytes())
     (d / f"{dead}.series").write_text((d / obs.shard.path.with_suffix(".series").name).read_text())
-    obs.shard.flush()
+    obs.publish()
     samples = parse(render(collect(d, obs.fams), obs.fams).decode())
     assert total(samples, "fastpath_requests_total") == 2
     assert total(samples, "fastpath_requests_in_flight") == 3

@@ -4,13 +4,15 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
+use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::buckets::LocalLimiter;
 use crate::emit::{self, ChunkEmitter};
+use crate::metrics::{RequestPlan, Sample, Slots, Stage, UsagePlan};
 use crate::reframe::Reframer;
 use crate::rules::RuleSet;
 use crate::sse::{self, Parser};
@@ -519,6 +521,164 @@ impl PyLocalLimiter {
     }
 }
 
+// ---- metrics -----------------------------------------------------------------------------------
+
+/// One worker's metric slots (see `metrics.rs`). Single-threaded like `LocalLimiter`.
+#[pyclass(name = "MetricSlots", module = "gateway._fastpath")]
+struct PyMetricSlots {
+    inner: Slots,
+}
+
+#[allow(clippy::cast_precision_loss)] // counts and ns below 2**53: exact in an f64
+fn f(x: i64) -> f64 {
+    x as f64
+}
+
+#[pymethods]
+impl PyMetricSlots {
+    #[new]
+    fn new(len: usize, tables: Vec<Vec<f64>>) -> PyResult<Self> {
+        if tables.len() != 4 || tables.iter().any(|t| t.windows(2).any(|w| w[0] >= w[1])) {
+            return Err(FastpathError::new_err(
+                "four tables of strictly increasing bounds",
+            ));
+        }
+        Ok(Self {
+            inner: Slots::new(len, tables),
+        })
+    }
+
+    fn add(&mut self, i: usize, x: f64) {
+        self.inner.add(i, x);
+    }
+
+    fn set(&mut self, i: usize, x: f64) {
+        self.inner.set(i, x);
+    }
+
+    fn get(&self, i: usize) -> f64 {
+        self.inner.get(i)
+    }
+
+    fn observe(&mut self, base: usize, table: usize, x: f64) {
+        self.inner.observe(base, table, x);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &mut self,
+        requests: usize,
+        duration: usize,
+        upstream: usize,
+        ttft: usize,
+        tpot: usize,
+        itl: usize,
+        tokens_in: usize,
+        tokens_out: usize,
+        tokens_cached: usize,
+    ) -> usize {
+        self.inner.add_plan(RequestPlan {
+            requests,
+            duration,
+            upstream,
+            ttft,
+            tpot,
+            itl,
+            tokens_in,
+            tokens_out,
+            tokens_cached,
+        })
+    }
+
+    fn usage_plan(
+        &mut self,
+        tokens_in: usize,
+        tokens_out: usize,
+        tokens_cached: usize,
+        cost: usize,
+        price_in: f64,
+        price_out: f64,
+    ) -> usize {
+        self.inner.add_usage_plan(UsagePlan {
+            tokens_in,
+            tokens_out,
+            tokens_cached,
+            cost,
+            price_in,
+            price_out,
+        })
+    }
+
+    /// `base` >= 0: the stage's histogram; -1: not recorded; -2: the plan's upstream histogram.
+    fn stage(&mut self, name: &str, base: i64) {
+        let stage = match base {
+            -2 => Stage::Upstream,
+            b if b < 0 => Stage::Skip,
+            b => Stage::At(usize::try_from(b).unwrap_or(usize::MAX)),
+        };
+        self.inner.set_stage(name, stage);
+    }
+
+    /// One request (see `Slots::record`); returns the stage names not known yet, if any.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (plan, total_ns, timings, ttft_ns, tail_ns, itl_s, uplan, prompt, completion, cached, extra))]
+    fn request(
+        &mut self,
+        plan: usize,
+        total_ns: i64,
+        timings: &Bound<'_, PyDict>,
+        ttft_ns: i64,
+        tail_ns: i64,
+        itl_s: f64,
+        uplan: i64,
+        prompt: i64,
+        completion: i64,
+        cached: i64,
+        extra: i64,
+    ) -> PyResult<Option<Vec<String>>> {
+        let mut unknown: Option<Vec<String>> = None;
+        for (k, v) in timings.iter() {
+            let name = k.cast::<PyString>()?.to_str()?;
+            let ns: i64 = v.extract()?;
+            if !self.inner.stage(plan, name, f(ns)) {
+                unknown.get_or_insert_with(Vec::new).push(name.to_owned());
+            }
+        }
+        let usage = usize::try_from(uplan)
+            .ok()
+            .map(|u| (u, f(prompt), f(completion), f(cached)));
+        self.inner.record(
+            plan,
+            &Sample {
+                total_ns: f(total_ns),
+                ttft_ns: f(ttft_ns),
+                tail_ns: f(tail_ns),
+                itl_s,
+                usage,
+                extra: usize::try_from(extra).ok(),
+            },
+        );
+        Ok(unknown)
+    }
+
+    /// Copies the first `len(buffer)` slots into `buffer` (the shard: a writable memoryview of
+    /// doubles over the worker's shared-memory file).
+    fn copy_to(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<()> {
+        let buf = PyBuffer::<f64>::get(buffer)?;
+        let n = buf.item_count();
+        if n > self.inner.len() {
+            return Err(FastpathError::new_err(
+                "the buffer is longer than the slots",
+            ));
+        }
+        buf.copy_from_slice(py, self.inner.head(n))
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+}
+
 // No `gil_used = false`. It would be dead: the extension is built for the stable ABI
 // (`abi3-py311`), which free-threaded CPython (3.13t/3.14t) cannot load. And it would not be
 // right as is: the classes would be memory-safe without the GIL (pyo3's borrow flag is atomic
@@ -560,5 +720,6 @@ fn fastpath_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLocalLimiter>()?;
     m.add_class::<PyTextStream>()?;
     m.add_class::<PyPromptRules>()?;
+    m.add_class::<PyMetricSlots>()?;
     Ok(())
 }

@@ -1,18 +1,23 @@
 """`/metrics`: Prometheus text (OpenMetrics on `Accept`), one scrape for every worker process.
 
-The decision (measured, benchmarks/results/2026-12-04-metrics.md): **per-worker shards in shared
-memory, written from Python, summed at scrape time.** granian workers share nothing, so each
-worker owns a file `<dir>/<pid>.shard`, mmap'd and written through a `memoryview` cast to
-doubles (one 8-byte slot per counter, gauge, histogram bucket and histogram sum; a double is
+The decision (measured, benchmarks/results/2026-12-04-metrics.md and -metrics-cost-2.md):
+**per-worker shards in shared memory, summed at scrape time; the samples recorded in Rust.**
+granian workers share nothing, so each worker owns a file `<dir>/<pid>.shard`, mmap'd and seen
+as doubles (one 8-byte slot per counter, gauge, histogram bucket and histogram sum; a double is
 exact for counts below 2**53 and an aligned 8-byte store is never torn on x86-64/arm64). Which
 slots belong to which metric and label set is appended, once per new label set, to the sidecar
-`<pid>.series` (one JSON line each). A scrape, in any worker, reads every shard of the instance
-and sums. No locks, no syscalls and no allocation on the request path beyond the first sighting
-of a label set: `MetricsObserver.on_done` does all per-request recording in one call, looking
-its slots up in small per-worker dicts. prometheus-client's multiprocess mode was not chosen: it
-keeps one file per metric per process, takes a lock and formats label JSON on each update
-(several µs per sample, more than the whole 3 µs budget for the ~20 samples a request makes).
-Rust was not needed: the Python path measures under the budget.
+`<pid>.series` (one JSON line each). The worker's slots live in a `_fastpath.MetricSlots` and are
+copied into the file every `publish_interval_ms`; a scrape, in any worker, reads every shard of
+the instance and sums. No locks, no syscalls and no allocation on the request path beyond the
+first sighting of a label set: `MetricsObserver.on_done` finds the request's plan (its slots,
+cached per request shape) in one dict and makes one call into Rust, which bisects and adds every
+sample (request count, duration, stages, TTFT/TPOT/inter-token, token usage, tokens and cost).
+Why Rust: the same recording in Python (a bisect and two list updates per sample, ~20 samples)
+measured ~2.4 µs in a tight loop but ~4.5 µs inside a loaded gateway (cold caches), over the 3 µs
+budget for all metrics together; one call is ~1 µs there. prometheus-client's multiprocess mode
+was not chosen: it keeps one file per metric per process, takes a lock and formats label JSON on
+each update (several µs per sample). Counters a stage owns (limiter decisions) and gauges
+(in flight, ledger queue, pool and channel state) are read by a timer, off the request path.
 
 Directory: `metrics.dir`, else `$TMPDIR/fastpath-metrics-<granian master pid>` (the serve
 command, `cli.cmd_serve`, creates it empty and removes the directories of earlier instances
@@ -24,7 +29,8 @@ its own shard at zero. Gauges (in flight, queue depth, pool sizes) are summed ov
 only (the pid still exists).
 
 Cardinality: every label value comes from the config (models, providers, guards, stages), from a
-bounded set (endpoints, status codes, error codes, token types, limiter decisions), or is capped:
+bounded set (endpoints, status codes, error codes, token types, limiter decisions and limit
+kinds, channel states), or is capped:
 teams (`max_teams`), key ids (only with `per_key_labels`, `max_keys`), then past the cap
 `__other__`. Each worker also caps its label sets at `max_series`; past it a new label set is
 recorded under all-`__other__` labels. Secrets never become labels: keys appear only as their
@@ -41,12 +47,11 @@ import os
 import shutil
 import tempfile
 import time
-from array import array
-from bisect import bisect_left
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import envvars
+from .._fastpath import MetricSlots
 from ..config import Config
 from ..context import Endpoint
 from ..errors import Fault
@@ -161,18 +166,25 @@ def families(cfg: Config) -> dict[str, Family]:
         Family(
             "gen_ai_client_token_usage",
             HISTOGRAM,
-            "Tokens per request by type (input, output).",
+            "Tokens per request by type: input, output, and cached (the prompt tokens the upstream "
+            "served from its cache, usage.prompt_tokens_details.cached_tokens, when it reports them).",
             ("gen_ai_request_model", "gen_ai_token_type"),
             [float(b) for b in _TOKEN_BUCKETS],
         ),
-        Family("fastpath_tokens", COUNTER, "Tokens by model, team and type.", (*per_key, "type")),
+        Family(
+            "fastpath_tokens",
+            COUNTER,
+            "Tokens by model, team and type (input, output, cached: part of input).",
+            (*per_key, "type"),
+        ),
         Family("fastpath_cost_usd", COUNTER, "Cost in USD at the configured prices.", per_key),
         Family(
             "fastpath_limiter_decisions",
             COUNTER,
-            "Limiter decisions: allowed, or refused as rate_limited / budget_exceeded, or "
-            "limiter_unavailable (store error, fail_closed).",
-            ("decision",),
+            "Limiter decisions: allowed; refused, by the limit that refused (limit: rpm, tpm, "
+            "concurrency, budget); unavailable (store error with fail_closed). limit is 'none' "
+            "unless refused.",
+            ("decision", "limit"),
         ),
         Family(
             "fastpath_limiter_fail_open",
@@ -192,6 +204,13 @@ def families(cfg: Config) -> dict[str, Family]:
             ("provider",),
         ),
         Family(
+            "fastpath_upstream_channel_state",
+            GAUGE,
+            "gRPC (Triton) providers: 1 for the channel's current connectivity state, 0 for the "
+            "others (idle, connecting, ready, transient_failure, shutdown).",
+            ("provider", "state"),
+        ),
+        Family(
             "fastpath_build",
             INFO,
             "Build information.",
@@ -203,9 +222,9 @@ def families(cfg: Config) -> dict[str, Family]:
 
 # ---- the per-worker shard -------------------------------------------------------------------------
 class Shard:
-    """This worker's slots (see the module doc). `slot(family, labels)` -> index in `self.v`."""
+    """This worker's slots (see the module doc). `slot(family, labels)` -> index in `self.slots`."""
 
-    def __init__(self, directory: Path, max_series: int, max_width: int) -> None:
+    def __init__(self, directory: Path, max_series: int, max_width: int, tables: list[list[float]]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
         self.path = directory / f"{pid}.shard"
@@ -220,9 +239,9 @@ class Shard:
         finally:
             os.close(fd)
         self._mv = memoryview(self._mm).cast("d")
-        #: the slots this worker writes: a plain list (a list item `+=` costs a third of a
-        #: memoryview's), copied into the shared file by `flush` (every `publish_interval_ms`)
-        self.v: list[float] = [0.0] * (self.capacity + max_width)
+        #: the slots this worker writes, in Rust (one call records a request; the bucket tables
+        #: are `tables`), copied into the shared file by `flush` (every `publish_interval_ms`)
+        self.slots = MetricSlots(self.capacity + max_width, tables)
         self._side = open(directory / f"{pid}.series", "w", encoding="utf-8")  # noqa: SIM115
         self._series: dict[tuple[str, tuple[str, ...]], int] = {}
         self._next = 0
@@ -253,7 +272,8 @@ class Shard:
         """Copy this worker's slots into its shared file (a memcpy of the used part)."""
         n = self._next
         if n:
-            self._mv[:n] = array("d", self.v[:n])
+            with self._mv[:n] as used:
+                self.slots.copy_to(used)
 
     def close(self) -> None:
         self.flush()
@@ -269,8 +289,10 @@ class Shard:
 # ---- the observer (the request path) ------------------------------------------------------------
 _CHAT = Endpoint.CHAT
 _OPERATIONS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "text_completion"}
-_LIMIT_CODES = ("rate_limited", "budget_exceeded", "limiter_unavailable")
-_SKIP_STAGES = frozenset(("total", "upstream"))
+#: stage names whose time another histogram records (`MetricSlots.stage`: -1 skip, -2 upstream)
+_STAGE_SKIP, _STAGE_UPSTREAM = -1, -2
+#: gRPC's channel connectivity states, the values of fastpath_upstream_channel_state's `state`
+CHANNEL_STATES = ("idle", "connecting", "ready", "transient_failure", "shutdown")
 
 
 class _Capped:
@@ -292,7 +314,8 @@ class _Capped:
 
 
 class MetricsObserver(Part):
-    """Observer `metrics`: every per-request sample in one `on_done`; gauges published on a timer."""
+    """Observer `metrics`: every per-request sample in one `on_done` (one call into Rust);
+    gauges and stage-owned counters read on a timer, off the request path."""
 
     name = "metrics"
 
@@ -301,35 +324,41 @@ class MetricsObserver(Part):
         self.cfg = cfg
         self.fams = families(cfg)
         self.dir = directory or metrics_dir(cfg)
-        width = max(f.width for f in self.fams.values())
-        self.shard = Shard(self.dir, m.max_series, width)
-        self.v = self.shard.v
+        f = self.fams
+        width = max(fam.width for fam in f.values())
+        tables = [  # the order of MetricSlots' tables: latency ns, token latency ns / s, tokens
+            [float(b) for b in f["gen_ai_server_request_duration_seconds"].bounds_ns],
+            [float(b) for b in f["gen_ai_server_time_to_first_token_seconds"].bounds_ns],
+            list(f["fastpath_inter_token_latency_seconds"].bounds),
+            list(f["gen_ai_client_token_usage"].bounds),
+        ]
+        self.shard = Shard(self.dir, m.max_series, width, tables)
+        self.slots = self.shard.slots
+        #: the in-flight gauge, kept by app.py as `v[inflight] += 1.0` / `-= 1.0` (a list item
+        #: costs less than a call into Rust); copied into its slot by `publish`
+        self.v: list[float] = [0.0]
+        self.inflight = 0
+        self._inflight_slot = self.shard.slot(f["fastpath_requests_in_flight"], ())
         self._per_key = m.per_key_labels
         self._teams = _Capped(m.max_teams)
         self._keys = _Capped(m.max_keys)
         self._errors = {f.code for f in Fault} | {"budget_exceeded", "client_disconnected", "cancelled"}
         self._errors |= {g.name for g in cfg.guards}
         self._prices = {m: (pin * 1e-9, pout * 1e-9) for m, (pin, pout) in price_table(cfg).items()}
-        self._limits = bool(cfg.auth.enabled)  # limiter decisions only where the stage can run
         self._guards = bool(cfg.guards)
-        # per-worker caches: a key of the request's shape -> its slots
-        self._req: dict[tuple[Any, ...], tuple[int, int, int, int, int, int, int, int]] = {}
-        self._stage: dict[str, int] = dict.fromkeys(("total", "upstream_head", "ttfb"), -2)
-        self._usage: dict[tuple[Any, ...], tuple[int, int, int, float, float]] = {}
+        # per-worker caches: a key of the request's shape -> its plan in `slots`
+        self._req: dict[tuple[Any, ...], int] = {}
+        self._usage: dict[tuple[Any, ...], int] = {}
         self._misc: dict[tuple[str, tuple[str, ...]], int] = {}
-        f = self.fams
         self._f_stage = f["fastpath_stage_duration_seconds"]
         self._b_stage = f["fastpath_stage_duration_seconds"].bounds_ns
-        self._b_lat = f["gen_ai_server_request_duration_seconds"].bounds_ns
-        self._n_lat = len(self._b_lat) + 1
-        self._b_tok = f["gen_ai_server_time_to_first_token_seconds"].bounds_ns
-        self._b_tok_s = f["gen_ai_server_time_to_first_token_seconds"].bounds
-        self._b_usage = f["gen_ai_client_token_usage"].bounds
-        self.inflight = self.shard.slot(f["fastpath_requests_in_flight"], ())
-        self.v[self.shard.slot(f["fastpath_build"], (_version(), _python()))] = 1.0
-        self._allowed = self.shard.slot(f["fastpath_limiter_decisions"], ("allowed",)) if self._limits else 0
+        for name in ("total", "upstream_head", "ttfb"):  # covered by the duration/TTFT histograms
+            self.slots.stage(name, _STAGE_SKIP)
+        self.slots.stage("upstream", _STAGE_UPSTREAM)  # by provider, in the request's plan
+        self.slots.set(self.shard.slot(f["fastpath_build"], (_version(), _python())), 1.0)
         self._task: asyncio.Task[None] | None = None
         self._sources: list[Any] = []
+        self._clock = time.monotonic  # the loop's clock once started (transports' times are in it)
 
     # -- slots for a label set (first sighting only; then cached) --
     def _slot(self, name: str, labels: tuple[str, ...]) -> int:
@@ -339,131 +368,97 @@ class MetricsObserver(Part):
             s = self._misc[key] = self.shard.slot(self.fams[name], labels)
         return s
 
-    def _req_slots(self, key: tuple[Any, ...]) -> tuple[int, int, int, int, int, int, int, int]:
-        chat, route, status, error, stream = key
+    def _req_plan(self, key: tuple[Any, ...]) -> int:
+        chat, route, deployment, status, error, stream = key
         endpoint = Endpoint.CHAT if chat else Endpoint.COMPLETIONS
         model = route.name if route is not None else "none"
-        provider = route.deployments[0].adapter.name if route is not None else "none"
+        provider = deployment.adapter.name if deployment is not None else "none"
         err = "" if error is None else (error if error in self._errors else OTHER)
         sl = self.shard.slot
         f = self.fams
-        slots = (
+        usage = f["gen_ai_client_token_usage"]
+        plan = self.slots.plan(
             sl(f["fastpath_requests"], (endpoint.value, model, provider, str(status), err)),
             sl(f["gen_ai_server_request_duration_seconds"], (_OPERATIONS[endpoint], model)),
             sl(f["fastpath_upstream_duration_seconds"], (provider,)),
             sl(f["gen_ai_server_time_to_first_token_seconds"], (model,)) if stream else 0,
             sl(f["gen_ai_server_time_per_output_token_seconds"], (model,)) if stream else 0,
             sl(f["fastpath_inter_token_latency_seconds"], (model,)) if stream else 0,
-            sl(f["gen_ai_client_token_usage"], (model, "input")),
-            sl(f["gen_ai_client_token_usage"], (model, "output")),
+            sl(usage, (model, "input")),
+            sl(usage, (model, "output")),
+            sl(usage, (model, "cached")),
         )
         if len(self._req) < 4096:
-            self._req[key] = slots
-        return slots
+            self._req[key] = plan
+        return plan
 
-    def _usage_slots(self, key: tuple[Any, ...]) -> tuple[int, int, int, float, float]:
+    def _usage_plan(self, key: tuple[Any, ...]) -> int:
         model, team, kid = key
         labels = (model, self._teams(team), self._keys(kid)) if self._per_key else (model, self._teams(team))
         f = self.fams
+        sl = self.shard.slot
         pin, pout = self._prices.get(model, (0.0, 0.0))
-        slots = (
-            self.shard.slot(f["fastpath_tokens"], (*labels, "input")),
-            self.shard.slot(f["fastpath_tokens"], (*labels, "output")),
-            self.shard.slot(f["fastpath_cost_usd"], labels),
+        plan = self.slots.usage_plan(
+            sl(f["fastpath_tokens"], (*labels, "input")),
+            sl(f["fastpath_tokens"], (*labels, "output")),
+            sl(f["fastpath_tokens"], (*labels, "cached")),
+            sl(f["fastpath_cost_usd"], labels),
             pin,
             pout,
         )
         if len(self._usage) < 8192:
-            self._usage[key] = slots
-        return slots
+            self._usage[key] = plan
+        return plan
 
     def on_done(self, ctx: RequestContext, outcome: Outcome) -> None:
-        # Hot: every request. Latency sums are kept in nanoseconds (`Family.scale` turns them
-        # into seconds at scrape time): no float multiply per observation.
+        # Hot: every request. The label sets' slots are looked up once per request shape (a
+        # plan in `slots`); the samples are recorded by one call into Rust (`MetricSlots`).
+        # Latency sums are kept in ns (`Family.scale` turns them into seconds at scrape time).
         end = time.perf_counter_ns()
-        v = self.v
-        bl = bisect_left
         route = ctx.route
         first_ns = ctx.first_ns
         # `is`, not the Enum in the key: an Enum's __hash__ is Python code (~0.15 µs)
-        key = (ctx.endpoint is _CHAT, route, outcome.status, outcome.error, first_ns != 0)
-        s = self._req.get(key)
-        if s is None:
-            s = self._req_slots(key)
-        v[s[0]] += 1.0
-        ns = end - ctx.start_ns
-        b = s[1]
-        bounds = self._b_lat
-        nb = self._n_lat
-        v[b + bl(bounds, ns)] += 1.0
-        v[b + nb] += ns
-        timings = ctx.timings
-        # per stage (the upstream call is its own histogram, by provider; `total` is above)
-        stage_slot = self._stage
-        for name, t in timings.items():
-            b = stage_slot.get(name, -1)
-            if b < 0:
-                if name == "upstream":
-                    b = s[2]
-                elif b == -2:  # total, upstream_head, ttfb: covered by the histograms above
-                    continue
-                else:
-                    b = stage_slot[name] = self.shard.slot(self._f_stage, (name,))
-            v[b + bl(bounds, t)] += 1.0
-            v[b + nb] += t
+        key = (ctx.endpoint is _CHAT, route, ctx.deployment, outcome.status, outcome.error, first_ns != 0)
+        plan = self._req.get(key)
+        if plan is None:
+            plan = self._req_plan(key)
         usage = ctx.usage
-        if first_ns:
-            tb = self._b_tok
-            nt = len(tb) + 1
-            ttft = first_ns - ctx.start_ns
-            b = s[3]
-            v[b + bl(tb, ttft)] += 1.0
-            v[b + nt] += ttft
-            out = usage.completion_tokens if usage is not None else 0
-            if out > 1:
-                tpot = (end - first_ns) / (out - 1)
-                b = s[4]
-                v[b + bl(tb, tpot)] += 1.0
-                v[b + nt] += tpot
-            gaps = ctx.gaps
-            if gaps is not None and gaps.count:
-                itl = gaps.total / gaps.count  # seconds (the loop's clock)
-                b = s[5]
-                v[b + bl(self._b_tok_s, itl)] += 1.0
-                v[b + nt] += itl
+        uplan = -1
+        prompt = completion = cached = 0
         if usage is not None and route is not None:
-            pin, pout = usage.prompt_tokens, usage.completion_tokens
-            ub = self._b_usage
-            nu = len(ub) + 1
-            b = s[6]
-            v[b + bl(ub, pin)] += 1.0
-            v[b + nu] += pin
-            b = s[7]
-            v[b + bl(ub, pout)] += 1.0
-            v[b + nu] += pout
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            details = usage.prompt_tokens_details
+            if details:  # UNSET and None are false
+                cached = details.cached_tokens or 0
             p = ctx.principal
             if p is None:
-                ukey: tuple[Any, ...] = (route.name, "none", "none")
+                ukey: tuple[str, str, str] = (route.name, "none", "none")
             else:
                 ukey = (route.name, p.team, p.key_id if self._per_key else "")
             u = self._usage.get(ukey)
-            if u is None:
-                u = self._usage_slots(ukey)
-            v[u[0]] += pin
-            v[u[1]] += pout
-            if u[3] or u[4]:
-                v[u[2]] += pin * u[3] + pout * u[4]
-        if self._limits:
-            err = outcome.error
-            if "limits" in timings:
-                v[self._allowed] += 1.0
-            elif err in _LIMIT_CODES:
-                v[self._slot("fastpath_limiter_decisions", (err,))] += 1.0
+            uplan = u if u is not None else self._usage_plan(ukey)
+        itl = -1.0
+        if first_ns:
+            gaps = ctx.gaps
+            if gaps is not None and gaps.count:
+                itl = gaps.total / gaps.count  # seconds (the loop's clock)
+            ttft, tail = first_ns - ctx.start_ns, end - first_ns
+        else:
+            ttft = tail = 0
+        timings = ctx.timings
+        unknown = self.slots.request(
+            plan, end - ctx.start_ns, timings, ttft, tail, itl, uplan, prompt, completion, cached, -1
+        )
+        if unknown is not None:  # a stage name seen the first time: its histogram, then this sample
+            for name in unknown:
+                base = self.shard.slot(self._f_stage, (name,))
+                self.slots.stage(name, base)
+                self.slots.observe(base, 0, float(timings[name]))
         if self._guards:
             self._guard_verdicts(ctx)
 
     def _guard_verdicts(self, ctx: RequestContext) -> None:
-        v = self.v
+        slots = self.slots
         for name, value in ctx.reply_headers:
             if name != "x-fastpath-guard":
                 continue
@@ -471,17 +466,14 @@ class MetricsObserver(Part):
                 guard, _, rest = item.partition("=")
                 verdict = rest.partition(";")[0]
                 if guard and verdict:
-                    v[self._slot("fastpath_guard_verdicts", (guard, verdict))] += 1.0
+                    slots.add(self._slot("fastpath_guard_verdicts", (guard, verdict)), 1.0)
                     ns = ctx.timings.get(f"guard_{guard}")
                     if ns is not None:
-                        b = self._slot("fastpath_guard_duration_seconds", (guard,))
-                        bounds = self._b_stage
-                        v[b + bisect_left(bounds, ns)] += 1.0
-                        v[b + len(bounds) + 1] += ns
+                        slots.observe(self._slot("fastpath_guard_duration_seconds", (guard,)), 0, float(ns))
 
     # -- gauges and stage-owned counters, published off the request path --
     def start(self, worker: Worker) -> None:
-        self._worker = worker
+        self._clock = worker.loop.time
         self._task = worker.loop.create_task(self._publish_loop())
 
     def watch(self, *sources: Any) -> None:
@@ -500,25 +492,38 @@ class MetricsObserver(Part):
     def publish(self) -> None:
         """Gauges and stage-owned counters into slots, then every slot into the shared file."""
         try:
+            self.slots.set(self._inflight_slot, self.v[self.inflight])
             self._publish_sources()
         finally:
             self.shard.flush()
 
     def _publish_sources(self) -> None:
-        v = self.v
+        put = self.slots.set
+        slot = self._slot
         for src in self._sources:
             writer = getattr(src, "writer", None)
             if writer is not None and hasattr(writer, "dropped"):
-                v[self._slot("fastpath_ledger_queue_depth", ())] = float(writer.queued)
-                v[self._slot("fastpath_ledger_dropped_rows", ())] = float(writer.dropped)
-                v[self._slot("fastpath_ledger_written_rows", ())] = float(writer.written)
+                put(slot("fastpath_ledger_queue_depth", ()), float(writer.queued))
+                put(slot("fastpath_ledger_dropped_rows", ()), float(writer.dropped))
+                put(slot("fastpath_ledger_written_rows", ()), float(writer.written))
             store = getattr(src, "store", None)
             if store is not None and hasattr(store, "fail_open"):
-                v[self._slot("fastpath_limiter_fail_open", ())] = float(store.fail_open)
+                put(slot("fastpath_limiter_fail_open", ()), float(store.fail_open))
+            decisions = getattr(src, "decisions", None)
+            if decisions is not None:  # the limits stage's own counters (see LimitsStage)
+                for labels, n in zip(src.DECISION_LABELS, decisions, strict=True):
+                    if n:
+                        put(slot("fastpath_limiter_decisions", labels), float(n))
             pool = getattr(src, "pool", None)
-            idle = getattr(pool, "_idle", None)
+            idle = getattr(pool, "idle_connections", None)
             if idle is not None:
-                v[self._slot("fastpath_upstream_pool_idle_connections", (src.name,))] = float(len(idle))
+                put(slot("fastpath_upstream_pool_idle_connections", (src.name,)), float(idle))
+            transport = getattr(src, "transport", None)
+            state = getattr(transport, "channel_state", None)
+            if state is not None:
+                now = state(self._clock())
+                for s in CHANNEL_STATES:
+                    put(slot("fastpath_upstream_channel_state", (src.name, s)), float(s == now))
 
     async def close(self) -> None:
         if self._task is not None:

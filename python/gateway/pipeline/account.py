@@ -62,6 +62,7 @@ class LedgerObserver(Part):
         if usage is not None:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
         model = route.name if route is not None else None
+        deployment = ctx.deployment  # the answering (last) attempt's; None: no upstream attempt
         ts = time.time() - latency_ms / 1000
         row: Row = (
             ctx.request_id,
@@ -72,7 +73,7 @@ class LedgerObserver(Part):
             principal.tier_name if principal is not None else None,
             _ENDPOINTS[ctx.endpoint],
             model,
-            ctx.deployment.upstream_model if ctx.deployment is not None else None,
+            deployment.upstream_model if deployment is not None else None,
             ctx.stream,
             outcome.status,
             outcome.error,
@@ -80,5 +81,8 @@ class LedgerObserver(Part):
             completion,
             self.cost_nano_usd(model, prompt, completion),
             round(latency_ms, 3),
+            deployment.adapter.name if deployment is not None else None,
+            ctx.attempts,
+            ctx.cache,
         )
         self.writer.append(row)

@@ -706,6 +706,16 @@ class H2Transport:
         if not result.done():
             result.set_result(conn)
 
+    def channel_state(self, now: float) -> str:
+        """gRPC's connectivity state name of the channel, for `/metrics` (read off the request
+        path; `now` on the loop's clock)."""
+        conn = self._conn
+        if conn is not None and conn.usable:
+            return "ready"
+        if self._connecting is not None:
+            return "connecting"
+        return "transient_failure" if now < self._down_until else "idle"
+
     def _forget(self, conn: _Connection) -> None:
         if self._conn is conn:
             self._conn = None

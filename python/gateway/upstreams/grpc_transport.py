@@ -113,6 +113,12 @@ class GrpcioTransport:
         call = self._method(method, True)(iter((request,)), timeout=timeout_s, metadata=metadata)
         return _GrpcioStream(call)
 
+    def channel_state(self, now: float) -> str:
+        """gRPC's connectivity state name of the channel, for `/metrics` (never connects)."""
+        if self._channel is None:
+            return "idle"
+        return str(self._channel.get_state(try_to_connect=False).name.lower())
+
     async def close(self) -> None:
         channel, self._channel = self._channel, None
         self._methods.clear()

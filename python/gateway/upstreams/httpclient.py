@@ -369,6 +369,11 @@ class HttpPool:
         self.connect_timeout_s = connect_timeout_s
         self._idle: list[Connection] = []
 
+    @property
+    def idle_connections(self) -> int:
+        """Keep-alive connections waiting for a request (for `/metrics`)."""
+        return len(self._idle)
+
     def put(self, conn: Connection) -> None:
         if len(self._idle) < self.max_idle:
             conn.reused = True

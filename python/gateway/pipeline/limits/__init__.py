@@ -168,7 +168,27 @@ def make_store(cfg: Config, clock: Callable[[], float] = time.time) -> Store:
 
 class LimitsStage:
     name = "limits"
-    __slots__ = ("_default_max_tokens", "_live", "_plans", "_prices", "_refused", "_sync", "_teams", "store")
+    __slots__ = (
+        "_default_max_tokens",
+        "_live",
+        "_plans",
+        "_prices",
+        "_refused",
+        "_sync",
+        "_teams",
+        "decisions",
+        "store",
+    )
+    #: the (decision, limit) labels of `decisions`' counters (fastpath_limiter_decisions): a
+    #: refusal is counted at `1 + CheckKind` of the check that refused
+    DECISION_LABELS = (
+        ("allowed", "none"),
+        ("refused", "concurrency"),
+        ("refused", "rpm"),
+        ("refused", "tpm"),
+        ("refused", "budget"),
+        ("unavailable", "none"),
+    )
 
     def __init__(self, cfg: Config, clock: Callable[[], float] = time.time) -> None:
         self.store = make_store(cfg, clock)
@@ -178,6 +198,9 @@ class LimitsStage:
         self._prices = price_table(cfg)
         self._teams = cfg.teams
         self._plans: dict[tuple[str, str, str, str], Plan] = {}
+        #: this worker's decisions by `DECISION_LABELS`, read by the metrics observer off the
+        #: request path (the stage owns its counters: the refusing limit is known only here)
+        self.decisions = [0] * len(self.DECISION_LABELS)
         #: plan -> (monotonic time until which it is refused, message, headers): a request refused
         #: by a shared requests-per-minute bucket is refused until the bucket's retry time whatever
         #: any worker does meanwhile (admissions never make it sooner), so repeats are answered
@@ -246,6 +269,7 @@ class LimitsStage:
         assert principal is not None and ctx.route is not None
         plan = self.plan(principal, ctx.route.name)
         if not plan.checks:  # no limit applies to this key and model: nothing to ask
+            self.decisions[0] += 1
             return
         if self._sync:
             prompt, tokens, cost = self.reservation(ctx, plan)
@@ -258,6 +282,7 @@ class LimitsStage:
             try:
                 decision = await self.store.decide(plan, tokens, cost)
             except StoreUnavailable as exc:
+                self.decisions[5] += 1
                 raise GatewayError(
                     Fault.LIMITER_UNAVAILABLE,
                     "The rate limiter is unavailable; retry shortly.",
@@ -270,12 +295,14 @@ class LimitsStage:
             c = checks[decision.refused]
             state = decision.states[decision.refused]
             assert state is not None
+            self.decisions[1 + c.kind] += 1
             error = refusal(c, state, tokens, cost, decision.now_s)
             if c.kind == RPM and self._refused is not None and decision.holder.cache_refusals:
                 if len(self._refused) >= 10_000:
                     self._refused.clear()
                 self._refused[plan] = (time.monotonic() + state[3] / 1000, error.message, headers)
             raise error
+        self.decisions[0] += 1
         lease = ctx.lease = Lease(principal.key_id, plan, prompt, tokens, cost)
         lease.holder = decision.holder
         lease.day, lease.month, lease.member = decision.day, decision.month, decision.member
@@ -302,6 +329,7 @@ class LimitsStage:
         ctx.ratelimit_headers = tuple(
             (k, duration(wait_ms) if k == "x-ratelimit-reset-requests" else v) for k, v in hit[2]
         )
+        self.decisions[1 + RPM] += 1
         raise _rate_limited(hit[1], wait_ms)
 
     def _waive(self, ctx: RequestContext, decision: Decision, tokens: int, cost: int) -> None:
