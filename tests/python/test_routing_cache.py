@@ -7,6 +7,7 @@ clock, concurrency is ordered by events."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from gateway.config_routing import CacheBackend, CacheConfig
 from gateway.context import Endpoint
 from gateway.errors import Fault, GatewayError
 from gateway.principal import Principal
-from gateway.routing.cache import Entry, ReplayCall, ResponseCache
+from gateway.routing.cache import MAX_PENDING_STORES, Entry, ReplayCall, ResponseCache
 from gateway.schemas import Usage
 from gateway.worker import Worker
 
@@ -239,8 +240,13 @@ def test_stream_hit_replays_every_read_and_what_stages_saw() -> None:
         first = await stream(cache, ctx1, start)
         again = await stream(cache, ctx2, start)
         assert (ctx1.cache, ctx2.cache) == ("miss", "hit") and start.calls == 1
-        assert again == first  # reads, text after each read, tokens after each read
-        assert first[0][0].startswith(b'data: {"id":"chatcmpl-9"')
+        (reads, texts, tokens), (reads2, texts2, tokens2) = first, again
+        assert reads2 == reads and tokens2 == tokens  # read for read, tokens after each read
+        assert reads[0].startswith(b'data: {"id":"chatcmpl-9"')
+        # the text grows with the bytes read, never by more, and ends as the original's
+        assert texts2[-1] == texts[-1] and texts2[0] == texts[-1][: len(texts2[0])]
+        grown = [len(b) - len(a) for a, b in itertools.pairwise(texts2)]
+        assert all(0 <= g <= len(r) for g, r in zip(grown, reads2[1:], strict=False))
 
     run(main)
 
@@ -599,5 +605,32 @@ def test_redis_value_of_another_version_is_a_miss() -> None:
 def test_entry_round_trips_through_msgpack() -> None:
     import msgspec
 
-    e = Entry(True, [b"a", b""], b"t", Usage(1, 2, 3), "x\u00e9", [1, 1], [1, 2])
+    e = Entry(True, [b"a", b""], b"t", Usage(1, 2, 3), "x\u00e9", 1, [1, 2])
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(e), type=Entry) == e
+
+
+def test_redis_stores_past_the_pending_cap_are_skipped() -> None:
+    r = redis_or_skip()
+
+    async def main() -> None:
+        cache = ResponseCache(
+            CacheConfig(enabled=True, backend=CacheBackend.REDIS),
+            "m",
+            redis_worker(asyncio.get_running_loop()),
+        )
+        cache._pending = MAX_PENDING_STORES  # as if that many stores were unanswered
+        ctx = Ctx(body=uuid.uuid4().bytes)
+        await unary(cache, ctx, Starter(FakeCall))
+        await cache._redis.barrier()  # type: ignore[union-attr]
+        assert r.exists("fastpath:cache:" + cache.key(ctx).hex()) == 0  # type: ignore[arg-type]
+        cache._pending = 0
+        await unary(cache, Ctx(body=ctx.body), Starter(FakeCall))
+        await cache._redis.barrier()  # type: ignore[union-attr]
+        assert cache._pending == 0
+        assert r.delete("fastpath:cache:" + cache.key(ctx).hex()) == 1  # type: ignore[arg-type]
+        await cache.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        r.close()

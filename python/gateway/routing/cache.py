@@ -13,9 +13,10 @@ nothing upstream), joins an identical call in flight (`"shared"`, unary only), o
   answer); `no-store` skips the store. Both still go upstream through the same recording.
 - Replies are what the relay got from the call: a unary body byte for byte; a stream's frames
   (the first read, each `next`, `finish`'s tail) read for read, so a replay is event-identical
-  (upstream ids such as `chatcmpl-...` included) and response stages see the same reads, text
-  and token counts as on the original. Usage is the stored usage (settlement charges a hit as
-  the original request: the cache saves upstream work, it is not a discount).
+  (upstream ids such as `chatcmpl-...` included) and response stages see the same reads and
+  token counts as on the original (the text grows with the bytes read). Usage is the stored
+  usage (settlement charges a hit as the original: the cache saves upstream work, it is not a
+  discount).
 - Single-flight: the first of identical unary requests of a tenant leads (runs `start`); the
   rest wait for its body and replay it. The leader failing with a `GatewayError` fails them
   with a copy of it (the same request would fail the same way, and retrying it once per
@@ -56,6 +57,10 @@ log = logging.getLogger("gateway.cache")
 CACHE_HEADER = "x-fastpath-cache"
 #: Redis key prefix of cache entries (the rest is the key's hex digest).
 REDIS_PREFIX = "fastpath:cache:"
+#: Stores sent to Redis and not answered yet, per model and worker, past which a store is
+#: skipped: stores are not waited for, so nothing else would stop a burst of misses from queueing
+#: megabytes ahead of every lookup (the cache is best effort; a lookup is on the request path).
+MAX_PENDING_STORES = 64
 
 Start = Callable[[], Awaitable["tuple[UpstreamCall, bytes]"]]
 
@@ -63,16 +68,18 @@ Start = Callable[[], Awaitable["tuple[UpstreamCall, bytes]"]]
 class Entry(msgspec.Struct, array_like=True, gc=False, frozen=True):
     """One cached reply. Unary: `frames == [body]`. Stream: the frames of each read (the
     first read's, even when empty, then every non-empty `next`), then `tail` (`finish`'s).
-    `marks[i]` is the completion text's length after read i, `tokens[i]` the generated tokens
-    after it (None: the upstream does not report them), so response stages see a replay grow
-    as the original did."""
+    `tokens[i]` is the generated tokens after read i (None: the upstream does not report
+    them), so response stages count a replay as they counted the original. The text is not
+    kept per read (reading `completion_text` after every read copies all of it so far: a
+    quadratic cost over a stream): a replay's text grows with the bytes sent, `nbytes` being
+    the frames' total, which is all a stage needs (never more text than bytes sent)."""
 
     stream: bool
     frames: list[bytes]
     tail: bytes
     usage: Usage | None
     text: str
-    marks: list[int]
+    nbytes: int
     tokens: list[int] | None
 
 
@@ -125,11 +132,13 @@ class ReplayCall:
 
     @property
     def completion_text(self) -> str:
+        """The text so far, spread over the reads by their bytes (computed only when a stage
+        reads it: nothing per read)."""
         e = self._e
         i = self._i
-        if i >= len(e.marks):
+        if i >= len(e.frames) or not e.nbytes:
             return e.text
-        return e.text[: e.marks[i - 1]] if i else ""
+        return e.text[: len(e.text) * sum(map(len, e.frames[:i])) // e.nbytes]
 
     @property
     def generated_tokens(self) -> int | None:
@@ -149,11 +158,10 @@ class _Flight:
     """An in-flight unary call that identical requests wait for. Resolved once: an `Entry`
     (the body), a `GatewayError` (the leader failed), or None (the leader went away)."""
 
-    __slots__ = ("done", "waiters")
+    __slots__ = ("done",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.done: asyncio.Future[Entry | GatewayError | None] = loop.create_future()
-        self.waiters = 0
 
 
 class RecordingCall:
@@ -166,7 +174,6 @@ class RecordingCall:
         "_flight",
         "_frames",
         "_key",
-        "_marks",
         "_ok",
         "_size",
         "_store",
@@ -195,12 +202,21 @@ class RecordingCall:
         self._tail = b""
         #: None: not recording (a unary call until its body; over the size cap)
         self._frames: list[bytes] | None = None
-        self._marks: list[int] = []
         self._tokens: list[int] | None = None
         self._size = 0
         if first is not None:  # a stream: its first read is already done
-            self._frames = []
-            self._record(first)
+            self._begin(first)
+
+    def _begin(self, out: bytes) -> None:
+        """The first read. Tokens are tracked when the upstream reports them from the start
+        (Triton always does, OpenAI never): nothing per read otherwise."""
+        self._size = len(out)
+        if self._size > self._cache.max_entry_bytes:
+            return
+        self._frames = [out]
+        tokens = self._call.generated_tokens
+        if tokens is not None:
+            self._tokens = [tokens]
 
     def _record(self, out: bytes) -> None:
         frames = self._frames
@@ -208,18 +224,11 @@ class RecordingCall:
             return
         self._size += len(out)
         if self._size > self._cache.max_entry_bytes:
-            self._frames = None  # too big to keep: stop holding it
+            self._frames = self._tokens = None  # too big to keep: stop holding it
             return
-        call = self._call
         frames.append(out)
-        self._marks.append(len(call.completion_text))
-        tokens = call.generated_tokens
-        if tokens is not None:
-            if self._tokens is None:
-                self._tokens = [0] * (len(frames) - 1)
-            self._tokens.append(tokens)
-        elif self._tokens is not None:
-            self._tokens.append(self._tokens[-1] if self._tokens else 0)
+        if self._tokens is not None:
+            self._tokens.append(self._call.generated_tokens or 0)
 
     def _entry(self, stream: bool) -> Entry | None:
         frames = self._frames
@@ -229,18 +238,18 @@ class RecordingCall:
         text = call.completion_text
         if self._size + len(self._tail) + len(text) > self._cache.max_entry_bytes:
             return None
-        return Entry(stream, frames, self._tail, _copy_usage(call.usage()), text, self._marks, self._tokens)
+        return Entry(stream, frames, self._tail, _copy_usage(call.usage()), text, self._size, self._tokens)
 
     # ---- the UpstreamCall protocol -----------------------------------------------------------
     async def first(self, deadline: float) -> bytes:
         out = await self._call.first(deadline)
-        self._frames = []
-        self._record(out)
+        self._stream = True
+        self._begin(out)
         return out
 
     async def next(self, deadline: float) -> bytes | None:
         out = await self._call.next(deadline)
-        if out:
+        if out and self._frames is not None:
             self._record(out)
         return out
 
@@ -262,14 +271,15 @@ class RecordingCall:
             if flight is not None:
                 self._cache._land(self._key, flight, None)
             raise
-        self._frames = []
-        self._record(body)
+        self._begin(body)
         self._ok = True
         if flight is not None:
             entry = self._entry(False)
             if entry is None:  # too big to store: the followers get it all the same
                 call = self._call
-                entry = Entry(False, [body], b"", _copy_usage(call.usage()), call.completion_text, [], None)
+                entry = Entry(
+                    False, [body], b"", _copy_usage(call.usage()), call.completion_text, len(body), None
+                )
             self._cache._land(self._key, flight, entry)
         return body
 
@@ -327,6 +337,7 @@ class ResponseCache:
         "_loop",
         "_mem",
         "_model",
+        "_pending",
         "_redis",
         "_redis_key",
         "_redis_ok",
@@ -350,7 +361,7 @@ class ResponseCache:
         self._single_flight = cfg.single_flight
         self._loop = worker.loop
         #: the TTL clock (the worker's loop clock; tests inject one)
-        self._clock = clock if clock is not None else worker.time
+        self._clock = clock if clock is not None else worker.loop.time
         self._flights: dict[bytes, _Flight] = {}
         #: memory backend: key -> (expiry, entry), least recently used first
         self._mem: OrderedDict[bytes, tuple[float, Entry]] | None = None
@@ -359,6 +370,7 @@ class ResponseCache:
         self._redis_ok = True
         self._down_until = 0.0
         self._retry_s = 0.0
+        self._pending = 0
         if cfg.backend is CacheBackend.REDIS:
             r = worker.cfg.limits.redis
             self._retry_s = r.retry_interval_ms / 1000
@@ -452,12 +464,8 @@ class ResponseCache:
             return RecordingCall(self, call, key, not no_store, None, None), first
         flights = self._flights
         while (flight := flights.get(key)) is not None:
-            flight.waiters += 1
-            try:
-                # shielded: a follower cancelled (its client gone) must not cancel the flight
-                result = await asyncio.shield(flight.done)
-            finally:
-                flight.waiters -= 1
+            # shielded: a follower cancelled (its client gone) must not cancel the flight
+            result = await asyncio.shield(flight.done)
             if isinstance(result, Entry):
                 ctx.cache = "shared"
                 return ReplayCall(result), b""
@@ -523,12 +531,20 @@ class ResponseCache:
                 mem.popitem(last=False)
             return
         client = self._redis
-        if client is None or (self._down_until and self._loop.time() < self._down_until):
+        if (
+            client is None
+            or self._pending >= MAX_PENDING_STORES
+            or (self._down_until and self._loop.time() < self._down_until)
+        ):
             return
+        self._pending += 1
         fut = client.execute("SET", REDIS_PREFIX + key.hex(), _encode(entry), "PX", self._ttl_ms)
         fut.add_done_callback(self._stored)
 
     def _stored(self, fut: asyncio.Future[Any]) -> None:
+        self._pending -= 1
+        if fut.cancelled():
+            return
         exc = fut.exception()  # retrieved: never "exception was never retrieved"
         if exc is None:
             self._redis_up()
