@@ -290,6 +290,7 @@ def test_rows_for_every_outcome_and_usage_summaries(
             streamed["completion_tokens"],
         )
         assert [(r["key_id"], r["error_code"]) for r in by_status[502]] == [("bob", "upstream_error")]
+        assert by_status[502][0]["attempts"] >= 1  # tried, then failed
         assert [(r["key_id"], r["error_code"]) for r in by_status[401]] == [(None, "unauthorized")]
         assert [(r["key_id"], r["model"], r["error_code"]) for r in by_status[404]] == [
             ("alice", None, "model_not_found")
