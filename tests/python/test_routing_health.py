@@ -5,9 +5,15 @@ No wall-clock asserts: short intervals, and polling with a generous deadline."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from conftest import TritonServer, free_port
+from conftest import Gateway, TritonServer, free_port, run_gateway, run_mock, stop
 
 from gateway import upstreams
 from gateway.config import parse
@@ -190,3 +196,73 @@ def test_triton_server_and_model_readiness(triton: TritonServer) -> None:
             await adapter.close()
 
     asyncio.run(main())
+
+
+def readyz(gw: Gateway) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{gw.url}/readyz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def answered_by(gw: Gateway) -> str:
+    body = json.dumps({"model": "pool", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = urllib.request.Request(
+        f"{gw.url}/v1/chat/completions", body, {"content-type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+        return str(r.headers["x-fastpath-route"])
+
+
+def wait_readyz(gw: Gateway, what: str, cond: Callable[[int, dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = readyz(gw)
+        if cond(status, body):
+            return body
+        assert time.monotonic() < deadline, f"/readyz: not {what} within 30 s: {status} {body}"
+        time.sleep(0.05)
+
+
+def test_gateway_readyz_follows_the_checks(tmp_path: Path) -> None:
+    """A real gateway: /readyz reports each deployment; one upstream dies and comes back on its
+    port, and the gateway follows without a restart."""
+    with run_mock() as a, run_mock() as b:
+        cfg = (
+            "server: {host: 127.0.0.1}\n"
+            "providers:\n"
+            f"  - {{name: a, base_url: 'http://127.0.0.1:{a.port}/v1', connect_timeout_ms: 300}}\n"
+            f"  - {{name: b, base_url: 'http://127.0.0.1:{b.port}/v1', connect_timeout_ms: 300}}\n"
+            "models:\n"
+            "  - name: pool\n"
+            "    deployments:\n"
+            "      - {provider: a, upstream_model: mock-echo, tags: {region: x}}\n"
+            "      - {provider: b, upstream_model: mock-echo}\n" + CHECKS
+        )
+        with run_gateway(tmp_path, None, config_text=cfg) as gw:
+            body = wait_readyz(gw, "checked", lambda s, b: s == 200 and b.get("rounds", 0) >= 1)
+            deps = body["routes"]["pool"]["deployments"]
+            assert deps["a/mock-echo"] == {
+                "healthy": True,
+                "check": "HTTP 200",
+                "breaker": {"state": "closed", "ejections": 0},
+                "tags": {"region": "x"},
+            }
+            b_port = b.port
+            stop(b.proc)
+            body = wait_readyz(
+                gw, "b down", lambda s, x: not x["routes"]["pool"]["deployments"]["b/mock-echo"]["healthy"]
+            )
+            assert body["status"] == "ready" and body["routes"]["pool"]["ready"]
+            # the balancer no longer offers it: no request even tries it (attempts=1)
+            for _ in range(6):
+                assert answered_by(gw) == "a/mock-echo; attempts=1"
+            with run_mock(b_port):
+                wait_readyz(
+                    gw, "b back", lambda s, x: x["routes"]["pool"]["deployments"]["b/mock-echo"]["healthy"]
+                )
+            stop(a.proc)
+            body = wait_readyz(gw, "nothing left", lambda s, x: s == 503)
+            assert body["status"] == "not_ready" and not body["routes"]["pool"]["ready"]

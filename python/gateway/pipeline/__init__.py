@@ -33,6 +33,7 @@ from ..errors import Fault, GatewayError
 from ..keystore import open_store
 from ..ledger import ledger_on
 from ..routing.dispatch import Dispatch
+from ..routing.health import health_checker
 from . import respond
 from .decode import DecodeStage
 from .disconnect import DisconnectWatch
@@ -132,9 +133,9 @@ class Pipeline:
         self.response_stages: tuple[ResponseStage, ...] = tuple(reversed(response))
         self.observers: tuple[Observer, ...] = tuple(observers)
         #: per-route parts with a lifecycle (response caches), the health checker
-        self.routing_parts: tuple[Any, ...] = tuple(
-            {id(r.cache): r.cache for r in worker.routes.values() if r.cache is not None}.values()
-        )
+        caches = {id(r.cache): r.cache for r in worker.routes.values() if r.cache is not None}
+        health = health_checker(worker)  # None unless `routing.health.enabled`
+        self.routing_parts: tuple[Any, ...] = (*caches.values(), *(() if health is None else (health,)))
         s = cfg.server
         self.relay = Relay(
             worker.loop,
