@@ -100,6 +100,7 @@ class Dispatch:
                     last = err
                     cls = classify(err)
                     tried.append(dep)
+                    ctx.deployment = dep  # who failed last, for the reply header and the ledger
                     now = loop.time()
                     log.info(
                         "request %s: attempt %d on %s failed (%s): %s",
