@@ -119,6 +119,8 @@ class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ttl_s: int = 300
     backend: CacheBackend = CacheBackend.MEMORY
     max_entries: int = 10_000  # memory backend, per worker
+    #: memory backend: all entries of the model together, per worker (least recent out first)
+    max_bytes: int = 64 * 1024 * 1024
     max_entry_bytes: int = 1024 * 1024
     #: identical in-flight non-streamed requests of one tenant share one upstream call
     single_flight: bool = True
@@ -226,7 +228,7 @@ def validate_routing(cfg: Config, models: set[str]) -> None:
         _positive(f"{where}.hedge.min_samples", h.min_samples)
         _positive(f"{where}.hedge.max_hedges", h.max_hedges)
         c = m.cache
-        for field in ("ttl_s", "max_entries", "max_entry_bytes"):
+        for field in ("ttl_s", "max_entries", "max_bytes", "max_entry_bytes"):
             _positive(f"{where}.cache.{field}", getattr(c, field))
         q = m.queue
         _positive(f"{where}.queue.max_wait_ms", q.max_wait_ms, zero=True)

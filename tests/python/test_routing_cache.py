@@ -380,6 +380,25 @@ def test_lru_evicts_the_least_recently_used() -> None:
     run(main)
 
 
+def test_memory_is_capped_in_bytes_too() -> None:
+    """`max_bytes` holds whatever `max_entries` would allow: the least recent go first."""
+
+    async def main(worker: Worker) -> None:
+        cache = cache_of(worker, max_bytes=250)
+        start = Starter(lambda: FakeCall(body=b"z" * 100))
+        for body in (b"a", b"b", b"c"):
+            await unary(cache, Ctx(body=body), start)
+        assert len(cache) == 2  # 3 x 100 bytes > 250: `a` went
+        ctx = Ctx(body=b"a")
+        await unary(cache, ctx, start)
+        assert ctx.cache == "miss"
+        ctx = Ctx(body=b"c")
+        await unary(cache, ctx, start)
+        assert ctx.cache == "hit"
+
+    run(main)
+
+
 def test_entries_expire_after_ttl() -> None:
     async def main(worker: Worker) -> None:
         clock = Clock()

@@ -87,6 +87,11 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Entry).decode
 
 
+def _size(e: Entry) -> int:
+    """What an entry holds in memory, near enough for a cap (its frames, tail and text)."""
+    return e.nbytes + len(e.tail) + len(e.text)
+
+
 def _copy_usage(u: Usage | None) -> Usage | None:
     """Usage is a mutable Struct and settlement may fill it in: every request gets its own."""
     return None if u is None else Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
@@ -336,6 +341,7 @@ class ResponseCache:
         "_flights",
         "_loop",
         "_mem",
+        "_mem_bytes",
         "_model",
         "_pending",
         "_redis",
@@ -345,6 +351,7 @@ class ResponseCache:
         "_single_flight",
         "_ttl_ms",
         "_ttl_s",
+        "max_bytes",
         "max_entries",
         "max_entry_bytes",
     )
@@ -358,6 +365,9 @@ class ResponseCache:
         self._ttl_ms = cfg.ttl_s * 1000
         self.max_entries = cfg.max_entries
         self.max_entry_bytes = cfg.max_entry_bytes
+        self.max_bytes = cfg.max_bytes
+        #: memory backend: the bytes its entries hold (frames, tail, text)
+        self._mem_bytes = 0
         self._single_flight = cfg.single_flight
         self._loop = worker.loop
         #: the TTL clock (the worker's loop clock; tests inject one)
@@ -501,6 +511,7 @@ class ResponseCache:
             return None
         if found[0] <= self._clock():
             del mem[key]
+            self._mem_bytes -= _size(found[1])
             return None
         mem.move_to_end(key)
         return found[1]
@@ -525,10 +536,13 @@ class ResponseCache:
     def _put(self, key: bytes, entry: Entry) -> None:
         mem = self._mem
         if mem is not None:
+            old = mem.pop(key, None)
+            if old is not None:
+                self._mem_bytes -= _size(old[1])
             mem[key] = (self._clock() + self._ttl_s, entry)
-            mem.move_to_end(key)
-            while len(mem) > self.max_entries:
-                mem.popitem(last=False)
+            self._mem_bytes += _size(entry)
+            while len(mem) > self.max_entries or self._mem_bytes > self.max_bytes:
+                self._mem_bytes -= _size(mem.popitem(last=False)[1][1])
             return
         client = self._redis
         if (
