@@ -16,11 +16,12 @@ import math
 import random as _random
 import zlib
 from bisect import bisect_right
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from ..config_routing import BalanceKind
+from ..schemas import ChatRequestView, Message
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -156,17 +157,30 @@ class PowerOfTwo:
         if self._weighted:
             g = self._groups[candidates[0].priority]
             if n == g.size:
-                if g.cum is not None:
-                    return _weighted_pair(g.members, g.cum, g.total, r)
+                cum = g.cum
+                if cum is not None:
+                    table = g.cycle  # each deployment `weight` times: draw by weight in O(1)
+                    if table is not None:
+                        size = len(table)
+                        a = table[int(r() * size)]
+                        for _ in range(4):  # rejection: the second among the others, by weight
+                            b = table[int(r() * size)]
+                            if b is not a:
+                                return a, b, True
+                        return _weighted_pair(g.members, cum, g.total, r, g.members.index(a))
+                    return _weighted_pair(g.members, cum, g.total, r, -1)
             else:
                 w0 = candidates[0].weight
-                if any(d.weight != w0 for d in candidates):
-                    cum: list[int] = []
-                    acc = 0
-                    for d in candidates:
-                        acc += d.weight
-                        cum.append(acc)
-                    return _weighted_pair(candidates, cum, acc, r)
+                differ = False
+                sums: list[int] = []
+                acc = 0
+                for d in candidates:
+                    w = d.weight
+                    acc += w
+                    sums.append(acc)
+                    differ = differ or w != w0
+                if differ:
+                    return _weighted_pair(candidates, sums, acc, r, -1)
         i = int(r() * n)
         j = int(r() * (n - 1))
         if j >= i:
@@ -177,6 +191,15 @@ class PowerOfTwo:
         n = len(candidates)
         if n == 1:
             return candidates[0]
+        if not self._weighted:  # inline: the common case
+            r = self._rand
+            i = int(r() * n)
+            j = int(r() * (n - 1))
+            if j >= i:
+                j += 1
+            a = candidates[i]
+            b = candidates[j]
+            return b if b.outstanding < a.outstanding else a  # (i, j) is symmetric: ties random
         a, b, weighted = self._pair(candidates, n)
         if not weighted:
             return b if b.outstanding < a.outstanding else a
@@ -188,17 +211,21 @@ class PowerOfTwo:
 
 
 def _weighted_pair(
-    members: Sequence[Deployment], cum: list[int], total: int, r: Callable[[], float]
+    members: Sequence[Deployment], cum: list[int], total: int, r: Callable[[], float], i: int
 ) -> tuple[Deployment, Deployment, bool]:
-    """Draw one by weight, then another by weight among the rest (the first's span cut out)."""
+    """Draw one by weight (unless `i` >= 0 is drawn already), then another by weight among the
+    rest (the first's span cut out of the draw)."""
     n = len(members)
-    i = min(bisect_right(cum, r() * total), n - 1)
+    if i < 0:
+        i = bisect_right(cum, r() * total)
+        if i >= n:  # float edge
+            i = n - 1
     wa = members[i].weight
     y = r() * (total - wa)
     if y >= cum[i] - wa:
         y += wa
-    j = min(bisect_right(cum, y), n - 1)
-    if j == i:  # float edge
+    j = bisect_right(cum, y)
+    if j >= n or j == i:  # float edges
         j = (i + 1) % n
     return members[i], members[j], True
 
@@ -237,15 +264,35 @@ class LeastLatency(PowerOfTwo):
 
 
 class _UserView(msgspec.Struct):
-    user: str | None = None
-
-
-class _MessagesView(msgspec.Struct):
-    messages: list[msgspec.Raw] = []
+    user: Any = None
 
 
 _decode_user = msgspec.json.Decoder(_UserView).decode
-_decode_messages = msgspec.json.Decoder(_MessagesView).decode
+_decode_chat = msgspec.json.Decoder(ChatRequestView).decode
+#: the decode stage's view carries `user` (else: decoded here from the body)
+_VIEW_HAS_USER = "user" in ChatRequestView.__struct_fields__
+#: a prefix message longer than this is hashed by its head, tail and length (bounded cost)
+PREFIX_HASH_CHARS = 128
+
+
+def _prefix_key(messages: list[Message], count: int) -> int | None:
+    """crc32 of the leading messages' roles and text: the part of the prompt a replica's KV
+    cache holds. Long texts count by head, length and tail, so the cost is bounded per message
+    (two prompts alike in all three share a replica: harmless)."""
+    if not messages:
+        return None
+    pieces: list[str] = []
+    for m in messages[:count]:
+        pieces.append(m.role)
+        parts = m.content
+        if parts is None:
+            continue
+        content = parts if isinstance(parts, str) else "\x00".join(p.text or p.type for p in parts)
+        if len(content) > 2 * PREFIX_HASH_CHARS:
+            pieces += (content[:PREFIX_HASH_CHARS], str(len(content)), content[-PREFIX_HASH_CHARS:])
+        else:
+            pieces.append(content)
+    return zlib.crc32("\x00".join(pieces).encode())
 
 
 def _point(data: bytes) -> int:
@@ -310,19 +357,26 @@ class Affinity:
             headers = ctx.headers
             value = headers.get(self._header) if headers is not None else None
             return zlib.crc32(value.encode()) if value else None
-        try:
-            if mode == "user":
-                user = _decode_user(ctx.body).user
-                return zlib.crc32(user.encode()) if user else None
-            messages = _decode_messages(ctx.body).messages
-        except msgspec.DecodeError:
+        view = ctx.view
+        if mode == "user":
+            if view is not None and _VIEW_HAS_USER:
+                user = getattr(view, "user", None)
+            elif b'"user"' in ctx.body:  # (a key spelled with \u escapes counts as none)
+                try:
+                    user = _decode_user(ctx.body).user
+                except msgspec.DecodeError:
+                    return None
+            else:
+                return None
+            return zlib.crc32(user.encode()) if user and type(user) is str else None
+        if view is None:
+            try:
+                view = _decode_chat(ctx.body)
+            except msgspec.DecodeError:
+                return None
+        if type(view) is not ChatRequestView:
             return None
-        if not messages:
-            return None
-        h = 0
-        for raw in messages[: self._prefix]:
-            h = zlib.crc32(raw, h)
-        return h
+        return _prefix_key(view.messages, self._prefix)
 
     def pick(self, ctx: RequestContext, candidates: Sequence[Deployment]) -> Deployment:
         h = self.key(ctx)
@@ -339,13 +393,16 @@ class Affinity:
             for c in candidates:
                 mask |= 1 << c.index
         bound = -1
-        if not sticky:
-            d = self._moved.get(h)
+        moved = self._moved
+        if not sticky and moved:
+            d = moved.get(h)
             if d is not None and (d.priority == prio if whole else (mask >> d.index) & 1):
                 o = d.outstanding
                 if o > 1:
                     bound = self._bound(candidates, n)
                 if o <= 1 or o <= bound:
+                    del moved[h]  # re-inserted last: the LRU order
+                    moved[h] = d
                     return d
         prefs = self._prefs[bisect_right(self._points, h) % len(self._points)]
         chosen: Deployment | None = None
@@ -366,7 +423,13 @@ class Affinity:
         if chosen is None:  # unreachable by the arithmetic above; kept for safety
             chosen = min(candidates, key=_outstanding)
         if not sticky:
-            self._remember(h, prefs, prio, whole, mask, chosen)
+            owner = prefs[0]
+            if owner.priority != prio:
+                owner = next(d for d in prefs if d.priority == prio)
+            if chosen is not owner:
+                self._remember(h, owner, whole, mask, chosen)
+            elif moved:
+                moved.pop(h, None)
         return chosen
 
     def _bound(self, candidates: Sequence[Deployment], n: int) -> int:
@@ -375,16 +438,17 @@ class Affinity:
             total += c.outstanding
         return math.ceil(self._lf * (total + 1) / n)
 
-    def _remember(
-        self, h: int, prefs: tuple[Deployment, ...], prio: int, whole: bool, mask: int, chosen: Deployment
-    ) -> None:
-        owner = next(d for d in prefs if d.priority == prio)
+    def _remember(self, h: int, owner: Deployment, whole: bool, mask: int, chosen: Deployment) -> None:
+        """The session left its ring owner: remember where it went, unless the owner was only
+        left out as already tried by this request (a retry, a hedge): that is not a move."""
         moved = self._moved
-        if chosen is owner:
-            moved.pop(h, None)
-            return
-        candidate = whole or (mask >> owner.index) & 1
-        if candidate or not owner.healthy or owner.full() or owner.breaker.state != "closed":
+        if (
+            whole
+            or (mask >> owner.index) & 1  # a candidate, passed over: over the bound
+            or not owner.healthy
+            or owner.full()
+            or owner.breaker.state != "closed"
+        ):
             moved.pop(h, None)  # re-inserted last: the LRU order
             if len(moved) >= MAX_MOVED:
                 del moved[next(iter(moved))]
