@@ -8,6 +8,7 @@ import http.client
 import json
 import math
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -252,6 +253,124 @@ def test_admin_credential_openmetrics_and_no_secrets(gw: Any) -> None:
     for secret in (KEY, ADMIN, UPSTREAM_SECRET, "sha256:"):
         assert secret not in text
         assert secret not in plain
+
+
+def _raw_reply(body: dict[str, Any]) -> str:
+    """A whole HTTP response for the mock's `raw` knob (it writes it verbatim, then closes)."""
+    data = json.dumps(body)
+    return f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n{data}"
+
+
+def test_cached_prompt_tokens_are_a_token_type(gw: Any) -> None:
+    usage = {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}
+    reply = {
+        "id": "c-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "mock-echo",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {**usage, "prompt_tokens_details": {"cached_tokens": 16}},
+    }
+    _, _, before = scrape(gw.port)
+    n = 3
+    for _ in range(n):
+        status, _, body = request(
+            gw.port, "POST", "/v1/chat/completions", chat(mock={"raw": _raw_reply(reply)}), AUTH
+        )
+        assert status == 200
+        assert json.loads(body)["usage"]["prompt_tokens_details"] == {
+            "cached_tokens": 16
+        }  # passed on as sent
+    # a reply without details counts no cached tokens
+    no_details = {**reply, "usage": usage}
+    status, _, _ = request(
+        gw.port, "POST", "/v1/chat/completions", chat(mock={"raw": _raw_reply(no_details)}), AUTH
+    )
+    assert status == 200
+    _, _, after = scrape(gw.port)
+    b, a = parse(before), parse(after)
+
+    def delta(name: str, **match: str) -> float:
+        return total(a, name, **match) - total(b, name, **match)
+
+    usage_m = "gen_ai_client_token_usage"
+    assert delta(f"{usage_m}_sum", gen_ai_request_model="echo", gen_ai_token_type="cached") == 16 * n
+    assert delta(f"{usage_m}_count", gen_ai_request_model="echo", gen_ai_token_type="cached") == n
+    assert delta(f"{usage_m}_bucket", gen_ai_request_model="echo", gen_ai_token_type="cached", le="16.0") == n
+    assert delta(f"{usage_m}_sum", gen_ai_request_model="echo", gen_ai_token_type="input") == 20 * (n + 1)
+    assert delta("fastpath_tokens_total", model="echo", type="cached") == 16 * n
+    assert delta("fastpath_tokens_total", model="echo", type="input") == 20 * (n + 1)
+
+
+def _limits_config(upstream: MockUpstream) -> str:
+    keys = "".join(f"    - {{id: {k}, key: {KEY}-{k}, tier: {k}}}\n" for k in ("r", "t"))
+    return (
+        gateway_config(upstream.port)
+        + f"auth:\n  enabled: true\n  keys:\n{keys}"
+        + "tiers:\n  r: {rpm: 2}\n  t: {tpm: 200}\n"
+        + f"admin:\n  api_key: {ADMIN}\n"
+    )
+
+
+def test_limiter_decisions_by_limit_kind(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    # one worker: local limits are per worker, so the counts below are exact
+    with run_gateway(tmp_path, mock_upstream, config_text=_limits_config(mock_upstream)) as g:
+        statuses = [
+            request(g.port, "POST", "/v1/chat/completions", chat(), {"authorization": f"Bearer {KEY}-r"})[0]
+            for _ in range(5)
+        ]
+        assert statuses == [200, 200, 429, 429, 429]
+        small, big = chat(max_tokens=8), chat(max_tokens=5000)
+        assert (
+            request(g.port, "POST", "/v1/chat/completions", small, {"authorization": f"Bearer {KEY}-t"})[0]
+            == 200
+        )
+        assert (
+            request(g.port, "POST", "/v1/chat/completions", big, {"authorization": f"Bearer {KEY}-t"})[0]
+            == 429
+        )
+        samples = parse(scrape(g.port)[2])
+    name = "fastpath_limiter_decisions_total"
+    assert total(samples, name, decision="allowed", limit="none") == 3
+    assert total(samples, name, decision="refused", limit="rpm") == 3
+    assert total(samples, name, decision="refused", limit="tpm") == 1
+    assert total(samples, name, decision="refused") == 4
+    assert total(samples, name) == 7
+
+
+def test_pool_channel_and_deployment_gauges(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    silent = socket.socket()  # a gRPC upstream that accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    tri = f"  - {{name: tri, kind: triton, base_url: 'grpc://127.0.0.1:{silent.getsockname()[1]}'}}\n"
+    text = (
+        config(mock_upstream)
+        .replace("providers:\n", "providers:\n" + tri)
+        .replace("models:\n", "models:\n  - {name: llm, provider: tri, upstream_model: ensemble}\n")
+    )
+    try:
+        with run_gateway(tmp_path, mock_upstream, config_text=text) as g:
+            samples = parse(scrape(g.port)[2])
+            state = "fastpath_upstream_channel_state"
+            # before any call: idle (one worker), and only one state is 1
+            assert total(samples, state, provider="tri", state="idle") == 1
+            assert total(samples, state, provider="tri") == 1
+            assert total(samples, "fastpath_deployment_up", gen_ai_request_model="echo") == 1
+            assert total(samples, "fastpath_deployment_up", gen_ai_request_model="llm") == 1
+            assert request(g.port, "POST", "/v1/chat/completions", chat(), AUTH)[0] == 200
+            # a call to the silent upstream: connected, waiting; the client gives up first
+            conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=1.5)
+            body = json.dumps(chat("llm")).encode()
+            conn.request("POST", "/v1/chat/completions", body, {**AUTH, "content-type": "application/json"})
+            with pytest.raises(TimeoutError):
+                conn.getresponse()
+            conn.close()
+            samples = parse(scrape(g.port)[2])
+            assert total(samples, state, provider="tri", state="ready") == 1
+            assert total(samples, state, provider="tri") == 1
+            assert total(samples, "fastpath_upstream_pool_idle_connections", provider="mock") >= 1
+    finally:
+        silent.close()
 
 
 def test_403_without_admin_key_and_open_when_not_required(

@@ -211,6 +211,13 @@ def families(cfg: Config) -> dict[str, Family]:
             ("provider", "state"),
         ),
         Family(
+            "fastpath_deployment_up",
+            GAUGE,
+            "1 while a model's deployment takes traffic: its health check passes and its circuit "
+            "breaker is not open (summed over workers: the workers that see it up).",
+            ("gen_ai_request_model", "deployment"),
+        ),
+        Family(
             "fastpath_build",
             INFO,
             "Build information.",
@@ -359,6 +366,7 @@ class MetricsObserver(Part):
         self._task: asyncio.Task[None] | None = None
         self._sources: list[Any] = []
         self._clock = time.monotonic  # the loop's clock once started (transports' times are in it)
+        self._routes: dict[str, Any] = {}  # the worker's, once started (deployment health)
 
     # -- slots for a label set (first sighting only; then cached) --
     def _slot(self, name: str, labels: tuple[str, ...]) -> int:
@@ -474,6 +482,7 @@ class MetricsObserver(Part):
     # -- gauges and stage-owned counters, published off the request path --
     def start(self, worker: Worker) -> None:
         self._clock = worker.loop.time
+        self._routes = worker.routes
         self._task = worker.loop.create_task(self._publish_loop())
 
     def watch(self, *sources: Any) -> None:
@@ -524,6 +533,11 @@ class MetricsObserver(Part):
                 now = state(self._clock())
                 for s in CHANNEL_STATES:
                     put(slot("fastpath_upstream_channel_state", (src.name, s)), float(s == now))
+        for model, route in self._routes.items():
+            for dep in getattr(route, "deployments", ()):
+                breaker = getattr(dep, "breaker", None)
+                up = dep.healthy and getattr(breaker, "state", "closed") != "open"
+                put(slot("fastpath_deployment_up", (model, dep.name)), float(up))
 
     async def close(self) -> None:
         if self._task is not None:
