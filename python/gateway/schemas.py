@@ -50,6 +50,9 @@ class ChatRequestView(msgspec.Struct, gc=False):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    #: the end user (OpenAI's field); a session key of `affinity.key: user`. Any: a non-string
+    #: is the upstream's to judge, not a new 400 here
+    user: Any = None
 
 
 class CompletionRequestView(msgspec.Struct, gc=False):
@@ -59,6 +62,7 @@ class CompletionRequestView(msgspec.Struct, gc=False):
     stream_options: StreamOptions | None = None
     n: int | None = None
     max_tokens: int | None = None
+    user: Any = None
 
 
 RequestView = ChatRequestView | CompletionRequestView

@@ -123,7 +123,13 @@ class HealthChecker:
         if ok:
             target.failures = 0
             target.successes += 1
-            if target.healthy or target.successes < cfg.healthy_threshold:
+            if target.successes < cfg.healthy_threshold:
+                return
+            if target.healthy:
+                # Passing checks end a breaker's ejection early (Envoy's "successful active
+                # health check uneject"): a server the checks missed going down and coming back
+                # is not kept out for the rest of a long ejection; one half-open probe decides.
+                self._uneject(target)
                 return
             target.healthy = True
             log.warning(
@@ -144,6 +150,12 @@ class HealthChecker:
                 breaker.expire(now)  # an ejection still running ends: the next pick probes it
             if breaker.on_change is not None:
                 breaker.on_change()  # the route's cached usable set
+
+    def _uneject(self, target: Target) -> None:
+        now = self._worker.time()
+        for dep in target.deployments:
+            if dep.breaker.state == "open":
+                dep.breaker.expire(now)
 
     # ---- /readyz -------------------------------------------------------------------------------
     def report(self) -> tuple[bool, dict[str, Any]]:
