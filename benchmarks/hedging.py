@@ -39,7 +39,7 @@ def loadavg() -> str:
 def start_mock(port: int, rate: float, tail_ms: float, seed: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "gateway.dev.openai_mock", "--port", str(port), "--log-level", "WARNING"]
     cmd += ["--slow-tail-rate", str(rate), "--slow-tail-ms", str(tail_ms), "--seed", str(seed)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
     return proc
 
