@@ -319,3 +319,43 @@ def test_full_deployments_queue_instead_of_refusing(tmp_path: Path, stream: bool
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 codes = sorted(s for s, _, _ in pool.map(lambda _: post(gw.port, held), range(2)))
             assert codes == [200, 429]
+
+
+@pytest.mark.parametrize(("weights", "share_b"), [("{}", 0.5), ("{a: 3, b: 1}", 0.25)])
+def test_fair_queue_shares_capacity_by_team_weight(tmp_path: Path, weights: str, share_b: float) -> None:
+    """Capacity 1, team a offers 10x team b's load (10 clients vs 1, closed loop): the queue
+    serves the teams by weight, not by who asks most."""
+    key_a, key_b = "sk-team-a-0123456789abcdef", "sk-team-b-0123456789abcdef"
+    with run_mock() as m:
+        cfg = providers(m) + (
+            "models:\n"
+            "  - name: capped\n"
+            f"    queue: {{max_wait_ms: 30000, team_weights: {weights}}}\n"
+            "    deployments:\n"
+            "      - {provider: m0, upstream_model: mock-echo, max_concurrent: 1}\n"
+            "auth:\n"
+            "  enabled: true\n"
+            "  salt: fair-queue-test-salt-0123\n"
+            "  keys:\n"
+            f"    - {{id: a, key: {key_a}, team: a}}\n"
+            f"    - {{id: b, key: {key_b}, team: b}}\n"
+        )
+        with run_gateway(tmp_path, None, config_text=cfg) as gw:
+            stop = time.monotonic() + 60
+            sent = iter(range(130))  # shared by the clients: 130 requests in all
+
+            def client(team: str, key: str) -> None:
+                body = chat("capped", content=f"team {team}", mock={"first_delay_ms": 20})
+                while time.monotonic() < stop and next(sent, None) is not None:
+                    assert post(gw.port, body, {"authorization": f"Bearer {key}"})[0] == 200
+
+            with concurrent.futures.ThreadPoolExecutor(11) as pool:
+                jobs = [pool.submit(client, "a", key_a) for _ in range(10)] + [
+                    pool.submit(client, "b", key_b)
+                ]
+                for job in jobs:
+                    job.result()
+        served = [str(e["body"]["messages"][0]["content"])[-1] for e in completions(m)]  # type: ignore[index]
+    window = served[20:110]  # past the start, before the clients run out
+    assert len(window) == 90
+    assert abs(window.count("b") / len(window) - share_b) <= 0.1, "".join(window)
