@@ -104,6 +104,9 @@ class ChatStreamReframer:
     def usage(self) -> tuple[int, int, int] | None:
         """(prompt_tokens, completion_tokens, total_tokens) from the upstream, if any."""
     @property
+    def cached_tokens(self) -> int | None:
+        """`usage.prompt_tokens_details.cached_tokens` from the upstream, if it said."""
+    @property
     def error(self) -> str | None: ...
     @property
     def events(self) -> int:

@@ -215,6 +215,11 @@ impl PyReframer {
     }
 
     #[getter]
+    fn cached_tokens(&self) -> Option<u64> {
+        self.0.cached_tokens()
+    }
+
+    #[getter]
     fn error(&self) -> Option<&str> {
         self.0.error()
     }

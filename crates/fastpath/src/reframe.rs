@@ -30,6 +30,8 @@ struct State {
     out: Vec<u8>,
     done: bool,
     usage: Option<Usage>,
+    /// `usage.prompt_tokens_details.cached_tokens` as the upstream reported it.
+    cached_tokens: Option<u64>,
     error: Option<String>,
     events: u64,
     invalid_events: u64,
@@ -79,6 +81,11 @@ impl Reframer {
     #[must_use]
     pub fn usage(&self) -> Option<Usage> {
         self.state.usage
+    }
+    /// The prompt tokens the upstream served from its prompt cache, when it said.
+    #[must_use]
+    pub fn cached_tokens(&self) -> Option<u64> {
+        self.state.cached_tokens
     }
     #[must_use]
     pub fn error(&self) -> Option<&str> {
@@ -199,6 +206,7 @@ impl State {
             usage.prompt_tokens.unwrap_or(0),
             usage.completion_tokens.unwrap_or(0),
         );
+        self.cached_tokens = usage.prompt_tokens_details.and_then(|d| d.cached_tokens);
         self.usage = Some(Usage {
             prompt_tokens: p,
             completion_tokens: c,
@@ -225,11 +233,16 @@ struct Frame<'a> {
 }
 
 #[derive(Deserialize)]
-#[expect(clippy::struct_field_names, reason = "the wire names")]
 struct UsageView {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    prompt_tokens_details: Option<DetailsView>,
+}
+
+#[derive(Deserialize)]
+struct DetailsView {
+    cached_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -546,6 +559,7 @@ data: [DONE]\n\n";
                 total_tokens: 8
             })
         );
+        assert_eq!(r.cached_tokens(), Some(0));
         assert_eq!(r.completion_text(), "Hi \"you\"\n\u{e9}\u{1F600}{\"a\"");
         assert_eq!(r.finish_reason(), Some("stop"));
         assert_eq!(
@@ -584,6 +598,20 @@ data: [DONE]\n\n";
         assert_eq!(r.error(), Some("{\"message\":\"boom\",\"code\":null}"));
         assert_eq!(data_lines(&out).len(), 4);
         assert!(!r.done());
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_kept_and_absent_details_are_none() {
+        let (r, _) = run(
+            true,
+            &[b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"prompt_tokens_details\":{\"cached_tokens\":7}}}\n\n"],
+        );
+        assert_eq!(r.cached_tokens(), Some(7));
+        let (r, _) = run(
+            true,
+            &[b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"prompt_tokens_details\":null}}\n\n"],
+        );
+        assert_eq!(r.cached_tokens(), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ import msgspec
 from .. import _fastpath
 from ..config import OpenAIProvider
 from ..errors import Fault, GatewayError
-from ..schemas import UpstreamErrorDetail, UpstreamErrorView, Usage
+from ..schemas import PromptTokensDetails, UpstreamErrorDetail, UpstreamErrorView, Usage
 from ..usage import counted_prompt_tokens, fill_usage
 from .httpclient import (
     Connection,
@@ -266,7 +266,10 @@ class OpenAICall:
         if self._usage is None:  # asked once the stream is over: counting it once is enough
             usage = reframer.usage
             if usage is not None:
+                cached = reframer.cached_tokens
                 self._usage = Usage(*usage)
+                if cached is not None:  # for `/metrics`; never re-encoded into a reply
+                    self._usage.prompt_tokens_details = PromptTokensDetails(cached)
             else:
                 ctx = self._ctx
                 assert ctx.route is not None
