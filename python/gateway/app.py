@@ -24,6 +24,7 @@ from . import ledger, upstreams
 from .audit import AdminAudit
 from .config import Config
 from .context import Endpoint, RequestContext
+from .edge import ClientResolver
 from .errors import Fault, GatewayError
 from .pipeline import Pipeline, respond
 from .routing import build_routes
@@ -65,6 +66,9 @@ class Gateway:
         self._models_body = b""
         self._ready: tuple[float, int, bytes] | None = None
         self._inference = {e.value: e for e in Endpoint}
+        respond.configure(s)
+        #: the client behind trusted proxies (None: none configured, the socket peer is the client)
+        self._resolve_client = ClientResolver(s) if s.trusted_proxies else None
         admin_hash = self.cfg.admin.api_key_hash
         self._admin_digest = admin_hash.encode() if admin_hash is not None else None
         self._audit = AdminAudit(self.cfg)  # admin reads: opens the store on first use
@@ -125,37 +129,39 @@ class Gateway:
         request_id = self._request_id(headers.get("x-request-id"))
         path = scope.path
         endpoint = self._inference.get(path)
+        resolve = self._resolve_client
+        client = scope.client if resolve is None else resolve(scope.client, headers)
         try:
             self._check_headers(headers)
             if endpoint is not None:
                 if scope.method != "POST":
                     raise _method_not_allowed("POST")
-                await self._infer(endpoint, request_id, headers, protocol, scope.client)
+                await self._infer(endpoint, request_id, headers, protocol, client)
             elif path in ("/v1/models", "/models"):
                 self._only_get(scope)
-                protocol.response_bytes(200, [respond.JSON, ("x-request-id", request_id)], self._models_body)
+                protocol.response_bytes(200, respond.head(request_id), self._models_body)
             elif path == "/healthz":
                 self._only_get(scope)
-                protocol.response_bytes(200, [respond.JSON, ("x-request-id", request_id)], _HEALTH_BODY)
+                protocol.response_bytes(200, respond.head(request_id), _HEALTH_BODY)
             elif path == "/readyz":
                 self._only_get(scope)
                 status, body = await self._readiness()
-                protocol.response_bytes(status, [respond.JSON, ("x-request-id", request_id)], body)
+                protocol.response_bytes(status, respond.head(request_id), body)
             elif path == "/metrics" and self._metrics_here:
                 self._only_get(scope)
                 ctype, body = self._metrics(headers)
-                protocol.response_bytes(200, [("content-type", ctype), ("x-request-id", request_id)], body)
+                protocol.response_bytes(200, respond.head(request_id, ("content-type", ctype)), body)
             elif path == "/v1/usage":
                 self._only_get(scope)
-                body = await self._usage(scope, headers)
-                protocol.response_bytes(200, [respond.JSON, ("x-request-id", request_id)], body)
+                body = await self._usage(scope, headers, client)
+                protocol.response_bytes(200, respond.head(request_id), body)
             else:
                 raise GatewayError(Fault.ROUTE_NOT_FOUND, f"Unknown route: {scope.method} {path}")
         except GatewayError as err:
             if endpoint is not None and self.pipeline is not None:
                 # an inference request refused before the pipeline (headers, method, content
                 # type, body): the pipeline replies and tells its observers
-                ctx = RequestContext(request_id, endpoint, b"", start, headers, scope.client)
+                ctx = RequestContext(request_id, endpoint, b"", start, headers, client)
                 self.pipeline.refuse(ctx, protocol, err)
             else:
                 respond.send_error(protocol, request_id, err)
@@ -218,25 +224,25 @@ class Gateway:
 
         return scrape(metrics.dir, metrics.fams, headers.get("accept"))
 
-    def _check_admin_audited(self, scope: Any, headers: Any, action: str) -> None:
+    def _check_admin_audited(self, scope: Any, headers: Any, client: str, action: str) -> None:
         """`_check_admin`, then an audit row (`action`; target: the route and its query; source:
         the client's address) written by a thread, off the request path. A refused attempt is
         logged, not stored: anyone may send one, and none may make the gateway write the store."""
         try:
             self._check_admin(headers)
         except GatewayError as err:
-            log.warning("admin route %s refused for %s: %s", scope.path, scope.client, err.message)
+            log.warning("admin route %s refused for %s: %s", scope.path, client, err.message)
             raise
         query = scope.query_string
         target = f"{scope.path}?{query}" if query else scope.path
-        self._audit.record(self._loop, action, target, str(scope.client), {"method": scope.method})
+        self._audit.record(self._loop, action, target, str(client), {"method": scope.method})
 
-    async def _usage(self, scope: Any, headers: Any) -> bytes:
+    async def _usage(self, scope: Any, headers: Any, client: str) -> bytes:
         """`GET /v1/usage?group_by=key|team|model|provider|day&since=&until=&key=&team=&model=` (admin)."""
         account = self.pipeline.ledger if self.pipeline is not None else None
         if account is None:
             raise GatewayError(Fault.ROUTE_NOT_FOUND, "The usage ledger is off (`ledger.enabled`).")
-        self._check_admin_audited(scope, headers, "admin.usage.read")
+        self._check_admin_audited(scope, headers, client, "admin.usage.read")
         try:
             query = ledger.parse_query(parse_qsl(scope.query_string, keep_blank_values=True))
         except ValueError as exc:

@@ -8,6 +8,7 @@ per process and never mutated.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from datetime import datetime
@@ -51,6 +52,23 @@ class GrpcTransportKind(StrEnum):
     H2 = "h2"  # in-loop HTTP/2 on asyncio (the `h2` library), no threads
 
 
+class ForwardedHeader(StrEnum):
+    X_FORWARDED_FOR = "x-forwarded-for"
+    FORWARDED = "forwarded"  # RFC 7239 `for=`
+
+
+class SecurityHeadersConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Response headers that keep a browser from rendering or framing the API's replies
+    (`gateway.edge.security_headers`); on every reply, errors and streams included."""
+
+    enabled: bool = True
+    content_security_policy: str = "default-src 'none'; frame-ancestors 'none'"
+    #: `strict-transport-security: max-age=N`: only where clients reach the gateway over TLS (in
+    #: granian or a proxy in front); 0: not sent.
+    hsts_max_age_s: int = 0
+    hsts_include_subdomains: bool = False
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -65,6 +83,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     stream_ping_interval_ms: int = 15_000
     shutdown_grace_ms: int = 30_000
     backlog: int = 2048
+    #: Peers (CIDRs) whose forwarding header names the client; from anyone else the socket peer
+    #: is the client (gateway.edge). Empty: the header is never read.
+    trusted_proxies: list[str] = []
+    #: The forwarding header the trusted proxies append to: one, so a client cannot add the other.
+    forwarded_header: ForwardedHeader = ForwardedHeader.X_FORWARDED_FOR
+    security_headers: SecurityHeadersConfig = SecurityHeadersConfig()
 
 
 class _Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag_field="kind"):
@@ -659,6 +683,7 @@ def _validate(cfg: Config) -> None:
             "backlog",
         ),
     )
+    _validate_edge(s)
     if not cfg.providers:
         raise ConfigError("$.providers: at least one provider is required")
     names: set[str] = set()
@@ -721,6 +746,18 @@ def _validate(cfg: Config) -> None:
     _validate_admin(cfg)
     _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
+
+
+def _validate_edge(s: ServerConfig) -> None:
+    for i, cidr in enumerate(s.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"$.server.trusted_proxies[{i}]: not a CIDR ({exc})") from None
+    h = s.security_headers
+    _check_positive("$.server.security_headers.hsts_max_age_s", h.hsts_max_age_s, allow_zero=True)
+    if any(c in h.content_security_policy for c in "\r\n"):
+        raise ConfigError("$.server.security_headers.content_security_policy: one line")
 
 
 _MIN_ADMIN_KEY_CHARS = 32

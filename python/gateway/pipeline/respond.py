@@ -1,14 +1,17 @@
 """Stage `respond`: status, headers and body onto the RSGI protocol.
 
-Every reply carries `x-request-id`; error replies are always OpenAI error JSON from the
-taxonomy. Streams are unbuffered (`cache-control: no-cache`, `x-accel-buffering: no`).
+Every reply carries `x-request-id` and the security headers (`EDGE`, set once per worker by
+`configure`); error replies are always OpenAI error JSON from the taxonomy. Streams are
+unbuffered (`cache-control: no-cache`, `x-accel-buffering: no`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..config import ServerConfig
 from ..context import RequestContext
+from ..edge import security_headers
 from ..errors import GatewayError
 
 JSON = ("content-type", "application/json")
@@ -17,6 +20,19 @@ SSE_HEADERS = (
     ("cache-control", "no-cache"),
     ("x-accel-buffering", "no"),
 )
+#: The security response headers (`server.security_headers`), one tuple spliced into every reply.
+EDGE: tuple[tuple[str, str], ...] = ()
+
+
+def configure(server: ServerConfig) -> None:
+    """Once per worker process (one Gateway per process): the headers every reply carries."""
+    global EDGE
+    EDGE = security_headers(server)
+
+
+def head(request_id: str, ctype: tuple[str, str] = JSON) -> list[tuple[str, str]]:
+    """The headers of a plain reply (models, health, admin routes)."""
+    return [ctype, *EDGE, ("x-request-id", request_id)]
 
 
 def server_timing(ctx: RequestContext) -> tuple[str, str]:
@@ -32,6 +48,7 @@ def send_json(protocol: Any, ctx: RequestContext, status: int, body: bytes) -> N
         status,
         [
             JSON,
+            *EDGE,
             ("x-request-id", ctx.request_id),
             server_timing(ctx),
             *ctx.ratelimit_headers,
@@ -46,7 +63,7 @@ def send_error(
 ) -> None:
     """`extra`: the request's own reply headers (`x-ratelimit-*`, guard decisions), once the
     stages that set them have run."""
-    headers = [JSON, ("x-request-id", request_id), *err.headers, *extra]
+    headers = [JSON, *EDGE, ("x-request-id", request_id), *err.headers, *extra]
     protocol.response_bytes(err.status, headers, err.body())
 
 
@@ -78,6 +95,7 @@ def start_stream(protocol: Any, ctx: RequestContext) -> StreamWriter:
             200,
             [
                 *SSE_HEADERS,
+                *EDGE,
                 ("x-request-id", ctx.request_id),
                 server_timing(ctx),
                 *ctx.ratelimit_headers,
