@@ -359,3 +359,45 @@ def test_fair_queue_shares_capacity_by_team_weight(tmp_path: Path, weights: str,
     window = served[20:110]  # past the start, before the clients run out
     assert len(window) == 90
     assert abs(window.count("b") / len(window) - share_b) <= 0.1, "".join(window)
+
+
+def test_routing_is_visible_in_metrics(tmp_path: Path) -> None:
+    with run_mock() as a, run_mock() as b:
+        cfg = providers(a, b) + (
+            "models:\n"
+            "  - name: pool\n"
+            "    balance: round_robin\n"
+            "    retry: {backoff_ms: 1, budget_min_per_s: 100}\n"
+            "    cache: {enabled: true}\n"
+            "    deployments:\n"
+            "      - {provider: m0, upstream_model: mock-echo}\n"
+            "      - {provider: m1, upstream_model: mock-echo}\n"
+            "routing:\n"
+            "  breaker: {enabled: false}\n"
+            "metrics: {require_admin: false}\n"
+        )
+        set_faults(a, status=503, status_rate=1.0)
+        with run_gateway(tmp_path, None, config_text=cfg) as gw:
+            for i in range(6):
+                assert post(gw.port, chat("pool", content=f"q{i % 3}"))[0] == 200
+            deadline = time.monotonic() + 10  # the worker publishes its routing counters every 250 ms
+            text = ""
+            while time.monotonic() < deadline and 'event="cache_hit"} 3' not in text:
+                time.sleep(0.1)
+                with urllib.request.urlopen(f"{gw.url}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+
+    def value(name: str, **labels: str) -> float:
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    events = "fastpath_routing_events_total"
+    # 3 distinct prompts: 3 misses (each tried `a` first or second), then 3 hits
+    assert value(events, gen_ai_request_model="pool", event="cache_miss") == 3
+    assert value(events, gen_ai_request_model="pool", event="cache_hit") == 3
+    assert value(events, gen_ai_request_model="pool", event="retry") >= 1
+    assert value("fastpath_deployment_in_flight", gen_ai_request_model="pool") == 0
+    assert value("fastpath_deployment_up", gen_ai_request_model="pool") == 2

@@ -218,6 +218,25 @@ def families(cfg: Config) -> dict[str, Family]:
             ("gen_ai_request_model", "deployment"),
         ),
         Family(
+            "fastpath_deployment_in_flight",
+            GAUGE,
+            "Requests in flight on a model's deployment (the balancer's load signal).",
+            ("gen_ai_request_model", "deployment"),
+        ),
+        Family(
+            "fastpath_deployment_ejections",
+            COUNTER,
+            "Circuit-breaker ejections of a model's deployment.",
+            ("gen_ai_request_model", "deployment"),
+        ),
+        Family(
+            "fastpath_routing_events",
+            COUNTER,
+            "Routing events per model: retry, fallback (to another model), hedge (a second attempt "
+            "for a slow first token), cache_hit / cache_miss / cache_shared (single-flight).",
+            ("gen_ai_request_model", "event"),
+        ),
+        Family(
             "fastpath_build",
             INFO,
             "Build information.",
@@ -294,8 +313,11 @@ class Shard:
 
 
 # ---- the observer (the request path) ------------------------------------------------------------
-_CHAT = Endpoint.CHAT
-_OPERATIONS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "text_completion"}
+_OPERATIONS = {
+    Endpoint.CHAT: "chat",
+    Endpoint.COMPLETIONS: "text_completion",
+    Endpoint.EMBEDDINGS: "embeddings",
+}
 #: stage names whose time another histogram records (`MetricSlots.stage`: -1 skip, -2 upstream)
 _STAGE_SKIP, _STAGE_UPSTREAM = -1, -2
 #: gRPC's channel connectivity states, the values of fastpath_upstream_channel_state's `state`
@@ -377,8 +399,7 @@ class MetricsObserver(Part):
         return s
 
     def _req_plan(self, key: tuple[Any, ...]) -> int:
-        chat, route, deployment, status, error, stream = key
-        endpoint = Endpoint.CHAT if chat else Endpoint.COMPLETIONS
+        endpoint, route, deployment, status, error, stream = key
         model = route.name if route is not None else "none"
         provider = deployment.adapter.name if deployment is not None else "none"
         err = "" if error is None else (error if error in self._errors else OTHER)
@@ -426,7 +447,7 @@ class MetricsObserver(Part):
         route = ctx.route
         first_ns = ctx.first_ns
         # `is`, not the Enum in the key: an Enum's __hash__ is Python code (~0.15 µs)
-        key = (ctx.endpoint is _CHAT, route, ctx.deployment, outcome.status, outcome.error, first_ns != 0)
+        key = (ctx.endpoint, route, ctx.deployment, outcome.status, outcome.error, first_ns != 0)
         plan = self._req.get(key)
         if plan is None:
             plan = self._req_plan(key)
@@ -534,10 +555,18 @@ class MetricsObserver(Part):
                 for s in CHANNEL_STATES:
                     put(slot("fastpath_upstream_channel_state", (src.name, s)), float(s == now))
         for model, route in self._routes.items():
+            if getattr(route, "name", model) != model:
+                continue  # an alias: its route is published under the model's name
             for dep in getattr(route, "deployments", ()):
                 breaker = getattr(dep, "breaker", None)
                 up = dep.healthy and getattr(breaker, "state", "closed") != "open"
-                put(slot("fastpath_deployment_up", (model, dep.name)), float(up))
+                labels = (model, dep.name)
+                put(slot("fastpath_deployment_up", labels), float(up))
+                put(slot("fastpath_deployment_in_flight", labels), float(dep.outstanding))
+                if breaker is not None and breaker.ejections:
+                    put(slot("fastpath_deployment_ejections", labels), float(breaker.ejections))
+            for event, n in getattr(route, "events", {}).items():
+                put(slot("fastpath_routing_events", (model, event)), float(n))
 
     async def close(self) -> None:
         if self._task is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import _fastpath
-from ..config import Config, ModelConfig, model_deployments
+from ..config import Config, EmbeddingModelConfig, ModelConfig, ModelKind, model_deployments
 from ..config_routing import ErrorClass, HedgeConfig, RetryConfig
 from .budget import RetryBudget
 from .deployment import Deployment
@@ -37,7 +37,9 @@ class Route:
         "capped",
         "deployments",
         "ejection",
+        "embedding",
         "encoding",
+        "events",
         "fallbacks",
         "groups",
         "hedge",
@@ -53,6 +55,10 @@ class Route:
     ) -> None:
         self.name = name
         self.encoding = encoding
+        #: the Triton tensors of `/v1/embeddings` for a `kind: embedding` model; None: a chat model
+        self.embedding: EmbeddingModelConfig | None = None
+        if model.kind is ModelKind.EMBEDDING:
+            self.embedding = model.embedding or EmbeddingModelConfig()
         self.deployments = tuple(deployments)
         #: priority groups, lowest `priority` first
         self.groups = tuple(
@@ -64,6 +70,9 @@ class Route:
         self.model_json = next(iter(names)) if len(names) == 1 else None
         self.upstream_model = self.deployments[0].upstream_model if self.model_json is not None else None
         self.capped = any(d.cap for d in self.deployments)
+        #: this worker's routing events so far (retry, fallback, hedge, cache_hit|miss|shared),
+        #: for `/metrics`; counted off the common path only
+        self.events: dict[str, int] = {}
         self.retry: RetryConfig = model.retry
         self.budget = RetryBudget(model.retry.budget_ratio, model.retry.budget_min_per_s)
         self.hedge: HedgeConfig = model.hedge

@@ -56,7 +56,10 @@ class Dispatch:
         cache = route.cache
         try:
             if cache is not None and cache.wanted(ctx):
-                return await cache.open(ctx, lambda: self._attempts(ctx, route))
+                try:
+                    return await cache.open(ctx, lambda: self._attempts(ctx, route))
+                finally:
+                    _count(route, f"cache_{ctx.cache}")
             return await self._attempts(ctx, route)
         finally:
             _note(ctx)
@@ -108,6 +111,7 @@ class Dispatch:
                     )  # fmt: skip
                     wait = self._retry_wait(current, cls, err, per_route, tried)
                     if wait is not None and route.budget.try_retry(now):
+                        _count(route, "retry")
                         if wait > 0:
                             await asyncio.sleep(wait)
                             now = loop.time()
@@ -128,6 +132,7 @@ class Dispatch:
                 nxt.name,
                 cls.value,
             )
+            _count(route, "fallback")
             current = nxt
             visited.append(nxt)
             per_route = 0
@@ -259,6 +264,7 @@ class Dispatch:
                         delay * 1000,
                     )
                     ctx.attempts += 1
+                    _count(route, "hedge")
                     tried.append(other)
                     pending.add(loop.create_task(self._attempt(ctx, route, other)))
                     continue
@@ -280,6 +286,11 @@ class Dispatch:
             for task in pending:
                 with contextlib.suppress(BaseException):
                     await task
+
+
+def _count(route: Route, event: str) -> None:
+    events = route.events
+    events[event] = events.get(event, 0) + 1
 
 
 def _drop(route: Route, attempt: Attempt) -> None:
