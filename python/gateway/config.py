@@ -108,11 +108,26 @@ class _Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag_fie
     max_response_bytes: int = 64 * 1024 * 1024
 
 
+class SigningKind(StrEnum):
+    HMAC_SHA256 = "hmac-sha256"
+
+
+class SigningConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Sign every request to this provider (gateway.signing): for an upstream that checks who
+    calls it. `secret` is normally `${ENV}`."""
+
+    kind: SigningKind = SigningKind.HMAC_SHA256
+    key_id: str
+    secret: str
+    header: str = "x-fastpath-signature"
+
+
 class OpenAIProvider(_Provider, frozen=True, tag="openai"):
     """Any OpenAI-compatible HTTP server (vLLM, SGLang, OpenAI, ...)."""
 
     kind: ClassVar[ProviderKind] = ProviderKind.OPENAI
     max_idle_connections: int = 256
+    signing: SigningConfig | None = None
 
 
 class TritonProvider(_Provider, frozen=True, tag="triton"):
@@ -722,6 +737,8 @@ def _validate(cfg: Config) -> None:
         )
         if isinstance(p, OpenAIProvider):
             _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
+            if p.signing is not None:
+                _validate_signing(f"{where}.signing", p.signing)
         for h in p.headers:
             if not re.fullmatch(r"[A-Za-z0-9-]+", h):
                 raise ConfigError(f"{where}.headers: invalid header name {h!r}")
@@ -746,6 +763,15 @@ def _validate(cfg: Config) -> None:
     _validate_admin(cfg)
     _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
+
+
+def _validate_signing(where: str, g: SigningConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", g.key_id):
+        raise ConfigError(f"{where}.key_id: 1-64 of A-Z a-z 0-9 . _ : -, got {g.key_id!r}")
+    if len(g.secret) < 16:
+        raise ConfigError(f"{where}.secret: at least 16 characters")
+    if not re.fullmatch(r"[A-Za-z0-9-]+", g.header):
+        raise ConfigError(f"{where}.header: invalid header name {g.header!r}")
 
 
 def _validate_edge(s: ServerConfig) -> None:
@@ -1087,7 +1113,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         if "unknown field" in msg and "- at `$.providers[" in msg:
             msg += (
                 " (each provider `kind` has its own fields: `transport` and `tls_ca_file` are for kind"
-                " triton, `max_idle_connections` for kind openai, the default)"
+                " triton, `max_idle_connections` and `signing` for kind openai, the default)"
             )
         # msgspec names no path for the top level ("Object contains unknown field `x`").
         raise ConfigError(msg if " - at `" in msg else f"{msg} - at `$`") from None

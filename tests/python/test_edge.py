@@ -3,20 +3,25 @@ client address behind trusted proxies (X-Forwarded-For / Forwarded) as the acces
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gateway, MockUpstream, gateway_config, run_gateway
+from conftest import Gateway, MockUpstream, _env, free_port, gateway_config, run_gateway, stop, wait_http
 from test_pipeline_contract import chat
 
 from gateway.config import ConfigError, ForwardedHeader, ServerConfig, parse
 from gateway.edge import ClientResolver, security_headers
+from gateway.signing import Signer, verify
 
 SECURITY = {
     "x-content-type-options": "nosniff",
@@ -198,3 +203,76 @@ def test_edge_config_validation() -> None:
         + "server: {trusted_proxies: ['10.0.0.0/8', '::1/128'], security_headers: {hsts_max_age_s: 60}}\n"
     )
     assert dict(security_headers(cfg.server))["strict-transport-security"] == "max-age=60"
+
+
+# ---- request signing of upstream calls (gateway.signing), verified by the mock upstream --------
+SIGNING_SECRET = "signing-secret-0123456789abcdef"
+
+
+@contextlib.contextmanager
+def signing_mock(secret: str = SIGNING_SECRET) -> Iterator[MockUpstream]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gateway.dev.openai_mock", "--port", str(port), "--verify-signing", secret]
+    proc = subprocess.Popen(cmd, env=_env())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        yield MockUpstream(port, proc)
+    finally:
+        stop(proc)
+
+
+def signed_config(upstream: MockUpstream, secret: str | None) -> str:
+    text = gateway_config(upstream.port)
+    if secret is None:
+        return text
+    line = "    api_key: ${MOCK_UPSTREAM_KEY:-sk-upstream-secret}\n"
+    signing = f"    signing: {{kind: hmac-sha256, key_id: gw-1, secret: '{secret}'}}\n"
+    assert line in text
+    return text.replace(line, line + signing)
+
+
+def test_signed_upstream_calls(tmp_path: Path) -> None:
+    with signing_mock() as mock:
+        with run_gateway(tmp_path, mock, config_text=signed_config(mock, SIGNING_SECRET)) as gw:
+            status, _, body = call(gw.port, "POST", "/v1/chat/completions", chat())
+            assert status == 200, body
+            status, _, raw = call(gw.port, "POST", "/v1/chat/completions", chat(stream=True))
+            assert status == 200 and raw.rstrip().endswith(b"data: [DONE]")
+            status, _, body = call(gw.port, "GET", "/readyz")  # the probe's GET /v1/models is signed too
+            assert status == 200, body
+            sent = [
+                e for e in mock.events() if e["event"] == "request" and e["path"] == "/v1/chat/completions"
+            ]
+            sig = sent[-1]["headers"]["x-fastpath-signature"]
+            assert re.fullmatch(r"t=\d+,kid=gw-1,sig=[0-9a-f]{64}", sig), sig
+        mock.clear()
+        for secret, why in ((None, "missing signature"), ("another-secret-0123456789", "bad signature")):
+            with run_gateway(tmp_path, mock, config_text=signed_config(mock, secret)) as gw:
+                status, _, body = call(gw.port, "POST", "/v1/chat/completions", chat())
+                assert status >= 400, body
+            rejected = [e for e in mock.events() if e["event"] == "signature_rejected"]
+            assert rejected and rejected[-1]["reason"] == why
+        # a stale signature (well signed, 10 minutes old), sent straight to the mock
+        body = json.dumps(chat("mock-echo")).encode()
+        line = Signer("gw-1", SIGNING_SECRET).line(
+            "POST", "/v1/chat/completions", body, now=time.time() - 600
+        )
+        name, _, value = line.decode().strip().partition(": ")
+        conn = http.client.HTTPConnection("127.0.0.1", mock.port, timeout=10)
+        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json", name: value})
+        resp = conn.getresponse()
+        assert resp.status == 401 and b"stale signature" in resp.read()
+        conn.close()
+
+
+def test_signature_roundtrip() -> None:
+    line = Signer("k1", "s" * 16, "x-sig").line("POST", "/v1/x", b"{}", now=1_700_000_000)
+    name, _, value = line.decode().rstrip("\r\n").partition(": ")
+    assert name == "x-sig" and value.startswith("t=1700000000,kid=k1,sig=")
+    ok = {"secret": "s" * 16, "method": "POST", "path": "/v1/x", "body": b"{}", "now": 1_700_000_100}
+    assert verify(value, **ok) is None
+    assert verify(value, **{**ok, "body": b"{ }"}) == "bad signature"
+    assert verify(value, **{**ok, "path": "/v1/y"}) == "bad signature"
+    assert verify(value, **{**ok, "now": 1_700_000_400}) == "stale signature"
+    assert verify("t=1,sig=", **ok) == "malformed signature"
+    assert verify(None, **ok) == "missing signature"

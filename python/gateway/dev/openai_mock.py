@@ -15,6 +15,8 @@ completions, a slow tail, hangs) are set at start (``--fault-status`` ...) or at
 ``POST /_mock/faults`` (``GET`` reads, ``DELETE`` clears), so that one of several mock upstreams can be
 broken under load without touching the requests; a request's own knobs win over them. Observability
 for tests lives under ``/_mock/events`` and ``/_mock/stats`` (``DELETE`` resets the counters).
+Started with ``--verify-signing SECRET`` (or ``OPENAI_MOCK_SIGNING_SECRET``), every ``/v1/`` request
+must carry a valid, fresh gateway signature (:mod:`gateway.signing`), else it is answered 401.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import orjson
+
+from ..signing import DEFAULT_HEADER, DEFAULT_MAX_SKEW_S, verify
 
 __all__ = ["MODEL_IDS", "Faults", "Knobs", "MockServer", "MockState", "main", "serve"]
 
@@ -577,6 +581,8 @@ class MockState:
         self.faults = faults or Faults()
         self.seed = seed
         self.rng = random.Random(seed)
+        #: (secret, header, max skew s): verify every `/v1/` request's signature (None: off)
+        self.signing: tuple[str, str, float] | None = None
         self._conn_counter = 0
         self._request_counter = 0
         self.reset_counters()
@@ -970,6 +976,12 @@ def route(conn: MockConnection, req: Request) -> Handler | None:
         return None
 
     state.requests += 1
+    if state.signing is not None and path.startswith("/v1/"):
+        secret, header, skew = state.signing
+        why = verify(req.headers.get(header), secret, method, path, req.body, max_skew_s=skew)
+        if why is not None:
+            state.record("signature_rejected", conn.id, path, None, method=method, reason=why)
+            raise HTTPError(401, f"Request signature refused: {why}", code="invalid_signature")
     if path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
         return _completion(conn, req, chat=path == "/v1/chat/completions")
     state.record("request", conn.id, path, None, method=method, stream=False, headers=req.headers, body=None)
@@ -1263,9 +1275,12 @@ async def serve(
     backlog: int = 1024,
     faults: Faults | None = None,
     seed: int | None = None,
+    signing: tuple[str, str, float] | None = None,
 ) -> MockServer:
-    """Start listening on the running loop and return at once; ``port=0`` picks a free port."""
+    """Start listening on the running loop and return at once; ``port=0`` picks a free port.
+    ``signing``: (secret, header, max skew s) to verify on every ``/v1/`` request."""
     state = MockState(max_events, faults, seed)
+    state.signing = signing
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: MockConnection(state), host, port, backlog=backlog, reuse_address=True
@@ -1292,7 +1307,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     faults.add_argument("--hang-rate", type=float, default=0.0, help="this fraction never answers")
     faults.add_argument("--retry-after", help="Retry-After header on the mock's error answers")
     faults.add_argument("--seed", type=int, help="seed of the fault draws (reproducible runs)")
+    signing = parser.add_argument_group("request signing (gateway.signing)")
+    signing.add_argument(
+        "--verify-signing",
+        metavar="SECRET",
+        default=os.environ.get("OPENAI_MOCK_SIGNING_SECRET"),
+        help="answer 401 to /v1/ requests without a valid signature (env: OPENAI_MOCK_SIGNING_SECRET)",
+    )
+    signing.add_argument("--signing-header", default=DEFAULT_HEADER)
+    signing.add_argument("--signing-max-skew-s", type=float, default=DEFAULT_MAX_SKEW_S)
     args = parser.parse_args(argv)
+    args.signing = (
+        (args.verify_signing, args.signing_header.lower(), args.signing_max_skew_s)
+        if args.verify_signing
+        else None
+    )
     try:
         args.faults = Faults.from_json(
             {
@@ -1322,7 +1351,14 @@ def _write_ready_file(path: str, url: str) -> None:
 
 
 async def _amain(args: argparse.Namespace) -> int:
-    mock = await serve(args.host, args.port, max_events=args.max_events, faults=args.faults, seed=args.seed)
+    mock = await serve(
+        args.host,
+        args.port,
+        max_events=args.max_events,
+        faults=args.faults,
+        seed=args.seed,
+        signing=args.signing,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

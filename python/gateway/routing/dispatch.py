@@ -286,6 +286,10 @@ class Dispatch:
             for task in pending:
                 with contextlib.suppress(BaseException):
                     await task
+                # it answered before it could be cancelled (this request itself was cancelled
+                # while waiting): nobody takes it, so give its slot and connection back
+                if not task.cancelled() and task.exception() is None:
+                    _drop(route, task.result())
 
 
 def _count(route: Route, event: str) -> None:

@@ -19,6 +19,7 @@ from .. import _fastpath
 from ..config import OpenAIProvider
 from ..errors import Fault, GatewayError
 from ..schemas import PromptTokensDetails, UpstreamErrorDetail, UpstreamErrorView, Usage
+from ..signing import Signer
 from ..usage import counted_prompt_tokens, fill_usage
 from .httpclient import (
     Connection,
@@ -41,6 +42,8 @@ class OpenAIHttpAdapter:
     kind = "openai"
     __slots__ = (
         "_prefix",
+        "_serialize",
+        "_signer",
         "base_path",
         "connect_timeout_s",
         "first_byte_timeout_s",
@@ -82,8 +85,19 @@ class OpenAIHttpAdapter:
         lines.extend(f"{k}: {v}" for k, v in provider.headers.items())
         #: Header lines shared by every request to this provider, encoded once.
         self._prefix = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        s = provider.signing
+        self._signer = None if s is None else Signer(s.key_id, s.secret, s.header)
+        # chosen once: a provider without `signing` pays nothing per request for it
+        self._serialize = self._serialize_plain if self._signer is None else self._serialize_signed
 
-    def _serialize(
+    def _serialize_signed(
+        self, method: str, path: str, body: bytes | None, request_id: str, extra: bytes = b""
+    ) -> bytes:
+        assert self._signer is not None
+        line = self._signer.line(method, self.base_path + path, body or b"")
+        return self._serialize_plain(method, path, body, request_id, extra + line)
+
+    def _serialize_plain(
         self, method: str, path: str, body: bytes | None, request_id: str, extra: bytes = b""
     ) -> bytes:
         """`extra`: header lines of this request only (`traceparent`), each ending in CRLF."""
@@ -167,9 +181,11 @@ class OpenAIHttpAdapter:
             path = base + path[3:]
         loop = self.pool.loop
         deadline = loop.time() + timeout_s
-        request = b"GET %s HTTP/1.1\r\n%sx-request-id: healthcheck\r\n\r\n" % (
+        signed = b"" if self._signer is None else self._signer.line("GET", path, b"")
+        request = b"GET %s HTTP/1.1\r\n%s%sx-request-id: healthcheck\r\n\r\n" % (
             path.encode("latin-1"),
             self._prefix,
+            signed,
         )
         try:
             conn = await self.pool.request(request, head_deadline=deadline)
