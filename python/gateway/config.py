@@ -165,8 +165,29 @@ class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
     priority_levels: int = 0
 
 
+class ModelKind(StrEnum):
+    """What a public model serves: a chat request to an embedding model (or the reverse) is a
+    400 naming the endpoint to use, never an upstream error."""
+
+    CHAT = "chat"  # /v1/chat/completions and /v1/completions
+    EMBEDDING = "embedding"  # /v1/embeddings
+
+
+class EmbeddingModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How `/v1/embeddings` becomes one Triton `ModelInfer` (triton_models/minilm_embed's
+    contract): the texts as one BYTES [n] tensor, an FP32 [n, dim] output, optionally an INT32
+    [n] token count per text (reported as usage; else the route's tokenizer counts)."""
+
+    input: str = "text"
+    output: str = "embedding"
+    #: empty: the model reports no token counts
+    tokens_output: str = "num_tokens"
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
+    #: chat (default) or embedding
+    kind: ModelKind = ModelKind.CHAT
     #: one deployment (the shorthand); or list them in `deployments`
     provider: str | None = None
     upstream_model: str | None = None  # defaults to `name`
@@ -174,6 +195,8 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     encoding: str | None = None  # tokenizer for counted usage; default: by model name
     #: Only for models of a `triton` provider (defaults apply when absent).
     triton: TritonModelConfig | None = None
+    #: Only for `kind: embedding` models of a `triton` provider (defaults apply when absent).
+    embedding: EmbeddingModelConfig | None = None
     #: several upstreams serving this model (see gateway.config_routing)
     deployments: list[DeploymentConfig] = []
     balance: BalanceKind = BalanceKind.P2C
@@ -755,6 +778,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.encoding: must be o200k_base or cl100k_base, got {m.encoding!r}")
         _validate_deployments(where, m, kinds)
     validate_routing(cfg, seen)
+    _validate_model_kinds(cfg)
     _validate_guards(cfg, seen)
     _validate_extensions(cfg)
     _validate_tracing(cfg.tracing)
@@ -800,11 +824,34 @@ def _validate_deployments(where: str, m: ModelConfig, kinds: dict[str, ProviderK
             raise ConfigError(
                 f"{where}.deployments[{j}].provider: unknown provider {d.provider!r} (known: {known})"
             )
+    providers = [m.provider] if m.provider is not None else [d.provider for d in m.deployments]
     if m.triton is not None:
-        providers = [m.provider] if m.provider is not None else [d.provider for d in m.deployments]
         if all(kinds[p] is not ProviderKind.TRITON for p in providers):
             raise ConfigError(f"{where}.triton: only for models with a triton provider")
+        if m.kind is ModelKind.EMBEDDING:
+            raise ConfigError(f"{where}.triton: the chat mapping is not for kind embedding (use `embedding`)")
         _validate_triton_model(f"{where}.triton", m.triton)
+    if m.embedding is not None:
+        if m.kind is not ModelKind.EMBEDDING:
+            raise ConfigError(f"{where}.embedding: only for models of kind embedding")
+        if all(kinds[p] is not ProviderKind.TRITON for p in providers):
+            raise ConfigError(f"{where}.embedding: only for models with a triton provider")
+        for name in ("input", "output"):
+            if not getattr(m.embedding, name):
+                raise ConfigError(f"{where}.embedding.{name}: must name a tensor")
+
+
+def _validate_model_kinds(cfg: Config) -> None:
+    """A fallback serves the same endpoint: a chat model cannot fall back to an embedding one."""
+    kinds = {m.name: m.kind for m in cfg.models}
+    for i, m in enumerate(cfg.models):
+        for j, fb in enumerate(m.fallbacks):
+            for k, target in enumerate(fb.models):
+                if target in kinds and kinds[target] is not m.kind:
+                    raise ConfigError(
+                        f"$.models[{i}].fallbacks[{j}].models[{k}]: {target!r} is a {kinds[target].value}"
+                        f" model, {m.name!r} a {m.kind.value} model"
+                    )
 
 
 def model_deployments(m: ModelConfig) -> list[DeploymentConfig]:

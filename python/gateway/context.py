@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 class Endpoint(Enum):
     CHAT = "/v1/chat/completions"
     COMPLETIONS = "/v1/completions"
+    EMBEDDINGS = "/v1/embeddings"
 
 
 class RequestContext:

@@ -56,7 +56,7 @@ COLUMNS = (
     "key_id",  # NULL: anonymous (auth off, or refused before auth)
     "team",
     "tier",
-    "endpoint",  # chat | completions
+    "endpoint",  # chat | completions | embeddings
     "model",  # the public model; NULL if the request named none that was valid
     "upstream_model",
     "stream",

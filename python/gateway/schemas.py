@@ -65,7 +65,21 @@ class CompletionRequestView(msgspec.Struct, gc=False):
     user: Any = None
 
 
-RequestView = ChatRequestView | CompletionRequestView
+class EmbeddingsRequestView(msgspec.Struct, gc=False):
+    """`POST /v1/embeddings`. `input` is a string, or an array of strings, of token ids or of
+    arrays of token ids (one array type per msgspec union: the items are checked by
+    `gateway.embeddings.validate`, with OpenAI's limits)."""
+
+    model: str
+    input: str | list[Any]
+    encoding_format: str | None = None
+    dimensions: int | None = None
+    user: Any = None
+
+
+#: the views of the generating endpoints (what the Triton chat mapping takes)
+GenerationView = ChatRequestView | CompletionRequestView
+RequestView = GenerationView | EmbeddingsRequestView
 
 
 class PromptTokensDetails(msgspec.Struct, gc=False):

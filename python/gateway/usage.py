@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from . import _fastpath
+from . import _fastpath, embeddings
 from .errors import Fault, GatewayError
-from .schemas import ResponseChoicesView, ResponseUsageView, Usage
+from .schemas import EmbeddingsRequestView, ResponseChoicesView, ResponseUsageView, Usage
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -24,6 +24,9 @@ _encode = msgspec.json.Encoder().encode
 
 def counted_prompt_tokens(ctx: RequestContext) -> int:
     assert ctx.route is not None
+    view = ctx.view
+    if isinstance(view, EmbeddingsRequestView):  # inputs, not a chat body
+        return embeddings.count_tokens(view, ctx.route.encoding)
     try:
         return _fastpath.count_chat_tokens(ctx.body, ctx.route.encoding)
     except _fastpath.FastpathError:

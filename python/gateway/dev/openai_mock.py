@@ -22,10 +22,14 @@ must carry a valid, fresh gateway signature (:mod:`gateway.signing`), else it is
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
+import base64
 import contextlib
+import hashlib
 import http
 import logging
+import math
 import os
 import random
 import re
@@ -984,6 +988,8 @@ def route(conn: MockConnection, req: Request) -> Handler | None:
             raise HTTPError(401, f"Request signature refused: {why}", code="invalid_signature")
     if path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
         return _completion(conn, req, chat=path == "/v1/chat/completions")
+    if path == "/v1/embeddings" and method == "POST":
+        return _embeddings(conn, req)
     state.record("request", conn.id, path, None, method=method, stream=False, headers=req.headers, body=None)
     if method == "GET" and path == "/health":
         conn.send_json({"status": "ok"}, keep_alive=req.keep_alive)
@@ -1082,6 +1088,129 @@ def _completion(conn: MockConnection, req: Request, *, chat: bool) -> Handler | 
         _answered(state, 200)
     if first_delay > 0:
         return _delayed(conn, req, plan, data, first_delay)
+    conn.write(data)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings: deterministic feature hashing, in OpenAI's wire format
+# --------------------------------------------------------------------------------------------------
+
+#: Vector sizes of OpenAI's embedding models (others: EMBED_DEFAULT_DIM); `dimensions` overrides,
+#: except for ada-002 which, like OpenAI's, refuses it.
+EMBED_DIMS: Final[dict[str, int]] = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+EMBED_DEFAULT_DIM: Final = 64
+EMBED_MAX_INPUTS: Final = 2048
+
+
+def embed_text(words: Sequence[str], dim: int) -> list[float]:
+    """A unit vector from the hashed words (feature hashing: each word adds +-1 to a bucket), so
+    texts sharing words are close; no words: a vector seeded by nothing, the same each time.
+    Values are float32-exact, so float and base64 answers carry the same numbers."""
+    vec = [0.0] * dim
+    for w in words:
+        h = int.from_bytes(hashlib.blake2b(w.lower().encode(), digest_size=8).digest(), "little")
+        vec[h % dim] += 1.0 if (h >> 32) & 1 else -1.0
+    if not any(vec):
+        vec[0] = 1.0
+    norm = math.sqrt(sum(v * v for v in vec))
+    return array.array("f", [v / norm for v in vec]).tolist()
+
+
+def _embedding_inputs(inp: object) -> list[list[str]]:
+    """OpenAI's input shapes -> words per input (token ids count as words); errors as OpenAI's."""
+    if isinstance(inp, str):
+        inp = [inp]
+    if not isinstance(inp, list) or not inp:
+        raise HTTPError(400, "'$.input' is invalid. Please check the API reference.", param="input")
+    if len(inp) > EMBED_MAX_INPUTS:
+        raise HTTPError(400, f"'$.input' is too long. Maximum length is {EMBED_MAX_INPUTS}.", param="input")
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in inp):
+        return [[str(x) for x in inp]]
+    out: list[list[str]] = []
+    for x in inp:
+        if isinstance(x, str) and x:
+            out.append(_WORD_RE.findall(x) or [x])
+        elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            out.append([str(t) for t in x])
+        else:
+            raise HTTPError(400, "'$.input' is invalid. Please check the API reference.", param="input")
+    return out
+
+
+def render_embeddings(body: JSONDict, model: str, float_only: bool, no_usage: bool) -> JSONDict:
+    """The whole answer; raises HTTPError for what OpenAI refuses. `float_only`: ignore
+    `encoding_format` (an upstream that cannot send base64)."""
+    inputs = _embedding_inputs(body.get("input"))
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise HTTPError(
+            400,
+            f"Invalid value for 'encoding_format': {fmt!r}.",
+            param="encoding_format",
+            code="invalid_value",
+        )
+    dim = EMBED_DIMS.get(model, EMBED_DEFAULT_DIM)
+    dimensions = _get_int(body, "dimensions", minimum=1, param="dimensions")
+    if dimensions is not None:
+        if model == "text-embedding-ada-002":
+            raise HTTPError(400, "This model does not support specifying dimensions.", param="dimensions")
+        dim = dimensions
+    data = []
+    for i, words in enumerate(inputs):
+        vec: list[float] | str = embed_text(words, dim)
+        if fmt == "base64" and not float_only:
+            vec = base64.b64encode(array.array("f", vec).tobytes()).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    out: JSONDict = {"object": "list", "data": data, "model": model}
+    if not no_usage:
+        tokens = sum(len(w) for w in inputs)
+        out["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return out
+
+
+def _embeddings(conn: MockConnection, req: Request) -> Handler | None:
+    """``POST /v1/embeddings``; knobs: ``status``, ``first_delay_ms``, ``no_usage``, ``float_only``."""
+    state = conn.state
+    try:
+        body = orjson.loads(req.body)
+    except orjson.JSONDecodeError:
+        body = None
+    model = body.get("model") if isinstance(body, dict) else None
+    state.record(
+        "request",
+        conn.id,
+        req.path,
+        model if isinstance(model, str) else None,
+        method=req.method,
+        stream=False,
+        headers=req.headers,
+        body=body,
+    )
+    if not isinstance(body, dict):
+        raise HTTPError(400, "We could not parse the JSON body of your request.")
+    model = _require_model(body)
+    knobs = Knobs.from_body(body, model)
+    mock = body.get("mock") or {}
+    if knobs.status is not None and knobs.status != 200:
+        raise HTTPError(knobs.status, f"mock error (status {knobs.status})")
+    float_only = _get_bool(mock, "float_only", param="mock.float_only")
+    data = response_bytes(
+        200,
+        orjson.dumps(render_embeddings(body, model, float_only, knobs.no_usage)),
+        keep_alive=req.keep_alive,
+    )
+    if knobs.first_delay_ms > 0:
+
+        async def later() -> None:
+            await asyncio.sleep(knobs.first_delay_ms / 1000)
+            conn.write(data)
+
+        return later()
     conn.write(data)
     return None
 

@@ -18,7 +18,7 @@ from .stage import Outcome, Part
 if TYPE_CHECKING:
     from ..worker import Worker
 
-_ENDPOINTS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "completions"}
+_ENDPOINTS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "completions", Endpoint.EMBEDDINGS: "embeddings"}
 
 
 class LedgerObserver(Part):

@@ -13,8 +13,9 @@ import msgspec
 from .. import _fastpath
 from ..config import ServerConfig
 from ..context import Endpoint, RequestContext
+from ..embeddings import validate as validate_embeddings
 from ..errors import Fault, GatewayError
-from ..schemas import ChatRequestView, CompletionRequestView, RequestView
+from ..schemas import ChatRequestView, CompletionRequestView, EmbeddingsRequestView, RequestView
 from .stage import Part
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
@@ -41,6 +42,7 @@ class DecodeStage(Part):
         self._decoders: dict[Endpoint, msgspec.json.Decoder[RequestView]] = {
             Endpoint.CHAT: msgspec.json.Decoder(ChatRequestView),
             Endpoint.COMPLETIONS: msgspec.json.Decoder(CompletionRequestView),
+            Endpoint.EMBEDDINGS: msgspec.json.Decoder(EmbeddingsRequestView),
         }
 
     async def on_request(self, ctx: RequestContext) -> None:
@@ -54,6 +56,9 @@ class DecodeStage(Part):
             raise GatewayError(
                 Fault.JSON_TOO_DEEP, f"The request JSON is nested deeper than {self.max_depth} levels."
             )
+        if ctx.dialect is not None:  # another client API (Anthropic): now an OpenAI chat body
+            ctx.dialect.decode(ctx)
+            body = ctx.body
         try:
             view = self._decoders[ctx.endpoint].decode(body)
         except msgspec.ValidationError as exc:
@@ -68,6 +73,10 @@ class DecodeStage(Part):
             raise GatewayError(Fault.INVALID_JSON, "The request body is not valid UTF-8.") from None
         except RecursionError:
             raise GatewayError(Fault.JSON_TOO_DEEP, "The request JSON is nested too deeply.") from None
+        if isinstance(view, EmbeddingsRequestView):  # unary, no n / max_tokens: its own rules
+            validate_embeddings(view)
+            ctx.view = view
+            return
         if isinstance(view, ChatRequestView) and not view.messages:
             raise GatewayError(
                 Fault.INVALID_REQUEST, "`messages` must contain at least one message.", param="messages"

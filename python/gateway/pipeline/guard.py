@@ -8,6 +8,13 @@ errors or exceeds its `timeout_ms` follows its policy: `fail_open` lets the requ
 (logged, and visible in `x-fastpath-guard`), `fail_closed` refuses it with 503. Each guard's
 decision and latency go out in the `x-fastpath-guard` header and in `server-timing`.
 
+`/v1/embeddings` inputs go through the `rules` guards (a secret sent to a third-party embedding
+API leaks as surely as in a chat prompt; a guard's `models` list can leave embedding models out)
+but skip the `triton` classifiers (`skipped_embeddings` in the header): embedding inputs are
+documents to index, never instructions a model follows, so a jailbreak score means nothing there
+(the text is judged when it reaches a chat prompt), and a 2048-input batch would cost 2048
+classifications. Token-id inputs carry no text and are not scanned.
+
 Concurrent checks in a worker are coalesced into one batched `ModelInfer` call while a previous
 one is in flight (no added wait when idle), so a busy worker sends batches, not a call each.
 """
@@ -22,11 +29,11 @@ from typing import Any, cast
 
 from tritonclient.grpc import service_pb2 as pb
 
-from .. import _fastpath
+from .. import _fastpath, embeddings
 from ..config import GuardConfig, GuardKind, OnError
-from ..context import RequestContext
+from ..context import Endpoint, RequestContext
 from ..errors import Fault, GatewayError
-from ..schemas import ChatRequestView
+from ..schemas import ChatRequestView, EmbeddingsRequestView
 from ..upstreams.grpc_transport import RpcError
 from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error
 from . import guard_rules
@@ -53,6 +60,8 @@ def prompt_text(ctx: RequestContext) -> str:
         return "\n".join(parts)
     if view is None:
         return ""
+    if isinstance(view, EmbeddingsRequestView):
+        return "\n".join(embeddings.texts(view))
     prompt = view.prompt
     if isinstance(prompt, str):
         return prompt
@@ -188,6 +197,8 @@ class GuardStage(Part):
         try:
             if isinstance(g, RulesGuard):
                 verdict = await g.check(text) or verdict
+            elif ctx.endpoint is Endpoint.EMBEDDINGS:
+                verdict = "skipped_embeddings"
             else:
                 async with asyncio.timeout(g.cfg.timeout_ms / 1000):
                     verdict = await g.check(text) or verdict

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ..context import RequestContext
+from ..context import Endpoint, RequestContext
 from ..errors import Fault, GatewayError
 from ..routing import Route
 from .stage import Part
@@ -42,6 +42,8 @@ class RouteStage(Part):
                 f"The model `{view.model}` does not exist or you do not have access to it.",
                 param="model",
             )
+        if (route.embedding is None) is (ctx.endpoint is Endpoint.EMBEDDINGS):
+            raise _wrong_endpoint(route, ctx.endpoint)
         ctx.route = route
         principal = ctx.principal
         if principal is not None:
@@ -76,6 +78,20 @@ class RouteStage(Part):
         else:
             head, _, tail = encoded.partition(_PLACEHOLDER)
             ctx.body_parts = (head, tail)
+
+
+def _wrong_endpoint(route: Route, endpoint: Endpoint) -> GatewayError:
+    """A chat request to an embedding model, or the reverse: say which endpoint serves it."""
+    if route.embedding is not None:
+        what, use = "an embedding model", Endpoint.EMBEDDINGS.value
+    else:
+        what, use = "not an embedding model", Endpoint.CHAT.value
+    return GatewayError(
+        Fault.INVALID_REQUEST,
+        f"The model `{route.name}` is {what}: it is not served on {endpoint.value}; use {use}.",
+        param="model",
+        code="model_not_supported",
+    )
 
 
 #: not valid inside JSON text (control characters must be escaped), so it cannot occur elsewhere

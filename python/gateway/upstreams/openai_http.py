@@ -17,6 +17,8 @@ import msgspec
 
 from .. import _fastpath
 from ..config import OpenAIProvider
+from ..context import Endpoint
+from ..embeddings import finish_upstream_body
 from ..errors import Fault, GatewayError
 from ..schemas import PromptTokensDetails, UpstreamErrorDetail, UpstreamErrorView, Usage
 from ..signing import Signer
@@ -271,7 +273,10 @@ class OpenAICall:
             raw = await self._conn.read_all(self._max_bytes, deadline)
         except (UpstreamTimeout, UpstreamProtocolError) as exc:
             raise map_transport_error(exc) from None
-        body = fill_usage(self._ctx, raw)
+        if self._ctx.endpoint is Endpoint.EMBEDDINGS:  # usage has no completion; maybe base64
+            body = finish_upstream_body(self._ctx, raw)
+        else:
+            body = fill_usage(self._ctx, raw)
         self._usage = self._ctx.usage
         return body
 

@@ -18,11 +18,13 @@ from urllib.parse import urlsplit
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from ..config import GrpcTransportKind, TritonModelConfig, TritonProvider
+from ..config import EmbeddingModelConfig, GrpcTransportKind, TritonModelConfig, TritonProvider
 from ..errors import Fault, GatewayError
+from ..schemas import EmbeddingsRequestView
 from .grpc_h2 import H2Transport
 from .grpc_transport import GrpcioTransport, RpcError, StreamCall, Transport
 from .triton_call import TritonCall
+from .triton_embed import EmbeddingCall, EmbeddingShape, shape_from_metadata, start_embedding
 from .triton_request import TritonRequestBuilder
 
 if TYPE_CHECKING:
@@ -111,6 +113,7 @@ class TritonAdapter:
 
     kind = "triton"
     __slots__ = (
+        "_embedding",
         "_metadata",
         "_models",
         "connect_timeout_s",
@@ -141,6 +144,8 @@ class TritonAdapter:
             meta.append(("authorization", f"Bearer {provider.api_key}"))
         self._metadata = tuple(meta)
         self._models: dict[str, _Cached] = {}
+        #: embedding models' contracts from their metadata: model -> (shape, when read)
+        self._embedding: dict[str, tuple[EmbeddingShape, float]] = {}
         roots = None
         if provider.tls_ca_file:
             with open(provider.tls_ca_file, "rb") as f:
@@ -186,9 +191,31 @@ class TritonAdapter:
         self._models[model] = _Cached(builder, now)
         return builder
 
+    async def embedding_shape(self, model: str, cfg: EmbeddingModelConfig) -> EmbeddingShape:
+        """An embedding model's vector size and token-count output, from its metadata (cached
+        like the chat builders)."""
+        now = time.monotonic()
+        cached = self._embedding.get(model)
+        if cached is not None and now - cached[1] < _METADATA_TTL_S:
+            return cached[0]
+        try:
+            meta = await self.unary(
+                "ModelMetadata",
+                pb.ModelMetadataRequest(name=model),
+                pb.ModelMetadataResponse,
+                self.connect_timeout_s,
+            )
+        except RpcError as exc:
+            self._embedding.pop(model, None)
+            raise map_rpc_error(exc, model) from None
+        shape = shape_from_metadata(model, meta, cfg)
+        self._embedding[model] = (shape, now)
+        return shape
+
     def forget(self, model: str) -> None:
         """Drop cached metadata (the model went away; re-read it next time)."""
         self._models.pop(model, None)
+        self._embedding.pop(model, None)
 
     def stream(
         self, request: Any, deadline_s: float, extra: tuple[tuple[str, str], ...] = ()
@@ -202,12 +229,15 @@ class TritonAdapter:
 
     async def start(
         self, ctx: RequestContext, target: Deployment, body: bytes, deadline: float
-    ) -> TritonCall:
+    ) -> TritonCall | EmbeddingCall:
         """`body` is unused: Triton gets tensors built from the client's request."""
-        assert ctx.view is not None
+        view = ctx.view
+        assert view is not None
+        if isinstance(view, EmbeddingsRequestView):  # a unary ModelInfer (triton_embed.py)
+            return await start_embedding(self, ctx, target, deadline)
         builder = await self.builder(target.upstream_model, target.triton)
         request, stops, max_tokens = builder.build(
-            ctx.view, ctx.body, ctx.request_id, ctx.stream, priority=ctx.priority
+            view, ctx.body, ctx.request_id, ctx.stream, priority=ctx.priority
         )
         trace = ctx.trace
         extra = () if trace is None else trace.upstream_headers()

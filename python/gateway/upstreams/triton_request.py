@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..config import TritonModelConfig
 from ..errors import Fault, GatewayError
-from ..schemas import ChatRequestView, CompletionRequestView, Message, RequestView
+from ..schemas import ChatRequestView, CompletionRequestView, GenerationView, Message
 
 _Tensor = pb.ModelInferRequest.InferInputTensor
 _Output = pb.ModelInferRequest.InferRequestedOutputTensor
@@ -169,7 +169,7 @@ class TritonRequestBuilder:
             names += ["num_input_tokens", "num_output_tokens"]
         self._outputs = [_Output(name=n) for n in names]
 
-    def prompt(self, view: RequestView) -> str:
+    def prompt(self, view: GenerationView) -> str:
         """`text_input`: the chat template over the messages, or a completion's prompt as is."""
         if isinstance(view, CompletionRequestView):
             prompt = view.prompt
@@ -189,7 +189,7 @@ class TritonRequestBuilder:
             raise GatewayError(Fault.INTERNAL, f"The model's chat template failed: {exc}") from None
 
     def build(
-        self, view: RequestView, body: bytes, request_id: str, stream: bool, priority: int = 0
+        self, view: GenerationView, body: bytes, request_id: str, stream: bool, priority: int = 0
     ) -> tuple[Any, list[str], int]:
         """-> (ModelInferRequest, stop words to cut, max_tokens). `priority` is the request's
         (its tier's, higher first): see `triton_priority`."""

@@ -36,7 +36,7 @@ from ...errors import Fault, GatewayError
 from ...money import price_table
 from ...principal import Principal
 from ...quota import BUDGET, CONC, RPM, TPM, Check, Lease, Plan
-from ...schemas import ChatRequestView
+from ...schemas import ChatRequestView, EmbeddingsRequestView
 from ...usage import cost_used, counted_prompt_tokens, tokens_used
 from ...worker import Worker
 from .local_store import DAY_S, LocalStore, month_number
@@ -255,6 +255,8 @@ class LimitsStage:
         prompt = counted_prompt_tokens(ctx)
         view = ctx.view
         assert view is not None
+        if isinstance(view, EmbeddingsRequestView):  # no completion: the prompt is the whole cost
+            return prompt, prompt, prompt * plan.in_price
         max_tokens = view.max_tokens
         if max_tokens is None and type(view) is ChatRequestView:
             max_tokens = view.max_completion_tokens
