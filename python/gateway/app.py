@@ -27,6 +27,7 @@ from .context import Endpoint, RequestContext
 from .edge import ClientResolver
 from .errors import Fault, GatewayError
 from .pipeline import Pipeline, respond
+from .pipeline.messages import DIALECTS, MessagesDialect
 from .routing import build_routes
 from .routing.health import HealthChecker
 from .schemas import ModelCard, ModelList
@@ -136,7 +137,7 @@ class Gateway:
             if endpoint is not None:
                 if scope.method != "POST":
                     raise _method_not_allowed("POST")
-                await self._infer(endpoint, request_id, headers, protocol, client)
+                await self._infer(endpoint, request_id, headers, protocol, client, DIALECTS.get(path))
             elif path in ("/v1/models", "/models"):
                 self._only_get(scope)
                 protocol.response_bytes(200, respond.head(request_id), self._models_body)
@@ -161,13 +162,19 @@ class Gateway:
             if endpoint is not None and self.pipeline is not None:
                 # an inference request refused before the pipeline (headers, method, content
                 # type, body): the pipeline replies and tells its observers
-                ctx = RequestContext(request_id, endpoint, b"", start, headers, client)
+                ctx = RequestContext(request_id, endpoint, b"", start, headers, client, DIALECTS.get(path))
                 self.pipeline.refuse(ctx, protocol, err)
             else:
                 respond.send_error(protocol, request_id, err)
 
     async def _infer(
-        self, endpoint: Endpoint, request_id: str, headers: Any, protocol: Any, client: str
+        self,
+        endpoint: Endpoint,
+        request_id: str,
+        headers: Any,
+        protocol: Any,
+        client: str,
+        dialect: MessagesDialect | None = None,
     ) -> None:
         start = time.perf_counter_ns()
         ctype = headers.get("content-type")
@@ -181,7 +188,7 @@ class Gateway:
         assert task is not None
         body = await self._read_body(headers, protocol, loop, task)
         assert self.pipeline is not None
-        ctx = RequestContext(request_id, endpoint, body, start, headers, client)
+        ctx = RequestContext(request_id, endpoint, body, start, headers, client, dialect)
         metrics = self.pipeline.metrics
         if metrics is None:
             await self.pipeline.serve(ctx, protocol, task)

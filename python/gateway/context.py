@@ -6,6 +6,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .pipeline.dialect import Dialect
     from .principal import Principal
     from .quota import Lease
     from .routing import Route
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
 class Endpoint(Enum):
     CHAT = "/v1/chat/completions"
     COMPLETIONS = "/v1/completions"
+    #: Anthropic's Messages API: a dialect (`pipeline/messages.py`) turns it into a chat request
+    MESSAGES = "/v1/messages"
+    MESSAGES_COUNT_TOKENS = "/v1/messages/count_tokens"
     EMBEDDINGS = "/v1/embeddings"
 
 
@@ -34,6 +38,8 @@ class RequestContext:
         "client",
         "client_wants_usage",
         "deployment",
+        "dialect",
+        "dialect_state",
         "endpoint",
         "first_ns",
         "gaps",
@@ -65,9 +71,15 @@ class RequestContext:
         start_ns: int,
         headers: Any,
         client: str | None = None,
+        dialect: Dialect | None = None,
     ) -> None:
         self.request_id = request_id
         self.endpoint = endpoint
+        #: the client's API when it is not OpenAI's (Anthropic Messages): it translates the
+        #: request at decode, and the reply, stream and errors on the way out; None: OpenAI
+        self.dialect = dialect
+        #: what the dialect keeps from the client's request for the way out
+        self.dialect_state: Any = None
         self.body = body
         self.start_ns = start_ns
         #: the RSGI request headers (`.get(name)` with lower-case names)

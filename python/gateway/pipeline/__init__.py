@@ -176,8 +176,8 @@ class Pipeline:
         except GatewayError as err:
             error = err.code
             if ctx.status == 0:
-                status = err.status
                 self._reply_error(ctx, protocol, err)
+                status = ctx.status  # what the client got (a dialect may answer another)
             else:
                 log.warning("request %s: error after the response started: %s", ctx.request_id, err.message)
         except asyncio.CancelledError:
@@ -225,10 +225,12 @@ class Pipeline:
     def refuse(self, ctx: RequestContext, protocol: Any, err: GatewayError) -> None:
         """A request refused before the pipeline (headers, method, content type, body)."""
         self._reply_error(ctx, protocol, err)
-        self._done(ctx, Outcome(err.status, err.code))
+        self._done(ctx, Outcome(ctx.status, err.code))
 
     @staticmethod
     def _reply_error(ctx: RequestContext, protocol: Any, err: GatewayError) -> None:
+        if ctx.dialect is not None:  # in the client's API's shape (Anthropic: its types, 529)
+            err = ctx.dialect.error(ctx, err)
         ctx.status = err.status
         respond.send_error(protocol, ctx.request_id, err, ctx.ratelimit_headers + ctx.reply_headers)
 

@@ -18,7 +18,15 @@ from .stage import Outcome, Part
 if TYPE_CHECKING:
     from ..worker import Worker
 
-_ENDPOINTS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "completions", Endpoint.EMBEDDINGS: "embeddings"}
+#: a Messages request is served as chat (its dialect switches the endpoint at decode): "messages"
+#: names only the ones refused before that
+_ENDPOINTS = {
+    Endpoint.CHAT: "chat",
+    Endpoint.COMPLETIONS: "completions",
+    Endpoint.EMBEDDINGS: "embeddings",
+    Endpoint.MESSAGES: "messages",
+    Endpoint.MESSAGES_COUNT_TOKENS: "messages",
+}
 
 
 class LedgerObserver(Part):

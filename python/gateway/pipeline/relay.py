@@ -141,6 +141,9 @@ class Relay:
         every resumption of a stream's reads)."""
         if ctx.stream:
             return self._stream(ctx, protocol, settle)
+        dialect = ctx.dialect
+        if dialect is not None and dialect.local:  # answered by the gateway (count_tokens)
+            return dialect.answer(ctx, protocol, settle)
         return self._unary(ctx, protocol, settle)
 
     def _limits(self, ctx: RequestContext) -> tuple[float, float]:
@@ -167,6 +170,8 @@ class Relay:
         ctx.usage = call.usage()
         for stage in self._stages:
             body = stage.on_body(ctx, body)
+        if ctx.dialect is not None:  # the client's API's reply (Anthropic's `message`)
+            body = ctx.dialect.unary(ctx, body)
         settle(ctx)  # before the reply: its headers show the settled state
         ctx.timings["total"] = time.perf_counter_ns() - ctx.start_ns
         respond.send_json(protocol, ctx, 200, body)
@@ -180,7 +185,12 @@ class Relay:
         deadline, idle_s = self._limits(ctx)
         try:
             hooks = [h for s in self._stages if (h := s.on_stream(ctx)) is not None]
-            writer = respond.start_stream(protocol, ctx)
+            # a client of another API (ctx.dialect): a writer that translates every send
+            dialect = ctx.dialect
+            if dialect is None:
+                writer = respond.start_stream(protocol, ctx)
+            else:
+                writer = dialect.start_stream(protocol, ctx)
         except BaseException:
             call.abort()
             self._dispatch.finish(ctx, False)
