@@ -205,6 +205,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     triton_models/ and the OpenAI-wire mock), stopped together (Ctrl-C or SIGTERM reach all)."""
     import tempfile
 
+    from .procs import die_with_parent
     from .triton_local import REPO_ROOT, LocalTriton, TritonNotInstalledError
 
     with tempfile.TemporaryDirectory(prefix="fastpath-run-") as tmp:
@@ -237,6 +238,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
                     str(ready),
                 ],
                 start_new_session=True,
+                preexec_fn=die_with_parent(),  # SIGKILLed, run-local still stops every child
             )
             children.append(mock)
             deadline = time.monotonic() + 15
@@ -274,7 +276,10 @@ def cmd_run_local(args: argparse.Namespace) -> int:
                 )
             port = ["--port", str(args.port)] if args.port else []
             serve = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", *port], env=env, start_new_session=True
+                [sys.executable, "-m", "gateway.cli", "serve", *port],
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
             children.append(serve)
             print(

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .procs import die_with_parent
 from .triton_local import REPO_ROOT
 
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -70,6 +71,7 @@ class LocalPrometheus:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .procs import die_with_parent
+
 #: The Triton venv (overrides the default `<repo>/.venv-triton`).
 TRITON_VENV_ENV = "FASTPATH_TRITON_VENV"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -187,6 +189,7 @@ class LocalTriton:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),  # a killed parent leaves no server holding the ports
             )
 
     def log_tail(self, limit: int = LOG_TAIL_BYTES) -> str:
