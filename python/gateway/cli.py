@@ -100,6 +100,11 @@ def _warn_spills(cfg: config_mod.Config) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    engine = args.engine or os.environ.get(envvars.ENGINE) or cfg.server.engine.value
+    if engine not in {e.value for e in config_mod.ServerEngine}:
+        raise SystemExit(f"error: unknown server engine {engine!r} (granian, uvloop)")
+    if engine == config_mod.ServerEngine.UVLOOP:
+        return _serve_uvloop(args, cfg)
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
@@ -149,6 +154,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"fastpath-gateway: serving on http://{host}:{port} with {workers} worker(s)", flush=True)
     server.serve()
     return 0
+
+
+def _serve_uvloop(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    """`server.engine: uvloop` (gateway.server): a master forking workers on one socket."""
+    from . import app  # noqa: F401  (loaded once, before the fork: every worker starts with it)
+    from .server import workers as engine
+
+    host = args.host or os.environ.get(envvars.HOST) or cfg.server.host
+    port = args.port if args.port is not None else _env_int(envvars.PORT)
+    port = cfg.server.port if port is None else port
+    workers = args.workers if args.workers is not None else _env_int(envvars.WORKERS)
+    workers = workers if workers is not None else cfg.server.workers
+    workers = workers or (os.cpu_count() or 1)
+    level = (args.log_level or os.environ.get(envvars.LOG_LEVEL) or "info").lower()
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.metrics.enabled:
+        from .metrics import prepare_dir
+
+        prepare_dir(cfg)
+    _warn_spills(cfg)
+    print(f"fastpath-gateway: serving on http://{host}:{port} with {workers} worker(s) (uvloop)", flush=True)
+    return engine.serve(cfg, host, port, workers)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -710,6 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="listen port (overrides server.port)")
     s.add_argument("--workers", type=int, help="worker processes (default: server.workers, 0 = cores)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--engine", choices=["granian", "uvloop"], help="HTTP server (overrides server.engine)")
     s.set_defaults(func=cmd_serve)
     c = sub.add_parser("check-config", help="validate a config file and explain errors")
     c.add_argument("file")

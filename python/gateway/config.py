@@ -69,7 +69,16 @@ class SecurityHeadersConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=T
     hsts_include_subdomains: bool = False
 
 
+class ServerEngine(StrEnum):
+    """What serves HTTP (gateway.server): the same app on either."""
+
+    GRANIAN = "granian"  # granian's Rust HTTP/1.1 + HTTP/2 (TLS, WebSocket), RSGI across threads
+    UVLOOP = "uvloop"  # HTTP/1.1 on each worker's own event loop (httptools), real back-pressure
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    #: the HTTP server under the app (`fastpath-gateway serve --engine`, FASTPATH_GATEWAY_ENGINE)
+    engine: ServerEngine = ServerEngine.GRANIAN
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 0  # 0 = one per CPU core

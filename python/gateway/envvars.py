@@ -9,6 +9,8 @@ CONFIG = "FASTPATH_GATEWAY_CONFIG"
 HOST = "FASTPATH_GATEWAY_HOST"
 PORT = "FASTPATH_GATEWAY_PORT"
 WORKERS = "FASTPATH_GATEWAY_WORKERS"
+#: Override of `server.engine` (granian | uvloop; the CLI's --engine wins).
+ENGINE = "FASTPATH_GATEWAY_ENGINE"
 #: Log level of the gateway's own logger (debug, info, warning, error).
 LOG_LEVEL = "FASTPATH_GATEWAY_LOG_LEVEL"
 
@@ -38,6 +40,7 @@ ALL = (
     HOST,
     PORT,
     WORKERS,
+    ENGINE,
     LOG_LEVEL,
     DATA_DIR,
     SALT,

@@ -21,9 +21,14 @@ from typing import Any
 
 import pytest
 
+from gateway.config import ServerConfig
 from gateway.triton_local import LocalTriton
 
 REPO = Path(__file__).resolve().parents[2]
+
+#: The HTTP server engine every gateway these tests start runs on (FASTPATH_TEST_ENGINE=granian |
+#: uvloop; default: the config's default). `make test` runs the HTTP/1.1 suites on both.
+ENGINE = os.environ.get("FASTPATH_TEST_ENGINE") or ServerConfig().engine.value
 
 
 def assert_rss_bounded(run: Callable[[int], None], calls: int = 20_000, limit: int = 4 * 1024 * 1024) -> None:
@@ -80,6 +85,7 @@ def free_port() -> int:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    env["FASTPATH_GATEWAY_ENGINE"] = ENGINE  # a config's own `server.engine` is overridden too
     # test parts loaded by gateways through `extensions:` (tests/python/contract_parts.py)
     here = str(Path(__file__).resolve().parent)
     env["PYTHONPATH"] = here + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else here
