@@ -115,3 +115,12 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return _encode(ErrorBody(self.detail()))
+
+
+#: how much of a client's input an error message may quote (a 100 KiB model name is not echoed)
+QUOTE_LIMIT = 100
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` for an error message: at most `limit` characters, then an ellipsis."""
+    return text if len(text) <= limit else text[:limit] + "…"

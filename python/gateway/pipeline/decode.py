@@ -1,7 +1,8 @@
 """Stage `decode`: validate the body as an OpenAI request and decode a typed view of it.
 
 The body stays bytes (forwarded as sent, unknown fields included); msgspec decodes only the
-fields the gateway reads, straight from the bytes.
+fields the gateway reads, straight from the bytes, and checks OpenAI's types and ranges as it
+goes. A refused body is refused as OpenAI would (`validate.py`: status, `param`, `code`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ from .. import _fastpath
 from ..config import ServerConfig
 from ..context import Endpoint, RequestContext
 from ..embeddings import validate as validate_embeddings
-from ..errors import Fault, GatewayError
+from ..errors import Fault, GatewayError, quote
 from ..schemas import ChatRequestView, CompletionRequestView, EmbeddingsRequestView, RequestView
 from .stage import Part
+from .validate import (
+    STREAM_OPTIONS_WITHOUT_STREAM,
+    check,
+    check_response_format,
+    check_tool_choice,
+    check_tools,
+    message_suspect,
+)
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `([^`]*)`")
@@ -31,6 +40,17 @@ def _param_of(message: str) -> str | None:
     if missing is not None:
         return f"{path}.{missing.group(1)}" if path else missing.group(1)
     return path or None
+
+
+def _slow_check(endpoint: Endpoint, body: bytes) -> None:
+    """Raise OpenAI's error for `body` (decoded again as plain JSON), if it has one."""
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise GatewayError(Fault.INVALID_JSON, f"The request body is not valid JSON: {exc}") from None
+    except (msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        return  # (a number out of range; the fast path's own handlers word the others)
+    check(endpoint, obj)
 
 
 class DecodeStage(Part):
@@ -62,9 +82,11 @@ class DecodeStage(Part):
         try:
             view = self._decoders[ctx.endpoint].decode(body)
         except msgspec.ValidationError as exc:
+            # the slow path: OpenAI's error for this body (msgspec's words only if it finds none)
+            _slow_check(ctx.endpoint, body)
             msg = str(exc)
             raise GatewayError(
-                Fault.INVALID_REQUEST, f"Invalid request: {msg}", param=_param_of(msg)
+                Fault.INVALID_REQUEST, f"Invalid request: {quote(msg, 300)}", param=_param_of(msg)
             ) from None
         except msgspec.DecodeError as exc:
             raise GatewayError(Fault.INVALID_JSON, f"The request body is not valid JSON: {exc}") from None
@@ -77,16 +99,20 @@ class DecodeStage(Part):
             validate_embeddings(view)
             ctx.view = view
             return
-        if isinstance(view, ChatRequestView) and not view.messages:
-            raise GatewayError(
-                Fault.INVALID_REQUEST, "`messages` must contain at least one message.", param="messages"
-            )
-        if view.n is not None and not 1 <= view.n <= 128:
-            raise GatewayError(Fault.INVALID_REQUEST, "`n` must be between 1 and 128.", param="n")
-        if view.max_tokens is not None and view.max_tokens < 0:
-            raise GatewayError(Fault.INVALID_REQUEST, "`max_tokens` must be >= 0.", param="max_tokens")
-        if not view.model:
-            raise GatewayError(Fault.INVALID_REQUEST, "`model` must be a non-empty string.", param="model")
+        # what msgspec cannot express: a few reads here, the exact error from the slow path
+        if view.stream_options is not None and view.stream is not True:
+            raise STREAM_OPTIONS_WITHOUT_STREAM
+        if type(view) is ChatRequestView:
+            if not view.model or not view.messages or message_suspect(view.messages):
+                _slow_check(ctx.endpoint, body)
+            if view.tools is not None:
+                check_tools(view.tools)
+            if view.tool_choice is not None:
+                check_tool_choice(view.tool_choice, view.tools)
+            if view.response_format is not None:
+                check_response_format(view.response_format)
+        elif not view.model:
+            _slow_check(ctx.endpoint, body)
         ctx.view = view
         ctx.stream = view.stream is True
         opts = view.stream_options
