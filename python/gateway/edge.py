@@ -8,13 +8,12 @@ peer is the client, nothing is parsed per request).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 from .config import ForwardedHeader, ServerConfig
 
 Header = tuple[str, str]
-_Net = ipaddress.IPv4Network | ipaddress.IPv6Network
-_Addr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def security_headers(server: ServerConfig) -> tuple[Header, ...]:
@@ -44,7 +43,25 @@ def _host_of(peer: str) -> str:
     return peer
 
 
-def _parse_addr(text: str) -> _Addr | None:
+#: (IP version, address as an int): parsed with inet_pton, ~10x cheaper than `ipaddress`
+_Addr = tuple[int, int]
+
+
+def _addr(text: str) -> _Addr | None:
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        pass
+    try:
+        v = int.from_bytes(socket.inet_pton(socket.AF_INET6, text))
+    except OSError:
+        return None
+    if v >> 32 == 0xFFFF:  # ::ffff:a.b.c.d, a v4 peer on a dual-stack socket
+        return 4, v & 0xFFFFFFFF
+    return 6, v
+
+
+def _hop(text: str) -> tuple[str, _Addr] | None:
     """One hop as proxies write it: a bare address, `1.2.3.4:80`, `[v6]` or `[v6]:80`, quoted in
     `Forwarded`; an obfuscated identifier (`_hidden`, `unknown`) is None."""
     text = text.strip().strip('"')
@@ -52,10 +69,8 @@ def _parse_addr(text: str) -> _Addr | None:
         text = text[1 : text.find("]")] if "]" in text else ""
     elif text.count(":") == 1:
         text = text.partition(":")[0]
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
+    a = _addr(text)
+    return None if a is None else (text, a)
 
 
 def _forwarded_for(value: str) -> list[str]:
@@ -81,29 +96,31 @@ class ClientResolver:
     __slots__ = ("_header", "_nets")
 
     def __init__(self, server: ServerConfig) -> None:
-        self._nets: tuple[_Net, ...] = tuple(ipaddress.ip_network(c) for c in server.trusted_proxies)
+        nets = [ipaddress.ip_network(c) for c in server.trusted_proxies]
+        #: (version, network as an int, netmask as an int)
+        self._nets = tuple((n.version, int(n.network_address), int(n.netmask)) for n in nets)
         self._header = server.forwarded_header
 
     def trusted(self, addr: _Addr) -> bool:
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self._nets)
+        version, value = addr
+        return any(v == version and value & mask == net for v, net, mask in self._nets)
 
     def __call__(self, peer: str, headers: Any) -> str:
-        addr = _parse_addr(_host_of(peer))
+        host = _host_of(peer)
+        addr = _addr(host)
         if addr is None or not self.trusted(addr):
             return peer
         if self._header is ForwardedHeader.FORWARDED:
             hops = [h for v in _all(headers, "forwarded") for h in _forwarded_for(v)]
         else:
             hops = [h for v in _all(headers, "x-forwarded-for") for h in v.split(",")]
-        client = str(addr)
-        for hop in reversed(hops):
-            hop_addr = _parse_addr(hop)
-            if hop_addr is None:
+        client = host
+        for raw in reversed(hops):
+            hop = _hop(raw)
+            if hop is None:
                 break
-            client = str(hop_addr)
-            if not self.trusted(hop_addr):
+            client = hop[0]
+            if not self.trusted(hop[1]):
                 break
         return client
 
