@@ -321,6 +321,8 @@ class Plan:
     stream: bool
     include_usage: bool
     knobs: Knobs
+    #: the stop string that ended the text (vLLM's `stop_reason`), when one did
+    stop_reason: str | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -415,6 +417,7 @@ def plan_chat(body: JSONDict, rid: str) -> Plan:
         text = echo
     else:
         text = "You said: " + echo
+    text, matched = _cut_at_stop(text, body.get("stop"))
     pieces, truncated = truncate(split_pieces(text), limit)
     done = "tool_calls" if tool_name is not None else "stop"
     return Plan(
@@ -429,7 +432,19 @@ def plan_chat(body: JSONDict, rid: str) -> Plan:
         stream=stream,
         include_usage=include_usage,
         knobs=knobs,
+        stop_reason=None if truncated else matched,
     )
+
+
+def _cut_at_stop(text: str, stop: object) -> tuple[str, str | None]:
+    """OpenAI's `stop`: the text ends before the first stop string found in it (-> that string)."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    cut, matched = len(text), None
+    for s in stops:
+        at = text.find(s) if isinstance(s, str) and s else -1
+        if 0 <= at < cut:
+            cut, matched = at, s
+    return text[:cut], matched
 
 
 def _prompts(prompt: object) -> list[str]:
@@ -496,7 +511,10 @@ def render_body(plan: Plan) -> JSONDict:
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
         else:
             message = {"role": "assistant", "content": text}
-        choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": plan.finish[i]})
+        choice: JSONDict = {"index": i, "message": message, "logprobs": None, "finish_reason": plan.finish[i]}
+        if plan.stop_reason is not None:
+            choice["stop_reason"] = plan.stop_reason
+        choices.append(choice)
     body: JSONDict = {
         "id": plan.rid,
         "object": "chat.completion" if plan.chat else "text_completion",
@@ -523,7 +541,10 @@ def render_stream(plan: Plan) -> Iterator[bytes]:
 
     def choice(i: int, delta: JSONDict, piece: str, finish: str | None) -> JSONDict:
         if plan.chat:
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            out: JSONDict = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if finish is not None and plan.stop_reason is not None:
+                out["stop_reason"] = plan.stop_reason
+            return out
         return {"text": piece, "index": i, "logprobs": None, "finish_reason": finish}
 
     if plan.chat:
