@@ -63,6 +63,18 @@ def providers(*mocks: MockUpstream, extra: str = "") -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
+def pool_config(*mocks: MockUpstream, rules: str = "", after: str = "") -> str:
+    """Providers m0.. for `mocks` and the model `pool`: round robin over one mock-echo
+    deployment on each, with `rules` (indented model fields) and `after` (top-level sections)."""
+    deps = "".join(f"      - {{provider: m{i}, upstream_model: mock-echo}}\n" for i in range(len(mocks)))
+    return (
+        providers(*mocks)
+        + "models:\n  - name: pool\n    balance: round_robin\n"
+        + "".join(f"    {line}\n" for line in rules.splitlines())
+        + f"    deployments:\n{deps}{after}"
+    )
+
+
 def test_deployments_share_load_and_say_who_answered(tmp_path: Path) -> None:
     with run_mock() as a, run_mock() as b:
         cfg = providers(a, b) + (
@@ -116,13 +128,7 @@ def test_dead_deployment_is_retried_elsewhere_then_ejected_then_back(tmp_path: P
     with run_mock() as b:
         a_cm = run_mock(port_a)
         a = a_cm.__enter__()
-        cfg = providers(a, b) + (
-            "models:\n"
-            "  - name: pool\n"
-            "    balance: round_robin\n"
-            "    deployments:\n"
-            "      - {provider: m0, upstream_model: mock-echo}\n"
-            "      - {provider: m1, upstream_model: mock-echo}\n"
+        cfg = pool_config(a, b) + (
             "  - name: slow-a\n"
             "    provider: m0\n"
             "    upstream_model: mock-slow\n"
@@ -171,16 +177,11 @@ def test_dead_deployment_is_retried_elsewhere_then_ejected_then_back(tmp_path: P
 
 def test_5xx_storm_retries_stay_within_the_budget(tmp_path: Path) -> None:
     with run_mock() as a, run_mock() as b:
-        cfg = providers(a, b) + (
-            "models:\n"
-            "  - name: pool\n"
-            "    balance: round_robin\n"
-            "    retry: {max_attempts: 3, backoff_ms: 1, budget_ratio: 0.2, budget_min_per_s: 0}\n"
-            "    deployments:\n"
-            "      - {provider: m0, upstream_model: mock-echo}\n"
-            "      - {provider: m1, upstream_model: mock-echo}\n"
-            "routing:\n"
-            "  breaker: {enabled: false}\n"
+        cfg = pool_config(
+            a,
+            b,
+            rules="retry: {max_attempts: 3, backoff_ms: 1, budget_ratio: 0.2, budget_min_per_s: 0}",
+            after="routing:\n  breaker: {enabled: false}\n",
         )
         set_faults(a, status=500, status_rate=1.0)
         set_faults(b, status=500, status_rate=1.0)
@@ -243,16 +244,7 @@ def test_affinity_keeps_a_session_on_one_replica(tmp_path: Path) -> None:
 
 def test_hedged_stream_is_answered_by_the_fast_deployment(tmp_path: Path) -> None:
     with run_mock() as a, run_mock() as b:
-        cfg = providers(a, b) + (
-            "models:\n"
-            "  - name: pool\n"
-            "    balance: round_robin\n"
-            "    hedge: {enabled: true, after_ms: 150}\n"
-            "    retry: {budget_min_per_s: 100}\n"
-            "    deployments:\n"
-            "      - {provider: m0, upstream_model: mock-echo}\n"
-            "      - {provider: m1, upstream_model: mock-echo}\n"
-        )
+        cfg = pool_config(a, b, rules="hedge: {enabled: true, after_ms: 150}\nretry: {budget_min_per_s: 100}")
         set_faults(a, first_delay_ms=5000)
         with run_gateway(tmp_path, None, config_text=cfg) as gw:
             routes = []
@@ -363,18 +355,11 @@ def test_fair_queue_shares_capacity_by_team_weight(tmp_path: Path, weights: str,
 
 def test_routing_is_visible_in_metrics(tmp_path: Path) -> None:
     with run_mock() as a, run_mock() as b:
-        cfg = providers(a, b) + (
-            "models:\n"
-            "  - name: pool\n"
-            "    balance: round_robin\n"
-            "    retry: {backoff_ms: 1, budget_min_per_s: 100}\n"
-            "    cache: {enabled: true}\n"
-            "    deployments:\n"
-            "      - {provider: m0, upstream_model: mock-echo}\n"
-            "      - {provider: m1, upstream_model: mock-echo}\n"
-            "routing:\n"
-            "  breaker: {enabled: false}\n"
-            "metrics: {require_admin: false}\n"
+        cfg = pool_config(
+            a,
+            b,
+            rules="retry: {backoff_ms: 1, budget_min_per_s: 100}\ncache: {enabled: true}",
+            after="routing:\n  breaker: {enabled: false}\nmetrics: {require_admin: false}\n",
         )
         set_faults(a, status=503, status_rate=1.0)
         with run_gateway(tmp_path, None, config_text=cfg) as gw:
