@@ -15,7 +15,7 @@ import re
 import signal
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import msgspec
 
@@ -25,7 +25,7 @@ from .audit import AdminAudit
 from .config import Config
 from .context import Endpoint, RequestContext
 from .edge import ClientResolver
-from .errors import Fault, GatewayError
+from .errors import Fault, GatewayError, quote
 from .pipeline import Pipeline, respond
 from .pipeline.messages import DIALECTS, MessagesDialect
 from .routing import build_routes
@@ -138,9 +138,9 @@ class Gateway:
                 if scope.method != "POST":
                     raise _method_not_allowed("POST")
                 await self._infer(endpoint, request_id, headers, protocol, client, DIALECTS.get(path))
-            elif path in ("/v1/models", "/models"):
+            elif path in ("/v1/models", "/models") or path.startswith(_MODEL_PATHS):
                 self._only_get(scope)
-                protocol.response_bytes(200, respond.head(request_id), self._models_body)
+                protocol.response_bytes(200, respond.head(request_id), await self._models(path, headers))
             elif path == "/healthz":
                 self._only_get(scope)
                 protocol.response_bytes(200, respond.head(request_id), _HEALTH_BODY)
@@ -157,7 +157,7 @@ class Gateway:
                 body = await self._usage(scope, headers, client)
                 protocol.response_bytes(200, respond.head(request_id), body)
             else:
-                raise GatewayError(Fault.ROUTE_NOT_FOUND, f"Unknown route: {scope.method} {path}")
+                raise GatewayError(Fault.ROUTE_NOT_FOUND, f"Unknown route: {scope.method} {quote(path)}")
         except GatewayError as err:
             if endpoint is not None and self.pipeline is not None:
                 # an inference request refused before the pipeline (headers, method, content
@@ -181,7 +181,7 @@ class Gateway:
         if ctype is not None and ctype.lower() not in _JSON_TYPES and not _is_json_type(ctype):
             raise GatewayError(
                 Fault.UNSUPPORTED_MEDIA_TYPE,
-                f"Unsupported Content-Type {ctype[:100]!r}; send application/json.",
+                f"Unsupported Content-Type {quote(ctype)!r}; send application/json.",
             )
         loop = self._loop
         task = asyncio.current_task(loop)
@@ -328,6 +328,34 @@ class Gateway:
         finally:
             timer.cancel()
 
+    # ---- models ---------------------------------------------------------------------------------
+    async def _models(self, path: str, headers: Any) -> bytes:
+        """`GET /v1/models` and `/v1/models/{id}`: OpenAI's model objects (aliases are models).
+        With auth on they take a key (the auth stage's own check) and show only what its model
+        allow-list names; `auth.public_models: true` makes them public."""
+        allowed: frozenset[str] | None = None
+        if self.cfg.auth.enabled and not self.cfg.auth.public_models and self.pipeline is not None:
+            from .pipeline.auth import AuthStage
+
+            auth = next((s for s in self.pipeline.request_stages if isinstance(s, AuthStage)), None)
+            if auth is not None:
+                allowed = (await auth.authenticate(headers)).models
+        cards = _model_list(self._models_body).data
+        if allowed is not None:
+            cards = [c for c in cards if c.id in allowed]
+        _, sep, model_id = path.partition("/models/")
+        if not sep:
+            return self._models_body if allowed is None else _encode(ModelList(cards))
+        model_id = unquote(model_id)
+        card = next((c for c in cards if c.id == model_id), None)
+        if card is None:
+            raise GatewayError(
+                Fault.MODEL_NOT_FOUND,
+                f"The model `{quote(model_id)}` does not exist or you do not have access to it.",
+                param="model",
+            )
+        return _encode(card)
+
     @staticmethod
     def _only_get(scope: Any) -> None:
         if scope.method not in ("GET", "HEAD"):
@@ -356,6 +384,10 @@ class Gateway:
         status = 200 if ok else 503
         self._ready = (loop.time(), status, body)
         return status, body
+
+
+_MODEL_PATHS = ("/v1/models/", "/models/")
+_model_list = msgspec.json.Decoder(ModelList).decode
 
 
 def _is_json_type(ctype: str) -> bool:

@@ -1,4 +1,4 @@
-"""`fastpath-gateway` command line: serve, check-config, run-local, triton-local, keys, audit, usage,
+"""`fastpath-gateway` command line: serve, reload, check-config, run-local, triton-local, keys, audit, usage,
 load-spills, bench, print-default-config, version."""
 
 from __future__ import annotations
@@ -105,14 +105,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: unknown server engine {engine!r} (granian, uvloop)")
     if engine == config_mod.ServerEngine.UVLOOP:
         return _serve_uvloop(args, cfg)
-    from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops
-    from granian.http import HTTP1Settings
+    from granian.http import HTTP1Settings, HTTP2Settings
     from granian.log import LogLevels
 
     # Imported here, before granian forks: workers start with it loaded, which keeps short the
     # time in which a new worker still has the master's signal handlers (see app.create_app).
     from . import app  # noqa: F401
+    from . import reload as reload_mod
 
     host = args.host or os.environ.get(envvars.HOST) or cfg.server.host
     port = args.port if args.port is not None else _env_int(envvars.PORT)
@@ -124,15 +124,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Workers re-load the validated config from the same source.
     os.environ[envvars.CONFIG] = str(Path(args.config).resolve()) if args.config else ""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = Granian(
-        "gateway.app:create_app",
+    tls = cfg.server.tls
+    # the master's pid, for `fastpath-gateway reload` (SIGHUP: a hot reload, gateway.reload)
+    pid_file = Path(args.pid_file) if args.pid_file else reload_mod.default_pid_file(port)
+    server = reload_mod.granian_server(
+        cfg,
+        pid_file,
+        target="gateway.app:create_app",
         factory=True,
         address=host,
         port=port,
         interface=Interfaces.RSGI,
         workers=workers,
         loop=Loops.uvloop,
-        http=HTTPModes.auto,
+        http=HTTPModes(cfg.server.http.value),
         websockets=False,
         backlog=cfg.server.backlog,
         http1_settings=HTTP1Settings(
@@ -140,6 +145,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             keep_alive=True,
             max_buffer_size=max(cfg.server.max_header_bytes * 2, 65536),
         ),
+        http2_settings=HTTP2Settings(max_headers_size=max(cfg.server.max_header_bytes * 2, 65536)),
+        # TLS (ALPN offers h2 and http/1.1 with `http: auto`); granian reads the files per worker
+        ssl_cert=Path(tls.cert_file) if tls else None,
+        ssl_key=Path(tls.key_file) if tls else None,
+        ssl_key_password=tls.key_password if tls else None,
         log_level=LogLevels(level),
         workers_kill_timeout=max(1, cfg.server.shutdown_grace_ms // 1000),
         # granian refuses to start with `process_name` unless its `pname` extra (setproctitle) is
@@ -151,7 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         prepare_dir(cfg)
     _warn_spills(cfg)
-    print(f"fastpath-gateway: serving on http://{host}:{port} with {workers} worker(s)", flush=True)
+    scheme = "https" if tls else "http"
+    print(f"fastpath-gateway: serving on {scheme}://{host}:{port} with {workers} worker(s)", flush=True)
     server.serve()
     return 0
 
@@ -176,6 +187,22 @@ def _serve_uvloop(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     _warn_spills(cfg)
     print(f"fastpath-gateway: serving on http://{host}:{port} with {workers} worker(s) (uvloop)", flush=True)
     return engine.serve(cfg, host, port, workers)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Hot reload (gateway.reload): the gateway re-reads the config file it was started with."""
+    from . import reload as reload_mod
+
+    if args.url:
+        if args.admin_key_file:
+            key = Path(args.admin_key_file).read_text(encoding="utf-8").strip()
+        else:
+            key = os.environ.get(envvars.ADMIN_KEY, "")
+        if not key:
+            raise _usage_error(f"--url needs the admin key: --admin-key-file or ${envvars.ADMIN_KEY}")
+        return reload_mod.http_reload(args.url, key, args.timeout, args.ca_file)
+    pid_file = reload_mod.find_pid_file(args.pid_file, args.port)
+    return reload_mod.signal_reload(pid_file, args.timeout)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -738,7 +765,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="worker processes (default: server.workers, 0 = cores)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--engine", choices=["granian", "uvloop"], help="HTTP server (overrides server.engine)")
+    s.add_argument(
+        "--pid-file", help="where the master writes its pid (default: <data dir>/gateway-<port>.pid)"
+    )
     s.set_defaults(func=cmd_serve)
+    rl = sub.add_parser(
+        "reload",
+        help="hot-reload a running gateway's config (SIGHUP via its pid file, or POST /admin/reload)",
+    )
+    rl.add_argument("--pid-file", help="the gateway's pid file (default: by --port, or the only one)")
+    rl.add_argument("--port", type=int, help="the gateway's port: its default pid file")
+    rl.add_argument("--url", help="instead of a signal: POST URL/admin/reload with the admin key")
+    rl.add_argument("--admin-key-file", help=f"file holding the admin key (default: ${envvars.ADMIN_KEY})")
+    rl.add_argument("--ca-file", help="CA certificate for an https --url with a private CA")
+    rl.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the verdict")
+    rl.set_defaults(func=cmd_reload)
     c = sub.add_parser("check-config", help="validate a config file and explain errors")
     c.add_argument("file")
     c.set_defaults(func=cmd_check_config)

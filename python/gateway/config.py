@@ -380,6 +380,9 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     store: KeyStoreConfig | None = None
     #: JWT bearer tokens as a second auth kind (absent: API keys only).
     jwt: JwtConfig | None = None
+    #: `GET /v1/models` and `/v1/models/{id}` without a key (else they need one, and a key's
+    #: model allow-list filters them).
+    public_models: bool = False
 
 
 class LimitsBackend(StrEnum):

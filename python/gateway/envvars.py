@@ -35,6 +35,13 @@ METRICS_LISTEN = "FASTPATH_GATEWAY_METRICS_LISTEN"
 #: Set by `serve` for its workers: the directory of this instance's metrics shards (internal).
 METRICS_DIR = "FASTPATH_GATEWAY_METRICS_DIR"
 
+#: Set by `serve`'s master for its workers: its pid, saying it takes reload requests (SIGUSR1
+#: from a worker's `POST /admin/reload`; gateway.reload) (internal).
+RELOAD_MASTER = "FASTPATH_GATEWAY_RELOAD_MASTER"
+
+#: `fastpath-gateway reload --url`: the admin key to send (else --admin-key-file).
+ADMIN_KEY = "FASTPATH_GATEWAY_ADMIN_KEY"
+
 ALL = (
     CONFIG,
     HOST,
@@ -48,4 +55,6 @@ ALL = (
     LOCAL_TRITON_GRPC,
     METRICS_LISTEN,
     METRICS_DIR,
+    RELOAD_MASTER,
+    ADMIN_KEY,
 )

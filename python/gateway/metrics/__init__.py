@@ -40,6 +40,7 @@ configured id, and upstream keys, JWTs and the admin key are never read here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import mmap
@@ -247,13 +248,22 @@ def families(cfg: Config) -> dict[str, Family]:
 
 
 # ---- the per-worker shard -------------------------------------------------------------------------
+#: shards opened by this process: the first is `<pid>`, a reload's are `<pid>.<n>`
+_opened = 0
+
+
 class Shard:
     """This worker's slots (see the module doc). `slot(family, labels)` -> index in `self.slots`."""
 
     def __init__(self, directory: Path, max_series: int, max_width: int, tables: list[list[float]]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        global _opened
         pid = os.getpid()
-        self.path = directory / f"{pid}.shard"
+        # a reloaded config's observer (gateway.reload) gets its own files: `<pid>.<n>`
+        self.stem = str(pid) if _opened == 0 else f"{pid}.{_opened}"
+        _opened += 1
+        self.directory = directory
+        self.path = directory / f"{self.stem}.shard"
         self.max_series = max_series
         #: the cap's series, the overflow series, then one sink (a width) past the end
         self.capacity = (max_series + 1024) * max_width
@@ -268,7 +278,7 @@ class Shard:
         #: the slots this worker writes, in Rust (one call records a request; the bucket tables
         #: are `tables`), copied into the shared file by `flush` (every `publish_interval_ms`)
         self.slots = MetricSlots(self.capacity + max_width, tables)
-        self._side = open(directory / f"{pid}.series", "w", encoding="utf-8")  # noqa: SIM115
+        self._side = open(directory / f"{self.stem}.series", "w", encoding="utf-8")  # noqa: SIM115
         self._series: dict[tuple[str, tuple[str, ...]], int] = {}
         self._next = 0
 
@@ -306,6 +316,12 @@ class Shard:
         self._side.close()
         self._mv.release()
         self._mm.close()
+
+    def retire(self) -> None:
+        """`<stem>.retired`: its counters still count, its gauges no longer (a replaced config's
+        pool sizes and in-flight count are not the worker's any more)."""
+        with contextlib.suppress(OSError):
+            (self.directory / f"{self.stem}.retired").touch()
 
     @property
     def series(self) -> int:
@@ -575,6 +591,7 @@ class MetricsObserver(Part):
             self.publish()  # the last values of this worker's counters
         except Exception:
             log.exception("metrics: publishing gauges failed")
+        self.shard.retire()
 
 
 def _version() -> str:

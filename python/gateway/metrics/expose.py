@@ -21,11 +21,12 @@ def collect(directory: Path, fams: dict[str, Family]) -> Series:
     """Sum every shard: counters and histograms over all shards, gauges over live workers."""
     total: Series = {}
     for side in directory.glob("*.series"):
-        pid = side.stem
-        shard = directory / f"{pid}.shard"
+        stem = side.stem  # `<pid>`, or `<pid>.<n>` for a reloaded config's (gateway.reload)
+        pid = stem.partition(".")[0]
+        shard = directory / f"{stem}.shard"
         if not pid.isdigit() or not shard.exists():
             continue
-        live = _alive(int(pid))
+        live = _alive(int(pid)) and not (directory / f"{stem}.retired").exists()
         try:
             lines = side.read_text(encoding="utf-8").splitlines()
             with open(shard, "rb") as f:

@@ -21,10 +21,11 @@ import math
 import re
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from ..config import Config, TierConfig
 from ..context import RequestContext
-from ..errors import Fault, GatewayError
+from ..errors import Fault, GatewayError, quote
 from ..keystore import KeyStore, KeyStoreError, StoredKey
 from ..principal import Principal
 from ..worker import Worker
@@ -43,6 +44,13 @@ _BAD_SCHEME = _unauthorized("Unsupported Authorization scheme; send `Authorizati
 _INVALID = _unauthorized("Invalid API key.")
 _DISABLED = _unauthorized("This API key is disabled.")
 _EXPIRED = _unauthorized("This API key has expired.")
+
+
+def _bearer(value: str) -> str:
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        raise _BAD_SCHEME
+    return token.strip()
 
 
 def build_principals(cfg: Config) -> dict[bytes, Principal]:
@@ -195,10 +203,7 @@ class AuthStage:
         headers = ctx.headers
         value: str | None = headers.get("authorization")
         if value is not None:
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() != "bearer":
-                raise _BAD_SCHEME
-            token = token.strip()
+            token = _bearer(value)
             if self._jwt is not None and looks_like_jwt(token):
                 self._admit(ctx, await self._jwt_principal(self._jwt, token))
                 return
@@ -207,6 +212,24 @@ class AuthStage:
             if api_key is None:
                 raise _MISSING
             token = api_key
+        self._admit(ctx, self._key_principal(token))
+
+    async def authenticate(self, headers: Any) -> Principal:
+        """The caller of a request outside the pipeline (`GET /v1/models`): the same keys, JWTs
+        and refusals as `on_request`, without a model to check."""
+        value: str | None = headers.get("authorization")
+        if value is not None:
+            token = _bearer(value)
+            if self._jwt is not None and looks_like_jwt(token):
+                return await self._jwt_principal(self._jwt, token)
+        else:
+            api_key: str | None = headers.get("x-api-key")
+            if api_key is None:
+                raise _MISSING
+            token = api_key
+        return self._key_principal(token)
+
+    def _key_principal(self, token: str) -> Principal:
         digest = hashlib.sha256(self._salt + token.encode("utf-8", "surrogateescape")).digest()
         principal = self._principals.get(digest)
         if principal is None or not hmac.compare_digest(principal.digest, digest):
@@ -215,7 +238,7 @@ class AuthStage:
             raise _DISABLED
         if principal.expires_at <= time.time():
             raise _EXPIRED
-        self._admit(ctx, principal)
+        return principal
 
     async def _jwt_principal(self, verifier: JwtVerifier, token: str) -> Principal:
         """A verified token's claims -> a principal. An unknown tier is refused (403), never
@@ -259,7 +282,7 @@ class AuthStage:
         if principal.models is not None and view.model not in principal.models:
             raise GatewayError(
                 Fault.FORBIDDEN,
-                f"This API key may not use the model `{view.model}`.",
+                f"This API key may not use the model `{quote(view.model)}`.",
                 param="model",
             )
         ctx.principal = principal

@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from ..context import Endpoint, RequestContext
-from ..errors import Fault, GatewayError
+from ..errors import Fault, GatewayError, quote
 from ..routing import Route
 from .stage import Part
 
@@ -39,7 +39,7 @@ class RouteStage(Part):
         if route is None:
             raise GatewayError(
                 Fault.MODEL_NOT_FOUND,
-                f"The model `{view.model}` does not exist or you do not have access to it.",
+                f"The model `{quote(view.model)}` does not exist or you do not have access to it.",
                 param="model",
             )
         if (route.embedding is None) is (ctx.endpoint is Endpoint.EMBEDDINGS):
