@@ -396,6 +396,8 @@ class OnError(StrEnum):
 
 
 class RedisLimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    #: redis://, rediss://, unix://, or redis+cluster://host:port[,host:port...] (a Redis Cluster
+    #: from its seed nodes; rediss+cluster:// with TLS)
     url: str = "redis://127.0.0.1:6379/0"
     #: Deadline of every Redis call (a decision, a settlement, a lease renewal).
     timeout_ms: int = 50
@@ -1138,9 +1140,24 @@ REDIS_MAX_RATE = 150_000_000
 
 def _validate_redis_limits(cfg: Config) -> None:
     r = cfg.limits.redis
-    if urlsplit(r.url).scheme not in ("redis", "rediss", "unix"):
+    scheme = urlsplit(r.url).scheme
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from .redis_cluster import parse_cluster_url
+
+        try:
+            parse_cluster_url(r.url)
+        except ValueError as exc:  # its messages never echo the URL (it may carry a password)
+            raise ConfigError(f"$.limits.redis.url: {exc}") from None
+        if "{" in r.key_prefix or "}" in r.key_prefix:
+            # the keys' `{key id}` hash tag spreads keys over the cluster: a tag in the prefix
+            # would put every key in one slot, a lone brace would cut the tags
+            raise ConfigError("$.limits.redis.key_prefix: no '{' or '}' with a Redis Cluster URL")
+    elif scheme not in ("redis", "rediss", "unix"):
         # never echo the URL: it may carry a password
-        raise ConfigError("$.limits.redis.url: must be a redis://, rediss:// or unix:// URL")
+        raise ConfigError(
+            "$.limits.redis.url: must be a redis://, rediss://, unix:// or redis+cluster://host:port"
+            "[,host:port...] URL"
+        )
     _check_all("$.limits.redis", r, ("timeout_ms", "retry_interval_ms", "lease_ttl_ms", "max_connections"))
     for where, limits in limit_sets(cfg):
         for field in ("rpm", "tpm"):

@@ -31,6 +31,8 @@ calls are parsed by one `hiredis.Reader` feed.
 URLs (the forms `limits.redis.url` accepts): `redis://[[user]:password@]host[:port][/db]`,
 `rediss://...` (TLS; query `ssl_cert_reqs=none|optional|required`, `ssl_ca_certs=PATH`,
 `ssl_check_hostname=true|false`), `unix://[[user]:password@]/path/to.sock`; `?db=N` anywhere.
+`redis+cluster://host:port[,host:port...]` (and `rediss+cluster://`): a Redis Cluster, through
+`redis_cluster.RedisCluster` (same calls, routed by slot); `make_client` picks by the URL.
 """
 
 from __future__ import annotations
@@ -42,20 +44,25 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+if TYPE_CHECKING:
+    from .redis_cluster import RedisCluster
+
 __all__ = [
     "AuthError",
     "CallTimeoutError",
+    "Client",
     "ConnectError",
     "ConnectionLostError",
     "OutcomeUnknownError",
     "Redis",
     "RedisError",
     "ReplyError",
+    "make_client",
     "parse_url",
 ]
 
@@ -386,6 +393,10 @@ class Redis:
         (bytes, int, list, None)."""
         return self._call(args, None)
 
+    def call(self, cmd: tuple[Arg, ...], script: bool = False) -> asyncio.Future[Any]:
+        """A command as a tuple (`script`: an EVALSHA, re-sent with EVAL on NOSCRIPT)."""
+        return self._call(cmd, cmd if script else None)
+
     def evalsha(self, sha: str, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """EVALSHA; a script registered with `register_script` survives NOSCRIPT (EVAL once)."""
         cmd = ("EVALSHA", sha, len(keys), *keys, *args)
@@ -528,3 +539,35 @@ class Redis:
         self._conn = None
         if conn is not None:
             await conn.drain(self.timeout_s if drain_timeout_s is None else drain_timeout_s)
+
+
+#: what `make_client` returns: both have the same calls
+Client: TypeAlias = "Redis | RedisCluster"
+
+
+def make_client(
+    url: str,
+    *,
+    timeout_s: float,
+    connect_timeout_s: float,
+    backoff_min_s: float = 0.05,
+    backoff_max_s: float = 1.0,
+) -> Client:
+    """A `Redis` for a single instance, a `RedisCluster` for a `redis+cluster://` URL."""
+    if urlsplit(url).scheme.endswith("+cluster"):
+        from .redis_cluster import RedisCluster
+
+        return RedisCluster(
+            url,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            backoff_min_s=backoff_min_s,
+            backoff_max_s=backoff_max_s,
+        )
+    return Redis(
+        url,
+        timeout_s=timeout_s,
+        connect_timeout_s=connect_timeout_s,
+        backoff_min_s=backoff_min_s,
+        backoff_max_s=backoff_max_s,
+    )

@@ -322,7 +322,7 @@ class _RedisRef:
 
     __slots__ = ("client", "refs")
 
-    def __init__(self, client: redis_resp.Redis) -> None:
+    def __init__(self, client: redis_resp.Client) -> None:
         self.client = client
         self.refs = 0
 
@@ -375,7 +375,7 @@ class ResponseCache:
         self._flights: dict[bytes, _Flight] = {}
         #: memory backend: key -> (expiry, entry), least recently used first
         self._mem: OrderedDict[bytes, tuple[float, Entry]] | None = None
-        self._redis: redis_resp.Redis | None = None
+        self._redis: redis_resp.Client | None = None
         self._redis_key: tuple[int, str] | None = None
         self._redis_ok = True
         self._down_until = 0.0
@@ -388,7 +388,7 @@ class ResponseCache:
             ref = _REDIS.get(self._redis_key)
             if ref is None:
                 timeout_s = r.timeout_ms / 1000
-                client = redis_resp.Redis(
+                client = redis_resp.make_client(
                     r.url,
                     timeout_s=timeout_s,
                     connect_timeout_s=timeout_s,

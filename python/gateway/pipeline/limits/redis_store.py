@@ -313,7 +313,7 @@ class RedisStore:
         # the `timeout_ms` deadline, connecting too; no retries: a failure is reported.
         # Reconnecting backs off at most `retry_interval_ms`, so the first call after that
         # interval really tries Redis again.
-        self._client = redis_resp.Redis(
+        self._client = redis_resp.make_client(
             r.url,
             timeout_s=timeout_s,
             connect_timeout_s=timeout_s,
