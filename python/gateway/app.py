@@ -21,6 +21,7 @@ import msgspec
 
 from . import config as config_mod
 from . import ledger, upstreams
+from . import reload as reload_mod
 from .audit import AdminAudit
 from .config import Config
 from .context import Endpoint, RequestContext
@@ -46,18 +47,16 @@ _HEALTH_BODY = b'{"status":"ok"}'
 _READY_CACHE_S = 1.0
 _READY_TIMEOUT_S = 2.0
 _BODY_TIMEOUT = "fastpath: request body deadline"
+#: after a replaced generation drained: time left for a readiness probe or usage read still on it
+_RETIRE_GRACE_S = 1.0
+#: `POST /admin/reload` waits this long for its own worker's swap (then 202)
+_ADMIN_RELOAD_WAIT_S = 10.0
 
 
 class Gateway:
     """RSGI app object (granian calls `__rsgi__` per request)."""
 
     def __init__(self, cfg: Config | None = None) -> None:
-        self.cfg = cfg if cfg is not None else config_mod.load_for_worker()
-        s = self.cfg.server
-        self.max_body = s.max_body_bytes
-        self.max_header_bytes = s.max_header_bytes
-        self.max_headers = s.max_headers
-        self.body_timeout_s = s.body_read_timeout_ms / 1000
         self._id_prefix = os.urandom(6).hex() + "-"
         self._id_counter = 0
         self._loop: asyncio.AbstractEventLoop  # set by __rsgi_init__
@@ -67,40 +66,155 @@ class Gateway:
         self._models_body = b""
         self._ready: tuple[float, int, bytes] | None = None
         self._inference = {e.value: e for e in Endpoint}
+        #: hot reload (gateway.reload): the serving generation, its in-flight request count (a
+        #: list the requests of that generation hold on to), generations still draining
+        self.generation = 0
+        self._active = [0]
+        self._retiring: list[asyncio.Task[None]] = []
+        self._reload_lock: asyncio.Lock | None = None
+        self._reloads = 0  # attempts finished in this worker
+        self._reload_error: str | None = None
+        self._configure(cfg if cfg is not None else config_mod.load_for_worker())
+        m = self.cfg.metrics
+        #: `/metrics` on the main port (not when a separate `metrics.listen` serves it); a setting
+        #: that needs a restart (gateway.reload.RESTART_ONLY)
+        self._metrics_here = m.enabled and not m.listen
+        self._metrics_server: Listener | None = None
+
+    def _configure(self, cfg: Config) -> None:
+        """Everything the app reads from the config outside the pipeline: at start and at each
+        reload (an attribute derived from the config belongs here, so it changes live)."""
+        self.cfg = cfg
+        s = cfg.server
+        self.max_body = s.max_body_bytes
+        self.max_header_bytes = s.max_header_bytes
+        self.max_headers = s.max_headers
+        self.body_timeout_s = s.body_read_timeout_ms / 1000
         respond.configure(s)
         #: the client behind trusted proxies (None: none configured, the socket peer is the client)
         self._resolve_client = ClientResolver(s) if s.trusted_proxies else None
-        admin_hash = self.cfg.admin.api_key_hash
+        admin_hash = cfg.admin.api_key_hash
         self._admin_digest = admin_hash.encode() if admin_hash is not None else None
-        self._audit = AdminAudit(self.cfg)  # admin reads: opens the store on first use
-        m = self.cfg.metrics
-        #: `/metrics` on the main port (not when a separate `metrics.listen` serves it)
-        self._metrics_here = m.enabled and not m.listen
-        self._metrics_server: Listener | None = None
+        self._audit = AdminAudit(cfg)  # admin reads: opens the store on first use
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # The worker's loop, kept: asyncio.get_running_loop() / current_task() without a loop
         # make a getpid() syscall each (CPython 3.11's fork check), ~6 % of a worker's CPU.
         self._loop = loop
+        if reload_mod.signal_master_is_parent():  # SIGHUP: a reload (held until now by create_app)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()):  # held by create_app
             loop.call_soon(release_stop_signals)  # runs once the loop runs: see hold_stop_signals
-        worker = self.worker = Worker(self.cfg, loop)
-        self.adapters = worker.adapters = {p.name: upstreams.build(p, worker) for p in self.cfg.providers}
-        worker.routes = build_routes(self.cfg, self.adapters, worker)
-        self.pipeline = Pipeline(self.cfg, worker)
-        self.pipeline.start(worker)
+        self.worker, self.adapters, self.pipeline = self._build(self.cfg)
         if self.pipeline.metrics is not None and self.cfg.metrics.listen:
             from .metrics.listener import start_listener
 
             self._metrics_server = start_listener(self.cfg, self.pipeline.metrics, loop)
-        created = int(time.time())
-        self._models_body = _encode(
-            ModelList(
-                [ModelCard(m.name, created, m.owned_by) for m in self.cfg.models]
-                + [ModelCard(alias, created, "fastpath-gateway") for alias in self.cfg.aliases]
+        self._models_body = _models_body(self.cfg)
+
+    def _build(self, cfg: Config) -> tuple[Worker, dict[str, Adapter], Pipeline]:
+        """One generation: the worker runtime, the adapters, the routes, a started pipeline."""
+        worker = Worker(cfg, self._loop)
+        adapters = worker.adapters = {p.name: upstreams.build(p, worker) for p in cfg.providers}
+        worker.routes = build_routes(cfg, adapters, worker)
+        pipeline = Pipeline(cfg, worker)
+        pipeline.start(worker)
+        return worker, adapters, pipeline
+
+    # ---- hot reload (gateway.reload) ------------------------------------------------------------
+    def _on_sighup(self) -> None:
+        self._loop.create_task(self.reload())
+
+    async def reload(self) -> bool:
+        """Read the config file again and, when it is valid, swap to a new generation between two
+        requests; the old one closes once its requests finished. False (old config kept, one
+        error line) when the file is refused or the new parts cannot be built."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            try:
+                return await self._reload()
+            finally:
+                self._reloads += 1
+
+    async def _reload(self) -> bool:
+        path = reload_mod.config_path()
+        where = path or "embedded default config"
+        try:
+            new = await self._loop.run_in_executor(None, reload_mod.load_checked, path)
+            new = reload_mod.keep_restart_only(self.cfg, new)
+            worker, adapters, pipeline = self._build(new)  # on the loop: builds what __rsgi_init__ does
+        except Exception as exc:  # a ConfigError, or a part that cannot start (a store, an extension)
+            self._reload_error = f"{where}: {exc}"
+            log.error(
+                "config reload refused: %s: %s (still serving generation %d)", where, exc, self.generation
             )
-        )
+            return False
+        old = (self.pipeline, self.adapters, self._audit, self._active)
+        # the swap: one synchronous block, so a request sees all old or all new parts
+        self._configure(new)
+        self.worker, self.adapters, self.pipeline = worker, adapters, pipeline
+        self._models_body = _models_body(new)
+        self._ready = None
+        self._active = [0]
+        self.generation += 1
+        self._reload_error = None
+        task = self._loop.create_task(self._retire(*old))
+        self._retiring.append(task)
+        task.add_done_callback(self._retiring.remove)
+        log.info("config reloaded from %s: generation %d", where, self.generation)
+        return True
+
+    async def _retire(
+        self, pipeline: Pipeline | None, adapters: dict[str, Adapter], audit: AdminAudit, active: list[int]
+    ) -> None:
+        """Close a replaced generation once its in-flight requests finished (at most the longest a
+        stream may last), then one more readiness probe's time for non-inference routes."""
+        deadline = self._loop.time() + self.cfg.server.max_stream_duration_ms / 1000 + 1.0
+        # polled: an event set by the last request out would cost every request a check
+        while active[0] > 0 and self._loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(_RETIRE_GRACE_S)
+        await _close_parts(pipeline, adapters)
+        await self._loop.run_in_executor(None, audit.close)
+
+    async def _admin_reload(self, scope: Any, headers: Any, client: str) -> tuple[int, bytes]:
+        """`POST /admin/reload` (admin key): this worker checks the file (a refused file is a 422
+        naming the error), the master then reloads every worker (SIGUSR1); the reply waits for
+        this worker's swap. Audited (`config.reload`, actor `admin-api`) either way."""
+        try:
+            self._check_admin(headers)
+        except GatewayError as err:
+            log.warning("admin route %s refused for %s: %s", scope.path, client, err.message)
+            raise
+        path = reload_mod.config_path()
+        try:
+            new = await self._loop.run_in_executor(None, reload_mod.load_checked, path)
+        except config_mod.ConfigError as exc:
+            log.error(
+                "config reload refused: %s: %s (the running config is kept)", path or "embedded default", exc
+            )
+            detail = reload_mod.refused_detail(str(exc))
+            self._audit.record(
+                self._loop, reload_mod.ACTION, path or "<embedded default>", str(client), detail
+            )
+            return 422, _encode({"status": "refused", "error": str(exc)})
+        changes = reload_mod.restart_changes(self.cfg, new)
+        detail = reload_mod.ok_detail(changes)
+        self._audit.record(self._loop, reload_mod.ACTION, path or "<embedded default>", str(client), detail)
+        seen, generation = self._reloads, self.generation
+        if not reload_mod.signal_master():  # no master that takes requests: this worker alone
+            await self.reload()
+        deadline = self._loop.time() + _ADMIN_RELOAD_WAIT_S
+        while self._reloads == seen and self._loop.time() < deadline:  # noqa: ASYNC110  (rare, admin)
+            await asyncio.sleep(0.02)
+        if self._reloads == seen:
+            body = {"status": "requested", "needs_restart": changes}
+            return 202, _encode(body)
+        if self.generation == generation:
+            return 500, _encode({"status": "failed", "error": self._reload_error or "unknown"})
+        return 200, _encode({"status": "reloaded", "generation": self.generation, "needs_restart": changes})
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         # granian calls this once the worker stopped serving (SIGTERM: after in-flight requests
@@ -113,13 +227,9 @@ class Gateway:
     async def close(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.close()
-        if self.pipeline is not None:
-            await self.pipeline.close()
-        for name, adapter in self.adapters.items():
-            try:
-                await adapter.close()
-            except Exception:
-                log.exception("closing upstream %s failed", name)
+        for task in list(self._retiring):  # generations still draining: their requests are done
+            task.cancel()
+        await _close_parts(self.pipeline, self.adapters)
 
     # ---- dispatch -----------------------------------------------------------------------------
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
@@ -152,6 +262,11 @@ class Gateway:
                 self._only_get(scope)
                 ctype, body = self._metrics(headers)
                 protocol.response_bytes(200, respond.head(request_id, ("content-type", ctype)), body)
+            elif path == "/admin/reload":
+                if scope.method != "POST":
+                    raise _method_not_allowed("POST")
+                status, body = await self._admin_reload(scope, headers, client)
+                protocol.response_bytes(status, respond.head(request_id), body)
             elif path == "/v1/usage":
                 self._only_get(scope)
                 body = await self._usage(scope, headers, client)
@@ -187,18 +302,24 @@ class Gateway:
         task = asyncio.current_task(loop)
         assert task is not None
         body = await self._read_body(headers, protocol, loop, task)
-        assert self.pipeline is not None
+        pipeline = self.pipeline  # this request's generation, to its end (a reload swaps the attribute)
+        assert pipeline is not None
         ctx = RequestContext(request_id, endpoint, body, start, headers, client, dialect)
-        metrics = self.pipeline.metrics
-        if metrics is None:
-            await self.pipeline.serve(ctx, protocol, task)
-            return
-        v, slot = metrics.v, metrics.inflight  # the in-flight gauge: one slot, up and down
-        v[slot] += 1.0
+        metrics = pipeline.metrics
+        active = self._active  # the generation's in-flight count: it closes when this drains
+        active[0] += 1
         try:
-            await self.pipeline.serve(ctx, protocol, task)
+            if metrics is None:
+                await pipeline.serve(ctx, protocol, task)
+                return
+            v, slot = metrics.v, metrics.inflight  # the in-flight gauge: one slot, up and down
+            v[slot] += 1.0
+            try:
+                await pipeline.serve(ctx, protocol, task)
+            finally:
+                v[slot] -= 1.0
         finally:
-            v[slot] -= 1.0
+            active[0] -= 1
 
     # ---- admin: usage ---------------------------------------------------------------------------
     def _check_admin(self, headers: Any) -> None:
@@ -386,6 +507,27 @@ class Gateway:
         return status, body
 
 
+def _models_body(cfg: Config) -> bytes:
+    created = int(time.time())
+    return _encode(
+        ModelList(
+            [ModelCard(m.name, created, m.owned_by) for m in cfg.models]
+            + [ModelCard(alias, created, "fastpath-gateway") for alias in cfg.aliases]
+        )
+    )
+
+
+async def _close_parts(pipeline: Pipeline | None, adapters: dict[str, Adapter]) -> None:
+    """A generation's shutdown: the pipeline's parts (the ledger drains), then the upstreams."""
+    if pipeline is not None:
+        await pipeline.close()
+    for name, adapter in adapters.items():
+        try:
+            await adapter.close()
+        except Exception:
+            log.exception("closing upstream %s failed", name)
+
+
 _MODEL_PATHS = ("/v1/models/", "/models/")
 _model_list = msgspec.json.Decoder(ModelList).decode
 
@@ -411,7 +553,8 @@ def create_app() -> Gateway:
     return Gateway()
 
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+#: SIGHUP too: a reload asked for while the worker starts is held, then served by its loop's handler
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def hold_stop_signals() -> bool:

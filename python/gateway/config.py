@@ -76,6 +76,27 @@ class ServerEngine(StrEnum):
     UVLOOP = "uvloop"  # HTTP/1.1 on each worker's own event loop (httptools), real back-pressure
 
 
+class HttpMode(StrEnum):
+    """`server.http` (granian): which HTTP versions the port speaks. With TLS, `auto` offers h2
+    and http/1.1 by ALPN; without TLS, HTTP/2 is prior-knowledge h2c only."""
+
+    AUTO = "auto"
+    HTTP1 = "1"
+    HTTP2 = "2"
+
+
+class TlsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`server.tls`: terminate TLS in granian (engine `granian`). Files are PEM; checked at load
+    (readable, the key matches the certificate). Replaced files are picked up by a reload:
+    granian reads them when a worker starts, so a reload whose certificate changed replaces the
+    workers one by one (gateway.reload)."""
+
+    cert_file: str
+    key_file: str
+    #: the key's passphrase, normally `${ENV}`; none for an unencrypted key
+    key_password: str | None = None
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: the HTTP server under the app (`fastpath-gateway serve --engine`, FASTPATH_GATEWAY_ENGINE)
     engine: ServerEngine = ServerEngine.GRANIAN
@@ -98,6 +119,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: The forwarding header the trusted proxies append to: one, so a client cannot add the other.
     forwarded_header: ForwardedHeader = ForwardedHeader.X_FORWARDED_FOR
     security_headers: SecurityHeadersConfig = SecurityHeadersConfig()
+    #: TLS termination (granian); None: plain HTTP
+    tls: TlsConfig | None = None
+    #: auto | 1 | 2 (granian); a bare YAML `1` / `2` is read as the string
+    http: HttpMode = HttpMode.AUTO
 
 
 class _Provider(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag_field="kind"):
@@ -736,6 +761,7 @@ def _validate(cfg: Config) -> None:
         ),
     )
     _validate_edge(s)
+    _validate_tls(s)
     if not cfg.providers:
         raise ConfigError("$.providers: at least one provider is required")
     names: set[str] = set()
@@ -810,6 +836,32 @@ def _validate_signing(where: str, g: SigningConfig) -> None:
         raise ConfigError(f"{where}.secret: at least 16 characters")
     if not re.fullmatch(r"[A-Za-z0-9-]+", g.header):
         raise ConfigError(f"{where}.header: invalid header name {g.header!r}")
+
+
+def _validate_tls(s: ServerConfig) -> None:
+    """The certificate and key load (readable, PEM, matching, the passphrase right): a bad file
+    is a config error at `check-config` / reload time, not a worker that fails to start."""
+    t = s.tls
+    if t is None:
+        return
+    if s.engine is not ServerEngine.GRANIAN:
+        raise ConfigError(f"$.server.tls: TLS is served by engine granian, not {s.engine.value}")
+    for field in ("cert_file", "key_file"):
+        path = getattr(t, field)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"$.server.tls.{field}: cannot read {path!r}: {exc.strerror}") from None
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(t.cert_file, t.key_file, t.key_password)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"$.server.tls: the certificate and key do not load together ({exc}); PEM files, the key"
+            " matching the certificate, `key_password` for an encrypted key"
+        ) from None
 
 
 def _validate_edge(s: ServerConfig) -> None:
@@ -1177,6 +1229,9 @@ def parse(text: str, source: str = "<config>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     raw = _interpolate(raw, "$")
+    server = raw.get("server")
+    if isinstance(server, dict) and isinstance(server.get("http"), int) and server["http"] in (1, 2):
+        server["http"] = str(server["http"])  # `http: 2` reads as an int in YAML
     providers = raw.get("providers")
     if isinstance(providers, list):
         for p in providers:
