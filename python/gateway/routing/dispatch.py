@@ -162,6 +162,8 @@ class Dispatch:
         full: wait in the route's fair queue. None: nothing usable at all."""
         balancer = route.balancer
         assert balancer is not None
+        queue = route.queue
+        woken = False
         while True:
             groups = route.usable(now)
             if not tried and not route.capped:  # the common case: no filtering at all
@@ -171,6 +173,13 @@ class Dispatch:
                         dep.breaker.on_pick(now)
                         return dep
                 return None
+            if queue is not None and not woken and len(queue):
+                # others wait for a slot: a newcomer queues behind them (else it would take
+                # the slot that was freed for the one the queue woke)
+                await queue.wait(ctx, now + self.max_stream_s)
+                woken = True
+                now = self._loop.time()
+                continue
             room = False
             for exclude in (True, False) if tried else (False,):
                 for g in groups:
@@ -182,7 +191,6 @@ class Dispatch:
                     room = room or any(g)
             if not room:
                 return None
-            queue = route.queue
             if queue is None:
                 raise GatewayError(
                     Fault.UPSTREAM_CAPACITY,
@@ -190,6 +198,7 @@ class Dispatch:
                     headers=(("retry-after", "1"),),
                 )
             await queue.wait(ctx, now + self.max_stream_s)
+            woken = True
             now = self._loop.time()
 
     async def _attempt(self, ctx: RequestContext, route: Route, dep: Deployment) -> Attempt:
