@@ -318,35 +318,41 @@ CASES: dict[str, Case] = {
     ),
     "deep-unclosed-brackets": Case(b'{"model":"echo","x":' + b"[" * 100_000, 400, BAD, "json_too_deep"),
     # -- wrong types and values --
-    "messages-not-a-list": Case(chat(messages="hi"), 400, BAD, "invalid_request", "messages"),
-    "messages-item-null": Case(chat(messages=[None]), 400, BAD, "invalid_request", "messages[0]"),
+    "messages-not-a-list": Case(chat(messages="hi"), 400, BAD, "invalid_type", "messages"),
+    "messages-item-null": Case(chat(messages=[None]), 400, BAD, "invalid_type", "messages[0]"),
     "role-not-a-string": Case(
-        chat(messages=[{"role": 1, "content": "hi"}]), 400, BAD, "invalid_request", "messages[0].role"
+        chat(messages=[{"role": 1, "content": "hi"}]), 400, BAD, "invalid_type", "messages[0].role"
     ),
-    "role-missing": Case(chat(messages=[{"content": "hi"}]), 400, BAD, "invalid_request", "messages[0].role"),
+    "role-missing": Case(
+        chat(messages=[{"content": "hi"}]), 400, BAD, "missing_required_parameter", "messages[0].role"
+    ),
     "content-a-number": Case(
-        chat(messages=[{"role": "user", "content": 5}]), 400, BAD, "invalid_request", "messages[0].content"
+        chat(messages=[{"role": "user", "content": 5}]), 400, BAD, "invalid_type", "messages[0].content"
     ),
-    "max-tokens-string": Case(chat(max_tokens="10"), 400, BAD, "invalid_request", "max_tokens"),
-    "max-tokens-negative": Case(chat(max_tokens=-1), 400, BAD, "invalid_request", "max_tokens"),
-    "stream-string": Case(chat(stream="true"), 400, BAD, "invalid_request", "stream"),
+    "max-tokens-string": Case(chat(max_tokens="10"), 400, BAD, "invalid_type", "max_tokens"),
+    "max-tokens-negative": Case(chat(max_tokens=-1), 400, BAD, "integer_below_min_value", "max_tokens"),
+    "stream-string": Case(chat(stream="true"), 400, BAD, "invalid_type", "stream"),
     "stream-options-not-object": Case(
-        chat(stream=True, stream_options="yes"), 400, BAD, "invalid_request", "stream_options"
+        chat(stream=True, stream_options="yes"), 400, BAD, "invalid_type", "stream_options"
     ),
-    "n-zero": Case(chat(n=0), 400, BAD, "invalid_request", "n"),
-    "n-1000": Case(chat(n=1000), 400, BAD, "invalid_request", "n"),
-    "n-float": Case(chat(n=1.5), 400, BAD, "invalid_request", "n"),
-    "n-bool": Case(chat(n=True), 400, BAD, "invalid_request", "n"),
-    "model-a-number": Case(chat(model=4), 400, BAD, "invalid_request", "model"),
-    "model-empty": Case(chat(model=""), 400, BAD, "invalid_request", "model"),
-    "model-missing": Case(json.dumps({"messages": VALID_MSG}).encode(), 400, BAD, "invalid_request", "model"),
-    "messages-missing": Case(json.dumps({"model": "echo"}).encode(), 400, BAD, "invalid_request", "messages"),
-    "messages-empty": Case(chat(messages=[]), 400, BAD, "invalid_request", "messages"),
+    "n-zero": Case(chat(n=0), 400, BAD, "integer_below_min_value", "n"),
+    "n-1000": Case(chat(n=1000), 400, BAD, "integer_above_max_value", "n"),
+    "n-float": Case(chat(n=1.5), 400, BAD, "invalid_type", "n"),
+    "n-bool": Case(chat(n=True), 400, BAD, "invalid_type", "n"),
+    "model-a-number": Case(chat(model=4), 400, BAD, "invalid_type", "model"),
+    "model-empty": Case(chat(model=""), 400, BAD, "missing_required_parameter", "model"),
+    "model-missing": Case(
+        json.dumps({"messages": VALID_MSG}).encode(), 400, BAD, "missing_required_parameter", "model"
+    ),
+    "messages-missing": Case(
+        json.dumps({"model": "echo"}).encode(), 400, BAD, "missing_required_parameter", "messages"
+    ),
+    "messages-empty": Case(chat(messages=[]), 400, BAD, "empty_array", "messages"),
     "completions-prompt-missing": Case(
-        b'{"model":"echo"}', 400, BAD, "invalid_request", "prompt", path="/v1/completions"
+        b'{"model":"echo"}', 400, BAD, "missing_required_parameter", "prompt", path="/v1/completions"
     ),
     "completions-prompt-object": Case(
-        completion(prompt={"a": 1}), 400, BAD, "invalid_request", "prompt", path="/v1/completions"
+        completion(prompt={"a": 1}), 400, BAD, "invalid_type", "prompt", path="/v1/completions"
     ),
     # -- unknown model / route / method --
     "unknown-model": Case(chat(model="no-such-model"), 404, "not_found_error", "model_not_found", "model"),
@@ -710,7 +716,7 @@ def test_content_length_and_chunked_together(gateway: Gateway) -> None:
     if ENGINE == "uvloop":
         assert_error(resp, 400, BAD, "invalid_request")
     else:  # the gateway decoded the chunked body (`{"model":"echo"}`), not 3 bytes of it
-        assert_error(resp, 400, BAD, "invalid_request", "messages")
+        assert_error(resp, 400, BAD, "missing_required_parameter", "messages")
     assert resp.headers.get("connection") == "close"
 
 
@@ -788,14 +794,16 @@ def test_accepted_edge_case(gateway: Gateway, body: bytes, ctype: str | None) ->
     assert resp.json()["object"] == "chat.completion"
 
 
-def test_temperature_list_is_passed_through_for_the_upstream_to_judge(gateway: Gateway) -> None:
-    """The gateway does not validate sampling parameters; it forwards them as sent. The mock
-    upstream ignores `temperature`, so the request succeeds with the odd value intact."""
+def test_odd_sampling_values_are_refused_and_valid_ones_forwarded(gateway: Gateway) -> None:
+    """Sampling parameters are checked as OpenAI checks them (tests/python/test_validation.py has
+    the table); a valid value is forwarded as sent."""
+    resp = exchange(gateway.port, build(body=chat(temperature=[0.5, 1])))
+    assert_error(resp, 400, BAD, "invalid_type", "temperature")
     marker = uuid.uuid4().hex
-    resp = exchange(gateway.port, build(body=chat(temperature=[0.5, 1], user=marker)))
+    resp = exchange(gateway.port, build(body=chat(temperature=1.25, user=marker)))
     assert resp.status == 200, resp.body[:300]
     forwarded = find_forwarded(gateway.upstream or pytest.fail("no upstream"), marker)
-    assert forwarded["body"]["temperature"] == [0.5, 1]
+    assert forwarded["body"]["temperature"] == 1.25
 
 
 # ---- the client never chooses the upstream -------------------------------------------------------

@@ -146,7 +146,7 @@ def test_text_parts_are_joined_and_jinja_templates_render() -> None:
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"stop": [""]}, "stop"),
-        ({"stop": [str(i) for i in range(17)]}, "stop"),
+        # (more than 4 stop strings never get here: the decode stage refuses them as OpenAI does)
         ({"top_k": -1}, "top_k"),
         ({"seed": 42}, "seed"),  # the model below has no `seed` input
     ],
