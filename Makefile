@@ -77,8 +77,13 @@ fmt: $(STAMPS)/venv ## format Python and Rust
 test-rust: ## Rust unit tests (no venv: only the extension build enables pyo3)
 	cargo test --workspace -q
 
-test-python: install ## Python tests (real sockets, real upstream processes)
+# The HTTP/1.1 suites a second time on the other server engine (server.engine; ~40 s): every
+# gateway those tests start runs on it (tests/python/conftest.py reads FASTPATH_TEST_ENGINE).
+OTHER_ENGINE := $(shell $(PY) -c "from gateway.config import ServerConfig as S; print('granian' if S().engine == 'uvloop' else 'uvloop')" 2>/dev/null || echo granian)
+ENGINE_SUITES := test_bad_input.py test_streaming.py test_lifecycle.py test_e2e_openai_sdk.py test_pipeline_contract.py test_server_timing.py
+test-python: install ## Python tests (real sockets, real upstream processes), then the HTTP/1.1 suites on the other engine
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+	FASTPATH_TEST_ENGINE=$(OTHER_ENGINE) $(VENV)/bin/pytest -q -p no:cacheprovider $(addprefix tests/python/,$(ENGINE_SUITES)) -k "not run_local"
 
 # promtool and prometheus (Debian's `prometheus` package): the alert rules and the dashboard's
 # queries are checked by promtool, and a test scrapes a gateway with a real Prometheus.

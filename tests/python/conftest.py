@@ -191,9 +191,11 @@ def run_gateway(
     config_text: str | None = None,
     log_level: str = "warning",
     output: Any = None,
+    engine: str | None = None,
     **server: object,
 ) -> Iterator[Gateway]:
-    """`output`: where the gateway's stdout and stderr (its logs) go; default: inherited."""
+    """`output`: where the gateway's stdout and stderr (its logs) go; default: inherited.
+    `engine`: this gateway's server engine (default: ENGINE)."""
     port = free_port()
     cfg = tmp / f"gateway-{port}.yaml"
     if config_text is None:
@@ -215,7 +217,7 @@ def run_gateway(
             "--log-level",
             log_level,
         ],
-        env=_env(),
+        env=_env() | ({"FASTPATH_GATEWAY_ENGINE": engine} if engine else {}),
         stdout=output,
         stderr=output,
     )

@@ -28,8 +28,12 @@ from typing import Any
 log = logging.getLogger("gateway.server")
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-#: a worker that exits sooner than this after its start failed to start
+#: a worker that exits with an error sooner than this after its start failed to start (a killed
+#: or crashed one is replaced)
 _START_S = 3.0
+#: more replacements than this within the window: something is wrong with every worker, stop
+_MAX_RESTARTS = 10
+_RESTART_WINDOW_S = 60.0
 
 
 class _Stop(Exception):
@@ -65,6 +69,7 @@ def serve(cfg: Any, host: str, port: int, workers: int) -> int:
     children: dict[int, float] = {}  # pid -> start time
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     code = 0
+    restarts: list[float] = []
     try:
         for _ in range(workers):
             pid = _fork(cfg, sock)
@@ -78,8 +83,14 @@ def serve(cfg: Any, host: str, port: int, workers: int) -> int:
             if started is None:
                 continue
             rc = os.waitstatus_to_exitcode(status)
-            if time.monotonic() - started < _START_S and rc != 0:
+            now = time.monotonic()
+            if now - started < _START_S and rc > 0:
                 log.error("worker %d failed while starting (exit %d): stopping", pid, rc)
+                code = 1
+                break
+            restarts = [t for t in restarts if now - t < _RESTART_WINDOW_S] + [now]
+            if len(restarts) > _MAX_RESTARTS:
+                log.error("workers keep dying (%d in %g s): stopping", len(restarts), _RESTART_WINDOW_S)
                 code = 1
                 break
             log.error("worker %d exited (%d) while serving: starting another", pid, rc)
