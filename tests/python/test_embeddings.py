@@ -289,3 +289,56 @@ def test_ledger_rows(gw: Gateway, db: Path) -> None:
     assert r["endpoint"] == "embeddings" and r["model"] == "embed-mini" and r["status"] == 200
     assert r["prompt_tokens"] == body["usage"]["prompt_tokens"] and r["completion_tokens"] == 0
     assert r["key_id"] == "alice" and r["provider"] == "triton"
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+
+PROVIDERS = """
+providers:
+  - {name: mock, base_url: 'http://127.0.0.1:9/v1'}
+  - {name: tri, kind: triton, base_url: 'grpc://127.0.0.1:9'}
+"""
+
+
+@pytest.mark.parametrize(
+    ("models", "error"),
+    [
+        (
+            "- {name: e, kind: embedding, provider: mock, embedding: {}}",
+            "$.models[0].embedding: only for models with a triton provider",
+        ),
+        (
+            "- {name: e, provider: tri, embedding: {}}",
+            "$.models[0].embedding: only for models of kind embedding",
+        ),
+        (
+            "- {name: e, kind: embedding, provider: tri, triton: {}}",
+            "$.models[0].triton: the chat mapping is not for kind embedding",
+        ),
+        (
+            "- {name: e, kind: embedding, provider: tri, embedding: {output: ''}}",
+            "$.models[0].embedding.output: must name a tensor",
+        ),
+        ("- {name: e, kind: vectors, provider: tri}", "$.models[0].kind"),
+        (
+            "- {name: c, provider: mock, fallbacks: [{errors: [server_error], models: [e]}]}\n"
+            "- {name: e, kind: embedding, provider: mock}",
+            "$.models[0].fallbacks[0].models[0]: 'e' is a embedding model",
+        ),
+    ],
+)
+def test_config_is_strict_with_paths(models: str, error: str) -> None:
+    from gateway.config import ConfigError, parse
+
+    with pytest.raises(ConfigError) as exc:
+        parse(PROVIDERS + "models:\n" + "\n".join("  " + line for line in models.splitlines()) + "\n")
+    assert error in str(exc.value)
+
+
+def test_default_config_serves_local_embedding_models() -> None:
+    from gateway.config import ModelKind, default_text, parse
+
+    cfg = parse(default_text().replace("${FASTPATH_GATEWAY_SALT}", "salt-0123456789abcdef"))
+    kinds = {m.name: (m.kind, m.provider, m.upstream_model) for m in cfg.models}
+    assert kinds["local-embed"] == (ModelKind.EMBEDDING, "local-triton", "minilm_embed")
+    assert kinds["local-embed-mock"][0] is ModelKind.EMBEDDING
