@@ -332,6 +332,18 @@ def main() -> int:
     ap.add_argument("--baseline-tree", type=Path, help="also run each gateway from DIR/python (before/after)")
     ap.add_argument("--metrics-off", action="store_true", help="also run each gateway with metrics off")
     ap.add_argument("--scrape-ms", type=int, default=0, help="also run each gateway scraped every N ms")
+    ap.add_argument(
+        "--engine",
+        default="",
+        help="server engine(s) of every gateway, comma-separated (granian,uvloop: each gateway once per "
+        "engine, interleaved in the same run); default: the config's",
+    )
+    ap.add_argument(
+        "--ttft",
+        type=int,
+        default=0,
+        help="--stream: also N streams per target at c=1 for TTFT (suite's client)",
+    )
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -379,11 +391,22 @@ def main() -> int:
             open_ = c.with_name(c.stem + "-scraped.yaml")
             open_.write_text(c.read_text() + "metrics: {require_admin: false}\n")
             gateways[name + SCRAPED] = (free_port(), open_)
+    engine_of: dict[str, str] = {}
+    engines = [e for e in args.engine.split(",") if e]
+    if engines:
+        for name, (_, c) in list(gateways.items()):
+            del gateways[name]
+            for engine in engines:
+                label = f"{name} [{engine}]" if len(engines) > 1 else name
+                gateways[label] = (free_port(), c)
+                engine_of[label] = engine
     trees: dict[str, Path | None] = {name: None for name in gateways}
     if args.baseline_tree is not None:
         for name, (_, c) in list(gateways.items()):
             gateways[name + BASE] = (free_port(), c)
             trees[name + BASE] = args.baseline_tree.resolve() / "python"
+            if name in engine_of:
+                engine_of[name + BASE] = engine_of[name]
     load_start = Path("/proc/loadavg").read_text().strip()
     procs = {
         name: subprocess.Popen(
@@ -400,6 +423,7 @@ def main() -> int:
                 str(args.workers),
                 "--log-level",
                 "error",
+                *(["--engine", engine_of[name]] if name in engine_of else []),
             ],
             stdout=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(trees[name])} if trees[name] else None,
@@ -407,6 +431,7 @@ def main() -> int:
         for name, (port, c) in gateways.items()
     }
     rows: list[Row] = []
+    ttfts: dict[str, list[dict[str, float]]] = {}
     scraper = Scraper(args.scrape_ms / 1000)
     try:
         targets: dict[str, tuple[str, Path]] = {
@@ -450,6 +475,14 @@ def main() -> int:
                         )
                     )
                     print(f"  {name:24} c={conc:<3} rps={rps:>9.0f} p50={pct.get('50', 0):.3f}ms", flush=True)
+        if args.stream and args.ttft:
+            from suite import sse_client  # the suite's SSE client: TTFT per stream, text checked
+
+            for _ in range(args.repeat):
+                for name, (url, _script) in targets.items():
+                    port = int(url.split(":")[2].split("/")[0])
+                    res = sse_client(port, STREAM_REQUEST, API_KEY if "auth" in name else None, args.ttft, 64)
+                    ttfts.setdefault(name, []).append(res)
     finally:
         scraper.stop()
         for pr in [*procs.values(), ngx]:
@@ -489,6 +522,14 @@ def main() -> int:
             f"| {cpu} | {rss} |{rcell} {r.loadavg} |"
         )
     print()
+    if ttfts:
+        print("| target (c=1, one keep-alive connection) | TTFT p50 ms | TTFT p99 ms | bad streams |")
+        print("|---|---|---|---|")
+        for name, runs in ttfts.items():
+            p50 = " / ".join(f"{r['ttft_p50']:.3f}" for r in runs)
+            p99 = " / ".join(f"{r['ttft_p99']:.3f}" for r in runs)
+            print(f"| {name} | {p50} | {p99} | {sum(int(r['bad']) for r in runs)} |")
+        print()
     for conc in sorted({r.conc for r in rows}):
         d, n, g = (
             _cells(rows, name, conc)

@@ -845,6 +845,7 @@ def main() -> int:
         help="an existing Redis for the Redis-limits scenario (default: a private redis-server started for "
         "the run, so that its CPU and command counts are the gateway's alone)",
     )
+    ap.add_argument("--engine", choices=["granian", "uvloop"], help="the gateways' server engine")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -945,6 +946,7 @@ def main() -> int:
                     [
                         *(str(REPO / ".venv/bin/fastpath-gateway"), "serve", "--config", str(path)),
                         *("--port", str(gw_ports[name]), "--workers", "1", "--log-level", "error"),
+                        *(("--engine", args.engine) if args.engine else ()),
                     ],
                     stdout=subprocess.DEVNULL,
                 )
