@@ -13,7 +13,7 @@ RUST_SRC := $(shell find crates/fastpath/src crates/fastpath/assets crates/fastp
 export PYO3_PYTHON := $(abspath $(PY))
 export CARGO_TERM_COLOR := never
 
-.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python test-rules prometheus-deps observe lint fmt bench-deps bench bench-litellm bench-suite bench-aiperf bench-vs-aiperf clean
+.PHONY: help triton-venv install build-dev build-release run serve test test-rust test-python test-rules test-deploy prometheus-deps observe lint fmt bench-deps bench bench-litellm bench-suite bench-aiperf bench-vs-aiperf clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -100,7 +100,25 @@ test-rules: $(STAMPS)/build-release prometheus-deps ## promtool: check and unit-
 observe: install prometheus-deps ## the gateway + its local upstream, and a real Prometheus scraping it (:9090)
 	$(VENV)/bin/fastpath-gateway run-local --prometheus
 
-test: lint test-rust test-rules test-python ## everything CI runs: lint, Rust, rules and Python tests
+# The deployment artifacts, offline (no container engine or cluster here): the Kubernetes manifests
+# against the Kubernetes JSON schemas (kubernetes-validate bundles them), hadolint on the Dockerfile,
+# yamllint, and tests/deploy (the pieces agree with each other and load with the gateway's config
+# loader). The validators live in their own venv (.venv-deploy), pinned in deploy/requirements.txt.
+DEPLOY_VENV := .venv-deploy
+K8S_VERSION := 1.31.0
+$(STAMPS)/deploy-venv: deploy/requirements.txt $(STAMPS)/venv
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(UV) pip install -q -p $(DEPLOY_VENV)/bin/python -r deploy/requirements.txt
+	touch $@
+
+test-deploy: $(STAMPS)/build-release $(STAMPS)/deploy-venv ## validate Dockerfile, compose file and Kubernetes manifests offline
+	$(DEPLOY_VENV)/bin/yamllint -s -c deploy/.yamllint.yaml deploy/k8s deploy/compose
+	$(DEPLOY_VENV)/bin/kubernetes-validate --strict --quiet -k $(K8S_VERSION) \
+	  $$(grep -E '^  - .+\.yaml$$' deploy/k8s/kustomization.yaml | sed 's|^  - |deploy/k8s/|')
+	$(DEPLOY_VENV)/bin/hadolint --no-color Dockerfile
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy
+
+test: lint test-rust test-rules test-deploy test-python ## everything CI runs: lint, Rust, rules, deployment and Python tests
 
 bench-deps: ## system tools for benchmarks (wrk, nginx, redis-server); not needed for tests
 	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null || \
