@@ -131,6 +131,18 @@ class ChatStreamReframer:
         remembered id/model/created (object 'chat.completion.chunk', or 'text_completion' when the
         upstream's was); before any chunk: id "", model "", created = now."""
 
+class MessagesStream:
+    """OpenAI chat frames (what the relay sends: chunks, the usage chunk, `[DONE]`, its error
+    event, pings, comments) -> Anthropic Messages stream events, for one stream: `message_start`
+    first (these `input_tokens`), text and tool-call deltas as `content_block_*` events
+    (`text_delta`, `input_json_delta`), at `[DONE]` `message_delta` (stop reason: a finish
+    `stop` whose vLLM `stop_reason` is one of `stops` is `stop_sequence`; usage from the usage
+    chunk) and `message_stop`; an error event becomes an `error` event and ends the stream;
+    `: ping` becomes a `ping` event. Frames may be split across sends. Choice 0 only."""
+
+    def __init__(self, msg_id: str, model: str, input_tokens: int, stops: list[str]) -> None: ...
+    def feed(self, data: bytes) -> bytes: ...
+
 class ChunkEmitter:
     """Writes OpenAI `chat.completion.chunk` SSE frames (serde_json escaping, no Python formatting)."""
 

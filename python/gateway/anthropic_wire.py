@@ -497,20 +497,25 @@ def error_status_type(fault: Fault) -> tuple[int, str]:
     return status, kind
 
 
+_OVERLOADED_CODES = frozenset(f.code for f in _OVERLOADED)
+_SAME_TYPES = frozenset(
+    (
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "rate_limit_error",
+        "timeout_error",
+    )
+)
+
+
 def error_type_of(openai_type: str | None, code: str | None) -> str:
-    """The Anthropic error type of an OpenAI error event (`type`, our `code`)."""
-    if code:
-        fault = Fault.__members__.get(code.upper())
-        if fault is not None:
-            return error_status_type(fault)[1]
-    return {
-        "invalid_request_error": "invalid_request_error",
-        "authentication_error": "authentication_error",
-        "permission_error": "permission_error",
-        "not_found_error": "not_found_error",
-        "rate_limit_error": "rate_limit_error",
-        "timeout_error": "timeout_error",
-    }.get(openai_type or "", "api_error")
+    """The Anthropic error type of an error event (OpenAI `type`, our `code`), as the Rust
+    `MessagesStream` maps it."""
+    if code in _OVERLOADED_CODES:
+        return "overloaded_error"
+    return openai_type if openai_type in _SAME_TYPES else "api_error"
 
 
 def error_body(kind: str, message: str, request_id: str | None = None) -> bytes:

@@ -15,7 +15,7 @@ import anthropic
 import pytest
 from conftest import Gateway, MockUpstream, TritonServer, gateway_config, run_gateway
 
-from gateway import count_chat_tokens, count_tokens
+from gateway import _fastpath, count_chat_tokens, count_tokens
 from gateway.anthropic_stream import ChatToMessages
 from gateway.anthropic_wire import message_from_chat
 
@@ -549,14 +549,16 @@ def test_stream_translation_equals_unary(
         b"data: %s\n\n" % json.dumps(c).encode() for c in _chunks(text, calls, finish, pieces, rng)
     )
     frames += b"data: [DONE]\n\n"
-    tr = ChatToMessages("msg_1", "m", 11, None)
-    # the relay's sends: frames grouped arbitrarily (one upstream read may carry several)
-    out, at = b"", 0
+    rust, python = _fastpath.MessagesStream("msg_1", "m", 11, []), ChatToMessages("msg_1", "m", 11, None)
+    # the relay's sends: frames grouped arbitrarily (one upstream read may carry several), here
+    # also cut inside a frame
+    out, ref, at = b"", b"", 0
     while at < len(frames):
-        end = frames.find(b"\n\n", at + rng.randint(1, 200))
-        end = len(frames) if end < 0 else end + 2
-        out += tr.feed(frames[at:end])
+        end = min(len(frames), at + rng.randint(1, 300))
+        out += rust.feed(frames[at:end])
+        ref += python.feed(frames[at:end])
         at = end
+    assert sse_events(out) == sse_events(ref)  # the Rust translator and its Python reference
     streamed = _accumulate(out)
     assert streamed == unary
     assert [b["type"] for b in streamed["content"]] == (["text"] if text else []) + ["tool_use"] * len(calls)

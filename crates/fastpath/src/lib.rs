@@ -8,6 +8,7 @@ pub mod bpe;
 pub mod buckets;
 pub mod emit;
 pub mod limits;
+pub mod messages;
 pub mod metrics;
 pub mod reframe;
 pub mod rules;

@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::buckets::LocalLimiter;
 use crate::emit::{self, ChunkEmitter};
+use crate::messages::MessagesStream;
 use crate::metrics::{RequestPlan, Sample, Slots, Stage, UsagePlan};
 use crate::reframe::Reframer;
 use crate::rules::RuleSet;
@@ -276,6 +277,21 @@ impl PyReframer {
             .usage_chunk(prompt_tokens, completion_tokens)
             .map_err(|e| json_error(&e))?;
         Ok(PyBytes::new(py, &frame))
+    }
+}
+
+#[pyclass(name = "MessagesStream", module = "gateway._fastpath")]
+struct PyMessagesStream(MessagesStream);
+
+#[pymethods]
+impl PyMessagesStream {
+    #[new]
+    fn new(msg_id: &str, model: &str, input_tokens: u64, stops: Vec<String>) -> Self {
+        Self(MessagesStream::new(msg_id, model, input_tokens, stops))
+    }
+
+    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.0.feed(data))
     }
 }
 
@@ -721,6 +737,7 @@ fn fastpath_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySseEvent>()?;
     m.add_class::<PySseParser>()?;
     m.add_class::<PyReframer>()?;
+    m.add_class::<PyMessagesStream>()?;
     m.add_class::<PyChunkEmitter>()?;
     m.add_class::<PyLocalLimiter>()?;
     m.add_class::<PyTextStream>()?;
