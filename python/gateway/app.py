@@ -178,6 +178,7 @@ class Gateway:
         await asyncio.sleep(_RETIRE_GRACE_S)
         await _close_parts(pipeline, adapters)
         await self._loop.run_in_executor(None, audit.close)
+        log.debug("a replaced config's parts closed (%d requests still on them)", active[0])
 
     async def _admin_reload(self, scope: Any, headers: Any, client: str) -> tuple[int, bytes]:
         """`POST /admin/reload` (admin key): this worker checks the file (a refused file is a 422
