@@ -34,15 +34,15 @@ KIND_CODE = ("c", "r", "r", "b")
 # computed from it too), floor and ceiling division on integers, and the GCRA buckets.
 #
 # A bucket keeps its theoretical arrival time relative to the last update: `d`, its debt in units
-# of 1/60,000,000 token (a microsecond at one token per minute), and `t`, when it was written.
+# of 1/60,000,000 token (a microsecond at one token per minute), and `t`, when it was written, as
+# one string `d:t` (GET, then SET with its PX: two commands, the fewest a bucket can cost).
 # All integers, exact in Lua's doubles below 2**53 (see `config.REDIS_MAX_RATE`): the debt drains
 # by `rate` units per microsecond; a cost `c` fits when `debt + c * 60e6 <= burst * 60e6`. A full
 # bucket is no key at all; a bucket's key expires when the bucket would be full again.
 LUA_LIB = """
-if redis.replicate_commands then redis.replicate_commands() end
 local U = 60000000
 local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
+local now = tm[1] * 1000000 + tm[2]
 local function fdiv(a, b)
   local q = math.floor(a / b)
   if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
@@ -54,10 +54,16 @@ local function cdiv(a, b)
   return q
 end
 local function debt(key, rate)
-  local v = redis.call('HMGET', key, 'd', 't')
-  local d = tonumber(v[1])
-  if not d then return 0 end
-  local e = now - tonumber(v[2])
+  local v = redis.pcall('GET', key)
+  if not v then return 0 end
+  if type(v) == 'table' then
+    -- a bucket of a version before 2026-12 (a hash): it starts over, once
+    redis.call('DEL', key)
+    return 0
+  end
+  local p = string.find(v, ':', 1, true)
+  local d = tonumber(string.sub(v, 1, p - 1))
+  local e = now - tonumber(string.sub(v, p + 1))
   if e < 0 then e = 0 end
   if e >= cdiv(d, rate) then return 0 end
   return d - e * rate
@@ -66,8 +72,7 @@ local function store(key, d, rate)
   if d <= 0 then
     redis.call('DEL', key)
   else
-    redis.call('HSET', key, 'd', string.format('%d', d), 't', string.format('%d', now))
-    redis.call('PEXPIRE', key, cdiv(cdiv(d, rate), 1000) + 1000)
+    redis.call('SET', key, string.format('%d:%d', d, now), 'PX', cdiv(cdiv(d, rate), 1000) + 1000)
   end
 end
 """
@@ -98,7 +103,7 @@ end
 #   'b': a budget hash: `d`/`ds` (UTC day number, nano-USD spent that day) and `m`/`ms` (UTC
 #        month number, spent that month; a stored window that is not the current one counts as
 #        0), at most `limit` a day and `limit2` a month (0 = none, -1 = nothing); 33 days TTL
-#        after its last write (the longest month, and a day to settle).
+#        from the first write of its last UTC day (the longest month, and a day to settle).
 # Every check is read (expired leases are pruned); only when no enforced check refuses are all
 # taken but the shadow checks that would refuse (a refused request changes nothing).
 # -> {code (0 admitted, else the index of the first refusing enforced check), now s, UTC day,
@@ -131,8 +136,12 @@ for i = 1, n do
     st[i] = debt(key, a)
     no[i] = st[i] + c * U > a * U
   elseif kind == 'c' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    -- expired leases (of crashed workers) are pruned only when they could matter
     st[i] = redis.call('ZCARD', key)
+    if st[i] >= a then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      st[i] = redis.call('ZCARD', key)
+    end
     no[i] = st[i] >= a
   else
     local b = tonumber(ARGV[j + 2])
@@ -142,7 +151,7 @@ for i = 1, n do
     local sm = 0
     if tonumber(v[1]) == day then sd = tonumber(v[2]) end
     if tonumber(v[3]) == month then sm = tonumber(v[4]) end
-    st[i] = {sd, sm}
+    st[i] = {sd, sm, tonumber(v[1]) == day}
     over[i] = 0
     if c > 0 then
       if a ~= 0 and sd + c > a then over[i] = 1 elseif b ~= 0 and sm + c > b then over[i] = 2 end
@@ -171,7 +180,8 @@ if code == 0 then
       s[2] = s[2] + c
       redis.call('HSET', key, 'd', string.format('%d', day), 'ds', string.format('%d', s[1]),
                  'm', string.format('%d', month), 'ms', string.format('%d', s[2]))
-      redis.call('PEXPIRE', key, BUDGET_TTL_MS)
+      -- the TTL is set by the first write of each UTC day, not by every request
+      if not s[3] then redis.call('PEXPIRE', key, BUDGET_TTL_MS) end
     end
   end
 end
@@ -477,6 +487,15 @@ class RedisStore:
         await self._client.close()
 
     # ---- Redis --------------------------------------------------------------------------------
+    @property
+    def client(self) -> redis_resp.Client:
+        """The connection (the leased store sends its scripts on it too: one ordered pipe)."""
+        return self._client
+
+    async def run_script(self, sha: str, keys: Sequence[str], args: Sequence[int | str]) -> Any:
+        """`_run` for the leased store: the same deadline, back-off and recovery."""
+        return await self._run(sha, keys, args)
+
     async def _run(
         self, sha: str, keys: Sequence[str], args: Sequence[int | str], force: bool = False
     ) -> Any:
