@@ -292,3 +292,35 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     server.events_path = events
     with server:
         yield server
+
+
+# ---- TLS: a private CA (openssl) ------------------------------------------------------------------
+def private_ca(tmp: Path, name: str = "server") -> tuple[Path, Path, Path]:
+    """(CA cert, server cert for localhost + 127.0.0.1 signed by that CA, server key), made with
+    openssl in `tmp`; `name` prefixes the server files (a second certificate from the same CA)."""
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca = tmp / "ca.key", tmp / "ca.pem"
+    key, csr, cert = (tmp / f"{name}{ext}" for ext in (".key", ".csr", ".pem"))
+    if not ca.exists():
+        ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+            "-days", "2", "-subj", "/CN=fastpath test CA")  # fmt: skip
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=localhost",
+    )
+    ext = tmp / f"{name}-san.ext"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    return ca, cert, key

@@ -21,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import REPO, Gateway, TritonServer, free_port, run_gateway, wait_event
+from conftest import REPO, Gateway, TritonServer, free_port, private_ca, run_gateway, wait_event
 
 from gateway.triton_local import LocalTriton
 
@@ -514,42 +514,11 @@ limits: {{default_max_tokens: 5, live_budget_enforcement: true}}
     wait_event(triton.events_path, rid, "cancel", model="tensorrt_llm_bls")
 
 
-def _private_ca(tmp: Path) -> tuple[Path, Path, Path]:
-    """(CA cert, server cert for localhost + 127.0.0.1 signed by that CA, server key)."""
-    import subprocess
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-    ca_key, ca, key, csr, cert = (
-        tmp / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
-    )
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
-        "-days", "2", "-subj", "/CN=fastpath test CA")  # fmt: skip
-    ssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(key),
-        "-out",
-        str(csr),
-        "-subj",
-        "/CN=localhost",
-    )
-    ext = tmp / "san.ext"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    ssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
-    return ca, cert, key
-
-
 def test_grpcs_to_a_tls_tritonserver_with_a_private_ca(tmp_path: Path) -> None:
     """`grpcs://` + `tls_ca_file` reaches a tritonserver serving gRPC over TLS, on both gRPC
     transports (streamed and unary answers equal the plain-text reference); without the CA (system
     roots) the certificate is refused with a clear 503, and `grpc://` to the TLS port is a 503 too."""
-    ca, cert, key = _private_ca(tmp_path)
+    ca, cert, key = private_ca(tmp_path)
     tls_args = ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
     server = LocalTriton(
         REPO / "triton_models",
