@@ -469,7 +469,8 @@ def check_tool_choice(choice: Any, tools: Any) -> None:
         # unconfirmed wording: no real body found for a named tool missing from `tools`
         raise _err(
             "tool_choice.function.name",
-            f"Invalid value for 'tool_choice': no function named '{quote(str(name))}' is specified in 'tools'.",
+            f"Invalid value for 'tool_choice': no function named '{quote(str(name))}' is specified "
+            "in 'tools'.",
             "invalid_value",
         )
 
