@@ -104,6 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if engine not in {e.value for e in config_mod.ServerEngine}:
         raise SystemExit(f"error: unknown server engine {engine!r} (granian, uvloop)")
     if engine == config_mod.ServerEngine.UVLOOP:
+        if cfg.server.tls is not None or cfg.server.http is not config_mod.HttpMode.AUTO:
+            raise SystemExit("error: server.tls and server.http are served by engine granian, not uvloop")
         return _serve_uvloop(args, cfg)
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings, HTTP2Settings

@@ -90,7 +90,9 @@ def goes_to(port: int, target: MockUpstream, other: MockUpstream, n: int = 8) ->
 def test_reload_switches_upstream_refuses_invalid_and_audits(tmp_path: Path) -> None:
     log_path = tmp_path / "gateway.log"
     with run_mock() as a, run_mock() as b, log_path.open("wb") as log:
-        with run_gateway(tmp_path, None, workers=2, config_text=config_for(a, tmp_path), output=log) as gw:
+        with run_gateway(
+            tmp_path, None, workers=2, engine="granian", config_text=config_for(a, tmp_path), output=log
+        ) as gw:
             path = tmp_path / f"gateway-{gw.port}.yaml"
             assert goes_to(gw.port, a, b)
 
@@ -156,7 +158,7 @@ def test_no_failed_request_across_10_reloads_under_load(tmp_path: Path) -> None:
     with run_mock() as a, run_mock() as b, log_path.open("wb") as log:
         configs = [config_for(a, tmp_path), config_for(b, tmp_path)]
         with run_gateway(
-            tmp_path, None, workers=2, config_text=configs[0], log_level="info", output=log
+            tmp_path, None, workers=2, engine="granian", config_text=configs[0], log_level="info", output=log
         ) as gw:
             path = tmp_path / f"gateway-{gw.port}.yaml"
             stop = threading.Event()

@@ -50,7 +50,7 @@ def run_tls_gateway(tmp: Path, config_text: str, ca: Path, workers: int = 1) -> 
     cfg.write_text(config_text)
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)]
     cmd += ["--workers", str(workers), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=_env())
+    proc = subprocess.Popen(cmd, env=_env() | {"FASTPATH_GATEWAY_ENGINE": "granian"})  # TLS: granian
     try:
         ctx = ssl.create_default_context(cafile=str(ca))
         deadline = time.monotonic() + 20
