@@ -64,6 +64,8 @@ def test_embedded_default_config_parses(monkeypatch: pytest.MonkeyPatch) -> None
         ("local-llm", "ensemble"),
         ("local-echo", "mock-echo"),
         ("local-slow", "mock-slow"),
+        ("local-embed", "minilm_embed"),
+        ("local-embed-mock", "text-embedding-3-small"),
     }
     triton, provider = cfg.providers
     assert (triton.kind, triton.base_url) == (config_mod.ProviderKind.TRITON, "grpc://127.0.0.1:9101")
@@ -132,7 +134,7 @@ def test_unknown_key_names_path_and_key(text: str, path: str, key: str) -> None:
         pytest.param("server: 5\n" + MINIMAL, "$.server", id="server-scalar"),
         pytest.param("providers: {}\n" + MODELS, "$.providers", id="providers-mapping"),
         pytest.param(
-            MINIMAL.replace("    base_url:", "    kind: anthropic\n    base_url:"),
+            MINIMAL.replace("    base_url:", "    kind: bogus\n    base_url:"),
             "$.providers[0].kind",
             id="unknown-kind",
         ),
