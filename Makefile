@@ -120,10 +120,12 @@ test-deploy: $(STAMPS)/build-release $(STAMPS)/deploy-venv ## validate Dockerfil
 
 test: lint test-rust test-rules test-deploy test-python ## everything CI runs: lint, Rust, rules, deployment and Python tests
 
-bench-deps: ## system tools for benchmarks (wrk, nginx, redis-server); not needed for tests
-	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null || \
+bench-deps: ## system tools for benchmarks (wrk, nginx + its stream module, redis-server); not needed for tests
+	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null && \
+	  test -e /usr/lib/nginx/modules/ngx_stream_module.so || \
 	  (sudo -n true 2>/dev/null && S=sudo || S=; $$S apt-get update -q && \
-	   ($$S apt-get install -y -q wrk nginx-light redis-server || $$S apt-get install -y -q wrk nginx redis-server))
+	   ($$S apt-get install -y -q wrk nginx-light libnginx-mod-stream redis-server || \
+	    $$S apt-get install -y -q wrk nginx libnginx-mod-stream redis-server))
 
 bench: install bench-deps ## first measurement: direct vs through the gateway (wrk)
 	$(PY) benchmarks/proxy_overhead.py
