@@ -187,8 +187,17 @@ def _serve_uvloop(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
         prepare_dir(cfg)
     _warn_spills(cfg)
+    # hot reload (gateway.reload): workers re-read this file; SIGHUP to this master reloads them
+    os.environ[envvars.CONFIG] = str(Path(args.config).resolve()) if args.config else ""
+    from . import reload as reload_mod
+
+    pid_file = Path(args.pid_file) if args.pid_file else reload_mod.default_pid_file(port)
+    cleanup = reload_mod.install_master_signals(cfg, pid_file)
     print(f"fastpath-gateway: serving on http://{host}:{port} with {workers} worker(s) (uvloop)", flush=True)
-    return engine.serve(cfg, host, port, workers)
+    try:
+        return engine.serve(cfg, host, port, workers)
+    finally:
+        cleanup()
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,3 +431,44 @@ def http_reload(url: str, admin_key: str, timeout_s: float, ca_file: str | None 
     message = answer.get("error", {}).get("message") if isinstance(answer.get("error"), dict) else None
     print(f"error: {target}: HTTP {status}: {message or answer.get('error') or body[:200]!r}")
     return 1
+
+
+# ---- a master that forks its own workers (engine uvloop) ------------------------------------------
+def child_pids() -> list[int]:
+    """This process's children (Linux /proc): the workers of a master that forks them itself."""
+    pid = os.getpid()
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def install_master_signals(cfg: config_mod.Config, pid_file: Path | None) -> Callable[[], None]:
+    """Make this process (about to fork its workers) a reload master: SIGHUP and SIGUSR1 run
+    `MasterReload.attempt` and forward SIGHUP to its children; its pid goes to `pid_file` and to
+    the workers' environment. Handlers run between bytecodes of the main thread (a blocking
+    `os.wait` is retried after them). A worker forked with these handlers ignores them until its
+    app installs its own. Returns the cleanup (the pid file removed)."""
+    master = MasterReload(cfg, pid_file)
+    me = os.getpid()
+    os.environ[envvars.RELOAD_MASTER] = str(me)
+    if pid_file is not None:
+        write_pid_file(pid_file)
+
+    def run(actor: str) -> None:
+        if os.getpid() != me:  # a worker that has not installed its own handler yet
+            return
+        if master.attempt(actor).ok:
+            for pid in child_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, lambda *_: run(SIGNAL_ACTOR))
+    signal.signal(signal.SIGUSR1, lambda *_: run(ADMIN_ACTOR))
+
+    def cleanup() -> None:
+        if pid_file is not None:
+            remove_pid_file(pid_file)
+
+    return cleanup

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import MockUpstream, run_gateway, run_mock
 
 from gateway.keystore import SqliteKeyStore
@@ -87,11 +88,15 @@ def goes_to(port: int, target: MockUpstream, other: MockUpstream, n: int = 8) ->
     return completions(target) - t0 == n and completions(other) == o0
 
 
-def test_reload_switches_upstream_refuses_invalid_and_audits(tmp_path: Path) -> None:
+ENGINES = pytest.mark.parametrize("engine", ["granian", "uvloop"])
+
+
+@ENGINES
+def test_reload_switches_upstream_refuses_invalid_and_audits(tmp_path: Path, engine: str) -> None:
     log_path = tmp_path / "gateway.log"
     with run_mock() as a, run_mock() as b, log_path.open("wb") as log:
         with run_gateway(
-            tmp_path, None, workers=2, engine="granian", config_text=config_for(a, tmp_path), output=log
+            tmp_path, None, workers=2, engine=engine, config_text=config_for(a, tmp_path), output=log
         ) as gw:
             path = tmp_path / f"gateway-{gw.port}.yaml"
             assert goes_to(gw.port, a, b)
@@ -151,14 +156,15 @@ def admin_post(url: str, key: str) -> tuple[int, dict[str, object]]:
         return exc.code, json.loads(exc.read())
 
 
-def test_no_failed_request_across_10_reloads_under_load(tmp_path: Path) -> None:
+@ENGINES
+def test_no_failed_request_across_10_reloads_under_load(tmp_path: Path, engine: str) -> None:
     """Keep-alive clients (unary and streams) run while the config flips between two upstreams
     10 times: every request answers 200 and every connection stays up."""
     log_path = tmp_path / "gateway.log"
     with run_mock() as a, run_mock() as b, log_path.open("wb") as log:
         configs = [config_for(a, tmp_path), config_for(b, tmp_path)]
         with run_gateway(
-            tmp_path, None, workers=2, engine="granian", config_text=configs[0], log_level="info", output=log
+            tmp_path, None, workers=2, engine=engine, config_text=configs[0], log_level="info", output=log
         ) as gw:
             path = tmp_path / f"gateway-{gw.port}.yaml"
             stop = threading.Event()
