@@ -22,6 +22,7 @@ import msgspec
 import yaml
 
 from . import _fastpath, envvars
+from .config_jobs import JobsConfig, validate_jobs
 from .config_routing import (
     AffinityConfig,
     BalanceKind,
@@ -43,6 +44,7 @@ class ConfigError(ValueError):
 class ProviderKind(StrEnum):
     OPENAI = "openai"  # any OpenAI-compatible HTTP server (vLLM, SGLang, OpenAI, ...)
     TRITON = "triton"  # NVIDIA Triton over gRPC, TensorRT-LLM tensor contract
+    ANTHROPIC = "anthropic"  # Anthropic's Messages API over HTTP
 
 
 class GrpcTransportKind(StrEnum):
@@ -99,7 +101,7 @@ class TlsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: the HTTP server under the app (`fastpath-gateway serve --engine`, FASTPATH_GATEWAY_ENGINE)
-    engine: ServerEngine = ServerEngine.GRANIAN
+    engine: ServerEngine = ServerEngine.UVLOOP
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 0  # 0 = one per CPU core
@@ -174,7 +176,19 @@ class TritonProvider(_Provider, frozen=True, tag="triton"):
     transport: GrpcTransportKind = GrpcTransportKind.H2
 
 
-ProviderConfig = OpenAIProvider | TritonProvider
+class AnthropicProvider(_Provider, frozen=True, tag="anthropic"):
+    """Anthropic's Messages API (https://api.anthropic.com/v1): `api_key` goes as `x-api-key`;
+    chat requests are translated to Messages and its events back (upstreams/anthropic_http.py)."""
+
+    kind: ClassVar[ProviderKind] = ProviderKind.ANTHROPIC
+    max_idle_connections: int = 256
+    #: the `anthropic-version` header
+    anthropic_version: str = "2023-06-01"
+    #: Messages requires `max_tokens`: sent when a chat request sets none
+    default_max_tokens: int = 4_096
+
+
+ProviderConfig = OpenAIProvider | TritonProvider | AnthropicProvider
 
 
 class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -242,6 +256,15 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     queue: QueueConfig = QueueConfig()
 
 
+class LimitMode(StrEnum):
+    """How a limit set's RPM / TPM / budgets are shared (`limits.backend: redis`)."""
+
+    EXACT = "exact"  # one Redis decision per request: exactly the limit across the fleet
+    #: each worker takes slices of the limit from Redis and decides locally (docs/limits.md:
+    #: at most one slice per worker beyond the limit; concurrency limits stay exact)
+    LEASED = "leased"
+
+
 class LimitSet(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The limits of one scope; None = unlimited. Each per-minute limit is also the burst."""
 
@@ -254,6 +277,9 @@ class LimitSet(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: would have refused is not counted in it (as a refused request would not be), so it shows
     #: what the limit would admit; a shadow budget never ends a stream.
     enforce: bool = True
+    #: `leased` (backend redis): this set's rpm / tpm / budgets are decided locally on slices
+    #: taken from Redis; `exact` (default): one Redis decision per request
+    mode: LimitMode = LimitMode.EXACT
 
 
 class ModelLimitsConfig(LimitSet, forbid_unknown_fields=True, frozen=True):
@@ -435,6 +461,10 @@ class RedisLimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
     #: every third of it while the request runs), so a crashed worker cannot leak slots.
     lease_ttl_ms: int = 30_000
     max_connections: int = 64
+    #: `mode: leased` limits: each worker tops its slices up (and measures its traffic) this often,
+    #: off the request path; a slice unused for `slice_idle_ms` goes back to Redis.
+    slice_renew_ms: int = 200
+    slice_idle_ms: int = 2_000
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -650,6 +680,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     aliases: dict[str, str] = {}
     #: Circuit breaking and active health checks of every deployment.
     routing: RoutingConfig = RoutingConfig()
+    #: Async requests and the Redis job queue (off unless `jobs.enabled`).
+    jobs: JobsConfig = JobsConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -798,6 +830,9 @@ def _validate(cfg: Config) -> None:
                 "max_response_bytes",
             ),
         )
+        if isinstance(p, AnthropicProvider):
+            _check_positive(f"{where}.default_max_tokens", p.default_max_tokens)
+            _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
         if isinstance(p, OpenAIProvider):
             _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
             if p.signing is not None:
@@ -827,6 +862,7 @@ def _validate(cfg: Config) -> None:
     _validate_admin(cfg)
     _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
+    validate_jobs(cfg)
 
 
 def _validate_signing(where: str, g: SigningConfig) -> None:
@@ -1107,6 +1143,8 @@ def _validate_limits(cfg: Config) -> None:
                 raise ConfigError(f"$.tiers.{name}.models: unknown model {model!r}")
     for where, limits in limit_sets(cfg):
         _validate_limit_set(where, limits)
+        if limits.mode is LimitMode.LEASED and cfg.limits.backend is not LimitsBackend.REDIS:
+            raise ConfigError(f"{where}.mode: leased needs limits.backend redis (slices of a shared limit)")
     for model, price in cfg.prices.items():
         where = f"$.prices.{model}"
         if model not in models:
@@ -1210,7 +1248,8 @@ def _validate_redis_limits(cfg: Config) -> None:
             "$.limits.redis.url: must be a redis://, rediss://, unix:// or redis+cluster://host:port"
             "[,host:port...] URL"
         )
-    _check_all("$.limits.redis", r, ("timeout_ms", "retry_interval_ms", "lease_ttl_ms", "max_connections"))
+    fields = ("timeout_ms", "retry_interval_ms", "lease_ttl_ms", "max_connections", "slice_renew_ms")
+    _check_all("$.limits.redis", r, (*fields, "slice_idle_ms"))
     for where, limits in limit_sets(cfg):
         for field in ("rpm", "tpm"):
             value = getattr(limits, field)

@@ -24,10 +24,17 @@ CONC, RPM, TPM, BUDGET = CheckKind.CONC, CheckKind.RPM, CheckKind.TPM, CheckKind
 class Check:
     """One limit of a plan: what it counts, for whom, and its limit(s)."""
 
-    __slots__ = ("enforce", "kind", "limit", "limit2", "local_key", "scope")
+    __slots__ = ("enforce", "kind", "leased", "limit", "limit2", "local_key", "scope")
 
     def __init__(
-        self, kind: CheckKind, scope: str, local_key: str, limit: int, limit2: int = 0, enforce: bool = True
+        self,
+        kind: CheckKind,
+        scope: str,
+        local_key: str,
+        limit: int,
+        limit2: int = 0,
+        enforce: bool = True,
+        leased: bool = False,
     ) -> None:
         self.kind = kind
         #: who it applies to, for messages: "API key", "API key on model m", "team t"
@@ -40,6 +47,8 @@ class Check:
         self.limit2 = limit2
         #: False: shadow mode (counted and reported, never refuses; see `config.LimitSet`)
         self.enforce = enforce
+        #: `mode: leased`: decided on this worker's slice of the limit (not for CONC)
+        self.leased = leased
 
 
 class Plan:

@@ -26,10 +26,12 @@ from collections.abc import Callable
 from ...config import (
     BudgetLimitSet,
     Config,
+    LimitMode,
     LimitsBackend,
     LimitSet,
     OnError,
     budget_nano_usd,
+    limit_sets,
 )
 from ...context import RequestContext
 from ...errors import Fault, GatewayError
@@ -137,14 +139,20 @@ def refusal(c: Check, state: tuple[int, int, int, int], tokens: int, cost: int, 
 def _limit_checks(checks: list[list[Check]], scope: str, base: str, limits: LimitSet) -> None:
     """Append the checks of one limit set (a tier, a model's limits or a team's) for one scope."""
     enforce = limits.enforce
+    # shadow checks and concurrency stay exact (a slice of "in flight" would be a lease anyway)
+    leased = limits.mode is LimitMode.LEASED and enforce
     for kind, value in ((CONC, limits.max_concurrent), (RPM, limits.rpm), (TPM, limits.tpm)):
         if value is not None:
-            checks[kind].append(Check(kind, scope, base + "crt"[kind], value, 0, enforce))
+            checks[kind].append(
+                Check(kind, scope, base + "crt"[kind], value, 0, enforce, leased and kind != CONC)
+            )
     if isinstance(limits, BudgetLimitSet):
         day = budget_nano_usd(limits.budget_usd_per_day)
         month = budget_nano_usd(limits.budget_usd_per_month)
         if day is not None or month is not None:
-            checks[BUDGET].append(Check(BUDGET, scope, base + "b", _budget(day), _budget(month), enforce))
+            checks[BUDGET].append(
+                Check(BUDGET, scope, base + "b", _budget(day), _budget(month), enforce, leased)
+            )
 
 
 def _budget(nano: int | None) -> int:
@@ -161,9 +169,14 @@ def make_store(cfg: Config, clock: Callable[[], float] = time.time) -> Store:
     from .redis_store import RedisStore
 
     redis = RedisStore(cfg)
+    shared: Store = redis
+    if any(s.mode is LimitMode.LEASED for _, s in limit_sets(cfg)):
+        from .leased import LeasedStore
+
+        shared = LeasedStore(cfg, redis)
     if cfg.limits.redis.on_error is OnError.FAIL_OPEN:
-        return FailOpenStore(redis, LocalStore(cfg, clock))
-    return redis
+        return FailOpenStore(shared, LocalStore(cfg, clock))
+    return shared
 
 
 class LimitsStage:
