@@ -319,8 +319,14 @@ class MessagesToChat:
         #: the completion text (and tool arguments) so far, for counting
         self.text: list[str] = []
 
-    def _frame(self, delta: dict[str, Any] | None, finish: str | None = None) -> bytes:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    def _frame(
+        self, delta: dict[str, Any] | None, finish: str | None = None, matched: str | None = None
+    ) -> bytes:
+        choices: list[dict[str, Any]] = []
+        if delta is not None:
+            choices.append({"index": 0, "delta": delta, "finish_reason": finish})
+            if matched is not None:  # vLLM's field: the stop string that ended the text
+                choices[0]["stop_reason"] = matched
         chunk = {
             "id": self._id,
             "object": "chat.completion.chunk",
@@ -395,7 +401,7 @@ class MessagesToChat:
                     self.input_tokens = e.usage.input_tokens
             if e.delta is not None and e.delta.stop_reason is not None:
                 self.finish_reason = FINISH.get(e.delta.stop_reason, "stop")
-                return self._frame({}, self.finish_reason)
+                return self._frame({}, self.finish_reason, e.delta.stop_sequence)
             return b""
         if t == "message_stop":
             self.done = True

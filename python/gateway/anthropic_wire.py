@@ -523,3 +523,173 @@ def error_body(kind: str, message: str, request_id: str | None = None) -> bytes:
     if request_id is not None:
         body["request_id"] = request_id
     return _encode(body)
+
+
+# ---- OpenAI chat request -> Anthropic (the `anthropic` provider kind) ---------------------------
+
+#: OpenAI fields with no Messages counterpart: not forwarded to an Anthropic upstream
+_OPENAI_ONLY = frozenset(
+    (
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "user",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "logit_bias",
+        "functions",
+        "function_call",
+        "modalities",
+        "audio",
+        "prediction",
+        "store",
+        "reasoning_effort",
+    )
+)
+
+
+def _image_block(url: str) -> dict[str, Any]:
+    if url.startswith("data:") and ";base64," in url:
+        media, _, data = url[5:].partition(";base64,")
+        return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    out: list[dict[str, Any]] = []
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+        elif part.get("type") == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if isinstance(url, str):
+                out.append(_image_block(url))
+    return out
+
+
+def _text_content(content: Any) -> str:
+    return "\n".join(b["text"] for b in _blocks(content) if b["type"] == "text")
+
+
+def messages_from_chat(body: bytes, default_max_tokens: int) -> bytes:
+    """An OpenAI chat request -> the Anthropic Messages request for it: system messages become
+    `system`, tool messages `tool_result` blocks of a user turn, tool_calls `tool_use` blocks;
+    fields Messages has no place for are dropped, others (`top_k`, `thinking`, ...) go as sent."""
+    try:
+        req = _decode_any.decode(body)
+    except msgspec.DecodeError:
+        raise _invalid("The request body is not valid JSON.") from None
+    if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
+        raise _invalid("`messages` must be a list.", "messages")
+    n = req.get("n")
+    if isinstance(n, int) and n > 1:
+        raise GatewayError(
+            Fault.UNSUPPORTED_PARAMETER,
+            "This model (Anthropic Messages) answers one choice: `n` must be 1.",
+            param="n",
+        )
+    out: dict[str, Any] = {k: v for k, v in req.items() if k not in _OPENAI_ONLY}
+    out["model"] = req.get("model")
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if messages and messages[-1]["role"] == role:  # Messages alternates: merge a turn's parts
+            messages[-1]["content"] += blocks
+        else:
+            messages.append({"role": role, "content": blocks})
+
+    for m in req["messages"]:
+        if not isinstance(m, dict):
+            continue
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_content(m.get("content")))
+        elif role == "tool":
+            add(
+                "user",
+                [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": str(m.get("tool_call_id") or ""),
+                        "content": _text_content(m.get("content")),
+                    }
+                ],
+            )
+        elif role == "assistant":
+            blocks = _blocks(m.get("content"))
+            for call in m.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    args = fn.get("arguments")
+                    blocks.append(
+                        {
+                            "type": "tool_use",
+                            "id": call.get("id") or "",
+                            "name": fn.get("name") or "",
+                            "input": tool_input(args if isinstance(args, str) else None),
+                        }
+                    )
+            add("assistant", blocks)
+        else:
+            add("user", _blocks(m.get("content")))
+    if system:
+        out["system"] = "\n".join(system)
+    out["messages"] = messages
+    limit = req.get("max_completion_tokens") or req.get("max_tokens")
+    out["max_tokens"] = limit if isinstance(limit, int) and limit > 0 else default_max_tokens
+    stop = req.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    temperature = req.get("temperature")
+    if isinstance(temperature, int | float):
+        out["temperature"] = min(float(temperature), 1.0)  # OpenAI's 0-2, Messages' 0-1
+    if req.get("top_p") is not None:
+        out["top_p"] = req["top_p"]
+    if isinstance(req.get("user"), str):
+        out["metadata"] = {"user_id": req["user"]}
+    tools = req.get("tools")
+    if isinstance(tools, list) and tools:
+        converted = []
+        for t in tools:
+            fn = t.get("function") if isinstance(t, dict) else None
+            if isinstance(fn, dict):
+                tool = {"name": fn.get("name"), "input_schema": fn.get("parameters") or {"type": "object"}}
+                if fn.get("description"):
+                    tool["description"] = fn["description"]
+                converted.append(tool)
+        out["tools"] = converted
+    choice = req.get("tool_choice")
+    tc: dict[str, Any] | None = None
+    if isinstance(choice, str):
+        tc = {"type": {"required": "any"}.get(choice, choice)}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        tc = {"type": "tool", "name": choice["function"].get("name")}
+    if tc is not None:
+        if req.get("parallel_tool_calls") is False and tc["type"] != "none":
+            tc["disable_parallel_tool_use"] = True
+        out["tool_choice"] = tc
+    if req.get("stream") is True:
+        out["stream"] = True
+    return _encode(out)

@@ -75,8 +75,9 @@ def sse_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
 
 def assert_equivalent(unary: Any, streamed: Any) -> None:
     """Same text, tool calls, stop reason, stop sequence and usage."""
-    assert [b.model_dump(exclude={"parsed_output"}) for b in streamed.content] == [
-        b.model_dump() for b in unary.content
+    # (a tool call's id is the upstream's, and differs per upstream request on some)
+    assert [b.model_dump(exclude={"parsed_output", "id"}) for b in streamed.content] == [
+        b.model_dump(exclude={"id"}) for b in unary.content
     ]
     assert streamed.stop_reason == unary.stop_reason
     assert streamed.stop_sequence == unary.stop_sequence
@@ -594,3 +595,109 @@ def test_triton_route(triton_gateway: Gateway) -> None:
     with pytest.raises(anthropic.BadRequestError) as info:
         c.messages.create(model="llm-bls", max_tokens=12, messages=ask, tools=TOOLS)
     assert info.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+# ---- the `anthropic` provider kind: an Anthropic-wire upstream (the mock's /v1/messages) --------
+
+
+@pytest.fixture(scope="module")
+def anthropic_upstream_gateway(
+    mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    extra = f"""  - name: claude
+    kind: anthropic
+    base_url: http://127.0.0.1:{mock_upstream.port}/v1
+    api_key: sk-ant-upstream-secret
+    first_byte_timeout_ms: 5000
+  - name: claude-echo
+    provider: claude
+    upstream_model: claude-mock
+"""
+    # providers then models: splice the provider and the model into their lists
+    provider, model = extra.split("  - name: claude-echo\n")
+    text = gateway_config(mock_upstream.port).replace(
+        "models:\n", provider + "models:\n  - name: claude-echo\n" + model, 1
+    )
+    with run_gateway(tmp_path_factory.mktemp("anthropic-upstream"), mock_upstream, config_text=text) as g:
+        yield g
+
+
+def test_openai_client_on_an_anthropic_upstream(
+    anthropic_upstream_gateway: Gateway, mock_upstream: MockUpstream
+) -> None:
+    import openai
+
+    c = openai.OpenAI(
+        base_url=f"{anthropic_upstream_gateway.url}/v1", api_key="unused", max_retries=0, timeout=20
+    )
+    msgs: Any = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hello there"}]
+    unary = c.chat.completions.create(model="claude-echo", messages=msgs, max_tokens=50)
+    assert unary.choices[0].message.content == "You said: hello there"
+    assert unary.choices[0].finish_reason == "stop"
+    assert unary.usage is not None and unary.usage.completion_tokens == 4
+    sent = [e for e in mock_upstream.events() if e["event"] == "request" and e.get("path") == "/v1/messages"][
+        -1
+    ]
+    assert sent["headers"]["x-api-key"] == "sk-ant-upstream-secret"  # type: ignore[index]
+    assert sent["headers"]["anthropic-version"] == "2023-06-01"  # type: ignore[index]
+    assert "authorization" not in sent["headers"]  # type: ignore[operator]
+    body = sent["body"]
+    assert body["system"] == "Be terse." and body["max_tokens"] == 50 and body["model"] == "claude-mock"  # type: ignore[index]
+    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}]  # type: ignore[index]
+    chunks = list(
+        c.chat.completions.create(
+            model="claude-echo",
+            messages=msgs,
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert (
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "You said: hello there"
+    )
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    tools: Any = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    call = c.chat.completions.create(model="claude-echo", messages=msgs, tools=tools, tool_choice="required")
+    assert call.choices[0].finish_reason == "tool_calls"
+    tc = call.choices[0].message.tool_calls
+    assert tc is not None and tc[0].function.name == "lookup"  # type: ignore[union-attr]
+    assert json.loads(tc[0].function.arguments) == {"echo": "hello there"}  # type: ignore[union-attr]
+    streamed = list(
+        c.chat.completions.create(
+            model="claude-echo", messages=msgs, tools=tools, tool_choice="required", stream=True
+        )
+    )
+    args = "".join(
+        d.function.arguments or ""  # type: ignore[union-attr]
+        for ch in streamed
+        if ch.choices
+        for d in ch.choices[0].delta.tool_calls or ()
+    )
+    assert json.loads(args) == {"echo": "hello there"}
+
+
+def test_anthropic_client_on_an_anthropic_upstream(anthropic_upstream_gateway: Gateway) -> None:
+    c = anthropic.Anthropic(
+        base_url=anthropic_upstream_gateway.url, api_key="unused", max_retries=0, timeout=20
+    )
+    for kw in (
+        {"max_tokens": 100},
+        {"max_tokens": 2},
+        {"max_tokens": 100, "stop_sequences": ["there"]},
+        {"max_tokens": 100, "tools": TOOLS, "tool_choice": {"type": "any"}},
+    ):
+        unary = c.messages.create(model="claude-echo", messages=USER, **kw)  # type: ignore[arg-type]
+        with c.messages.stream(model="claude-echo", messages=USER, **kw) as s:  # type: ignore[arg-type]
+            final = s.get_final_message()
+        assert_equivalent(unary, final)
+    assert unary.stop_reason == "tool_use"
+    seq = c.messages.create(model="claude-echo", messages=USER, max_tokens=100, stop_sequences=["there"])
+    assert (seq.stop_reason, seq.stop_sequence) == ("stop_sequence", "there")
+    with pytest.raises(anthropic.InternalServerError) as info:
+        c.messages.create(
+            model="claude-echo", messages=USER, max_tokens=10, extra_body={"mock": {"status": 529}}
+        )
+    assert info.value.status_code == 529
+    assert info.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]

@@ -1011,6 +1011,10 @@ def route(conn: MockConnection, req: Request) -> Handler | None:
         return _completion(conn, req, chat=path == "/v1/chat/completions")
     if path == "/v1/embeddings" and method == "POST":
         return _embeddings(conn, req)
+    if path == "/v1/messages" and method == "POST":  # Anthropic's wire (the `anthropic` provider)
+        from .anthropic_mock import messages_route
+
+        return messages_route(conn, req)
     state.record("request", conn.id, path, None, method=method, stream=False, headers=req.headers, body=None)
     if method == "GET" and path == "/health":
         conn.send_json({"status": "ok"}, keep_alive=req.keep_alive)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 ADAPTERS = {
     "openai": "gateway.upstreams.openai_http:OpenAIHttpAdapter",
     "triton": "gateway.upstreams.triton_grpc:TritonAdapter",
+    "anthropic": "gateway.upstreams.anthropic_http:AnthropicHttpAdapter",
 }
 
 

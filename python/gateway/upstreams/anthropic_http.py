@@ -1,0 +1,208 @@
+"""Upstream adapter for Anthropic's Messages API (provider kind `anthropic`).
+
+The HTTP side is the OpenAI adapter's (pooled HTTP/1.1, the base URL from the config only, no
+redirects), with Anthropic's headers (`x-api-key`, `anthropic-version`). The request is the
+deployment's OpenAI chat body translated to a Messages request (`anthropic_wire`); the answer,
+streamed or not, is translated back to OpenAI chunks / a chat.completion (`anthropic_stream`),
+so the relay, the response stages and a Messages client's own dialect see what they see from
+every other kind. Anthropic's 529 (overloaded) is an unavailable upstream (retried, failed over).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import _fastpath
+from ..anthropic_stream import MessagesToChat, chat_from_message
+from ..anthropic_wire import messages_from_chat
+from ..config import AnthropicProvider, OpenAIProvider
+from ..errors import Fault, GatewayError
+from ..schemas import Usage
+from ..usage import counted_prompt_tokens
+from .httpclient import Connection, UpstreamProtocolError, UpstreamTimeout
+from .openai_http import OpenAIHttpAdapter, map_transport_error
+
+if TYPE_CHECKING:
+    from ..context import RequestContext
+    from ..routing.deployment import Deployment
+    from ..worker import Worker
+
+
+class AnthropicHttpAdapter:
+    """The OpenAI adapter's HTTP client (an OpenAI provider of the same address, timeouts and
+    pool, no bearer key) with Anthropic's headers and wire."""
+
+    kind = "anthropic"
+    __slots__ = (
+        "_http",
+        "default_max_tokens",
+        "first_byte_timeout_s",
+        "idle_timeout_s",
+        "name",
+        "pool",
+        "total_timeout_s",
+    )
+
+    def __init__(self, provider: AnthropicProvider, worker: Worker) -> None:
+        http = self._http = OpenAIHttpAdapter(
+            OpenAIProvider(
+                name=provider.name,
+                base_url=provider.base_url,
+                headers={
+                    **({"x-api-key": provider.api_key} if provider.api_key else {}),
+                    "anthropic-version": provider.anthropic_version,
+                    **provider.headers,
+                },
+                connect_timeout_ms=provider.connect_timeout_ms,
+                first_byte_timeout_ms=provider.first_byte_timeout_ms,
+                idle_timeout_ms=provider.idle_timeout_ms,
+                total_timeout_ms=provider.total_timeout_ms,
+                max_response_bytes=provider.max_response_bytes,
+                max_idle_connections=provider.max_idle_connections,
+            ),
+            worker,
+        )
+        self.name = provider.name
+        self.pool = http.pool
+        self.first_byte_timeout_s = http.first_byte_timeout_s
+        self.idle_timeout_s = http.idle_timeout_s
+        self.total_timeout_s = http.total_timeout_s
+        self.default_max_tokens = provider.default_max_tokens
+
+    async def start(
+        self, ctx: RequestContext, target: Deployment, body: bytes, deadline: float
+    ) -> AnthropicCall:
+        t0 = time.perf_counter_ns()
+        trace = ctx.trace
+        extra = (
+            b"" if trace is None else "".join(f"{k}: {v}\r\n" for k, v in trace.upstream_headers()).encode()
+        )
+        wire = messages_from_chat(body, self.default_max_tokens)
+        try:
+            conn = await self._http.open("/messages", wire, ctx.request_id, deadline, extra)
+        except GatewayError as err:
+            if ("x-upstream-error-code", "529") in err.headers:
+                raise GatewayError(
+                    Fault.UPSTREAM_UNAVAILABLE,
+                    "The upstream is overloaded (529)",
+                    headers=(*err.headers, ("retry-after", "1")),
+                ) from None
+            raise
+        ctx.timings["upstream_head"] = time.perf_counter_ns() - t0
+        return AnthropicCall(ctx, conn, self._http.max_response_bytes, target.upstream_model or "")
+
+    async def probe(self, timeout_s: float) -> dict[str, Any]:
+        """Readiness: `GET /models` answers below 500 (Anthropic lists its models there)."""
+        return await self._http.probe(timeout_s)
+
+    async def check(self, model: str | None, path: str, timeout_s: float) -> tuple[bool, str]:
+        return await self._http.check(model, path, timeout_s)
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+class AnthropicCall:
+    """One Messages POST whose 2xx head has arrived; its events or body, as OpenAI's."""
+
+    __slots__ = ("_conn", "_ctx", "_max_bytes", "_parser", "_tr", "_usage")
+
+    def __init__(self, ctx: RequestContext, conn: Connection, max_bytes: int, model: str) -> None:
+        self._ctx = ctx
+        self._conn = conn
+        self._max_bytes = max_bytes
+        self._usage: Usage | None = None
+        self._tr = MessagesToChat(model)
+        self._parser = _fastpath.SseParser() if ctx.stream else None
+
+    def _feed(self, data: bytes) -> bytes:
+        assert self._parser is not None
+        tr = self._tr
+        return b"".join(tr.on_event(e.data) for e in self._parser.feed(data))
+
+    async def first(self, deadline: float) -> bytes:
+        try:
+            data = await self._conn.read(deadline, "first byte")
+            out = self._feed(data)
+        except (UpstreamTimeout, UpstreamProtocolError) as exc:
+            raise map_transport_error(exc) from None
+        except _fastpath.SseError as exc:
+            raise GatewayError(
+                Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream is malformed: {exc}"
+            ) from None
+        if self._tr.error is not None and self._tr.events <= 1:
+            raise GatewayError(
+                Fault.UPSTREAM_ERROR, f"The upstream failed the stream: {self._tr.error[:500]}"
+            )
+        if not data:
+            raise GatewayError(
+                Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without any event."
+            )
+        return out
+
+    async def next(self, deadline: float) -> bytes | None:
+        try:
+            data = await self._conn.read(deadline)
+            if not data:
+                return None
+            return self._feed(data)
+        except UpstreamTimeout:
+            raise TimeoutError from None
+        except (UpstreamProtocolError, _fastpath.SseError) as exc:
+            raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}") from None
+
+    def finish(self) -> tuple[bytes, GatewayError | None]:
+        if not self._tr.done:
+            return b"", GatewayError(
+                Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without message_stop."
+            )
+        tail = b""
+        if self._ctx.client_wants_usage:
+            usage = self.usage()
+            assert usage is not None
+            tail = self._tr.usage_frame(usage.prompt_tokens, usage.completion_tokens)
+        return tail, None
+
+    async def body(self, deadline: float) -> bytes:
+        try:
+            raw = await self._conn.read_all(self._max_bytes, deadline)
+        except (UpstreamTimeout, UpstreamProtocolError) as exc:
+            raise map_transport_error(exc) from None
+        got = chat_from_message(raw, self._tr._model)
+        if got is None:
+            raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned an invalid message.")
+        body, prompt, completion = got
+        self._usage = self._ctx.usage = Usage(prompt, completion, prompt + completion)
+        return body
+
+    def usage(self) -> Usage | None:
+        if self._usage is not None or self._parser is None:
+            return self._usage
+        tr = self._tr
+        if tr.events == 0:
+            return None
+        ctx = self._ctx
+        assert ctx.route is not None
+        prompt = tr.input_tokens if tr.input_tokens is not None else counted_prompt_tokens(ctx)
+        completion = tr.output_tokens
+        if completion is None:
+            completion = _fastpath.count_tokens(self.completion_text, ctx.route.encoding)
+        if tr.done:  # final: count once
+            self._usage = Usage(prompt, completion, prompt + completion)
+            return self._usage
+        return Usage(prompt, completion, prompt + completion)
+
+    @property
+    def completion_text(self) -> str:
+        return "".join(self._tr.text)
+
+    @property
+    def generated_tokens(self) -> int | None:
+        return None
+
+    def abort(self) -> None:
+        self._conn.abort()
+
+    def release(self) -> None:
+        self._conn.release()
