@@ -105,8 +105,8 @@ class AuditEvent(msgspec.Struct, frozen=True):
     id: int | None = None  # assigned by the store
 
 
-#: The actions written today, and `config.reload`: reserved for a hot config reload (the
-#: gateway has none yet: a config change is a restart, which is not audited).
+#: The actions written: key changes, admin reads, and every hot reload attempt (`config.reload`,
+#: gateway.reload: by the master for a signal, by the worker for `POST /admin/reload`).
 AUDIT_ACTIONS = ("key.create", "key.revoke", "admin.usage.read", "config.reload")
 #: Longest `target` / `detail` text stored (an admin query is client input).
 AUDIT_TEXT_MAX = 1024
