@@ -22,6 +22,7 @@ import msgspec
 import yaml
 
 from . import _fastpath, envvars
+from .config_jobs import JobsConfig, validate_jobs
 from .config_routing import (
     AffinityConfig,
     BalanceKind,
@@ -43,6 +44,7 @@ class ConfigError(ValueError):
 class ProviderKind(StrEnum):
     OPENAI = "openai"  # any OpenAI-compatible HTTP server (vLLM, SGLang, OpenAI, ...)
     TRITON = "triton"  # NVIDIA Triton over gRPC, TensorRT-LLM tensor contract
+    ANTHROPIC = "anthropic"  # Anthropic's Messages API over HTTP
 
 
 class GrpcTransportKind(StrEnum):
@@ -99,7 +101,7 @@ class TlsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: the HTTP server under the app (`fastpath-gateway serve --engine`, FASTPATH_GATEWAY_ENGINE)
-    engine: ServerEngine = ServerEngine.GRANIAN
+    engine: ServerEngine = ServerEngine.UVLOOP
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 0  # 0 = one per CPU core
@@ -174,7 +176,19 @@ class TritonProvider(_Provider, frozen=True, tag="triton"):
     transport: GrpcTransportKind = GrpcTransportKind.H2
 
 
-ProviderConfig = OpenAIProvider | TritonProvider
+class AnthropicProvider(_Provider, frozen=True, tag="anthropic"):
+    """Anthropic's Messages API (https://api.anthropic.com/v1): `api_key` goes as `x-api-key`;
+    chat requests are translated to Messages and its events back (upstreams/anthropic_http.py)."""
+
+    kind: ClassVar[ProviderKind] = ProviderKind.ANTHROPIC
+    max_idle_connections: int = 256
+    #: the `anthropic-version` header
+    anthropic_version: str = "2023-06-01"
+    #: Messages requires `max_tokens`: sent when a chat request sets none
+    default_max_tokens: int = 4_096
+
+
+ProviderConfig = OpenAIProvider | TritonProvider | AnthropicProvider
 
 
 class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -666,6 +680,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     aliases: dict[str, str] = {}
     #: Circuit breaking and active health checks of every deployment.
     routing: RoutingConfig = RoutingConfig()
+    #: Async requests and the Redis job queue (off unless `jobs.enabled`).
+    jobs: JobsConfig = JobsConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -814,6 +830,9 @@ def _validate(cfg: Config) -> None:
                 "max_response_bytes",
             ),
         )
+        if isinstance(p, AnthropicProvider):
+            _check_positive(f"{where}.default_max_tokens", p.default_max_tokens)
+            _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
         if isinstance(p, OpenAIProvider):
             _check_positive(f"{where}.max_idle_connections", p.max_idle_connections, allow_zero=True)
             if p.signing is not None:
@@ -843,6 +862,7 @@ def _validate(cfg: Config) -> None:
     _validate_admin(cfg)
     _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
+    validate_jobs(cfg)
 
 
 def _validate_signing(where: str, g: SigningConfig) -> None:
