@@ -22,7 +22,6 @@ import msgspec
 import yaml
 
 from . import _fastpath, envvars
-from .config_jobs import JobsConfig, validate_jobs
 from .config_routing import (
     AffinityConfig,
     BalanceKind,
@@ -680,8 +679,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     aliases: dict[str, str] = {}
     #: Circuit breaking and active health checks of every deployment.
     routing: RoutingConfig = RoutingConfig()
-    #: Async requests and the Redis job queue (off unless `jobs.enabled`).
-    jobs: JobsConfig = JobsConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -862,7 +859,6 @@ def _validate(cfg: Config) -> None:
     _validate_admin(cfg)
     _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
-    validate_jobs(cfg)
 
 
 def _validate_signing(where: str, g: SigningConfig) -> None:
