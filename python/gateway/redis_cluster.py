@@ -128,6 +128,7 @@ class RedisCluster:
         "_backoff_max_s",
         "_backoff_min_s",
         "_closed",
+        "_closing",
         "_connect_timeout_s",
         "_loop",
         "_map_error",
@@ -187,6 +188,8 @@ class RedisCluster:
         #: `evalsha_nowait` calls not answered yet (`barrier` waits for them)
         self._nowait: set[asyncio.Future[Any]] = set()
         self._closed = False
+        #: clients of nodes that left the map, closing (`close` waits for them)
+        self._closing: set[asyncio.Task[None]] = set()
         self.scripts: dict[str, str] = {}
         #: error replies to `*_nowait` calls
         self.dropped_errors = 0
@@ -423,7 +426,9 @@ class RedisCluster:
         for addr in [a for a in self._nodes if a not in keep]:
             old = self._nodes.pop(addr)
             assert self._loop is not None
-            self._loop.create_task(old.close())
+            task = self._loop.create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         if changed:
             log.info("Redis %s: slot map: %d primaries", self.where, len(primaries))
         return changed
@@ -449,4 +454,4 @@ class RedisCluster:
                 fut.set_exception(ConnectError(f"Redis client for {self.where} closed"))
         self._waiting = []
         nodes = list(self._nodes.values())
-        await asyncio.gather(*(n.close(drain_timeout_s) for n in nodes))
+        await asyncio.gather(*(n.close(drain_timeout_s) for n in nodes), *self._closing)
