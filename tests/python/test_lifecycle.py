@@ -111,7 +111,7 @@ def test_run_local_serves_the_default_config_and_ctrl_c_stops_all(tmp_path: Path
         refused.value.close()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
             ready = json.loads(r.read())
-        assert ready["upstreams"]["local-triton"]["models"] == {"ensemble": True}
+        assert ready["upstreams"]["local-triton"]["models"] == {"ensemble": True, "minilm_embed": True}
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=b'{"model":"local-echo","messages":[{"role":"user","content":"hello there"}]}',
