@@ -27,6 +27,7 @@ from .config import Config
 from .context import Endpoint, RequestContext
 from .edge import ClientResolver
 from .errors import Fault, GatewayError, quote
+from .jobs.routes import JobsApi, wants_async
 from .pipeline import Pipeline, respond
 from .pipeline.messages import DIALECTS, MessagesDialect
 from .routing import build_routes
@@ -268,6 +269,8 @@ class Gateway:
                     raise _method_not_allowed("POST")
                 status, body = await self._admin_reload(scope, headers, client)
                 protocol.response_bytes(status, respond.head(request_id), body)
+            elif path.startswith("/v1/jobs/"):
+                await self._jobs(scope, protocol, request_id)
             elif path == "/v1/usage":
                 self._only_get(scope)
                 body = await self._usage(scope, headers, client)
@@ -306,6 +309,9 @@ class Gateway:
         pipeline = self.pipeline  # this request's generation, to its end (a reload swaps the attribute)
         assert pipeline is not None
         ctx = RequestContext(request_id, endpoint, body, start, headers, client, dialect)
+        if pipeline.jobs is not None and wants_async(endpoint, headers):  # Prefer: respond-async
+            await self._jobs_api(pipeline).submit(ctx, protocol)
+            return
         metrics = pipeline.metrics
         active = self._active  # the generation's in-flight count: it closes when this drains
         active[0] += 1
@@ -321,6 +327,26 @@ class Gateway:
                 v[slot] -= 1.0
         finally:
             active[0] -= 1
+
+    # ---- async requests (gateway.jobs) -----------------------------------------------------------
+    def _jobs_api(self, pipeline: Pipeline) -> JobsApi:
+        assert pipeline.jobs is not None
+        return JobsApi(pipeline.jobs, pipeline, self._is_admin)
+
+    async def _jobs(self, scope: Any, protocol: Any, request_id: str) -> None:
+        pipeline = self.pipeline
+        if pipeline is None or pipeline.jobs is None:
+            raise GatewayError(Fault.ROUTE_NOT_FOUND, "Async requests are off (`jobs.enabled`).")
+        await self._jobs_api(pipeline).serve(scope, protocol, request_id)
+
+    def _is_admin(self, headers: Any) -> bool:
+        if self._admin_digest is None or headers.get("authorization") is None:
+            return False
+        try:
+            self._check_admin(headers)
+        except GatewayError:
+            return False
+        return True
 
     # ---- admin: usage ---------------------------------------------------------------------------
     def _check_admin(self, headers: Any) -> None:

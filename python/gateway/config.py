@@ -22,6 +22,7 @@ import msgspec
 import yaml
 
 from . import _fastpath, envvars
+from .config_jobs import JobsConfig, validate_jobs
 from .config_routing import (
     AffinityConfig,
     BalanceKind,
@@ -679,6 +680,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     aliases: dict[str, str] = {}
     #: Circuit breaking and active health checks of every deployment.
     routing: RoutingConfig = RoutingConfig()
+    #: Async requests and the Redis job queue (off unless `jobs.enabled`).
+    jobs: JobsConfig = JobsConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -859,6 +862,7 @@ def _validate(cfg: Config) -> None:
     _validate_admin(cfg)
     _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
+    validate_jobs(cfg)
 
 
 def _validate_signing(where: str, g: SigningConfig) -> None:

@@ -43,6 +43,7 @@ from .route import RouteStage
 from .stage import FinishStage, Observer, Outcome, RequestStage
 
 if TYPE_CHECKING:
+    from ..jobs.runner import JobsPart
     from ..metrics import MetricsObserver
     from ..worker import Worker
     from .account import LedgerObserver
@@ -59,6 +60,7 @@ class Pipeline:
     __slots__ = (
         "_loop",
         "finish_stages",
+        "jobs",
         "ledger",
         "metrics",
         "observers",
@@ -144,10 +146,23 @@ class Pipeline:
             self.response_stages,
             Dispatch(worker.loop, s.max_stream_duration_ms / 1000),
         )
+        #: async requests (`jobs.enabled`): the queue client and this worker's job runner
+        self.jobs: JobsPart | None = None
+        if cfg.jobs.enabled:
+            from ..jobs.runner import JobsPart
+
+            self.jobs = JobsPart(cfg, self)
 
     def _parts(self) -> list[Any]:
         seen: dict[int, Any] = {}
-        for part in (*self.request_stages, *self.response_stages, *self.observers, *self.routing_parts):
+        jobs = () if self.jobs is None else (self.jobs,)
+        for part in (
+            *self.request_stages,
+            *self.response_stages,
+            *self.observers,
+            *self.routing_parts,
+            *jobs,
+        ):
             seen.setdefault(id(part), part)
         return list(seen.values())
 

@@ -197,6 +197,11 @@ class AuthStage:
         table.update(self._bootstrap)
         return table
 
+    def principal_by_id(self, key_id: str) -> Principal | None:
+        """The key with this id as it stands now (jobs run later than they were submitted: a
+        key deleted or changed since counts); None when no such key exists."""
+        return next((p for p in self._principals.values() if p.key_id == key_id), None)
+
     # ---- per request --------------------------------------------------------------------------
 
     async def on_request(self, ctx: RequestContext) -> None:

@@ -1,0 +1,257 @@
+"""Async requests and the Redis job queue (issue 16): real Redis, real gateway processes, the
+mock upstream; and a property test of the state machine's Lua scripts."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REDIS_URL, Gateway, MockUpstream, gateway_config, redis_or_skip, run_gateway
+
+KEY = "sk-jobs-test-key-000001"
+OTHER = "sk-jobs-test-key-000002"
+ADMIN = "sk-jobs-admin-key-00000000000000001"
+CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hello jobs"}]}
+
+
+def _config(upstream: MockUpstream, prefix: str, **jobs: object) -> str:
+    text = gateway_config(upstream.port)
+    lines = [
+        "auth:",
+        "  enabled: true",
+        "  salt: jobs-test-salt-0000",
+        "  keys:",
+        f"    - {{id: alice, key: {KEY}, team: red}}",
+        f"    - {{id: bob, key: {OTHER}, team: blue}}",
+        "admin:",
+        f"  api_key: {ADMIN}",
+        "jobs:",
+        "  enabled: true",
+        f"  redis_url: {REDIS_URL}",
+        f"  prefix: {prefix}",
+    ]
+    settings: dict[str, object] = {"visibility_timeout_ms": 2000, "retention_s": 60} | jobs
+    workers = settings.pop("workers", None)
+    lines += [f"  {k}: {v}" for k, v in settings.items()]
+    if workers is not None:
+        lines += ["  workers:", f"    concurrency: {workers}"]
+    return text + "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def redis() -> Any:
+    client = redis_or_skip()
+    yield client
+    client.close()
+
+
+@contextlib.contextmanager
+def jobs_gateway(tmp: Path, upstream: MockUpstream, prefix: str, **jobs: object) -> Iterator[Gateway]:
+    with run_gateway(tmp, upstream, config_text=_config(upstream, prefix, **jobs)) as g:
+        yield g
+
+
+def call(
+    g: Gateway, method: str, path: str, body: object = None, key: str = KEY, **headers: str
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    h = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    h.update({k.replace("_", "-"): v for k, v in headers.items()})
+    conn.request(method, path, json.dumps(body) if body is not None else None, h)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+
+
+def submit(g: Gateway, body: object, path: str = "/v1/chat/completions", **headers: str) -> str:
+    status, head, data = call(g, "POST", path, body, prefer="respond-async", **headers)
+    assert status == 202, data
+    job = json.loads(data)
+    assert job["object"] == "job" and job["id"].startswith("job_")
+    assert head["location"] == job["status_url"] == f"/v1/jobs/{job['id']}"
+    return str(job["id"])
+
+
+def wait_job(g: Gateway, job_id: str, until: tuple[str, ...], timeout_s: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, _, data = call(g, "GET", f"/v1/jobs/{job_id}")
+        assert status == 200, data
+        job: dict[str, Any] = json.loads(data)
+        if job["status"] in until:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def upstream_calls(upstream: MockUpstream, marker: str) -> int:
+    return sum(marker in json.dumps(e) for e in upstream.events())
+
+
+@pytest.fixture(scope="module")
+def gw(
+    mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory, redis: Any
+) -> Iterator[Gateway]:
+    prefix = f"jobs-test-{uuid.uuid4().hex[:8]}"
+    with jobs_gateway(tmp_path_factory.mktemp("jobs"), mock_upstream, prefix) as g:
+        yield g
+    for k in redis.scan_iter(f"{{{prefix}}}*"):
+        redis.delete(k)
+
+
+def test_submit_poll_complete_same_body_as_sync(gw: Gateway) -> None:
+    status, _, sync_body = call(gw, "POST", "/v1/chat/completions", CHAT)
+    assert status == 200
+    job_id = submit(gw, CHAT)
+    job = wait_job(gw, job_id, ("complete", "failed"))
+    assert job["status"] == "complete", job
+    assert job["response_status"] == 200 and job["attempts"] == 1
+    sync, result = json.loads(sync_body), job["result"]
+    for v in (sync, result):  # the ids and timestamps differ per call, the rest is the same
+        v.pop("id"), v.pop("created")
+    assert result == sync
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    # embeddings too
+    emb = {"model": "echo", "input": "hi"}
+    status, _, data = call(gw, "POST", "/v1/embeddings", emb, prefer="respond-async")
+    assert status in (202, 400), data
+
+
+def test_refused_at_submit_gets_the_sync_error(gw: Gateway) -> None:
+    status, _, data = call(
+        gw, "POST", "/v1/chat/completions", CHAT, key="sk-wrong-key-000000", prefer="respond-async"
+    )
+    assert status == 401, data
+    bad = {"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+    status, _, data = call(gw, "POST", "/v1/chat/completions", bad, prefer="respond-async")
+    assert status == 404 and json.loads(data)["error"]["code"] == "model_not_found"
+    status, _, data = call(
+        gw, "POST", "/v1/chat/completions", {**CHAT, "stream": True}, prefer="respond-async"
+    )
+    assert status == 400 and json.loads(data)["error"]["param"] == "stream"
+
+
+def test_only_the_submitter_sees_the_job(gw: Gateway) -> None:
+    job_id = submit(gw, CHAT)
+    assert call(gw, "GET", f"/v1/jobs/{job_id}", key=OTHER)[0] == 404
+    assert call(gw, "DELETE", f"/v1/jobs/{job_id}", key=OTHER)[0] == 404
+    assert call(gw, "GET", f"/v1/jobs/{job_id}", key=ADMIN)[0] == 200
+    assert call(gw, "GET", "/v1/jobs/job_000000000000000000000000")[0] == 404
+    wait_job(gw, job_id, ("complete",))
+
+
+def test_idempotency_key_returns_the_same_job(gw: Gateway, mock_upstream: MockUpstream) -> None:
+    marker = uuid.uuid4().hex
+    body = {**CHAT, "messages": [{"role": "user", "content": marker}]}
+    first = submit(gw, body, idempotency_key=marker)
+    second = submit(gw, body, idempotency_key=marker)
+    assert first == second
+    wait_job(gw, first, ("complete",))
+    assert submit(gw, body, idempotency_key=marker) == first
+    other = {**CHAT, "messages": [{"role": "user", "content": "different"}]}
+    status, _, data = call(
+        gw, "POST", "/v1/chat/completions", other, prefer="respond-async", idempotency_key=marker
+    )
+    assert status == 400 and json.loads(data)["error"]["code"] == "idempotency_key_reused"
+    assert upstream_calls(mock_upstream, marker) == 1
+
+
+def test_cancel_pending_and_processing(mock_upstream: MockUpstream, tmp_path: Path, redis: Any) -> None:
+    prefix = f"jobs-cancel-{uuid.uuid4().hex[:8]}"
+    # concurrency 1: the slow job holds the only slot; the second stays pending
+    with jobs_gateway(tmp_path, mock_upstream, prefix, workers=1) as g:
+        slow = submit(g, {**CHAT, "mock": {"first_delay_ms": 3000}})
+        wait_job(g, slow, ("processing",))
+        pending = submit(g, CHAT)
+        status, _, data = call(g, "DELETE", f"/v1/jobs/{pending}")
+        assert status == 200 and json.loads(data)["status"] == "cancelled"
+        t0 = time.monotonic()
+        status, _, data = call(g, "DELETE", f"/v1/jobs/{slow}")
+        assert json.loads(data)["status"] == "cancelled"
+        # the slot comes back once the running call is aborted (not after the 3 s upstream delay)
+        third = submit(g, CHAT)
+        assert wait_job(g, third, ("complete",))["status"] == "complete"
+        assert time.monotonic() - t0 < 2.5
+        assert wait_job(g, pending, ("cancelled",))["result"] is None
+
+
+def test_events_over_sse(gw: Gateway) -> None:
+    job_id = submit(gw, {**CHAT, "mock": {"first_delay_ms": 300}})
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("GET", f"/v1/jobs/{job_id}/events", headers={"authorization": f"Bearer {KEY}"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("content-type", "").startswith("text/event-stream")
+    events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    conn.close()
+    assert events[-1] == "[DONE]"
+    states = [json.loads(e)["status"] for e in events[:-1]]
+    assert states[-1] == "complete" and states[0] in ("pending", "processing"), states
+
+
+def test_deadline_times_out(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    prefix = f"jobs-deadline-{uuid.uuid4().hex[:8]}"
+    with jobs_gateway(tmp_path, mock_upstream, prefix, deadline_s=1) as g:
+        job_id = submit(g, {**CHAT, "mock": {"first_delay_ms": 4000}})
+        job = wait_job(g, job_id, ("timeout", "complete", "failed"), timeout_s=6)
+        assert job["status"] == "timeout", job
+        assert job["error"]["error"]["code"] == "job_deadline_exceeded"
+
+
+def test_max_attempts_fails_with_the_error(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    prefix = f"jobs-fail-{uuid.uuid4().hex[:8]}"
+    marker = uuid.uuid4().hex
+    with jobs_gateway(tmp_path, mock_upstream, prefix, max_attempts=2) as g:
+        body = {**CHAT, "messages": [{"role": "user", "content": marker}], "mock": {"status": 503}}
+        job = wait_job(g, submit(g, body), ("failed", "complete"))
+        assert job["status"] == "failed" and job["attempts"] == 2, job
+        assert job["response_status"] >= 500 and job["error"]["error"]["message"]
+        bad = {**CHAT, "mock": {"status": 400}}  # not retriable: failed at the first attempt
+        job = wait_job(g, submit(g, bad), ("failed", "complete"))
+        assert job["status"] == "failed" and job["attempts"] == 1, job
+
+
+def test_worker_killed_mid_job_is_redelivered_once(
+    mock_upstream: MockUpstream, tmp_path: Path, redis: Any
+) -> None:
+    prefix = f"jobs-kill-{uuid.uuid4().hex[:8]}"
+    marker = uuid.uuid4().hex
+    body = {**CHAT, "messages": [{"role": "user", "content": marker}], "mock": {"first_delay_ms": 1500}}
+    with jobs_gateway(tmp_path, mock_upstream, prefix) as g:
+        job_id = submit(g, body)
+        wait_job(g, job_id, ("processing",))
+        deadline = time.monotonic() + 5
+        while upstream_calls(mock_upstream, marker) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the whole gateway: its master and workers (no graceful anything)
+        for pid in _tree(g.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        g.proc.wait()
+    with jobs_gateway(tmp_path, mock_upstream, prefix) as g2:
+        job = wait_job(g2, job_id, ("complete", "failed"), timeout_s=15)
+        assert job["status"] == "complete" and job["attempts"] == 2, job
+    assert upstream_calls(mock_upstream, marker) == 2  # the lost call and the one that completed
+    assert redis.hget(f"{{{prefix}}}:job:{job_id}", "state") == b"complete"
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out += _tree(int(p.name))
+    return out
