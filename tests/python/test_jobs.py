@@ -3,6 +3,7 @@ mock upstream; and a property test of the state machine's Lua scripts."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -255,3 +256,173 @@ def _tree(pid: int) -> list[int]:
             if ppid == pid:
                 out += _tree(int(p.name))
     return out
+
+
+# ---- the state machine: random interleavings against the real Lua scripts ---------------------
+
+_LEGAL = {
+    "pending": {"pending", "processing", "cancelled", "timeout", "failed"},
+    "processing": {"processing", "pending", "complete", "failed", "timeout", "cancelled"},
+    "complete": {"complete", "closed"},
+    "failed": {"failed", "closed"},
+    "timeout": {"timeout", "closed"},
+    "cancelled": {"cancelled", "closed"},
+    "closed": {"closed", None},
+}
+
+
+async def _interleavings(seed: int, steps: int) -> dict[str, int]:
+    import random
+
+    from gateway.config_jobs import JobsConfig
+    from gateway.jobs.queue import STATES, Claimed, JobQueue
+    from gateway.redis_resp import Redis
+
+    rnd = random.Random(seed)
+    client = Redis(REDIS_URL, timeout_s=5, connect_timeout_s=5)
+    cfg = JobsConfig(
+        prefix=f"jobs-prop-{seed}-{uuid.uuid4().hex[:6]}",
+        visibility_timeout_ms=1000,
+        max_attempts=3,
+        deadline_s=8,
+        retention_s=5,
+    )
+    q = JobQueue(client, cfg)
+    await q.ensure_group()
+    now = 1_000_000_000
+    workers: dict[str, dict[str, Claimed]] = {f"w{i}": {} for i in range(4)}
+    known: dict[str, str | None] = {}  # job -> last state seen
+    attempts: dict[str, int] = {}
+    completed: dict[str, int] = {}  # job -> successful completes
+    results: dict[str, bytes] = {}
+    seen: dict[str, int] = {}
+
+    async def check(job_id: str) -> None:
+        h = await q.get(job_id)
+        state = h["state"].decode() if h else None
+        prev = known[job_id]
+        assert prev is None or state in _LEGAL[prev], (job_id, prev, state)
+        if h is None:
+            known[job_id] = None
+            return
+        assert state in STATES
+        n = int(h["attempts"])
+        assert attempts.get(job_id, 0) <= n <= cfg.max_attempts, (job_id, n)
+        attempts[job_id] = n
+        token, entry = h.get("lease_token", b""), h.get("entry", b"")
+        assert bool(token) is (state == "processing"), (state, token)
+        if state in ("pending", "processing"):
+            assert entry and await client.execute("XRANGE", q.stream, entry, entry), (job_id, state)
+        else:
+            assert not entry
+        if state == "complete":
+            assert completed.get(job_id) == 1 and h["result"] == results[job_id]
+        else:
+            assert b"result" not in h or state == "closed"
+        if state == "closed":
+            assert b"result" not in h and b"body" not in h
+        known[job_id] = state
+        seen[state] = seen.get(state, 0) + 1
+
+    for _ in range(steps):
+        op = rnd.choices(
+            [
+                "submit",
+                "deliver",
+                "redeliver",
+                "beat",
+                "complete",
+                "fail",
+                "timeout",
+                "cancel",
+                "die",
+                "tick",
+                "close",
+            ],
+            [8, 10, 5, 6, 8, 5, 3, 3, 2, 8, 2],
+        )[0]
+        w = rnd.choice(list(workers))
+        held = workers[w]
+        touched: list[str] = []
+        if op == "submit":
+            idem = rnd.choice([None, None, "a", "b", "c"])
+            body = b'{"n":%d}' % rnd.randrange(3) if idem else b'{"n":0}'
+            try:
+                _, job_id = await q.submit(
+                    endpoint="/v1/chat/completions",
+                    body=body,
+                    owner="k",
+                    team="t",
+                    principal=b"",
+                    headers=b"[]",
+                    request_id="r",
+                    idempotency_key=idem,
+                    now_ms=now,
+                )
+            except ValueError:  # the key reused with another body
+                continue
+            known.setdefault(job_id, None)
+            touched.append(job_id)
+        elif op in ("deliver", "redeliver"):
+            got = await (q.read(w, 2, None) if op == "deliver" else q.autoclaim(w, 2, min_idle_ms=0))
+            for entry, job_id in got:
+                token = uuid.uuid4().hex
+                c = await q.claim(entry, job_id, token, w, now_ms=now)
+                if isinstance(c, Claimed):
+                    for other in workers.values():  # a takeover: the old holder is stale now
+                        assert job_id not in other or other is held or other[job_id].token != token
+                    held[job_id] = c
+                touched.append(job_id)
+        elif held:
+            job_id = rnd.choice(list(held))
+            c = held[job_id]
+            touched.append(job_id)
+            if op == "beat":
+                if await q.heartbeat(job_id, c.token, w, now_ms=now) != "ok":
+                    held.pop(job_id)
+            elif op == "complete":
+                result = b'{"r":"%s"}' % uuid.uuid4().hex.encode()
+                if await q.complete(job_id, c.token, 200, result, now_ms=now):
+                    completed[job_id] = completed.get(job_id, 0) + 1
+                    assert completed[job_id] == 1, f"two results for {job_id}"
+                    results[job_id] = result
+                else:  # cancelled, timed out, or taken over meanwhile: the write is refused
+                    seen["stale_write"] = seen.get("stale_write", 0) + 1
+                held.pop(job_id)
+            elif op == "fail":
+                await q.fail(job_id, c.token, 503, b'{"error":{}}', rnd.random() < 0.7, now_ms=now)
+                held.pop(job_id)
+            elif op == "timeout":
+                await q.timeout(job_id, c.token if rnd.random() < 0.5 else "", now_ms=now)
+            elif op == "cancel":
+                await q.cancel(job_id, now_ms=now)
+            elif op == "die":
+                held.clear()
+        elif op == "cancel" and known:
+            job_id = rnd.choice(list(known))
+            await q.cancel(job_id, now_ms=now)
+            touched.append(job_id)
+        if op == "tick":
+            now += rnd.randrange(0, 1500)
+        elif op == "close":
+            await q.close_due(now_ms=now)
+            touched += list(known)
+        for job_id in touched:
+            await check(job_id)
+    for job_id in known:
+        await check(job_id)
+    await client.execute("DEL", q.stream, q.closing)
+    for job_id in known:
+        await client.execute("DEL", q.job_key(job_id))
+    await client.close()
+    return seen
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_state_machine_random_interleavings(redis: Any, seed: int) -> None:
+    """Submit / claim / redeliver / heartbeat / finish / fail / timeout / cancel / worker death /
+    time passing / closing, in random order against the real scripts: every observed change is
+    a legal transition, and no job ever gets two results."""
+    seen = asyncio.run(_interleavings(seed, 5000))
+    states = {"pending", "processing", "complete", "failed", "timeout", "cancelled", "closed"}
+    assert states | {"stale_write"} <= set(seen), seen
