@@ -59,6 +59,12 @@ AUTH_CONFIG = (
 GW = "fastpath-gateway"
 GW_LOCAL = "fastpath-gateway +auth+limits"
 GW_REDIS = "fastpath-gateway +auth+redis limits"
+# --auth-leased: rpm + tpm only (a concurrency limit stays exact: one Redis call per request),
+# on the local limiter, exact Redis and leased Redis (issue 19)
+RPM_TPM = "tiers: {pro: {rpm: 100000000, tpm: 100000000}}\n"
+GW_LOCAL2 = "fastpath-gateway +auth+local rpm/tpm"
+GW_EXACT2 = "fastpath-gateway +auth+redis exact rpm/tpm"
+GW_LEASED = "fastpath-gateway +auth+redis leased rpm/tpm"
 BASE = " @baseline"
 METRICS_OFF = " @metrics-off"
 SCRAPED = " @scraped"
@@ -328,6 +334,11 @@ def main() -> int:
         action="store_true",
         help="add a gateway with the same auth + limits on limits.backend redis, same run",
     )
+    ap.add_argument(
+        "--auth-leased",
+        action="store_true",
+        help="add gateways with auth + rpm/tpm limits: local, Redis exact and Redis `mode: leased`",
+    )
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--baseline-tree", type=Path, help="also run each gateway from DIR/python (before/after)")
     ap.add_argument("--metrics-off", action="store_true", help="also run each gateway with metrics off")
@@ -373,7 +384,16 @@ def main() -> int:
         cfg_auth.read_text() + f"limits: {{backend: redis, redis: {{url: '{args.redis_url}', "
         f"key_prefix: '{redis_prefix}', on_error: fail_closed}}}}\n"
     )
-    rpid = redis_pid(args.redis_url) if args.auth_redis else None
+    redis_limits = f"limits: {{backend: redis, redis: {{url: '{args.redis_url}', "
+    redis_limits += f"key_prefix: '{redis_prefix}', on_error: fail_closed}}}}\n"
+    uses_redis = args.auth_redis or args.auth_leased
+    leased_tiers = RPM_TPM.replace("}}\n", ", mode: leased}}\n")
+    variants = {
+        GW_LOCAL2: RPM_TPM,
+        GW_EXACT2: RPM_TPM + redis_limits,
+        GW_LEASED: leased_tiers + redis_limits,
+    }
+    rpid = redis_pid(args.redis_url) if args.auth_redis or args.auth_leased else None
     lua_auth = tmp / "post-auth.lua"
     lua_auth.write_text(lua.read_text() + f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n')
     ngx = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(nginx_conf(tmp, up, px, args.stream))])
@@ -382,6 +402,12 @@ def main() -> int:
         gateways[GW_LOCAL] = (free_port(), cfg_auth)
     if args.auth_redis:
         gateways[GW_REDIS] = (free_port(), cfg_redis)
+    if args.auth_leased:
+        base_auth = cfg.read_text() + AUTH_CONFIG.split("tiers:")[0]
+        for k, (name, extra) in enumerate(variants.items()):
+            path = tmp / f"gateway-auth-v{k}.yaml"
+            path.write_text(base_auth + extra)
+            gateways[name] = (free_port(), path)
     for name, (_, c) in list(gateways.items()):
         if args.metrics_off:
             off = c.with_name(c.stem + "-metrics-off.yaml")
@@ -489,7 +515,7 @@ def main() -> int:
             pr.terminate()
         for pr in [*procs.values(), ngx]:
             pr.wait(10)
-        redis_keys = redis_count_and_delete(args.redis_url, redis_prefix) if args.auth_redis else 0
+        redis_keys = redis_count_and_delete(args.redis_url, redis_prefix) if uses_redis else 0
     load_end = Path("/proc/loadavg").read_text().strip()
     from gateway import BUILD_PROFILE, __version__
 
@@ -501,22 +527,22 @@ def main() -> int:
         f"gateway workers={args.workers}; wrk -t1, {args.warmup}s warm-up, {args.duration}s per cell"
     )
     print(f"/proc/loadavg at start: {load_start}; at end: {load_end}")
-    if args.auth_redis:
+    if uses_redis:
         print(
             f"redis: {args.redis_url} (pid {rpid}), key prefix {redis_prefix!r}: "
             f"{redis_keys} keys left by the run (deleted)"
         )
     print()
-    redis_col = " redis CPU µs/req |" if args.auth_redis else ""
+    redis_col = " redis CPU µs/req |" if uses_redis else ""
     print(
         "| target | c | RPS | p50 ms | p90 ms | p99 ms | errors | gw CPU µs/req | gw RSS MB |"
         f"{redis_col} load1 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.auth_redis else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if uses_redis else ""))
     for r in rows:
         cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "—"
         rss = f"{r.rss:.0f}" if r.rss is not None else "—"
-        rcell = (f" {r.redis_us:.1f} |" if r.redis_us is not None else " — |") if args.auth_redis else ""
+        rcell = (f" {r.redis_us:.1f} |" if r.redis_us is not None else " — |") if uses_redis else ""
         print(
             f"| {r.target} | {r.conc} | {r.rps:.0f} | {r.p50:.3f} | {r.p90:.3f} | {r.p99:.3f} | {r.errors} "
             f"| {cpu} | {rss} |{rcell} {r.loadavg} |"

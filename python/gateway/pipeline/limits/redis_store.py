@@ -22,10 +22,13 @@ from typing import Any
 
 from ... import redis_resp
 from ...config import Config, OnError
-from ...quota import CONC, Lease, Plan
+from ...quota import CONC, TPM, Lease, Plan
 from .store import Decision, State, StoreUnavailable
 
 log = logging.getLogger("gateway.limits")
+
+#: Token refunds wait at most this long for a decision to carry them (`RedisStore._refunds`).
+REFUND_DELAY_S = 0.01
 
 #: The scripts' kind codes, by `CheckKind`: a lease set, a bucket (RPM and TPM), a budget hash.
 KIND_CODE = ("c", "r", "r", "b")
@@ -97,7 +100,9 @@ end
 
 # The decision. KEYS: one per check, in the plan's order (they share one hash tag, `{key_id}`
 # or `{team:<team>}` when the team has shared limits: one Redis Cluster slot). ARGV: lease
-# member, lease ttl ms, then 5 per check: kind, limit, limit2, cost, enforce (1, or 0: shadow).
+# member, lease ttl ms, then 6 per check: kind, limit, limit2, cost, enforce (1, or 0: shadow),
+# give back (tokens a settlement of this worker left unused, given back first, whatever the
+# decision: `RedisStore.settle` defers pure token refunds to ride on the next decision).
 #   'c': a lease set (ZSET member -> expiry): at most `limit` live leases;
 #   'r': a GCRA bucket of `limit` per minute (= burst), taking `cost` tokens;
 #   'b': a budget hash: `d`/`ds` (UTC day number, nano-USD spent that day) and `m`/`ms` (UTC
@@ -125,8 +130,9 @@ local no = {}
 local kinds = {}
 local lims = {}
 local costs = {}
+local dirty = {}
 for i = 1, n do
-  local j = 5 * i - 2
+  local j = 6 * i - 3
   local kind = ARGV[j]
   local a = tonumber(ARGV[j + 1])
   local c = tonumber(ARGV[j + 3])
@@ -134,6 +140,12 @@ for i = 1, n do
   local key = KEYS[i]
   if kind == 'r' then
     st[i] = debt(key, a)
+    local g = tonumber(ARGV[j + 5])
+    if g > 0 and st[i] > 0 then
+      st[i] = st[i] - g * U
+      if st[i] < 0 then st[i] = 0 end
+      dirty[i] = true
+    end
     no[i] = st[i] + c * U > a * U
   elseif kind == 'c' then
     -- expired leases (of crashed workers) are pruned only when they could matter
@@ -169,6 +181,7 @@ if code == 0 then
       if c > 0 then
         st[i] = st[i] + c * U
         store(key, st[i], a)
+        dirty[i] = false
       end
     elseif kind == 'c' then
       redis.call('ZADD', key, now + ttl * 1000, member)
@@ -184,6 +197,9 @@ if code == 0 then
       if not s[3] then redis.call('PEXPIRE', key, BUDGET_TTL_MS) end
     end
   end
+end
+for i = 1, n do
+  if dirty[i] then store(KEYS[i], st[i], lims[i]) end
 end
 local out = {code, fdiv(now, 1000000), day, month}
 for i = 1, n do
@@ -279,7 +295,7 @@ return 1
 class PlanKeys:
     """A plan's Redis side: its keys, the static script arguments, what settlement touches."""
 
-    __slots__ = ("check_args", "keys", "lease_sets", "plan", "settle_args", "settle_keys")
+    __slots__ = ("check_args", "keys", "lease_sets", "plan", "settle_args", "settle_keys", "tpm_keys")
 
     def __init__(self, plan: Plan, prefix: str) -> None:
         self.plan = plan
@@ -289,6 +305,8 @@ class PlanKeys:
         self.lease_sets = tuple(prefix + c.local_key for c in plan.checks if c.kind == CONC)
         self.settle_keys = tuple(prefix + c.local_key for c in plan.settle_checks)
         self.settle_args = tuple(x for c in plan.settle_checks for x in (KIND_CODE[c.kind], c.limit))
+        #: (Redis key, limit) of the token buckets: where deferred refunds go
+        self.tpm_keys = tuple((prefix + c.local_key, c.limit) for c in plan.checks if c.kind == TPM)
 
 
 class RedisStore:
@@ -299,6 +317,7 @@ class RedisStore:
         "_client",
         "_down_until",
         "_fail_open",
+        "_flush_handle",
         "_keys",
         "_last_log",
         "_lease_ttl_ms",
@@ -307,6 +326,7 @@ class RedisStore:
         "_member_prefix",
         "_members",
         "_prefix",
+        "_refunds",
         "_renew",
         "_renewer",
         "_retry_s",
@@ -347,6 +367,12 @@ class RedisStore:
         self._live: dict[str, tuple[str, ...]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: bucket key -> [tokens to give back, its limit]: settlements that only refund tokens,
+        #: carried by this worker's next decision on the bucket (one script call per request,
+        #: not two), or sent on their own after `REFUND_DELAY_S`. Late refunds only refuse
+        #: sooner; charges and concurrency releases are never deferred.
+        self._refunds: dict[str, list[int]] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -373,8 +399,12 @@ class RedisStore:
             raise self._unavailable(None)
         args: list[int | str] = [member, self._lease_ttl_ms]
         costs = (0, 1, tokens, cost)  # by kind: CONC, RPM, TPM, BUDGET
-        for c, (kind_code, limit, limit2, enforce) in zip(plan.checks, keys.check_args, strict=True):
-            args += (kind_code, limit, limit2, costs[c.kind], enforce)
+        refunds = self._refunds
+        for c, (kind_code, limit, limit2, enforce), key in zip(
+            plan.checks, keys.check_args, keys.keys, strict=True
+        ):
+            refund = refunds.pop(key, None) if refunds and c.kind == TPM else None
+            args += (kind_code, limit, limit2, costs[c.kind], enforce, refund[0] if refund else 0)
         try:
             res = await self._run(self._acquire, keys.keys, args)
         except StoreUnavailable as exc:
@@ -428,6 +458,9 @@ class RedisStore:
             # Not waited for. On failure (or while Redis is down) the refund is lost (the key is
             # charged more, never less) and the lease expires.
             keys = self._keys_of(lease.plan)
+            if unused_tokens > 0 and not member and not unused_cost and not lease.waived:
+                self._defer_refund(keys, unused_tokens)
+                return
             settle_keys, settle_args = keys.settle_keys, keys.settle_args
             if lease.waived:  # shadow checks that took nothing: nothing to give back there
                 kept = [
@@ -439,6 +472,29 @@ class RedisStore:
                 settle_args = tuple(x for _, c in kept for x in (KIND_CODE[c.kind], c.limit))
             args = (member, unused_tokens, unused_cost, lease.day, lease.month, *settle_args)
             self._client.evalsha_nowait(self._settle, settle_keys, args)
+
+    def _defer_refund(self, keys: PlanKeys, tokens: int) -> None:
+        refunds = self._refunds
+        for key, limit in keys.tpm_keys:
+            entry = refunds.get(key)
+            if entry is None:
+                if len(refunds) >= 10_000:
+                    self._flush_refunds()
+                refunds[key] = [tokens, limit]
+            else:
+                entry[0] += tokens
+        if self._flush_handle is None:
+            loop = self._loop or asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(REFUND_DELAY_S, self._flush_refunds)
+
+    def _flush_refunds(self) -> None:
+        """Send the deferred refunds no decision has carried (one settlement per bucket)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        refunds, self._refunds = self._refunds, {}
+        for key, (tokens, limit) in refunds.items():
+            self._client.evalsha_nowait(self._settle, (key,), ("", tokens, 0, 0, -1, "r", limit))
 
     def tokens_after(self, lease: Lease, unused_tokens: int) -> tuple[int, int, int]:
         """Estimated from the decision (exact when no other request of the key ran meanwhile):
@@ -474,11 +530,13 @@ class RedisStore:
             self._renewer = None
 
     async def settled(self) -> None:
+        self._flush_refunds()
         with contextlib.suppress(redis_resp.RedisError):
             await self._client.barrier()
 
     async def close(self) -> None:
         """Stop renewing, let the settlements in flight finish, close the connection."""
+        self._flush_refunds()
         renewer = self._renewer
         if renewer is not None:
             renewer.cancel()
