@@ -260,7 +260,7 @@ def _tree(pid: int) -> list[int]:
 
 # ---- the state machine: random interleavings against the real Lua scripts ---------------------
 
-_LEGAL = {
+_LEGAL: dict[str, set[str | None]] = {
     "pending": {"pending", "processing", "cancelled", "timeout", "failed"},
     "processing": {"processing", "pending", "complete", "failed", "timeout", "cancelled"},
     "complete": {"complete", "closed"},
@@ -318,9 +318,9 @@ async def _interleavings(seed: int, steps: int) -> dict[str, int]:
         if state == "complete":
             assert completed.get(job_id) == 1 and h["result"] == results[job_id]
         else:
-            assert b"result" not in h or state == "closed"
+            assert "result" not in h or state == "closed"
         if state == "closed":
-            assert b"result" not in h and b"body" not in h
+            assert "result" not in h and "body" not in h
         known[job_id] = state
         seen[state] = seen.get(state, 0) + 1
 
