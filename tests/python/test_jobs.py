@@ -426,3 +426,28 @@ def test_state_machine_random_interleavings(redis: Any, seed: int) -> None:
     seen = asyncio.run(_interleavings(seed, 5000))
     states = {"pending", "processing", "complete", "failed", "timeout", "cancelled", "closed"}
     assert states | {"stale_write"} <= set(seen), seen
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("jobs", "error"),
+    [
+        ("{enabled: true, prefix: 'a b'}", "$.jobs.prefix"),
+        ("{visibility_timeout_ms: 10}", "$.jobs.visibility_timeout_ms"),
+        ("{max_attempts: 0}", "$.jobs.max_attempts"),
+        ("{redis_url: 'http://x'}", "$.jobs.redis_url"),
+        ("{workers: {concurrency: -1}}", "$.jobs.workers.concurrency"),
+        ("{workers: {threads: 2}}", "jobs.workers"),
+    ],
+)
+def test_config_errors_name_their_path(jobs: str, error: str) -> None:
+    from gateway import config as config_mod
+
+    text = gateway_config(1) + f"jobs: {jobs}\n"
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.parse(text, "<test>")
+    assert error in str(info.value)
+    cfg = config_mod.parse(gateway_config(1), "<test>")
+    assert not cfg.jobs.enabled and cfg.jobs.workers.concurrency == 4
