@@ -15,7 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -207,6 +207,11 @@ class TritonModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
     #: becomes `guided_decoding_guide_type` / `guided_decoding_guide`; otherwise such a request
     #: is refused with 400.
     guided_decoding: bool = False
+    #: How tool calls are read from the generated text (`tools` requests): `hermes`
+    #: (`<tool_call>{"name", "arguments"}</tool_call>`, Hermes / Qwen templates), `llama3_json`
+    #: (`{"name", "parameters"}`, Llama 3.x), or `none` (the model cannot call tools: `tools` is
+    #: refused with 400).
+    tool_parser: Literal["hermes", "llama3_json", "none"] = "hermes"
     #: The model's `dynamic_batching.priority_levels` (give it `default_priority_level` equal to
     #: it, the lowest): a tier `priority` p > 0 is sent as Triton's request priority
     #: `max(1, priority_levels - p)`, p steps above the default. 0: no priority is sent.
