@@ -200,6 +200,17 @@ def _serve_uvloop(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         cleanup()
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Job execution only (no HTTP): see gateway.jobs.standalone."""
+    cfg = _load(args.config)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from .jobs.standalone import main
+
+    return main(cfg)
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """Hot reload (gateway.reload): the gateway re-reads the config file it was started with."""
     from . import reload as reload_mod
@@ -791,6 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--ca-file", help="CA certificate for an https --url with a private CA")
     rl.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the verdict")
     rl.set_defaults(func=cmd_reload)
+    wk = sub.add_parser("worker", help="run async jobs only (jobs.enabled), no HTTP listener")
+    wk.add_argument("--config", default=None, help="the gateway's YAML config")
+    wk.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    wk.set_defaults(func=cmd_worker)
     c = sub.add_parser("check-config", help="validate a config file and explain errors")
     c.add_argument("file")
     c.set_defaults(func=cmd_check_config)

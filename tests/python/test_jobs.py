@@ -451,3 +451,28 @@ def test_config_errors_name_their_path(jobs: str, error: str) -> None:
     assert error in str(info.value)
     cfg = config_mod.parse(gateway_config(1), "<test>")
     assert not cfg.jobs.enabled and cfg.jobs.workers.concurrency == 4
+
+
+def test_standalone_worker_runs_jobs_of_an_accept_only_gateway(
+    mock_upstream: MockUpstream, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from conftest import stop
+
+    prefix = f"jobs-standalone-{uuid.uuid4().hex[:8]}"
+    with jobs_gateway(tmp_path, mock_upstream, prefix, workers=0) as g:
+        job_id = submit(g, CHAT)
+        time.sleep(0.3)
+        assert wait_job(g, job_id, ("pending",))["attempts"] == 0  # nobody here runs jobs
+        cfg = tmp_path / "worker.yaml"
+        cfg.write_text(_config(mock_upstream, prefix, workers=2))
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "worker", "--config", str(cfg)], env=env
+        )
+        try:
+            assert wait_job(g, job_id, ("complete", "failed"))["status"] == "complete"
+        finally:
+            assert stop(proc) == 0
