@@ -22,7 +22,7 @@ from typing import Any
 
 from ... import redis_resp
 from ...config import Config, OnError
-from ...quota import CONC, TPM, Lease, Plan
+from ...quota import CONC, RPM, TPM, Lease, Plan
 from .store import Decision, State, StoreUnavailable
 
 log = logging.getLogger("gateway.limits")
@@ -68,14 +68,15 @@ local function debt(key, rate)
   local d = tonumber(string.sub(v, 1, p - 1))
   local e = now - tonumber(string.sub(v, p + 1))
   if e < 0 then e = 0 end
-  if e >= cdiv(d, rate) then return 0 end
+  if e * rate >= d then return 0 end
   return d - e * rate
 end
 local function store(key, d, rate)
   if d <= 0 then
     redis.call('DEL', key)
   else
-    redis.call('SET', key, string.format('%d:%d', d, now), 'PX', cdiv(cdiv(d, rate), 1000) + 1000)
+    -- a TTL (not exact arithmetic): full again, and a second's margin
+    redis.call('SET', key, string.format('%d:%d', d, now), 'PX', math.ceil(d / (rate * 1000)) + 1000)
   end
 end
 """
@@ -112,7 +113,8 @@ end
 # Every check is read (expired leases are pruned); only when no enforced check refuses are all
 # taken but the shadow checks that would refuse (a refused request changes nothing).
 # -> {code (0 admitted, else the index of the first refusing enforced check), now s, UTC day,
-#     UTC month, then 4 per check: fits (1/0), then 'r': remaining, reset ms, retry ms;
+#     UTC month, then 4 per check: fits (1/0), then 'r': the debt (after the take when taken:
+#     `bucket_state` derives remaining, reset and retry in Python, exact integers, less Lua), 0, 0;
 #     'c': leases held, 0, 0; 'b': day spent, month spent, the window it does not fit (0, 1, 2)}
 ACQUIRE = (
     LUA_LIB
@@ -202,33 +204,14 @@ for i = 1, n do
   if dirty[i] then store(KEYS[i], st[i], lims[i]) end
 end
 local out = {code, fdiv(now, 1000000), day, month}
+local o = 4
 for i = 1, n do
-  local kind, a, c = kinds[i], lims[i], costs[i]
   local fits = 1
   if no[i] then fits = 0 end
-  out[#out + 1] = fits
-  if kind == 'r' then
-    local d = st[i]
-    local left = a * U - d
-    local rem = 0
-    if left > 0 then rem = fdiv(left, U) end
-    local reset = cdiv(cdiv(d, a), 1000)
-    local retry = 0
-    if no[i] then
-      if c > a then retry = reset else retry = cdiv(cdiv(d + c * U - a * U, a), 1000) end
-    end
-    out[#out + 1] = rem
-    out[#out + 1] = reset
-    out[#out + 1] = retry
-  elseif kind == 'c' then
-    out[#out + 1] = st[i]
-    out[#out + 1] = 0
-    out[#out + 1] = 0
-  else
-    out[#out + 1] = st[i][1]
-    out[#out + 1] = st[i][2]
-    out[#out + 1] = over[i]
-  end
+  local x, y, z = st[i], 0, 0
+  if kinds[i] == 'b' then x, y, z = st[i][1], st[i][2], over[i] end
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4] = fits, x, y, z
+  o = o + 4
 end
 return out
 """
@@ -290,6 +273,23 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) e
 return 1
 """
 )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bucket_state(fits: int, debt: int, limit: int, cost: int) -> State:
+    """A bucket's state from its debt (units of 1/60e6 token): (fits, remaining, reset ms, retry
+    ms when it does not fit), on Python's exact integers (the script only returns the debt)."""
+    full = limit * 60_000_000
+    remaining = (full - debt) // 60_000_000 if full > debt else 0
+    reset = _cdiv(_cdiv(debt, limit), 1000)
+    retry = 0
+    if not fits:
+        over = debt + cost * 60_000_000 - full
+        retry = reset if cost > limit else _cdiv(_cdiv(over, limit), 1000)
+    return (fits, remaining, reset, retry)
 
 
 class PlanKeys:
@@ -420,7 +420,10 @@ class RedisStore:
         code, now_s, day, month = (int(v) for v in res[:4])
         vals = [int(v) for v in res[4:]]
         states: list[State | None] = [
-            (vals[j], vals[j + 1], vals[j + 2], vals[j + 3]) for j in range(0, len(vals), 4)
+            bucket_state(vals[j], vals[j + 1], c.limit, costs[c.kind])
+            if c.kind == RPM or c.kind == TPM
+            else (vals[j], vals[j + 1], vals[j + 2], vals[j + 3])
+            for j, c in zip(range(0, len(vals), 4), plan.checks, strict=True)
         ]
         waived: tuple[int, ...] = ()
         if code == 0:
