@@ -30,6 +30,24 @@ anywhere in `text_input` like `[[testllm delay_ms=20 ignore_cancel=1 fail_after=
   when the planned output is longer than N tokens.
 The directive stays part of the prompt (it is hashed like the rest).
 
+Scripted outputs, so the gateway's OpenAI features are testable end to end:
+- `[[testllm tool_call name=get_weather args={"city":"Paris"}]]` (one per call; `style=llama3`
+  after the name for the Llama-3 JSON style): the model answers with the tool call(s) as a
+  Hermes model does, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (Llama-3:
+  `{"name": ..., "parameters": {...}}`), cut into 4-character tokens. Only directives after the
+  last tool result (`<tool_response>`, a `tool` / `ipython` turn) count, so a follow-up turn that
+  carries the result gets plain text.
+- `guided_decoding_guide_type` `json` (any JSON object) or `json_schema` (+ the schema in
+  `guided_decoding_guide`): a deterministic JSON value that satisfies a simple schema (object
+  properties, string / integer / number / boolean / array / enum / null), 4-character tokens.
+- `return_log_probs=true`: `output_log_probs` FP32 [batch, 1, tokens] (the log probs of this
+  response's tokens) and `cum_log_probs` FP32 [batch, 1]; a token's log prob is a function of
+  its text (`token_logprob`).
+- `num_return_sequences=k` > 1: k sequences (sequence i > 0 hashes `\0seq=i` too), each
+  response tagged with `sequence_index` INT32 [batch, 1]; streamed round-robin, token by token;
+  `num_output_tokens` counts per sequence. The final flag comes after the last sequence.
+- `random_seed` (TensorRT-LLM's name) works like `seed`.
+
 End of stream: config parameter `final_response` = `last_data` puts the final flag on the last
 data response (shape (a), like the C++ `tensorrt_llm` model and ensembles); `separate` sends the
 data without it and then an empty response with only the final flag (shape (b), like the BLS;
@@ -74,6 +92,10 @@ _WORDS = """
 VOCAB: tuple[str, ...] = tuple(_WORDS.split())
 
 _DIRECTIVE = re.compile(r"\[\[testllm((?:\s+[a-z_]+=[-\w.]+)*)\s*\]\]")
+_TOOL_DIRECTIVE = re.compile(r"\[\[testllm tool_call name=([\w.-]+)(?: style=(\w+))? args=(\{.*?\})\]\]")
+#: where a tool result starts in the common chat layouts: directives before it are answered
+_TOOL_RESULT_MARKS = ("<tool_response>", "<|im_start|>tool", "<|start_header_id|>ipython", "<|start_header_id|>tool")
+PIECE = 4  # characters per token of a scripted output
 _MASK64 = (1 << 64) - 1
 
 
@@ -152,6 +174,80 @@ def plan(
     return Plan(tokens, "stop" if len(tokens) >= natural else "length")
 
 
+def pieces(text: str) -> list[str]:
+    """A scripted output cut into tokens of `PIECE` characters."""
+    return [text[i : i + PIECE] for i in range(0, len(text), PIECE)]
+
+
+def tool_call_text(prompt: str) -> str | None:
+    """The tool-call answer the prompt's directives ask for (after the last tool result)."""
+    cut = max(prompt.rfind(m) for m in _TOOL_RESULT_MARKS)
+    calls = list(_TOOL_DIRECTIVE.finditer(prompt, max(cut, 0)))
+    if not calls:
+        return None
+    hermes, llama = [], []
+    for m in calls:
+        name, style, args = m.group(1), m.group(2), json.loads(m.group(3))
+        if style == "llama3":
+            llama.append(json.dumps({"name": name, "parameters": args}))
+        else:
+            hermes.append("<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>")
+    return "; ".join(llama) if llama else "\n".join(hermes)
+
+
+def json_value(schema: Any, rng: SplitMix64, depth: int = 0) -> Any:
+    """A deterministic value satisfying a simple JSON schema (guided decoding's stand-in)."""
+    if not isinstance(schema, dict):
+        schema = {}
+    if "enum" in schema and schema["enum"]:
+        return schema["enum"][rng.next() % len(schema["enum"])]
+    kind = schema.get("type", "object" if depth == 0 else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties") or ({} if depth else {"answer": {"type": "string"}})
+        return {k: json_value(v, rng, depth + 1) for k, v in props.items()}
+    if kind == "array":
+        return [json_value(schema.get("items", {}), rng, depth + 1) for _ in range(2)]
+    if kind == "integer":
+        return int(rng.next() % 100)
+    if kind == "number":
+        return (rng.next() % 1000) / 4
+    if kind == "boolean":
+        return rng.next() % 2 == 0
+    if kind == "null":
+        return None
+    return " ".join(VOCAB[rng.next() % len(VOCAB)] for _ in range(2))
+
+
+def guided_text(prompt: str, guide_type: str, guide: str) -> str:
+    """The JSON output of guided decoding (`json` or `json_schema`)."""
+    rng = SplitMix64(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little"))
+    schema = json.loads(guide) if guide_type == "json_schema" and guide else {}
+    return json.dumps(json_value(schema, rng))
+
+
+def token_logprob(token: str) -> float:
+    """The (made-up, deterministic) log prob of a token: in (-4, 0)."""
+    h = int.from_bytes(hashlib.sha256(token.encode()).digest()[:4], "little")
+    return -((h % 4000) + 1) / 1000
+
+
+def scripted(text: str, max_tokens: int, stop_words: Sequence[str]) -> Plan:
+    """A fixed output as a plan: `max_tokens` and stop words apply as to generated text."""
+    tokens: list[str] = []
+    out = ""
+    stops = [s for s in stop_words if s]
+    for piece in pieces(text):
+        if len(tokens) >= max_tokens:
+            return Plan(tokens, "length")
+        tokens.append(piece)
+        out += piece
+        if any(out.endswith(s) for s in stops):
+            break
+    return Plan(tokens, "stop")
+
+
 def log_event(event: str, model: str, request_id: str, tokens: int) -> None:
     path = os.environ.get(EVENTS_ENV)
     if not path:
@@ -174,6 +270,10 @@ class Request:
     bad_words: list[str] = field(default_factory=list)
     return_num_input: bool = False
     return_num_output: bool = False
+    return_log_probs: bool = False
+    num_sequences: int = 1
+    guide_type: str = ""
+    guide: str = ""
 
 
 class InvalidInput(ValueError):
@@ -200,7 +300,15 @@ def decode_request(get: Callable[[str], Any]) -> Request:
         value = get(name)
         return bool(value is not None and value.size and bool(value.reshape(-1)[0]))
 
-    seed = get("seed")
+    seed = get("random_seed")
+    if seed is None:
+        seed = get("seed")
+    sequences = get("num_return_sequences")
+    k = int(sequences.reshape(-1)[0]) if sequences is not None and sequences.size else 1
+    if k < 1:
+        raise InvalidInput(f"num_return_sequences must be >= 1, got {k}")
+    guide_type = get("guided_decoding_guide_type")
+    guide = get("guided_decoding_guide")
     return Request(
         prompt=_strings(text)[0],
         max_tokens=n,
@@ -211,6 +319,10 @@ def decode_request(get: Callable[[str], Any]) -> Request:
         bad_words=_strings(get("bad_words")) if get("bad_words") is not None else [],
         return_num_input=flag("return_num_input_tokens"),
         return_num_output=flag("return_num_output_tokens"),
+        return_log_probs=flag("return_log_probs"),
+        num_sequences=k,
+        guide_type=_strings(guide_type)[0] if guide_type is not None and guide_type.size else "",
+        guide=_strings(guide)[0] if guide is not None and guide.size else "",
     )
 
 
@@ -239,10 +351,17 @@ class TestLLM:
     def finalize(self) -> None:
         pass
 
-    def _response(self, req: Request, text: str, count: int) -> Any:
+    def _response(
+        self, req: Request, text: str, count: int, logprobs: Sequence[float] = (), cum: float = 0.0, seq: int = 0
+    ) -> Any:
         np = _numpy()
         pb = self.pb
         tensors = [pb.Tensor("text_output", np.array([[text.encode()]], dtype=np.object_))]
+        if req.return_log_probs:
+            tensors.append(pb.Tensor("output_log_probs", np.array([[list(logprobs)]], dtype=np.float32)))
+            tensors.append(pb.Tensor("cum_log_probs", np.array([[cum]], dtype=np.float32)))
+        if req.num_sequences > 1:
+            tensors.append(pb.Tensor("sequence_index", np.array([[seq]], dtype=np.int32)))
         if req.return_num_input:
             n_in = len(req.prompt.split())
             tensors.append(pb.Tensor("num_input_tokens", np.array([[n_in]], dtype=np.int32)))
@@ -276,35 +395,52 @@ class TestLLM:
             self._fail(sender, f"{self.model_name}: invalid input: {exc}", pb.TritonError.INVALID_ARG)
             return
         knobs = parse_knobs(req.prompt, self.default_delay_ms)
-        out = plan(
-            req.prompt, req.max_tokens, seed=req.seed, stop_words=req.stop_words, bad_words=req.bad_words
-        )
-        tokens = out.tokens
-        failing = knobs.fail_after is not None and knobs.fail_after < len(tokens)
-        emit = tokens[: knobs.fail_after] if failing else tokens
+        plans = [self._plan(req, i) for i in range(req.num_sequences)]
+        fail_at = knobs.fail_after
+        failing = fail_at is not None and any(fail_at < len(p.tokens) for p in plans)
+        emits = [p.tokens[:fail_at] if fail_at is not None else p.tokens for p in plans]
+        # streamed round-robin, token by token, across the sequences
+        order = [(q, i) for i in range(max(map(len, emits))) for q in range(len(emits)) if i < len(emits[q])]
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        for i, token in enumerate(emit):
+        cums = [0.0] * len(emits)
+        for step, (q, i) in enumerate(order):
             if knobs.delay_ms > 0:
                 await asyncio.sleep(knobs.delay_ms / 1000)
             if not knobs.ignore_cancel and sender.is_cancelled():
-                log_event("cancel", self.model_name, request_id, i)
+                log_event("cancel", self.model_name, request_id, step)
                 self._fail(sender, f"{self.model_name}: request cancelled", pb.TritonError.CANCELLED)
                 return
             if req.stream:
-                last = i == len(emit) - 1 and not failing and not self.separate_final
-                sender.send(self._response(req, token, i + 1), flags=final if last else 0)
+                token = emits[q][i]
+                lp = token_logprob(token)
+                cums[q] += lp
+                last = step == len(order) - 1 and not failing and not self.separate_final
+                sender.send(self._response(req, token, i + 1, [lp], cums[q], q), flags=final if last else 0)
         if failing:
-            log_event("error", self.model_name, request_id, len(emit))
-            message = f"{self.model_name}: injected failure after {len(emit)} tokens (fail_after)"
+            log_event("error", self.model_name, request_id, len(order))
+            message = f"{self.model_name}: injected failure after {fail_at} tokens (fail_after)"
             self._fail(sender, message, pb.TritonError.INTERNAL)
             return
         if not req.stream:
-            text = "".join(emit) if req.exclude_input else req.prompt + "".join(emit)
-            flags = 0 if self.separate_final else final
-            sender.send(self._response(req, text, len(emit)), flags=flags)
-        if self.separate_final or (req.stream and not emit):
+            for q, emit in enumerate(emits):
+                text = "".join(emit) if req.exclude_input else req.prompt + "".join(emit)
+                lps = [token_logprob(t) for t in emit]
+                last = q == len(emits) - 1 and not self.separate_final
+                sender.send(self._response(req, text, len(emit), lps, sum(lps), q), flags=final if last else 0)
+        if self.separate_final or (req.stream and not order):
             sender.send(flags=final)
-        log_event("end", self.model_name, request_id, len(emit))
+        log_event("end", self.model_name, request_id, len(order))
+
+    @staticmethod
+    def _plan(req: Request, seq: int) -> Plan:
+        """Sequence `seq`'s output: a scripted tool call or guided JSON, else generated text."""
+        key = req.prompt if seq == 0 else f"{req.prompt}\0seq={seq}"
+        text = tool_call_text(req.prompt)
+        if text is None and req.guide_type in ("json", "json_schema"):
+            text = guided_text(key, req.guide_type, req.guide)
+        if text is not None:
+            return scripted(text, req.max_tokens, req.stop_words)
+        return plan(key, req.max_tokens, seed=req.seed, stop_words=req.stop_words, bad_words=req.bad_words)
 
 
 def _numpy() -> Any:

@@ -26,6 +26,7 @@ from .grpc_transport import GrpcioTransport, RpcError, StreamCall, Transport
 from .triton_call import TritonCall
 from .triton_embed import EmbeddingCall, EmbeddingShape, shape_from_metadata, start_embedding
 from .triton_request import TritonRequestBuilder
+from .triton_rich import RichTritonCall
 
 if TYPE_CHECKING:
     from ..context import RequestContext
@@ -229,20 +230,22 @@ class TritonAdapter:
 
     async def start(
         self, ctx: RequestContext, target: Deployment, body: bytes, deadline: float
-    ) -> TritonCall | EmbeddingCall:
+    ) -> TritonCall | RichTritonCall | EmbeddingCall:
         """`body` is unused: Triton gets tensors built from the client's request."""
         view = ctx.view
         assert view is not None
         if isinstance(view, EmbeddingsRequestView):  # a unary ModelInfer (triton_embed.py)
             return await start_embedding(self, ctx, target, deadline)
         builder = await self.builder(target.upstream_model, target.triton)
-        request, stops, max_tokens = builder.build(
-            view, ctx.body, ctx.request_id, ctx.stream, priority=ctx.priority
-        )
+        plan = builder.plan(view, ctx.body, ctx.request_id, ctx.stream, priority=ctx.priority)
         trace = ctx.trace
         extra = () if trace is None else trace.upstream_headers()
-        call = self.stream(request, max(deadline - self.loop.time(), 0.001), extra)
-        return TritonCall(ctx, self, call, stops, max_tokens, target.upstream_model)
+        left = max(deadline - self.loop.time(), 0.001)
+        if plan.rich:  # n choices, tool calls, log probs (triton_rich.py)
+            streams = [self.stream(r, left, extra) for r in plan.requests]
+            return RichTritonCall(ctx, self, streams, plan, target.upstream_model)
+        call = self.stream(plan.requests[0], left, extra)
+        return TritonCall(ctx, self, call, plan.stops, plan.max_tokens, target.upstream_model)
 
     async def probe(self, timeout_s: float) -> dict[str, Any]:
         """Readiness: the server, then each model routed to it."""
