@@ -29,7 +29,10 @@ from .edge import ClientResolver
 from .errors import Fault, GatewayError, quote
 from .jobs.routes import JobsApi, wants_async
 from .pipeline import Pipeline, respond
-from .pipeline.messages import DIALECTS, MessagesDialect
+from .pipeline.dialect import Dialect
+from .pipeline.messages import DIALECTS as MESSAGES_DIALECTS
+from .pipeline.responses import PREFIX as RESPONSES_PREFIX
+from .pipeline.responses import RESPONSES, serve_stored
 from .routing import build_routes
 from .routing.health import HealthChecker
 from .schemas import ModelCard, ModelList
@@ -271,6 +274,9 @@ class Gateway:
                 protocol.response_bytes(status, respond.head(request_id), body)
             elif path.startswith("/v1/jobs/"):
                 await self._jobs(scope, protocol, request_id)
+            elif path.startswith(RESPONSES_PREFIX) and self.pipeline is not None:
+                # stored responses: GET / DELETE /v1/responses/{id}, GET .../input_items
+                await serve_stored(self.pipeline, scope, protocol, request_id, self._is_admin(headers))
             elif path == "/v1/usage":
                 self._only_get(scope)
                 body = await self._usage(scope, headers, client)
@@ -293,7 +299,7 @@ class Gateway:
         headers: Any,
         protocol: Any,
         client: str,
-        dialect: MessagesDialect | None = None,
+        dialect: Dialect | None = None,
     ) -> None:
         start = time.perf_counter_ns()
         ctype = headers.get("content-type")
@@ -556,6 +562,8 @@ async def _close_parts(pipeline: Pipeline | None, adapters: dict[str, Adapter]) 
 
 
 _MODEL_PATHS = ("/v1/models/", "/models/")
+#: request path -> the client API (dialect) it speaks; absent: OpenAI's
+DIALECTS: dict[str, Dialect] = {**MESSAGES_DIALECTS, Endpoint.RESPONSES.value: RESPONSES}
 _model_list = msgspec.json.Decoder(ModelList).decode
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from . import _fastpath, envvars
 from .config_jobs import JobsConfig, validate_jobs
+from .config_responses import ResponsesConfig, validate_responses
 from .config_routing import (
     AffinityConfig,
     BalanceKind,
@@ -687,6 +688,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     routing: RoutingConfig = RoutingConfig()
     #: Async requests and the Redis job queue (off unless `jobs.enabled`).
     jobs: JobsConfig = JobsConfig()
+    #: The Responses API and its conversation store (SQLite file by default, made on first use).
+    responses: ResponsesConfig = ResponsesConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -868,6 +871,7 @@ def _validate(cfg: Config) -> None:
     _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
     validate_jobs(cfg)
+    validate_responses(cfg)
 
 
 def _validate_signing(where: str, g: SigningConfig) -> None:

@@ -23,6 +23,8 @@ class Endpoint(Enum):
     MESSAGES = "/v1/messages"
     MESSAGES_COUNT_TOKENS = "/v1/messages/count_tokens"
     EMBEDDINGS = "/v1/embeddings"
+    #: OpenAI's Responses API: a dialect (`pipeline/responses.py`) turns it into a chat request
+    RESPONSES = "/v1/responses"
 
 
 class RequestContext:

@@ -333,6 +333,10 @@ _OPERATIONS = {
     Endpoint.CHAT: "chat",
     Endpoint.COMPLETIONS: "text_completion",
     Endpoint.EMBEDDINGS: "embeddings",
+    # refused before decode (which makes them chat requests)
+    Endpoint.MESSAGES: "chat",
+    Endpoint.MESSAGES_COUNT_TOKENS: "chat",
+    Endpoint.RESPONSES: "chat",
 }
 #: stage names whose time another histogram records (`MetricSlots.stage`: -1 skip, -2 upstream)
 _STAGE_SKIP, _STAGE_UPSTREAM = -1, -2

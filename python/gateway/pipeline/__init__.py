@@ -43,6 +43,7 @@ from .route import RouteStage
 from .stage import FinishStage, Observer, Outcome, RequestStage
 
 if TYPE_CHECKING:
+    from ..conversations import ConversationStore
     from ..jobs.runner import JobsPart
     from ..metrics import MetricsObserver
     from ..worker import Worker
@@ -59,6 +60,8 @@ INTERNAL = GatewayError(Fault.INTERNAL, "The gateway failed to handle the reques
 class Pipeline:
     __slots__ = (
         "_loop",
+        "conversations",
+        "dialect_stages",
         "finish_stages",
         "jobs",
         "ledger",
@@ -130,6 +133,21 @@ class Pipeline:
         response += ext.response_stages
         observers += ext.observers
         self.request_stages: tuple[RequestStage, ...] = tuple(stages)
+        #: the Responses API's conversation store (None: `responses.enabled: false`)
+        self.conversations: ConversationStore | None = None
+        if cfg.responses.enabled:
+            from ..conversations import ConversationStore
+
+            self.conversations = ConversationStore(cfg.responses)
+        #: a dialect request's chain (`ctx.dialect`): stage `history` after auth (Responses'
+        #: stored conversation needs the caller); OpenAI requests never run it
+        from .responses import HistoryStage
+
+        after = next((i + 1 for i, s in enumerate(stages) if s.name == "auth"), None)
+        if after is None:
+            after = next(i + 1 for i, s in enumerate(stages) if s.name == "decode")
+        history = HistoryStage(self.conversations)
+        self.dialect_stages: tuple[RequestStage, ...] = (*stages[:after], history, *stages[after:])
         self.finish_stages: tuple[FinishStage, ...] = tuple(reversed(finish))
         #: in reverse order of the request stages that own them (Envoy's encoder filters)
         self.response_stages: tuple[ResponseStage, ...] = tuple(reversed(response))
@@ -156,8 +174,10 @@ class Pipeline:
     def _parts(self) -> list[Any]:
         seen: dict[int, Any] = {}
         jobs = () if self.jobs is None else (self.jobs,)
+        store = () if self.conversations is None else (self.conversations,)
         for part in (
             *self.request_stages,
+            *store,
             *self.response_stages,
             *self.observers,
             *self.routing_parts,
@@ -219,7 +239,7 @@ class Pipeline:
     async def _handle(self, ctx: RequestContext, protocol: Any) -> None:
         timings = ctx.timings
         try:
-            for stage in self.request_stages:
+            for stage in self.request_stages if ctx.dialect is None else self.dialect_stages:
                 t = time.perf_counter_ns()
                 await stage.on_request(ctx)
                 timings[stage.name] = time.perf_counter_ns() - t

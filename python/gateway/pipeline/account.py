@@ -26,6 +26,7 @@ _ENDPOINTS = {
     Endpoint.EMBEDDINGS: "embeddings",
     Endpoint.MESSAGES: "messages",
     Endpoint.MESSAGES_COUNT_TOKENS: "messages",
+    Endpoint.RESPONSES: "responses",
 }
 
 

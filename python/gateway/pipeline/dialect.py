@@ -5,7 +5,10 @@ dialect is the one place another client API lives: it turns the request body int
 at decode time, and the reply, the stream and the errors back into its own on the way out. The
 request context holds the client's dialect (`ctx.dialect`, None for OpenAI clients); the relay
 and the pipeline look at it once per request, never per chunk, so plain OpenAI requests pay
-nothing for dialects. `pipeline/messages.py` (Anthropic Messages) is the one there is.
+nothing for dialects. `pipeline/messages.py` (Anthropic Messages) and `pipeline/responses.py`
+(OpenAI Responses, with its conversation store) are the two there are. A dialect request runs
+the pipeline's dialect chain: the request stages plus `history` after auth (the Responses
+dialect's stored conversation, which must know the caller).
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ class Dialect(Protocol):
         sends."""
         ...
 
-    def unary(self, ctx: RequestContext, body: bytes) -> bytes:
-        """A unary OpenAI reply body (after the response stages) -> the client's."""
+    async def unary(self, ctx: RequestContext, body: bytes) -> bytes:
+        """A unary OpenAI reply body (after the response stages) -> the client's (async: the
+        Responses dialect commits the stored response before the reply)."""
         ...
 
     def error(self, ctx: RequestContext, err: GatewayError) -> GatewayError:

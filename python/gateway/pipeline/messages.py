@@ -131,7 +131,7 @@ class MessagesDialect:
         )
         return MessagesStreamWriter(respond.start_stream(protocol, ctx), translator)
 
-    def unary(self, ctx: RequestContext, body: bytes) -> bytes:
+    async def unary(self, ctx: RequestContext, body: bytes) -> bytes:
         state = ctx.dialect_state
         assert isinstance(state, _State)
         return message_from_chat(body, f"msg_{ctx.request_id}", state.model, state.stops)

@@ -171,7 +171,7 @@ class Relay:
         for stage in self._stages:
             body = stage.on_body(ctx, body)
         if ctx.dialect is not None:  # the client's API's reply (Anthropic's `message`)
-            body = ctx.dialect.unary(ctx, body)
+            body = await ctx.dialect.unary(ctx, body)
         settle(ctx)  # before the reply: its headers show the settled state
         ctx.timings["total"] = time.perf_counter_ns() - ctx.start_ns
         respond.send_json(protocol, ctx, 200, body)
