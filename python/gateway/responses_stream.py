@@ -7,7 +7,7 @@
 and `response.completed` (or `incomplete` on a length stop) carries the whole response, which
 the dialect then stores. An error event becomes `error` + `response.failed`. Pings and comments
 pass through (SSE comments). Every event has `type` and `sequence_number`. Choice 0 only.
-Measured at ~1 µs per text chunk (benchmarks/responses_translate.py), so it stays in Python.
+
 """
 
 from __future__ import annotations
@@ -36,13 +36,19 @@ def _event(kind: str, seq: int, body: dict[str, Any]) -> bytes:
 
 
 class _Call:
-    __slots__ = ("args", "call_id", "name", "out")
+    __slots__ = ("args", "call_id", "delta", "name", "out")
 
-    def __init__(self, call_id: str, name: str, out: int) -> None:
+    def __init__(self, call_id: str, name: str, out: int, item_id: str) -> None:
         self.call_id = call_id
         self.name = name
         self.out = out
         self.args: list[str] = []
+        #: the arguments delta event around its sequence number and JSON string
+        self.delta = (
+            b"event: response.function_call_arguments.delta\ndata: {"
+            b'"type":"response.function_call_arguments.delta","sequence_number":%d,'
+            b'"item_id":"' + item_id.encode() + b'","output_index":' + str(out).encode() + b',"delta":%s}\n\n'
+        )
 
 
 class ChatToResponses:
@@ -192,19 +198,17 @@ class ChatToResponses:
             self._next_out += 1
             self._output.append({})
             name = (fn.name if fn is not None else None) or ""
-            call = self._calls[index] = self._open = _Call(
-                call_id or f"call_{self._req.id[5:]}_{index}", name, i
-            )
+            cid = call_id or f"call_{self._req.id[5:]}_{index}"
+            call = self._calls[index] = self._open = _Call(cid, name, i, f"fc_{self._req.id[5:]}_{index}")
             item = call_item(self._req, index, call.call_id, name, "")
             item["status"] = "in_progress"
             out += self._ev("response.output_item.added", {"output_index": i, "item": item})
         args = fn.arguments if fn is not None else None
         if args:
             call.args.append(args)
-            out += self._ev(
-                "response.function_call_arguments.delta",
-                {"item_id": f"fc_{self._req.id[5:]}_{index}", "output_index": call.out, "delta": args},
-            )
+            seq = self._seq
+            self._seq = seq + 1
+            out += call.delta % (seq, _encode(args))
         return out
 
     def _close_call(self) -> bytes:
