@@ -144,7 +144,8 @@ class TritonAdapter:
         if provider.api_key:
             meta.append(("authorization", f"Bearer {provider.api_key}"))
         self._metadata = tuple(meta)
-        self._models: dict[str, _Cached] = {}
+        #: request builders by (Triton model, the route's mapping config)
+        self._models: dict[tuple[str, int], _Cached] = {}
         #: embedding models' contracts from their metadata: model -> (shape, when read)
         self._embedding: dict[str, tuple[EmbeddingShape, float]] = {}
         roots = None
@@ -173,7 +174,8 @@ class TritonAdapter:
     async def builder(self, model: str, cfg: TritonModelConfig) -> TritonRequestBuilder:
         """The request builder for `model`, from its metadata (cached; one RPC per minute)."""
         now = time.monotonic()
-        cached = self._models.get(model)
+        key = (model, id(cfg))  # two public models may map one Triton model differently
+        cached = self._models.get(key)
         if cached is not None and now - cached.at < _METADATA_TTL_S:
             return cached.builder
         try:
@@ -184,12 +186,12 @@ class TritonAdapter:
                 self.connect_timeout_s,
             )
         except RpcError as exc:
-            self._models.pop(model, None)
+            self.forget(model)
             raise map_rpc_error(exc, model) from None
         builder = TritonRequestBuilder(
             model, cfg, {t.name for t in meta.inputs}, {t.name for t in meta.outputs}
         )
-        self._models[model] = _Cached(builder, now)
+        self._models[key] = _Cached(builder, now)
         return builder
 
     async def embedding_shape(self, model: str, cfg: EmbeddingModelConfig) -> EmbeddingShape:
@@ -215,7 +217,8 @@ class TritonAdapter:
 
     def forget(self, model: str) -> None:
         """Drop cached metadata (the model went away; re-read it next time)."""
-        self._models.pop(model, None)
+        for key in [k for k in self._models if k[0] == model]:
+            del self._models[key]
         self._embedding.pop(model, None)
 
     def stream(
