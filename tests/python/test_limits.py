@@ -269,5 +269,5 @@ def test_limited_gateway_logs_no_key(mock_upstream: MockUpstream, tmp_path: Path
         for _ in range(RPM + 2):
             post(gw.port, chat(), f"{KEY}-rpm")
     text = log_path.read_text(errors="replace")
-    assert "granian" in text
+    assert "serving on" in text  # the log is captured
     assert KEY not in text
