@@ -104,10 +104,11 @@ class ResponsesStreamWriter(respond.StreamWriter):
         tr = self._tr
         if tr.response is not None:  # ended: nothing after response.completed / failed
             return
-        out = tr.feed(data)
-        if not self._started:
+        head = b""
+        if not self._started:  # response.created first: its sequence number is 0
             self._started = True
-            out = tr.start() + out
+            head = tr.start()
+        out = head + tr.feed(data)
         response = self._tr.response  # (set by feed at `[DONE]` or an error)
         if response is not None:
             await _store(self._ctx, self._state, response)
