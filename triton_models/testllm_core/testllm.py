@@ -94,7 +94,12 @@ VOCAB: tuple[str, ...] = tuple(_WORDS.split())
 _DIRECTIVE = re.compile(r"\[\[testllm((?:\s+[a-z_]+=[-\w.]+)*)\s*\]\]")
 _TOOL_DIRECTIVE = re.compile(r"\[\[testllm tool_call name=([\w.-]+)(?: style=(\w+))? args=(\{.*?\})\]\]")
 #: where a tool result starts in the common chat layouts: directives before it are answered
-_TOOL_RESULT_MARKS = ("<tool_response>", "<|im_start|>tool", "<|start_header_id|>ipython", "<|start_header_id|>tool")
+_TOOL_RESULT_MARKS = (
+    "<tool_response>",
+    "<|im_start|>tool",
+    "<|start_header_id|>ipython",
+    "<|start_header_id|>tool",
+)
 PIECE = 4  # characters per token of a scripted output
 _MASK64 = (1 << 64) - 1
 
@@ -352,7 +357,13 @@ class TestLLM:
         pass
 
     def _response(
-        self, req: Request, text: str, count: int, logprobs: Sequence[float] = (), cum: float = 0.0, seq: int = 0
+        self,
+        req: Request,
+        text: str,
+        count: int,
+        logprobs: Sequence[float] = (),
+        cum: float = 0.0,
+        seq: int = 0,
     ) -> Any:
         np = _numpy()
         pb = self.pb
@@ -426,7 +437,9 @@ class TestLLM:
                 text = "".join(emit) if req.exclude_input else req.prompt + "".join(emit)
                 lps = [token_logprob(t) for t in emit]
                 last = q == len(emits) - 1 and not self.separate_final
-                sender.send(self._response(req, text, len(emit), lps, sum(lps), q), flags=final if last else 0)
+                sender.send(
+                    self._response(req, text, len(emit), lps, sum(lps), q), flags=final if last else 0
+                )
         if self.separate_final or (req.stream and not order):
             sender.send(flags=final)
         log_event("end", self.model_name, request_id, len(order))
