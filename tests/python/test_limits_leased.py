@@ -37,6 +37,7 @@ TIERS = {
     "lbudget": "{rpm: 100000, budget_usd_per_day: 0.01, mode: leased}",
     "xrpm": f"{{rpm: {RPM}}}",
     "lkill": "{rpm: 600, mode: leased}",
+    "lbsteady": "{rpm: 100000, budget_usd_per_day: 0.002, mode: leased}",
 }
 
 
@@ -158,6 +159,37 @@ def test_barrier_burst_budget_never_overspent(env: tuple[Gateway, str, Any]) -> 
     if status == 429:
         assert body2["error"]["code"] == "budget_exceeded"
         assert int(headers["retry-after"]) >= 1
+
+
+def test_steady_overload_budget_spends_exactly_what_was_used(env: tuple[Gateway, str, Any]) -> None:
+    """Each request reserves 1,000,000 nano-USD of a 2,000,000 budget and uses far less: once the
+    slices went back (idle), Redis holds exactly what the admitted responses cost."""
+    gw, prefix, r = env
+    costs: list[int] = []
+    refused = [0]
+    stop = time.monotonic() + 2.0
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            status, _, body = post(gw.port, chat(max_tokens=50), f"{KEY}-lbsteady")
+            if status == 200:
+                costs.append(body["usage"]["completion_tokens"] * 20_000)
+            else:
+                assert status == 429 and body["error"]["code"] == "budget_exceeded"
+                refused[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert refused[0] > 0 and costs
+    assert sum(costs) <= 2_000_000
+    name = f"{prefix}{{lbsteady}}:b"
+    assert wait_for(lambda: int(r.hget(name, "ds") or 0) == sum(costs), timeout_s=6), (
+        r.hget(name, "ds"),
+        sum(costs),
+    )
 
 
 def test_headers_present_and_plausible(env: tuple[Gateway, str, Any]) -> None:
