@@ -10,11 +10,14 @@ pub mod emit;
 pub mod limits;
 pub mod messages;
 pub mod metrics;
+pub mod outguard;
+pub mod pii;
 pub mod reframe;
 pub mod rules;
 pub mod sse;
 pub mod textstream;
 pub mod tokens;
+pub mod toolcheck;
 
 #[cfg(feature = "python")]
 mod py;

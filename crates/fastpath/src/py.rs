@@ -14,11 +14,14 @@ use crate::buckets::LocalLimiter;
 use crate::emit::{self, ChunkEmitter};
 use crate::messages::MessagesStream;
 use crate::metrics::{RequestPlan, Sample, Slots, Stage, UsagePlan};
+use crate::outguard::{Action, Finding, OutputFilter, Policy};
+use crate::pii::Kind;
 use crate::reframe::Reframer;
 use crate::rules::RuleSet;
 use crate::sse::{self, Parser};
 use crate::textstream::{TextStream, TextStreamError};
 use crate::tokens::{self, Encoding, TokenError};
+use crate::toolcheck::{ToolAssembler, ToolSet};
 
 create_exception!(
     gateway._fastpath,
@@ -462,6 +465,142 @@ impl PyPromptRules {
     }
 }
 
+// ---- output guard and tool-call validation ---------------------------------------------------
+
+fn finding_tuple(f: Finding) -> (&'static str, &'static str, u32) {
+    (f.kind.name(), f.action.name(), f.guard)
+}
+
+#[pyclass(name = "OutputPolicy", module = "gateway._fastpath", frozen)]
+struct PyOutputPolicy(std::sync::Arc<Policy>);
+
+#[pymethods]
+impl PyOutputPolicy {
+    /// `rules`: (kind, action, guard index) triples.
+    #[new]
+    fn new(rules: Vec<(String, String, u32)>) -> PyResult<Self> {
+        let mut parsed = Vec::with_capacity(rules.len());
+        for (kind, action, guard) in rules {
+            let k = Kind::parse(&kind)
+                .ok_or_else(|| FastpathError::new_err(format!("unknown PII kind {kind:?}")))?;
+            let a = Action::parse(&action)
+                .ok_or_else(|| FastpathError::new_err(format!("unknown action {action:?}")))?;
+            parsed.push((k, a, guard));
+        }
+        Policy::new(&parsed)
+            .map(|p| Self(std::sync::Arc::new(p)))
+            .map_err(FastpathError::new_err)
+    }
+
+    /// (text with `redact` findings masked, findings (kind, action, guard), first block (kind,
+    /// guard) or None).
+    #[allow(clippy::type_complexity)]
+    fn scan(
+        &self,
+        py: Python<'_>,
+        text: &Bound<'_, PyString>,
+    ) -> (
+        String,
+        Vec<(&'static str, &'static str, u32)>,
+        Option<(&'static str, u32)>,
+    ) {
+        let s = with_text(py, &text_of(text), |t| self.0.scan_text(t));
+        (
+            s.text,
+            s.findings.iter().copied().map(finding_tuple).collect(),
+            s.blocked.map(|f| (f.kind.name(), f.guard)),
+        )
+    }
+
+    #[pyo3(signature = (window, max_event_bytes = DEFAULT_MAX_EVENT_BYTES))]
+    fn filter(&self, window: usize, max_event_bytes: usize) -> PyOutputFilter {
+        PyOutputFilter(OutputFilter::new(
+            std::sync::Arc::clone(&self.0),
+            window,
+            max_event_bytes,
+        ))
+    }
+}
+
+#[pyclass(name = "OutputFilter", module = "gateway._fastpath")]
+struct PyOutputFilter(OutputFilter);
+
+#[pymethods]
+impl PyOutputFilter {
+    fn feed<'py>(&mut self, py: Python<'py>, frames: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.0.feed(frames).map_err(sse_error_to_py)?;
+        Ok(PyBytes::new(py, out))
+    }
+
+    fn finish<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.0.finish())
+    }
+
+    #[getter]
+    fn blocked(&self) -> Option<(&'static str, u32)> {
+        self.0.blocked().map(|f| (f.kind.name(), f.guard))
+    }
+
+    #[getter]
+    fn findings(&self) -> Vec<(&'static str, &'static str, u32)> {
+        self.0
+            .findings()
+            .iter()
+            .copied()
+            .map(finding_tuple)
+            .collect()
+    }
+
+    #[getter]
+    fn held(&self) -> usize {
+        self.0.held()
+    }
+}
+
+#[pyclass(name = "ToolSet", module = "gateway._fastpath", frozen)]
+struct PyToolSet(ToolSet);
+
+#[pymethods]
+impl PyToolSet {
+    #[new]
+    fn new(tools: &[u8]) -> PyResult<Self> {
+        ToolSet::new(tools)
+            .map(Self)
+            .map_err(FastpathError::new_err)
+    }
+
+    fn check(&self, name: &str, arguments: &str) -> Option<String> {
+        self.0.check(name, arguments)
+    }
+
+    #[getter]
+    fn names(&self) -> Vec<String> {
+        self.0.names().into_iter().map(str::to_owned).collect()
+    }
+}
+
+#[pyclass(name = "ToolAssembler", module = "gateway._fastpath")]
+struct PyToolAssembler(ToolAssembler);
+
+#[pymethods]
+impl PyToolAssembler {
+    #[new]
+    #[pyo3(signature = (max_event_bytes = DEFAULT_MAX_EVENT_BYTES))]
+    fn new(max_event_bytes: usize) -> Self {
+        Self(ToolAssembler::new(max_event_bytes))
+    }
+
+    fn feed(&mut self, frames: &[u8]) -> PyResult<()> {
+        self.0.feed(frames).map_err(sse_error_to_py)
+    }
+
+    /// (choice index, call index, name, arguments) per call, in order of first appearance.
+    #[getter]
+    fn calls(&self) -> Vec<(u64, u64, String, String)> {
+        self.0.calls().to_vec()
+    }
+}
+
 // ---- request limits --------------------------------------------------------------------------
 
 /// A linear scan at memory speed: not worth a copy to release the GIL.
@@ -742,6 +881,10 @@ fn fastpath_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLocalLimiter>()?;
     m.add_class::<PyTextStream>()?;
     m.add_class::<PyPromptRules>()?;
+    m.add_class::<PyOutputPolicy>()?;
+    m.add_class::<PyOutputFilter>()?;
+    m.add_class::<PyToolSet>()?;
+    m.add_class::<PyToolAssembler>()?;
     m.add_class::<PyMetricSlots>()?;
     Ok(())
 }
