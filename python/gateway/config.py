@@ -23,6 +23,7 @@ import yaml
 
 from . import _fastpath, envvars
 from .config_jobs import JobsConfig, validate_jobs
+from .config_output import OutputGuardConfig, ToolValidationConfig, validate_output
 from .config_responses import ResponsesConfig, validate_responses
 from .config_routing import (
     AffinityConfig,
@@ -308,10 +309,15 @@ class TierConfig(BudgetLimitSet, forbid_unknown_fields=True, frozen=True):
     #: Higher first: the order of the fair queue (`models[].queue`) and the request priority
     #: passed to engines that take one (Triton).
     priority: int = 0
+    #: Tool names a request of this tier may offer (and a reply may call); None = any.
+    tools_allowed: list[str] | None = None
 
 
 class TeamLimitsConfig(BudgetLimitSet, forbid_unknown_fields=True, frozen=True):
     """Limits shared by all keys of one team (`teams.<team>`), on top of each key's tier."""
+
+    #: Tool names this team's requests may offer (and replies may call); None = any.
+    tools_allowed: list[str] | None = None
 
 
 class PriceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -333,6 +339,9 @@ class KeyConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     models: list[str] = []  # allowed public models; empty = all
     expires_at: datetime | None = None  # with a timezone: 2030-01-01T00:00:00Z
     disabled: bool = False
+    #: Tool names this key's requests may offer (and replies may call); None = any (the key's,
+    #: its tier's and its team's lists all apply).
+    tools_allowed: list[str] | None = None
 
 
 class StoreKind(StrEnum):
@@ -666,6 +675,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tiers: dict[str, TierConfig] = msgspec.field(default_factory=_default_tiers)
     limits: LimitsConfig = LimitsConfig()
     guards: list[GuardConfig] = []
+    #: PII / secret checks of replies (response stage `output_guard`), in order.
+    output_guards: list[OutputGuardConfig] = []
+    #: Tool calls in replies checked against the request's `tools` (off unless enabled).
+    tool_validation: ToolValidationConfig = ToolValidationConfig()
     #: Team name -> limits shared by all keys of that team (teams not listed: none).
     teams: dict[str, TeamLimitsConfig] = {}
     #: Public model -> price (budgets); models not listed cost nothing.
@@ -863,6 +876,7 @@ def _validate(cfg: Config) -> None:
     validate_routing(cfg, seen)
     _validate_model_kinds(cfg)
     _validate_guards(cfg, seen)
+    validate_output(cfg, seen)
     _validate_extensions(cfg)
     _validate_tracing(cfg.tracing)
     _validate_auth(cfg)
