@@ -7,7 +7,9 @@ decision and per request (decision + settlement, + leased grants and returns amo
 
 - Redis CPU from /proc/<redis pid>/stat (utime + stime: Lua, commands *and* the socket I/O),
 - the Lua time Redis accounts in `INFO commandstats` (evalsha/eval `usec`),
-- script calls per request.
+- script calls per request,
+- decisions/s of the driver (decide + settle in this one process: `local` beside `leased` shows
+  what the leased bookkeeping costs the worker).
 
 Usage: .venv/bin/python benchmarks/redis_limits_cost.py [-n 20000] [-c 1,16]
        [--plan rpm|rpm_tpm|bench] [--mode exact,leased]
@@ -63,6 +65,11 @@ def config(port: int, plan: str, mode: str) -> config_mod.Config:
     tier = PLANS[plan]
     if mode == "leased":
         tier = tier[:-1] + ", mode: leased}"
+    if mode == "local":  # the per-worker limiter: what the leased path's Python costs beside it
+        return config_mod.parse(
+            "providers: [{name: p, base_url: 'http://127.0.0.1:1/v1'}]\n"
+            f"models: [{{name: m, provider: p}}]\ntiers: {{pro: {tier}}}\n"
+        )
     return config_mod.parse(
         "providers: [{name: p, base_url: 'http://127.0.0.1:1/v1'}]\n"
         "models: [{name: m, provider: p}]\n"
@@ -134,7 +141,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=20_000, help="requests per cell")
     ap.add_argument("-c", default="1,16", help="concurrency levels")
     ap.add_argument("--plan", default="rpm_tpm", choices=sorted(PLANS))
-    ap.add_argument("--mode", default="exact,leased")
+    ap.add_argument("--mode", default="exact,leased", help="any of local,exact,leased")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds")
     args = ap.parse_args()
     if shutil.which("redis-server") is None:
