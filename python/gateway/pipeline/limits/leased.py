@@ -345,43 +345,45 @@ class LeasedStore:
         """Take every leased check's units from its slice, all or none, granting what is short
         (one script call for the plan). Returns the index of a refusing check, or -1."""
         checks = parts.plan.checks
-        for _ in range(4):
-            now = time.monotonic()
-            short: list[tuple[int, Slice, int]] = []
-            for i in parts.leased:
-                c = checks[i]
-                need = amounts[c.kind]
-                s = self._slice(c, day, month)
-                if need <= 0 or s.left >= need:
-                    continue
-                if now < s.dry_until and need >= s.dry_need:
-                    states[i] = self._dry_state(s, now)
-                    return i
-                short.append((i, s, need))
-            if not short:
+        counted: list[Slice] = []  # slices this request waits on (a grant asks for all waiters)
+        try:
+            for _ in range(8):
+                now = time.monotonic()
+                short: list[tuple[int, Slice, int]] = []
                 for i in parts.leased:
                     c = checks[i]
                     need = amounts[c.kind]
-                    s = self._slices[c.local_key]
-                    s.left -= need
-                    s.used += need
-                    s.last_used = now
-                    states[i] = s.state(now, 1)
-                return -1
-            pending = next((s.pending for _, s, _ in short if s.pending is not None), None)
-            if pending is not None:  # a grant is on its way: wait for it, then look again
-                for _, s, _ in short:
-                    s.waiting += 1
-                try:
+                    s = self._slice(c, day, month)
+                    if need <= 0 or s.left >= need:
+                        continue
+                    if now < s.dry_until and need >= s.dry_need:
+                        states[i] = self._dry_state(s, now)
+                        return i
+                    short.append((i, s, need))
+                    if s not in counted:
+                        s.waiting += 1
+                        counted.append(s)
+                if not short:
+                    for i in parts.leased:
+                        c = checks[i]
+                        need = amounts[c.kind]
+                        s = self._slices[c.local_key]
+                        s.left -= need
+                        s.used += need
+                        s.last_used = now
+                        states[i] = s.state(now, 1)
+                    return -1
+                pending = next((s.pending for _, s, _ in short if s.pending is not None), None)
+                if pending is not None:  # a grant is on its way: wait for it, then look again
                     await asyncio.shield(pending)
-                finally:
-                    for _, s, _ in short:
-                        s.waiting -= 1
-                continue
-            refused = await self._grant_short(short, states)
-            if refused >= 0:
-                return refused
-        i = parts.leased[0]  # contended four times over: refuse, briefly
+                    continue
+                refused = await self._grant_short(short, states)
+                if refused >= 0:
+                    return refused
+        finally:
+            for s in counted:
+                s.waiting -= 1
+        i = parts.leased[0]  # contended eight times over: refuse, briefly
         states[i] = self._slices[checks[i].local_key].state(time.monotonic(), 0, 100)
         return i
 
@@ -393,7 +395,7 @@ class LeasedStore:
         for _, s, need in short:
             s.pending = fut
             cap = max(1, slice_limit(s.check) // (2 * self.workers))
-            want = max(s.target, min(cap, need * (s.waiting + 1))) + need - s.left
+            want = max(s.target, min(cap, need * s.waiting)) + need - s.left
             wants.append((s, want, need - s.left))
         try:
             got = await self._call_grant(wants)
