@@ -231,6 +231,51 @@ class TextStream:
         """The text emitted so far (without the stop sequence)."""
     def completion_tokens(self, encoding: str = "o200k_base") -> int: ...
 
+# ---- output guard and tool-call validation ---------------------------------------------------
+class OutputPolicy:
+    """PII / secret kinds to look for, each with an action (`flag`, `redact`, `block`) and the
+    index of the guard that asked (the strongest action wins per kind). Raises FastpathError
+    on an unknown kind or action."""
+
+    def __init__(self, rules: list[tuple[str, str, int]]) -> None: ...
+    def scan(self, text: str) -> tuple[str, list[tuple[str, str, int]], tuple[str, int] | None]:
+        """(text with `redact` findings masked, findings (kind, action, guard), first block
+        (kind, guard) or None)."""
+    def filter(self, window: int, max_event_bytes: int = ...) -> OutputFilter:
+        """A stream filter over OpenAI chunk frames holding back `window` bytes of text."""
+
+class OutputFilter:
+    def feed(self, frames: bytes) -> bytes:
+        """One read's frames -> the frames to send now. Raises SseError."""
+    def finish(self) -> bytes:
+        """Everything still held, scanned to its end."""
+    @property
+    def blocked(self) -> tuple[str, int] | None: ...
+    @property
+    def findings(self) -> list[tuple[str, str, int]]: ...
+    @property
+    def held(self) -> int:
+        """Text bytes held back now."""
+
+class ToolSet:
+    """The request's `tools` (JSON array bytes) with each tool's JSON Schema compiled. Raises
+    FastpathError on an invalid schema."""
+
+    def __init__(self, tools: bytes) -> None: ...
+    def check(self, name: str, arguments: str) -> str | None:
+        """None: a valid call; else why not."""
+    @property
+    def names(self) -> list[str]: ...
+
+class ToolAssembler:
+    """A stream's tool calls rebuilt from its OpenAI chunk frames."""
+
+    def __init__(self, max_event_bytes: int = ...) -> None: ...
+    def feed(self, frames: bytes) -> None: ...
+    @property
+    def calls(self) -> list[tuple[int, int, str, str]]:
+        """(choice index, call index, name, arguments) per call."""
+
 # ---- prompt rules (guard) -------------------------------------------------------------------
 class PromptRules:
     """Known injection phrases (Aho-Corasick; case-insensitive, whitespace runs = one space) and

@@ -30,6 +30,8 @@ class Fault(Enum):
     UNSUPPORTED_PARAMETER = _Spec(400, "invalid_request_error")
     #: a prompt guard refused the prompt; the error `code` is the guard's name
     PROMPT_BLOCKED = _Spec(400, "invalid_request_error", log_level=logging.INFO)
+    #: an output guard found a `block` kind in the reply (pipeline/output_guard.py)
+    OUTPUT_BLOCKED = _Spec(400, "invalid_request_error", log_level=logging.INFO)
     UNAUTHORIZED = _Spec(401, "authentication_error")
     FORBIDDEN = _Spec(403, "permission_error")
     MODEL_NOT_FOUND = _Spec(404, "not_found_error")

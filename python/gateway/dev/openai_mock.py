@@ -28,6 +28,7 @@ import base64
 import contextlib
 import hashlib
 import http
+import itertools
 import logging
 import math
 import os
@@ -158,6 +159,14 @@ class Knobs:
     no_usage: bool = False  #: omit ``usage`` everywhere
     hang: bool = False  #: accept the request and never answer
     raw: str | None = None  #: written verbatim as the whole HTTP response, then the connection closes
+    #: the reply text verbatim (a tool call's arguments when one is made) instead of the echo
+    content: str | None = None
+    #: stream ``content`` as the pieces between these character offsets (not word by word)
+    split_at: list[int] | None = None
+    #: call this tool (any name, offered or not) with ``content`` as its arguments
+    tool: str | None = None
+    #: used instead of ``content`` when the last message is a tool result (a repair turn)
+    content_after_tool: str | None = None
 
     @classmethod
     def from_body(cls, body: JSONDict, model: str) -> Knobs:
@@ -184,7 +193,33 @@ class Knobs:
             no_usage=_get_bool(mock, "no_usage", param="mock.no_usage"),
             hang=_get_bool(mock, "hang", param="mock.hang"),
             raw=raw,
+            content=_get_str(mock, "content"),
+            split_at=_get_offsets(mock),
+            tool=_get_str(mock, "tool"),
+            content_after_tool=_get_str(mock, "content_after_tool"),
         )
+
+
+def _get_str(mock: JSONDict, key: str) -> str | None:
+    value = mock.get(key)
+    if value is not None and not isinstance(value, str):
+        raise HTTPError(400, f"mock.{key} must be a string", param=f"mock.{key}")
+    return value
+
+
+def _get_offsets(mock: JSONDict) -> list[int] | None:
+    value = mock.get("split_at")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
+        raise HTTPError(400, "mock.split_at must be a list of positive integers", param="mock.split_at")
+    return sorted(value)
+
+
+def _pieces_at(text: str, offsets: list[int]) -> list[str]:
+    """``text`` cut at the given character offsets (tests: a finding split at every offset)."""
+    cuts = [0, *(o for o in offsets if o < len(text)), len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
 _FAULT_FIELDS: Final = frozenset(
@@ -408,17 +443,22 @@ def plan_chat(body: JSONDict, rid: str) -> Plan:
         (content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
     )
     echo = " ".join(f"w{i}" for i in range(knobs.words)) if knobs.words is not None else last_user
-    tool_name = _tool_name(body)
+    tool_name = knobs.tool or _tool_name(body)
     fmt = body.get("response_format")
     json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
-    if tool_name is not None or json_mode:
+    if knobs.content_after_tool is not None and messages[-1].get("role") == "tool":
+        text = knobs.content_after_tool
+    elif knobs.content is not None:
+        text = knobs.content
+    elif tool_name is not None or json_mode:
         text = orjson.dumps({"echo": echo}).decode()
     elif knobs.words is not None:
         text = echo
     else:
         text = "You said: " + echo
     text, matched = _cut_at_stop(text, body.get("stop"))
-    pieces, truncated = truncate(split_pieces(text), limit)
+    split = _pieces_at(text, knobs.split_at) if knobs.split_at is not None else split_pieces(text)
+    pieces, truncated = truncate(split, limit)
     done = "tool_calls" if tool_name is not None else "stop"
     return Plan(
         chat=True,
@@ -1199,7 +1239,8 @@ def render_embeddings(body: JSONDict, model: str, float_only: bool, no_usage: bo
 
 
 def _embeddings(conn: MockConnection, req: Request) -> Handler | None:
-    """``POST /v1/embeddings``; knobs: ``status``, ``first_delay_ms``, ``no_usage``, ``float_only``."""
+    """``POST /v1/embeddings``; knobs: ``status``, ``first_delay_ms``, ``no_usage``, ``float_only``;
+    of the process faults only ``first_delay_ms`` applies."""
     state = conn.state
     try:
         body = orjson.loads(req.body)
@@ -1221,6 +1262,8 @@ def _embeddings(conn: MockConnection, req: Request) -> Handler | None:
     model = _require_model(body)
     knobs = Knobs.from_body(body, model)
     mock = body.get("mock") or {}
+    if "first_delay_ms" not in mock:  # a slow embedding model for callers that send no knobs
+        knobs.first_delay_ms = state.faults.first_delay_ms
     if knobs.status is not None and knobs.status != 200:
         raise HTTPError(knobs.status, f"mock error (status {knobs.status})")
     float_only = _get_bool(mock, "float_only", param="mock.float_only")

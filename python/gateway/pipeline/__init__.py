@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
 
 from ..config import Config, limits_enabled
+from ..config_output import tools_permissions_on
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
 from ..keystore import open_store
@@ -94,6 +95,12 @@ class Pipeline:
 
             stages.append(AuthStage(cfg, open_store(cfg, readonly=True)))
         stages.append(RouteStage(worker.routes))
+        tool_check = None
+        if cfg.tool_validation.enabled or tools_permissions_on(cfg):
+            from .tool_check import ToolCheckStage
+
+            tool_check = ToolCheckStage(cfg)
+            stages.append(tool_check)  # a forbidden tool is refused before limits count it
         if cfg.auth.enabled and limits_enabled(cfg):
             from .limits import LimitsStage
 
@@ -108,6 +115,12 @@ class Pipeline:
             from .guard import GuardStage, build_guards  # grpc and tritonclient only when used
 
             stages.append(GuardStage(build_guards(cfg.guards, worker.adapters), list(worker.routes)))
+        if cfg.output_guards:
+            from .output_guard import OutputGuardStage
+
+            response.append(OutputGuardStage(cfg.output_guards, list(worker.routes)))
+        if tool_check is not None:  # after the output guard here: it sees the frames first
+            response.append(tool_check)
         #: the usage ledger's observer (the admin usage route flushes it); None when off
         self.ledger: LedgerObserver | None = None
         if ledger_on(cfg.ledger):

@@ -15,7 +15,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import msgspec
 
 from .. import _fastpath
 from ..errors import Fault, GatewayError
@@ -25,6 +27,7 @@ from . import respond
 if TYPE_CHECKING:
     from ..context import RequestContext
     from ..routing.dispatch import Dispatch
+    from ..schemas import Usage
     from ..upstreams.base import UpstreamCall
 
 log = logging.getLogger("gateway.relay")
@@ -45,6 +48,31 @@ class DeltaHook(Protocol):
         """The upstream stream ended well and `ctx.usage` is final: frames (or SSE comments) to
         send before `[DONE]` (b"": none)."""
         ...
+
+
+class FrameFilter(Protocol):
+    """A delta hook that also sees a stream's frames before they go out (an output guard that
+    holds back and rewrites text, a tool-call assembler). Only hooks that have `rewrite` are
+    filters: a stream without one sends the adapter's frames untouched, at no extra cost."""
+
+    def rewrite(self, frames: bytes) -> bytes:
+        """One read's frames -> the frames to send now (it may hold some back); raises
+        `GatewayError` to end the stream instead (nothing of this read goes out)."""
+        ...
+
+    def drain(self) -> bytes:
+        """The upstream ended well: what is still held (may raise `GatewayError`)."""
+        ...
+
+
+class RetryUpstream(Exception):
+    """Raised by a response stage's `on_body` (unary) to have the relay call the upstream once
+    more with `body` (a tool-call repair turn); the stage sees the new reply in `on_body` again
+    and must not ask twice. Usage is the sum of both calls."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__("retry upstream")
+        self.body = body
 
 
 class ResponseStage(Protocol):
@@ -154,7 +182,7 @@ class Relay:
         adapter = dep.adapter
         return ctx.attempt_t0 + min(self.max_stream_s, adapter.total_timeout_s), adapter.idle_timeout_s
 
-    async def _unary(self, ctx: RequestContext, protocol: Any, settle: Settle) -> None:
+    async def _fetch(self, ctx: RequestContext) -> bytes:
         t0 = time.perf_counter_ns()
         call, _ = await self._dispatch.open(ctx)
         deadline, _ = self._limits(ctx)
@@ -166,10 +194,23 @@ class Relay:
             raise
         call.release()
         self._dispatch.finish(ctx, True)
-        ctx.timings["upstream"] = time.perf_counter_ns() - t0
+        ctx.timings["upstream"] = ctx.timings.get("upstream", 0) + time.perf_counter_ns() - t0
         ctx.usage = call.usage()
-        for stage in self._stages:
-            body = stage.on_body(ctx, body)
+        return body
+
+    async def _unary(self, ctx: RequestContext, protocol: Any, settle: Settle) -> None:
+        body = await self._fetch(ctx)
+        try:
+            for stage in self._stages:
+                body = stage.on_body(ctx, body)
+        except RetryUpstream as retry:
+            first = ctx.usage
+            ctx.body = ctx.upstream_body = retry.body
+            ctx.body_parts = None
+            body = await self._fetch(ctx)
+            ctx.usage = _add_usage(first, ctx.usage)
+            for stage in self._stages:
+                body = stage.on_body(ctx, body)
         if ctx.dialect is not None:  # the client's API's reply (Anthropic's `message`)
             body = await ctx.dialect.unary(ctx, body)
         settle(ctx)  # before the reply: its headers show the settled state
@@ -185,6 +226,7 @@ class Relay:
         deadline, idle_s = self._limits(ctx)
         try:
             hooks = [h for s in self._stages if (h := s.on_stream(ctx)) is not None]
+            filters = [cast("FrameFilter", h) for h in hooks if hasattr(h, "rewrite")] if hooks else None
             # a client of another API (ctx.dialect): a writer that translates every send
             dialect = ctx.dialect
             if dialect is None:
@@ -201,11 +243,16 @@ class Relay:
         try:
             while True:
                 if out:
-                    await writer.send(out)
-                    live.last = loop.time()
+                    nbytes = len(out)  # before filters: an upper bound of the read's new text
+                    if filters:
+                        for f in filters:
+                            out = f.rewrite(out)
+                    if out:
+                        await writer.send(out)
+                        live.last = loop.time()
                     if hooks:
                         for hook in hooks:
-                            err = hook.on_delta(call, len(out))
+                            err = hook.on_delta(call, nbytes)
                             if err is not None:
                                 # what went out is charged: the client got it; the upstream stops
                                 call.abort()
@@ -225,6 +272,9 @@ class Relay:
                 out = step
                 gaps.add(loop.time())
             tail, err = call.finish()
+            if filters:
+                for f in filters:
+                    tail = f.rewrite(tail) + f.drain()
             if err is not None:
                 await _end_with_error(ctx, writer, err, tail)
                 return
@@ -248,6 +298,18 @@ class Relay:
             self._dispatch.finish(ctx, ended_ok)
             ctx.usage = call.usage()
             settle(ctx)
+
+
+def _add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
+    """Both calls of a repaired reply are charged."""
+    if a is None or b is None:
+        return b or a
+    return msgspec.structs.replace(
+        b,
+        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
+        completion_tokens=a.completion_tokens + b.completion_tokens,
+        total_tokens=a.total_tokens + b.total_tokens,
+    )
 
 
 async def _end_with_error(
