@@ -236,3 +236,22 @@ def test_killed_worker_slice_comes_back(mock_upstream: MockUpstream, tmp_path: P
     finally:
         _cleanup(r, prefix)
         r.close()
+
+
+def test_small_limits_concurrency_and_shadow_checks_stay_exact() -> None:
+    from gateway.pipeline.limits.leased import MIN_UNITS_PER_WORKER, Parts
+    from gateway.quota import BUDGET, CONC, RPM, TPM, Check, Plan
+
+    small = MIN_UNITS_PER_WORKER * WORKERS - 1
+    checks = [
+        Check(CONC, "k", "c", 5),  # concurrency: never leased
+        Check(RPM, "k", "r", small, leased=True),  # too small to slice
+        Check(TPM, "k", "t", 100_000, leased=True),
+        Check(BUDGET, "k", "b", 0, 10_000_000, leased=True),  # a monthly budget
+        Check(RPM, "k", "s", 1_000, enforce=False),  # a shadow check (never marked leased)
+    ]
+    parts = Parts(Plan(checks, 0, 0), WORKERS)
+    assert parts.leased == (2, 3)
+    assert parts.exact == (0, 1, 4)
+    assert parts.exact_plan is not None and len(parts.exact_plan.checks) == 3
+    assert Parts(Plan(checks[2:4], 0, 0), 10**7).leased == ()  # a huge fleet: nothing to slice
