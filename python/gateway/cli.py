@@ -898,6 +898,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_print_default_config)
     v = sub.add_parser("version", help="print versions and build profile")
     v.set_defaults(func=cmd_version)
+    from .index_cli import add_parser as add_index_parser
+
+    add_index_parser(sub)  # `index add`: documents into a retriever's index
     return p
 
 

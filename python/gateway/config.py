@@ -24,6 +24,7 @@ import yaml
 from . import _fastpath, envvars
 from .config_jobs import JobsConfig, validate_jobs
 from .config_output import OutputGuardConfig, ToolValidationConfig, validate_output
+from .config_prompts import PromptConfig, RetrievalConfig, validate_prompts
 from .config_responses import ResponsesConfig, validate_responses
 from .config_routing import (
     AffinityConfig,
@@ -703,6 +704,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     jobs: JobsConfig = JobsConfig()
     #: The Responses API and its conversation store (SQLite file by default, made on first use).
     responses: ResponsesConfig = ResponsesConfig()
+    #: Server-side prompt templates by name (`config_prompts.py`; stage `prompts`).
+    prompts: dict[str, PromptConfig] = {}
+    #: Retrievers (RAG) per model, with a time budget (stage `retrieve`).
+    retrieval: RetrievalConfig = RetrievalConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -886,6 +891,7 @@ def _validate(cfg: Config) -> None:
     _validate_access_log(cfg.access_log)
     validate_jobs(cfg)
     validate_responses(cfg)
+    validate_prompts(cfg)
 
 
 def _validate_signing(where: str, g: SigningConfig) -> None:

@@ -49,6 +49,8 @@ class RequestContext:
         "lease",
         "principal",
         "priority",
+        "prompt",
+        "rag",
         "ratelimit_headers",
         "reply_headers",
         "request_id",
@@ -130,3 +132,7 @@ class RequestContext:
         self.settled = False
         #: stage name -> nanoseconds spent, for the server-timing header and benchmarks
         self.timings: dict[str, int] = {}
+        #: the server-side prompt applied, `name@version` (stage `prompts`); None: none
+        self.prompt: str | None = None
+        #: what stage `retrieve` found (`pipeline/retrieve.py`'s Retrieved); None: no retriever
+        self.rag: Any = None

@@ -70,10 +70,12 @@ COLUMNS = (
     "provider",  # the answering deployment's provider; NULL: no upstream attempt (refused, cache hit)
     "attempts",  # upstream attempts made (retries, fallbacks and hedges included)
     "cache",  # the response cache's verdict: hit | miss | shared; NULL: not cached
+    # added with the prompt manager (issue 18)
+    "prompt",  # the server-side prompt applied, name@version; NULL: none
 )
 Row = tuple[
     str, float, str, str | None, str | None, str | None, str, str | None, str | None, bool, int, str | None,
-    int, int, int, float, str | None, int, str | None,
+    int, int, int, float, str | None, int, str | None, str | None,
 ]  # fmt: skip
 #: Columns added after the first schema, their SQL types (SQLite, PostgreSQL) and the value a row
 #: written before them gets (migrated tables, old spill files).
@@ -81,6 +83,7 @@ _ADDED: tuple[tuple[str, str, str, Any], ...] = (
     ("provider", "TEXT", "TEXT", None),
     ("attempts", "INTEGER NOT NULL DEFAULT 0", "INTEGER NOT NULL DEFAULT 0", 0),
     ("cache", "TEXT", "TEXT", None),
+    ("prompt", "TEXT", "TEXT", None),
 )
 
 _COLS = ", ".join(COLUMNS)
@@ -104,7 +107,8 @@ _SQLITE_SCHEMA = (
         latency_ms REAL NOT NULL,
         provider TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
-        cache TEXT
+        cache TEXT,
+        prompt TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS fastpath_usage_day ON fastpath_usage (day)",
 )
@@ -129,7 +133,8 @@ _PG_SCHEMA = (
         latency_ms DOUBLE PRECISION NOT NULL,
         provider TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
-        cache TEXT
+        cache TEXT,
+        prompt TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS fastpath_usage_day ON fastpath_usage (day)",
 )

@@ -1,6 +1,6 @@
 """The request pipeline (docs/architecture.md):
 
-    request stages: [trace] -> decode -> [auth] -> route -> [limits] -> [guard]
+    request stages: [trace] -> decode -> [auth] -> route -> [retrieve] -> [prompts] -> [limits] -> [guard]
     dispatch:       deployments, retries, fallbacks, hedges, cache -> an answering UpstreamCall
     relay:          frames out, response stages in reverse order ([live_budget], extensions, [cost])
     settle:         finish stages ([limits]): exactly once, before a unary reply or after a stream
@@ -95,6 +95,16 @@ class Pipeline:
 
             stages.append(AuthStage(cfg, open_store(cfg, readonly=True)))
         stages.append(RouteStage(worker.routes))
+        if cfg.retrieval.models:  # before `prompts`: the context it injects
+            from .retrieve import RetrieveStage
+
+            retrieve = RetrieveStage(cfg, worker)
+            stages.append(retrieve)
+            response.append(retrieve)  # opt-in `citations` in unary bodies
+        if cfg.prompts or cfg.retrieval.models:  # before limits: the injected tokens are counted
+            from .prompts import PromptStage
+
+            stages.append(PromptStage(cfg))
         tool_check = None
         if cfg.tool_validation.enabled or tools_permissions_on(cfg):
             from .tool_check import ToolCheckStage

@@ -93,5 +93,6 @@ class LedgerObserver(Part):
             deployment.adapter.name if deployment is not None else None,
             ctx.attempts,
             ctx.cache,
+            ctx.prompt,
         )
         self.writer.append(row)

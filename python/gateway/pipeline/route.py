@@ -48,36 +48,45 @@ class RouteStage(Part):
         principal = ctx.principal
         if principal is not None:
             ctx.priority = principal.tier.priority
-        body = ctx.body
-        inject_usage = ctx.stream and not ctx.client_wants_usage
-        # A `\u` escape can spell a key without its literal bytes: then look at decoded keys.
-        strip = b"\\u" in body or any(k in body for k in _HOST_CHOOSING)
-        model_json = route.model_json
-        if model_json is not None and route.upstream_model == view.model and not inject_usage and not strip:
-            ctx.upstream_body = body
-            ctx.body_model = model_json
-            return
-        top = _raw_top.decode(body)
-        # one upstream model: write it; several: a placeholder the dispatcher splices per deployment
-        top["model"] = msgspec.Raw(model_json if model_json is not None else _PLACEHOLDER)
-        if inject_usage:
-            prior = top.get("stream_options")
-            opts = _any.decode(prior) if prior is not None else None
-            if isinstance(opts, dict):
-                opts["include_usage"] = True
-                top["stream_options"] = msgspec.Raw(_encode(opts))
-            else:
-                top["stream_options"] = _INCLUDE_USAGE
-        if strip:
-            for key in _HOST_CHOOSING_KEYS:
-                top.pop(key, None)
-        encoded = _encode(top)
-        if model_json is not None:
-            ctx.upstream_body = encoded
-            ctx.body_model = model_json
+        upstream_body(ctx, route)
+
+
+def upstream_body(ctx: RequestContext, route: Route) -> None:
+    """`ctx.upstream_body` (or `body_parts`) from `ctx.body`: also for a stage that rewrote the
+    body after routing (stage `prompts`)."""
+    ctx.body_parts = None
+    view = ctx.view
+    assert view is not None
+    body = ctx.body
+    inject_usage = ctx.stream and not ctx.client_wants_usage
+    # A `\u` escape can spell a key without its literal bytes: then look at decoded keys.
+    strip = b"\\u" in body or any(k in body for k in _HOST_CHOOSING)
+    model_json = route.model_json
+    if model_json is not None and route.upstream_model == view.model and not inject_usage and not strip:
+        ctx.upstream_body = body
+        ctx.body_model = model_json
+        return
+    top = _raw_top.decode(body)
+    # one upstream model: write it; several: a placeholder the dispatcher splices per deployment
+    top["model"] = msgspec.Raw(model_json if model_json is not None else _PLACEHOLDER)
+    if inject_usage:
+        prior = top.get("stream_options")
+        opts = _any.decode(prior) if prior is not None else None
+        if isinstance(opts, dict):
+            opts["include_usage"] = True
+            top["stream_options"] = msgspec.Raw(_encode(opts))
         else:
-            head, _, tail = encoded.partition(_PLACEHOLDER)
-            ctx.body_parts = (head, tail)
+            top["stream_options"] = _INCLUDE_USAGE
+    if strip:
+        for key in _HOST_CHOOSING_KEYS:
+            top.pop(key, None)
+    encoded = _encode(top)
+    if model_json is not None:
+        ctx.upstream_body = encoded
+        ctx.body_model = model_json
+    else:
+        head, _, tail = encoded.partition(_PLACEHOLDER)
+        ctx.body_parts = (head, tail)
 
 
 def _wrong_endpoint(route: Route, endpoint: Endpoint) -> GatewayError:
