@@ -204,3 +204,27 @@ def test_benign_corpus_has_no_false_positives(http: Client) -> None:
     text = "\n".join(lines)
     got, _, _ = _stream(http, "echo", {"content": text})  # through the stream filter too
     assert got == text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("output_guards:\n  - {name: Bad-Name}\n", "$.output_guards[0].name"),
+        ("output_guards:\n  - {name: a}\n  - {name: a}\n", "$.output_guards[1].name: duplicate"),
+        ("output_guards:\n  - {name: a, kinds: [email, dna]}\n", "$.output_guards[0].kinds[1]: unknown kind"),
+        ("output_guards:\n  - {name: a, action: hide}\n", "$.output_guards[0].action"),
+        ("output_guards:\n  - {name: a, models: [nope]}\n", "$.output_guards[0].models: unknown model"),
+        ("output_guards:\n  - {name: a, holdback_chars: 8}\n", "$.output_guards[0].holdback_chars"),
+        ("tool_validation: {enabled: true, action: retry}\n", "$.tool_validation.action"),
+        ("tiers:\n  default:\n    tools_allowed: ['bad name']\n", "$.tiers.default.tools_allowed"),
+    ],
+)
+def test_config_errors_name_the_path(extra: str, message: str) -> None:
+    from gateway import config as config_mod
+
+    base = (
+        "providers:\n  - {name: p, base_url: 'http://127.0.0.1:1/v1'}\nmodels:\n  - {name: m, provider: p}\n"
+    )
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.parse(base + extra, "<test>")
+    assert message in str(info.value)
