@@ -107,6 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if cfg.server.tls is not None or cfg.server.http is not config_mod.HttpMode.AUTO:
             raise SystemExit("error: server.tls and server.http are served by engine granian, not uvloop")
         return _serve_uvloop(args, cfg)
+    if cfg.server.proxy_protocol:
+        raise SystemExit("error: server.proxy_protocol is read by engine uvloop, not granian")
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings, HTTP2Settings
     from granian.log import LogLevels

@@ -123,6 +123,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     trusted_proxies: list[str] = []
     #: The forwarding header the trusted proxies append to: one, so a client cannot add the other.
     forwarded_header: ForwardedHeader = ForwardedHeader.X_FORWARDED_FOR
+    #: Every connection starts with a PROXY protocol header (v1 or v2) from one of
+    #: `trusted_proxies` (an L4 balancer: HAProxy, nginx stream, AWS NLB); connections from
+    #: other peers are closed. The uvloop engine only (granian has no hook for it).
+    proxy_protocol: bool = False
     security_headers: SecurityHeadersConfig = SecurityHeadersConfig()
     #: TLS termination (granian); None: plain HTTP
     tls: TlsConfig | None = None
@@ -930,6 +934,10 @@ def _validate_tls(s: ServerConfig) -> None:
 
 
 def _validate_edge(s: ServerConfig) -> None:
+    if s.proxy_protocol and not s.trusted_proxies:
+        raise ConfigError("$.server.proxy_protocol: needs `trusted_proxies` (whose headers to believe)")
+    if s.proxy_protocol and s.engine is not ServerEngine.UVLOOP:
+        raise ConfigError("$.server.proxy_protocol: only with `engine: uvloop` (granian cannot read it)")
     for i, cidr in enumerate(s.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=True)

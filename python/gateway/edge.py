@@ -105,6 +105,11 @@ class ClientResolver:
         version, value = addr
         return any(v == version and value & mask == net for v, net, mask in self._nets)
 
+    def is_trusted(self, peer: str) -> bool:
+        """`peer` ("ip:port", RSGI's form) is one of the trusted proxies."""
+        addr = _addr(_host_of(peer))
+        return addr is not None and self.trusted(addr)
+
     def __call__(self, peer: str, headers: Any) -> str:
         host = _host_of(peer)
         addr = _addr(host)

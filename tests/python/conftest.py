@@ -192,10 +192,12 @@ def run_gateway(
     log_level: str = "warning",
     output: Any = None,
     engine: str | None = None,
+    ready: Callable[[int], bool] | None = None,
     **server: object,
 ) -> Iterator[Gateway]:
     """`output`: where the gateway's stdout and stderr (its logs) go; default: inherited.
-    `engine`: this gateway's server engine (default: ENGINE)."""
+    `engine`: this gateway's server engine (default: ENGINE). `ready(port)`: is it serving yet
+    (default: GET /healthz answers), for gateways a plain request cannot reach."""
     port = free_port()
     cfg = tmp / f"gateway-{port}.yaml"
     if config_text is None:
@@ -222,7 +224,14 @@ def run_gateway(
         stderr=output,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        if ready is None:
+            wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        else:
+            deadline = time.monotonic() + 20
+            while not ready(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gateway on {port} not ready (exit status {proc.poll()})")
+                time.sleep(0.05)
         yield Gateway(port, proc, upstream)
     finally:
         stop(proc)

@@ -31,7 +31,9 @@ from typing import Any
 import httptools
 from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
 
+from ..edge import ClientResolver
 from ..errors import Fault, GatewayError
+from . import proxy_protocol
 
 log = logging.getLogger("gateway.server")
 
@@ -123,6 +125,10 @@ class Server:
         #: bytes a head may span while it arrives (granian: its parser buffer)
         self.head_cap = max(self.max_header_bytes * 2, 65536)
         self.head_timeout_s = server_cfg.header_read_timeout_ms / 1000
+        #: `server.proxy_protocol`: who may send a PROXY header (every connection must); None: off
+        self.proxy_from: ClientResolver | None = None
+        if getattr(server_cfg, "proxy_protocol", False):
+            self.proxy_from = ClientResolver(server_cfg)
         self.connections: set[Connection] = set()
         self.closing = False
         self._id_prefix = "e" + os.urandom(5).hex() + "-"
@@ -202,6 +208,8 @@ class Connection(asyncio.Protocol):
         self._read_paused = False
         self._pending_error: GatewayError | None = None  # a head refused: answered in turn
         self._lingering = False
+        #: bytes of a PROXY protocol header still arriving (None: none expected)
+        self._proxy_buf: bytes | None = None
 
     # ---- transport events -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,6 +220,13 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client = _addr(t.get_extra_info("peername"))
         self.local = _addr(t.get_extra_info("sockname"))
+        proxies = self.server.proxy_from
+        if proxies is not None:
+            if not proxies.is_trusted(self.client):
+                log.warning("connection from %s closed: not a trusted PROXY protocol peer", self.client)
+                t.abort()
+                return
+            self._proxy_buf = b""
         self.server.connections.add(self)
         self.deadline = self.loop.time() + self.server.head_timeout_s
         if self.server.closing:
@@ -260,6 +275,25 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering or self._pending_error is not None:
             return  # a closing connection: what it still sends is dropped
+        if self._proxy_buf is not None:
+            buf = self._proxy_buf + data
+            try:
+                found = proxy_protocol.parse(buf)
+            except proxy_protocol.ProxyHeaderError as exc:
+                log.warning("connection from %s closed: %s", self.client, exc)
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            if found is None:
+                self._proxy_buf = buf
+                return
+            used, client = found
+            self._proxy_buf = None
+            if client is not None:
+                self.client = client
+            data = buf[used:]
+            if not data:
+                return
         if self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > self.server.head_cap:
