@@ -592,9 +592,14 @@ def test_triton_route(triton_gateway: Gateway) -> None:
     assert final.usage.output_tokens == unary.usage.output_tokens
     counted = c.messages.count_tokens(model="llm-bls", system="You answer briefly.", messages=ask)
     assert counted.input_tokens > 0
-    with pytest.raises(anthropic.BadRequestError) as info:
-        c.messages.create(model="llm-bls", max_tokens=12, messages=ask, tools=TOOLS)
-    assert info.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    # Triton routes take tools (the Hermes parser): the test LLM calls one on its directive
+    directive = '[[testllm tool_call name=lookup args={"echo": "rivers"}]] Look it up.'
+    called = c.messages.create(
+        model="llm-bls", max_tokens=64, messages=[{"role": "user", "content": directive}], tools=TOOLS
+    )
+    assert called.stop_reason == "tool_use"
+    (use,) = [b for b in called.content if b.type == "tool_use"]
+    assert use.name == "lookup" and use.input == {"echo": "rivers"}  # type: ignore[union-attr]
 
 
 # ---- the `anthropic` provider kind: an Anthropic-wire upstream (the mock's /v1/messages) --------
