@@ -215,7 +215,7 @@ def test_idle_upstream_times_out_mid_stream(mock_upstream: MockUpstream, tmp_pat
 
 def test_stream_duration_limit(mock_upstream: MockUpstream, tmp_path: Path) -> None:
     with (
-        run_gateway(tmp_path, mock_upstream, max_stream_duration_ms=400) as gw,
+        run_gateway(tmp_path, mock_upstream, max_stream_duration_ms=1500) as gw,
         open_stream(gw.port, stream_request(words=1000, chunk_delay_ms=50)) as resp,
     ):
         events = data_events(list(sse_lines(resp)))

@@ -258,10 +258,12 @@ class Relay:
                                 call.abort()
                                 await _end_with_error(ctx, writer, err)
                                 return
+                idle_until = loop.time() + idle_s
                 try:
-                    step = await call.next(min(deadline, loop.time() + idle_s))
+                    step = await call.next(min(deadline, idle_until))
                 except TimeoutError:
-                    if loop.time() >= deadline:
+                    # which limit was the binding one (a timer may fire a hair before its time)
+                    if deadline <= idle_until:
                         err = GatewayError(Fault.STREAM_TIMEOUT, "The stream exceeded its maximum duration.")
                     else:
                         err = GatewayError(Fault.UPSTREAM_TIMEOUT, "The upstream went silent mid-stream.")
