@@ -68,20 +68,19 @@ def run(factory: Factory, sends: list[bytes], streams: int, repeat: int) -> floa
     return best
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=200)
     ap.add_argument("--streams", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args()
-    impls: dict[str, Factory] = {"python": lambda: ChatToMessages("msg_1", "echo", 12, None)}
-    if hasattr(_fastpath, "MessagesStream"):
-        impls["rust"] = lambda: _fastpath.MessagesStream("msg_1", "echo", 12, [])
-    print(f"# anthropic stream translation, {platform.python_implementation()} {platform.python_version()}")
-    build = _fastpath.BUILD_PROFILE
-    print(f"# {args.chunks} chunks/stream, {args.streams} streams, best of {args.repeat}; build {build}")
+    return ap.parse_args()
+
+
+def table(impls: dict[str, Factory], args: argparse.Namespace, column: str) -> None:
+    """The rows, text and tool-call streams through each implementation, between the load
+    averages (shared with responses_translate.py)."""
     print(f"# loadavg before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| stream | implementation | µs per chunk |")
+    print(f"| stream | {column} | µs per chunk |")
     print("|---|---|---|")
     for kind, tool in (("text", False), ("tool call", True)):
         sends = frames(args.chunks, tool)
@@ -89,6 +88,17 @@ def main() -> None:
             us = run(factory, sends, args.streams, args.repeat)
             print(f"| {kind} | {name} | {us:.3f} |")
     print(f"# loadavg after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def main() -> None:
+    args = parse_args()
+    impls: dict[str, Factory] = {"python": lambda: ChatToMessages("msg_1", "echo", 12, None)}
+    if hasattr(_fastpath, "MessagesStream"):
+        impls["rust"] = lambda: _fastpath.MessagesStream("msg_1", "echo", 12, [])
+    print(f"# anthropic stream translation, {platform.python_implementation()} {platform.python_version()}")
+    build = _fastpath.BUILD_PROFILE
+    print(f"# {args.chunks} chunks/stream, {args.streams} streams, best of {args.repeat}; build {build}")
+    table(impls, args, "implementation")
 
 
 if __name__ == "__main__":

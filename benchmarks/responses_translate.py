@@ -9,11 +9,9 @@ machine. Prints µs per chunk (best of --repeat) and the load average.
 
 from __future__ import annotations
 
-import argparse
-import os
 import platform
 
-from anthropic_translate import Factory, frames, run
+from anthropic_translate import Factory, parse_args, table
 from gateway import _fastpath
 from gateway.anthropic_stream import ChatToMessages
 from gateway.responses_stream import ChatToResponses
@@ -21,11 +19,7 @@ from gateway.responses_wire import decode_request
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--chunks", type=int, default=200)
-    ap.add_argument("--streams", type=int, default=500)
-    ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args()
+    args = parse_args()
     req, _ = decode_request(b'{"model":"echo","input":"hi","tools":[{"type":"function","name":"lookup"}]}')
     impls: dict[str, Factory] = {
         "responses (python)": lambda: ChatToResponses(req, 12),
@@ -35,15 +29,7 @@ def main() -> None:
         impls["messages (rust)"] = lambda: _fastpath.MessagesStream("msg_1", "echo", 12, [])
     print(f"# responses stream translation, {platform.python_implementation()} {platform.python_version()}")
     print(f"# {args.chunks} chunks/stream, {args.streams} streams, best of {args.repeat}")
-    print(f"# loadavg before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| stream | translator | µs per chunk |")
-    print("|---|---|---|")
-    for kind, tool in (("text", False), ("tool call", True)):
-        sends = frames(args.chunks, tool)
-        for name, factory in impls.items():
-            us = run(factory, sends, args.streams, args.repeat)
-            print(f"| {kind} | {name} | {us:.3f} |")
-    print(f"# loadavg after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    table(impls, args, "translator")
 
 
 if __name__ == "__main__":

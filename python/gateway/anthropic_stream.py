@@ -71,16 +71,61 @@ def event(name: bytes, data: bytes) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (name, data)
 
 
-class ChatToMessages:
-    """OpenAI chat frames -> Anthropic stream events, for one stream. Every frame the relay sends
-    is whole (the framers emit whole events), so a send is split on blank lines; a partial tail
-    is kept for the next. Choice 0 only (a Messages request never asks for more)."""
+class ChatFrames:
+    """The read side both client-dialect translators share (inherited, so no extra call per
+    chunk): the relay's sends -> frames, a `data:` chunk to the subclass's `_chunk`, `[DONE]` to
+    its `_end`, nothing once `done`. The framers emit whole events, so a send splits on blank
+    lines; a partial tail waits for the next."""
+
+    __slots__ = ("_buf", "done")
+
+    #: what a keep-alive ping comment becomes (by default it passes through as it is)
+    _ping = b": ping\n\n"
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._buf:
+            data = self._buf + data
+        parts = data.split(b"\n\n")
+        self._buf = parts.pop()
+        out = b""
+        for frame in parts:
+            if not frame or self.done:
+                continue
+            if frame[:1] == b":":  # pings and the timing comment
+                out += self._ping if frame == b": ping" else frame + b"\n\n"
+                continue
+            if not frame.startswith(b"data: "):
+                continue
+            payload = frame[6:]
+            if payload == _DONE:
+                out += self._end()
+                continue
+            try:
+                chunk = _chunk.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            out += self._chunk(chunk)
+        return out
+
+    def _chunk(self, c: _Chunk) -> bytes:
+        raise NotImplementedError
+
+    def _end(self) -> bytes:
+        raise NotImplementedError
+
+
+class ChatToMessages(ChatFrames):
+    """OpenAI chat frames -> Anthropic stream events, for one stream; `message_start` leads the
+    first send, a keep-alive ping becomes Anthropic's `ping` event. Choice 0 only (a Messages
+    request never asks for more)."""
 
     __slots__ = (
         "_block",
-        "_buf",
         "_calls",
-        "_ended",
         "_finish",
         "_input",
         "_matched",
@@ -92,15 +137,16 @@ class ChatToMessages:
         "_stops",
     )
 
+    _ping = _PING
+
     def __init__(self, msg_id: str, model: str, input_tokens: int, stops: list[str] | None) -> None:
+        super().__init__()
         self._msg_id = msg_id
         self._model = model
         self._input = input_tokens
         self._output = 0
         self._stops = stops
-        self._buf = b""
         self._started = False
-        self._ended = False
         #: the open content block's index (-1: none), the next block's index
         self._block = -1
         self._next = 0
@@ -139,36 +185,15 @@ class ChatToMessages:
         ), i
 
     def feed(self, data: bytes) -> bytes:
-        out = b"" if self._started else self._start()
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
-        parts = data.split(b"\n\n")
-        self._buf = parts.pop()
-        for frame in parts:
-            if not frame or self._ended:
-                continue
-            if frame[:1] == b":":  # a comment: a keep-alive ping becomes Anthropic's event
-                out += _PING if frame == b": ping" else frame + b"\n\n"
-                continue
-            if not frame.startswith(b"data: "):
-                continue
-            payload = frame[6:]
-            if payload == _DONE:
-                out += self._end()
-                continue
-            try:
-                chunk = _chunk.decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            out += self._chunk(chunk)
-        return out
+        if self._started:
+            return ChatFrames.feed(self, data)
+        return self._start() + ChatFrames.feed(self, data)
 
     def _chunk(self, c: _Chunk) -> bytes:
         out = b""
         if c.error is not None:
             err = c.error
-            self._ended = True
+            self.done = True
             kind = error_type_of(err.type, err.code if isinstance(err.code, str) else None)
             body = {"type": "error", "error": {"type": kind, "message": err.message or ""}}
             return out + event(b"error", _encode(body))
@@ -216,7 +241,7 @@ class ChatToMessages:
         return out
 
     def _end(self) -> bytes:
-        self._ended = True
+        self.done = True
         reason, sequence = stop_reason(self._finish, self._matched, self._stops)
         delta = {
             "type": "message_delta",
@@ -476,4 +501,12 @@ def chat_from_message(body: bytes, model_fallback: str) -> tuple[bytes, int, int
     return _encode(out), prompt, completion
 
 
-__all__ = ["FINISH", "ChatToMessages", "MessagesToChat", "chat_from_message", "event", "tool_input"]
+__all__ = [
+    "FINISH",
+    "ChatFrames",
+    "ChatToMessages",
+    "MessagesToChat",
+    "chat_from_message",
+    "event",
+    "tool_input",
+]

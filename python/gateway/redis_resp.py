@@ -554,17 +554,12 @@ def make_client(
     backoff_max_s: float = 1.0,
 ) -> Client:
     """A `Redis` for a single instance, a `RedisCluster` for a `redis+cluster://` URL."""
+    kind: type[Redis] | type[RedisCluster] = Redis
     if urlsplit(url).scheme.endswith("+cluster"):
         from .redis_cluster import RedisCluster
 
-        return RedisCluster(
-            url,
-            timeout_s=timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            backoff_min_s=backoff_min_s,
-            backoff_max_s=backoff_max_s,
-        )
-    return Redis(
+        kind = RedisCluster
+    return kind(
         url,
         timeout_s=timeout_s,
         connect_timeout_s=connect_timeout_s,

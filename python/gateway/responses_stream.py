@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from .anthropic_stream import _Chunk, _chunk
+from .anthropic_stream import ChatFrames, _Chunk
 from .responses_wire import (
     ResponsesRequest,
     call_item,
@@ -27,7 +27,6 @@ from .responses_wire import (
 )
 
 _encode = msgspec.json.Encoder().encode
-_DONE = b"[DONE]"
 
 
 def _event(kind: str, seq: int, body: dict[str, Any]) -> bytes:
@@ -51,9 +50,8 @@ class _Call:
         )
 
 
-class ChatToResponses:
+class ChatToResponses(ChatFrames):
     __slots__ = (
-        "_buf",
         "_calls",
         "_completion",
         "_delta",
@@ -66,14 +64,13 @@ class ChatToResponses:
         "_req",
         "_seq",
         "_text",
-        "done",
         "response",
     )
 
     def __init__(self, req: ResponsesRequest, prompt_tokens: int) -> None:
+        super().__init__()
         self._req = req
         self._seq = 0
-        self._buf = b""
         self._prompt = prompt_tokens
         self._completion = 0
         self._finish: str | None = None
@@ -93,7 +90,6 @@ class ChatToResponses:
         )
         #: the final response object (set at `[DONE]` or an error); `done`: nothing more to send
         self.response: dict[str, Any] | None = None
-        self.done = False
 
     def _ev(self, kind: str, body: dict[str, Any]) -> bytes:
         seq = self._seq
@@ -105,31 +101,6 @@ class ChatToResponses:
         return self._ev("response.created", {"response": r}) + self._ev(
             "response.in_progress", {"response": r}
         )
-
-    def feed(self, data: bytes) -> bytes:
-        if self._buf:
-            data = self._buf + data
-        parts = data.split(b"\n\n")
-        self._buf = parts.pop()
-        out = b""
-        for frame in parts:
-            if not frame or self.done:
-                continue
-            if frame[:1] == b":":  # pings and the timing comment: SSE comments, kept
-                out += frame + b"\n\n"
-                continue
-            if not frame.startswith(b"data: "):
-                continue
-            payload = frame[6:]
-            if payload == _DONE:
-                out += self._end()
-                continue
-            try:
-                chunk = _chunk.decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            out += self._chunk(chunk)
-        return out
 
     def _chunk(self, c: _Chunk) -> bytes:
         if c.error is not None:

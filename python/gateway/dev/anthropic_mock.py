@@ -24,6 +24,7 @@ from .openai_mock import (
     _status_line,
     chunk,
     count_words,
+    read_body,
     response_bytes,
     split_pieces,
     truncate,
@@ -167,29 +168,15 @@ def plan(body: JSONDict, counter: int) -> tuple[JSONDict, list[tuple[str, JSONDi
 def messages_route(conn: MockConnection, req: Request) -> Coroutine[Any, Any, None] | None:
     """`POST /v1/messages`: an inline answer (None), or a coroutine for delays and streams."""
     state = conn.state
-    try:
-        body = orjson.loads(req.body)
-    except orjson.JSONDecodeError:
-        body = None
-    model = body.get("model") if isinstance(body, dict) else None
+    body = read_body(conn, req)
     stream = isinstance(body, dict) and body.get("stream") is True
-    state.record(
-        "request",
-        conn.id,
-        req.path,
-        model if isinstance(model, str) else None,
-        method=req.method,
-        stream=stream,
-        headers=req.headers,
-        body=body,
-    )
     state.completions += 1
     try:
         if not isinstance(body, dict):
             raise AnthropicError(400, "The request body is not valid JSON.")
         if not req.headers.get("x-api-key") or not req.headers.get("anthropic-version"):
             raise AnthropicError(401, "x-api-key and anthropic-version headers are required")
-        knobs = Knobs.from_body(body, str(model))
+        knobs = Knobs.from_body(body, str(body.get("model")))
         if knobs.status is not None and knobs.status != 200:
             raise AnthropicError(knobs.status, f"mock error (status {knobs.status})")
         message, events = plan(body, state.next_request_id())

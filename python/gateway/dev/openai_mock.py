@@ -1097,23 +1097,31 @@ def _model(model_id: str) -> JSONDict:
     return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "fastpath-mock"}
 
 
-def _completion(conn: MockConnection, req: Request, *, chat: bool) -> Handler | None:
-    state = conn.state
+def read_body(conn: MockConnection, req: Request, *, streams: bool = True) -> Any:
+    """The request's JSON body (None when it is not JSON), recorded first as a `request` event:
+    every model route records what it was sent, parsed or not. `streams`: the route honours the
+    body's `stream` flag (embeddings never stream)."""
     try:
         body = orjson.loads(req.body)
     except orjson.JSONDecodeError:
         body = None
     model = body.get("model") if isinstance(body, dict) else None
-    state.record(
+    conn.state.record(
         "request",
         conn.id,
         req.path,
         model if isinstance(model, str) else None,
         method=req.method,
-        stream=isinstance(body, dict) and body.get("stream") is True,
+        stream=streams and isinstance(body, dict) and body.get("stream") is True,
         headers=req.headers,
         body=body,
     )
+    return body
+
+
+def _completion(conn: MockConnection, req: Request, *, chat: bool) -> Handler | None:
+    state = conn.state
+    body = read_body(conn, req)
     state.completions += 1
     if not isinstance(body, dict):
         _answered(state, 400)
@@ -1242,21 +1250,7 @@ def _embeddings(conn: MockConnection, req: Request) -> Handler | None:
     """``POST /v1/embeddings``; knobs: ``status``, ``first_delay_ms``, ``no_usage``, ``float_only``;
     of the process faults only ``first_delay_ms`` applies."""
     state = conn.state
-    try:
-        body = orjson.loads(req.body)
-    except orjson.JSONDecodeError:
-        body = None
-    model = body.get("model") if isinstance(body, dict) else None
-    state.record(
-        "request",
-        conn.id,
-        req.path,
-        model if isinstance(model, str) else None,
-        method=req.method,
-        stream=False,
-        headers=req.headers,
-        body=body,
-    )
+    body = read_body(conn, req, streams=False)
     if not isinstance(body, dict):
         raise HTTPError(400, "We could not parse the JSON body of your request.")
     model = _require_model(body)
