@@ -110,21 +110,12 @@ class Gateway:
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()):  # held by create_app
             loop.call_soon(release_stop_signals)  # runs once the loop runs: see hold_stop_signals
-        self.worker, self.adapters, self.pipeline = self._build(self.cfg)
+        self.worker, self.adapters, self.pipeline = build_parts(self.cfg, self._loop)
         if self.pipeline.metrics is not None and self.cfg.metrics.listen:
             from .metrics.listener import start_listener
 
             self._metrics_server = start_listener(self.cfg, self.pipeline.metrics, loop)
         self._models_body = _models_body(self.cfg)
-
-    def _build(self, cfg: Config) -> tuple[Worker, dict[str, Adapter], Pipeline]:
-        """One generation: the worker runtime, the adapters, the routes, a started pipeline."""
-        worker = Worker(cfg, self._loop)
-        adapters = worker.adapters = {p.name: upstreams.build(p, worker) for p in cfg.providers}
-        worker.routes = build_routes(cfg, adapters, worker)
-        pipeline = Pipeline(cfg, worker)
-        pipeline.start(worker)
-        return worker, adapters, pipeline
 
     # ---- hot reload (gateway.reload) ------------------------------------------------------------
     def _on_sighup(self) -> None:
@@ -148,7 +139,8 @@ class Gateway:
         try:
             new = await self._loop.run_in_executor(None, reload_mod.load_checked, path)
             new = reload_mod.keep_restart_only(self.cfg, new)
-            worker, adapters, pipeline = self._build(new)  # on the loop: builds what __rsgi_init__ does
+            # on the loop: builds what __rsgi_init__ does
+            worker, adapters, pipeline = build_parts(new, self._loop)
         except Exception as exc:  # a ConfigError, or a part that cannot start (a store, an extension)
             self._reload_error = f"{where}: {exc}"
             log.error(
@@ -180,7 +172,7 @@ class Gateway:
         while active[0] > 0 and self._loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await asyncio.sleep(_RETIRE_GRACE_S)
-        await _close_parts(pipeline, adapters)
+        await close_parts(pipeline, adapters)
         await self._loop.run_in_executor(None, audit.close)
         log.debug("a replaced config's parts closed (%d requests still on them)", active[0])
 
@@ -234,7 +226,7 @@ class Gateway:
             self._metrics_server.close()
         for task in list(self._retiring):  # generations still draining: their requests are done
             task.cancel()
-        await _close_parts(self.pipeline, self.adapters)
+        await close_parts(self.pipeline, self.adapters)
 
     # ---- dispatch -----------------------------------------------------------------------------
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
@@ -550,7 +542,18 @@ def _models_body(cfg: Config) -> bytes:
     )
 
 
-async def _close_parts(pipeline: Pipeline | None, adapters: dict[str, Adapter]) -> None:
+def build_parts(cfg: Config, loop: asyncio.AbstractEventLoop) -> tuple[Worker, dict[str, Adapter], Pipeline]:
+    """One generation: the worker runtime, the adapters, the routes, a started pipeline (a
+    gateway worker's, at start and at each reload, and the job worker's: `jobs.standalone`)."""
+    worker = Worker(cfg, loop)
+    adapters = worker.adapters = {p.name: upstreams.build(p, worker) for p in cfg.providers}
+    worker.routes = build_routes(cfg, adapters, worker)
+    pipeline = Pipeline(cfg, worker)
+    pipeline.start(worker)
+    return worker, adapters, pipeline
+
+
+async def close_parts(pipeline: Pipeline | None, adapters: dict[str, Adapter]) -> None:
     """A generation's shutdown: the pipeline's parts (the ledger drains), then the upstreams."""
     if pipeline is not None:
         await pipeline.close()

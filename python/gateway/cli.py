@@ -98,6 +98,28 @@ def _warn_spills(cfg: config_mod.Config) -> None:
         )
 
 
+def _master_setup(args: argparse.Namespace, cfg: config_mod.Config) -> tuple[str, int, int, str]:
+    """What either engine's master does first: host, port, workers (0: one per core) and log
+    level from the flag, else the environment, else the config; logging; this instance's empty
+    metrics directory (stale ones removed). Workers re-load the validated config from the same
+    source (hot reload, gateway.reload, re-reads it too)."""
+    host = args.host or os.environ.get(envvars.HOST) or cfg.server.host
+    port = args.port if args.port is not None else _env_int(envvars.PORT)
+    port = cfg.server.port if port is None else port
+    workers = args.workers if args.workers is not None else _env_int(envvars.WORKERS)
+    workers = workers if workers is not None else cfg.server.workers
+    workers = workers or (os.cpu_count() or 1)
+    level = (args.log_level or os.environ.get(envvars.LOG_LEVEL) or "info").lower()
+    os.environ[envvars.CONFIG] = str(Path(args.config).resolve()) if args.config else ""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.metrics.enabled:
+        from .metrics import prepare_dir
+
+        prepare_dir(cfg)
+    _warn_spills(cfg)
+    return host, port, workers, level
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     engine = args.engine or os.environ.get(envvars.ENGINE) or cfg.server.engine.value
@@ -118,16 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import app  # noqa: F401
     from . import reload as reload_mod
 
-    host = args.host or os.environ.get(envvars.HOST) or cfg.server.host
-    port = args.port if args.port is not None else _env_int(envvars.PORT)
-    port = cfg.server.port if port is None else port
-    workers = args.workers if args.workers is not None else _env_int(envvars.WORKERS)
-    workers = workers if workers is not None else cfg.server.workers
-    workers = workers or (os.cpu_count() or 1)
-    level = (args.log_level or os.environ.get(envvars.LOG_LEVEL) or "info").lower()
-    # Workers re-load the validated config from the same source.
-    os.environ[envvars.CONFIG] = str(Path(args.config).resolve()) if args.config else ""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port, workers, level = _master_setup(args, cfg)
     tls = cfg.server.tls
     # the master's pid, for `fastpath-gateway reload` (SIGHUP: a hot reload, gateway.reload)
     pid_file = Path(args.pid_file) if args.pid_file else reload_mod.default_pid_file(port)
@@ -160,11 +173,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # installed; the name is cosmetic, so set it only where it can be.
         process_name="fastpath-gateway" if importlib.util.find_spec("setproctitle") else None,
     )
-    if cfg.metrics.enabled:  # this instance's empty metrics directory, stale ones removed
-        from .metrics import prepare_dir
-
-        prepare_dir(cfg)
-    _warn_spills(cfg)
     scheme = "https" if tls else "http"
     print(f"fastpath-gateway: serving on {scheme}://{host}:{port} with {workers} worker(s)", flush=True)
     server.serve()
@@ -176,21 +184,7 @@ def _serve_uvloop(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from . import app  # noqa: F401  (loaded once, before the fork: every worker starts with it)
     from .server import workers as engine
 
-    host = args.host or os.environ.get(envvars.HOST) or cfg.server.host
-    port = args.port if args.port is not None else _env_int(envvars.PORT)
-    port = cfg.server.port if port is None else port
-    workers = args.workers if args.workers is not None else _env_int(envvars.WORKERS)
-    workers = workers if workers is not None else cfg.server.workers
-    workers = workers or (os.cpu_count() or 1)
-    level = (args.log_level or os.environ.get(envvars.LOG_LEVEL) or "info").lower()
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if cfg.metrics.enabled:
-        from .metrics import prepare_dir
-
-        prepare_dir(cfg)
-    _warn_spills(cfg)
-    # hot reload (gateway.reload): workers re-read this file; SIGHUP to this master reloads them
-    os.environ[envvars.CONFIG] = str(Path(args.config).resolve()) if args.config else ""
+    host, port, workers = _master_setup(args, cfg)[:3]
     from . import reload as reload_mod
 
     pid_file = Path(args.pid_file) if args.pid_file else reload_mod.default_pid_file(port)

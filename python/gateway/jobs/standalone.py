@@ -9,11 +9,9 @@ import asyncio
 import logging
 import signal
 
-from .. import upstreams
+from ..app import build_parts, close_parts
 from ..config import Config
-from ..pipeline import Pipeline, respond
-from ..routing import build_routes
-from ..worker import Worker
+from ..pipeline import respond
 
 log = logging.getLogger("gateway.jobs")
 
@@ -21,11 +19,7 @@ log = logging.getLogger("gateway.jobs")
 async def run_worker(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     respond.configure(cfg.server)
-    worker = Worker(cfg, loop)
-    adapters = worker.adapters = {p.name: upstreams.build(p, worker) for p in cfg.providers}
-    worker.routes = build_routes(cfg, adapters, worker)
-    pipeline = Pipeline(cfg, worker)
-    pipeline.start(worker)
+    _, adapters, pipeline = build_parts(cfg, loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -33,12 +27,7 @@ async def run_worker(cfg: Config) -> None:
     try:
         await stop.wait()
     finally:
-        await pipeline.close()
-        for name, adapter in adapters.items():
-            try:
-                await adapter.close()
-            except Exception:
-                log.exception("closing upstream %s failed", name)
+        await close_parts(pipeline, adapters)
 
 
 def main(cfg: Config) -> int:
