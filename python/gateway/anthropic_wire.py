@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import Fault, GatewayError
+from .errors import JSON_ERRORS, Fault, GatewayError, json_error
 
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder()
@@ -189,12 +189,8 @@ def decode_request(
         if not body.lstrip().startswith(b"{"):
             raise _invalid("The request body must be a JSON object.") from None
         raise _validation_message(exc) from None
-    except msgspec.DecodeError as exc:
-        raise GatewayError(Fault.INVALID_JSON, f"The request body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError:
-        raise GatewayError(Fault.INVALID_JSON, "The request body is not valid UTF-8.") from None
-    except RecursionError:
-        raise GatewayError(Fault.JSON_TOO_DEEP, "The request JSON is nested too deeply.") from None
+    except JSON_ERRORS as exc:
+        raise json_error(exc) from None
     if not req.model:
         raise _invalid("model: String should have at least 1 character", "model")
     if not req.messages:

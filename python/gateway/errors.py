@@ -119,6 +119,21 @@ class GatewayError(Exception):
         return _encode(ErrorBody(self.detail()))
 
 
+#: what a typed decode of a request body raises when the body is not JSON at all (msgspec reports
+#: invalid UTF-8 inside a string as UnicodeDecodeError, deep nesting as RecursionError)
+JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def json_error(exc: Exception) -> GatewayError:
+    """The client's error for one of `JSON_ERRORS`; a ValidationError (a DecodeError too) needs
+    its own `except` first."""
+    if isinstance(exc, UnicodeDecodeError):
+        return GatewayError(Fault.INVALID_JSON, "The request body is not valid UTF-8.")
+    if isinstance(exc, RecursionError):
+        return GatewayError(Fault.JSON_TOO_DEEP, "The request JSON is nested too deeply.")
+    return GatewayError(Fault.INVALID_JSON, f"The request body is not valid JSON: {exc}")
+
+
 #: how much of a client's input an error message may quote (a 100 KiB model name is not echoed)
 QUOTE_LIMIT = 100
 

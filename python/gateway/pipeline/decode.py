@@ -15,7 +15,7 @@ from .. import _fastpath
 from ..config import ServerConfig
 from ..context import Endpoint, RequestContext
 from ..embeddings import validate as validate_embeddings
-from ..errors import Fault, GatewayError, quote
+from ..errors import JSON_ERRORS, Fault, GatewayError, json_error, quote
 from ..schemas import ChatRequestView, CompletionRequestView, EmbeddingsRequestView, RequestView
 from .stage import Part
 from .validate import (
@@ -88,13 +88,8 @@ class DecodeStage(Part):
             raise GatewayError(
                 Fault.INVALID_REQUEST, f"Invalid request: {quote(msg, 300)}", param=_param_of(msg)
             ) from None
-        except msgspec.DecodeError as exc:
-            raise GatewayError(Fault.INVALID_JSON, f"The request body is not valid JSON: {exc}") from None
-        except UnicodeDecodeError:
-            # msgspec reports invalid UTF-8 inside a JSON string this way, not as a DecodeError.
-            raise GatewayError(Fault.INVALID_JSON, "The request body is not valid UTF-8.") from None
-        except RecursionError:
-            raise GatewayError(Fault.JSON_TOO_DEEP, "The request JSON is nested too deeply.") from None
+        except JSON_ERRORS as exc:
+            raise json_error(exc) from None
         if isinstance(view, EmbeddingsRequestView):  # unary, no n / max_tokens: its own rules
             validate_embeddings(view)
             ctx.view = view
