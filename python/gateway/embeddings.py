@@ -18,7 +18,7 @@ import array
 import base64
 import re
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -28,6 +28,8 @@ from .schemas import EmbeddingsRequestView, Usage
 
 if TYPE_CHECKING:
     from .context import RequestContext
+
+_T = TypeVar("_T")
 
 #: OpenAI's limit on the number of inputs of one request
 MAX_INPUTS = 2048
@@ -161,12 +163,7 @@ def finish_upstream_body(ctx: RequestContext, body: bytes) -> bytes:
     upstream without `encoding_format`). Anything else passes as the upstream sent it."""
     view = ctx.view
     assert isinstance(view, EmbeddingsRequestView)
-    try:
-        usage = _usage_view.decode(body).usage
-    except msgspec.DecodeError:
-        raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned invalid JSON.") from None
-    except msgspec.ValidationError:
-        usage = None
+    usage = upstream_json(_usage_view, body).usage
     top: dict[str, msgspec.Raw] | None = None
     if usage is None:
         assert ctx.route is not None
@@ -194,9 +191,16 @@ def finish_upstream_body(ctx: RequestContext, body: bytes) -> bytes:
 
 
 def _top(body: bytes) -> dict[str, msgspec.Raw]:
+    return upstream_json(_raw_top, body)
+
+
+def upstream_json(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
+    """An upstream's unary reply decoded (here and in `usage.fill_usage`, which imports this
+    module). Not JSON, or not of the decoder's shape (msgspec's ValidationError is a
+    DecodeError), is the upstream's fault: a 502."""
     try:
-        return _raw_top.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        return decoder.decode(body)
+    except msgspec.DecodeError:
         raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned invalid JSON.") from None
 
 

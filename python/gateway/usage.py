@@ -35,12 +35,7 @@ def counted_prompt_tokens(ctx: RequestContext) -> int:
 
 def fill_usage(ctx: RequestContext, body: bytes) -> bytes:
     """Record usage from a unary upstream body, adding counted usage if the upstream had none."""
-    try:
-        usage = _usage_view.decode(body).usage
-    except msgspec.DecodeError:
-        raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned invalid JSON.") from None
-    except msgspec.ValidationError:
-        usage = None
+    usage = embeddings.upstream_json(_usage_view, body).usage
     if usage is not None:
         ctx.usage = usage
         return body

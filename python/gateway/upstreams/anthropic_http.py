@@ -11,6 +11,7 @@ every other kind. Anthropic's 529 (overloaded) is an unavailable upstream (retri
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import _fastpath
@@ -20,8 +21,8 @@ from ..config import AnthropicProvider, OpenAIProvider
 from ..errors import Fault, GatewayError
 from ..schemas import Usage
 from ..usage import counted_prompt_tokens
-from .httpclient import Connection, UpstreamProtocolError, UpstreamTimeout
-from .openai_http import OpenAIHttpAdapter, map_transport_error
+from .httpclient import Connection
+from .openai_http import HttpCall, OpenAIHttpAdapter, trace_lines
 
 if TYPE_CHECKING:
     from ..context import RequestContext
@@ -74,10 +75,7 @@ class AnthropicHttpAdapter:
         self, ctx: RequestContext, target: Deployment, body: bytes, deadline: float
     ) -> AnthropicCall:
         t0 = time.perf_counter_ns()
-        trace = ctx.trace
-        extra = (
-            b"" if trace is None else "".join(f"{k}: {v}\r\n" for k, v in trace.upstream_headers()).encode()
-        )
+        extra = trace_lines(ctx)
         wire = messages_from_chat(body, self.default_max_tokens)
         try:
             conn = await self._http.open("/messages", wire, ctx.request_id, deadline, extra)
@@ -103,57 +101,26 @@ class AnthropicHttpAdapter:
         await self._http.close()
 
 
-class AnthropicCall:
+def _frames(parser: _fastpath.SseParser, tr: MessagesToChat, data: bytes) -> bytes:
+    return b"".join(tr.on_event(e.data) for e in parser.feed(data))
+
+
+class AnthropicCall(HttpCall):
     """One Messages POST whose 2xx head has arrived; its events or body, as OpenAI's."""
 
-    __slots__ = ("_conn", "_ctx", "_max_bytes", "_parser", "_tr", "_usage")
+    __slots__ = ("_parser",)
+    _framer: MessagesToChat
 
     def __init__(self, ctx: RequestContext, conn: Connection, max_bytes: int, model: str) -> None:
-        self._ctx = ctx
-        self._conn = conn
-        self._max_bytes = max_bytes
-        self._usage: Usage | None = None
-        self._tr = MessagesToChat(model)
-        self._parser = _fastpath.SseParser() if ctx.stream else None
-
-    def _feed(self, data: bytes) -> bytes:
-        assert self._parser is not None
-        tr = self._tr
-        return b"".join(tr.on_event(e.data) for e in self._parser.feed(data))
-
-    async def first(self, deadline: float) -> bytes:
-        try:
-            data = await self._conn.read(deadline, "first byte")
-            out = self._feed(data)
-        except (UpstreamTimeout, UpstreamProtocolError) as exc:
-            raise map_transport_error(exc) from None
-        except _fastpath.SseError as exc:
-            raise GatewayError(
-                Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream is malformed: {exc}"
-            ) from None
-        if self._tr.error is not None and self._tr.events <= 1:
-            raise GatewayError(
-                Fault.UPSTREAM_ERROR, f"The upstream failed the stream: {self._tr.error[:500]}"
-            )
-        if not data:
-            raise GatewayError(
-                Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without any event."
-            )
-        return out
-
-    async def next(self, deadline: float) -> bytes | None:
-        try:
-            data = await self._conn.read(deadline)
-            if not data:
-                return None
-            return self._feed(data)
-        except UpstreamTimeout:
-            raise TimeoutError from None
-        except (UpstreamProtocolError, _fastpath.SseError) as exc:
-            raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}") from None
+        super().__init__(ctx, conn, max_bytes)
+        self._framer = MessagesToChat(model)
+        self._parser: _fastpath.SseParser | None = None
+        if ctx.stream:
+            self._parser = _fastpath.SseParser()
+            self._feed = partial(_frames, self._parser, self._framer)  # not a bound method: no cycle
 
     def finish(self) -> tuple[bytes, GatewayError | None]:
-        if not self._tr.done:
+        if not self._framer.done:
             return b"", GatewayError(
                 Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without message_stop."
             )
@@ -161,15 +128,12 @@ class AnthropicCall:
         if self._ctx.client_wants_usage:
             usage = self.usage()
             assert usage is not None
-            tail = self._tr.usage_frame(usage.prompt_tokens, usage.completion_tokens)
+            tail = self._framer.usage_frame(usage.prompt_tokens, usage.completion_tokens)
         return tail, None
 
     async def body(self, deadline: float) -> bytes:
-        try:
-            raw = await self._conn.read_all(self._max_bytes, deadline)
-        except (UpstreamTimeout, UpstreamProtocolError) as exc:
-            raise map_transport_error(exc) from None
-        got = chat_from_message(raw, self._tr._model)
+        raw = await self._read_body(deadline)
+        got = chat_from_message(raw, self._framer._model)
         if got is None:
             raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned an invalid message.")
         body, prompt, completion = got
@@ -179,7 +143,7 @@ class AnthropicCall:
     def usage(self) -> Usage | None:
         if self._usage is not None or self._parser is None:
             return self._usage
-        tr = self._tr
+        tr = self._framer
         if tr.events == 0:
             return None
         ctx = self._ctx
@@ -195,14 +159,4 @@ class AnthropicCall:
 
     @property
     def completion_text(self) -> str:
-        return "".join(self._tr.text)
-
-    @property
-    def generated_tokens(self) -> int | None:
-        return None
-
-    def abort(self) -> None:
-        self._conn.abort()
-
-    def release(self) -> None:
-        self._conn.release()
+        return "".join(self._framer.text)

@@ -10,7 +10,8 @@ and an upstream error event.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import msgspec
@@ -119,10 +120,7 @@ class OpenAIHttpAdapter:
         self, ctx: RequestContext, target: Deployment, body: bytes, deadline: float
     ) -> OpenAICall:
         t0 = time.perf_counter_ns()
-        trace = ctx.trace
-        extra = (
-            b"" if trace is None else "".join(f"{k}: {v}\r\n" for k, v in trace.upstream_headers()).encode()
-        )
+        extra = trace_lines(ctx)
         conn = await self.open(ctx.endpoint.value.removeprefix("/v1"), body, ctx.request_id, deadline, extra)
         ctx.timings["upstream_head"] = time.perf_counter_ns() - t0
         return OpenAICall(ctx, conn, self.max_response_bytes)
@@ -205,36 +203,43 @@ class OpenAIHttpAdapter:
         self.pool.close()
 
 
-class OpenAICall:
-    """One POST whose 2xx head has arrived: the body (unary) or the SSE stream (re-framed)."""
+class _Framer(Protocol):
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def events(self) -> int: ...
 
-    __slots__ = ("_conn", "_ctx", "_max_bytes", "_reframer", "_usage")
+
+class HttpCall:
+    """One POST over the pooled client whose 2xx head has arrived, whatever its wire: reading,
+    the transport errors' mapping, abort and release. A subclass sets `_framer` (a stream's
+    `error` and `events`) and `_feed` (its bytes -> OpenAI frames), bound once so that `next`
+    calls the framer directly: no extra layer per chunk."""
+
+    __slots__ = ("_conn", "_ctx", "_feed", "_framer", "_max_bytes", "_usage")
+    _feed: Callable[[bytes], bytes]
+    _framer: _Framer | None
 
     def __init__(self, ctx: RequestContext, conn: Connection, max_bytes: int) -> None:
         self._ctx = ctx
         self._conn = conn
         self._max_bytes = max_bytes
         self._usage: Usage | None = None
-        self._reframer: _fastpath.ChatStreamReframer | None = None
-        if ctx.stream:
-            self._reframer = _fastpath.ChatStreamReframer(strip_usage=not ctx.client_wants_usage)
 
     async def first(self, deadline: float) -> bytes:
-        reframer = self._reframer
-        assert reframer is not None
+        framer = self._framer
+        assert framer is not None
         try:
             data = await self._conn.read(deadline, "first byte")
-            out = reframer.feed(data)
+            out = self._feed(data)
         except (UpstreamTimeout, UpstreamProtocolError) as exc:
             raise map_transport_error(exc) from None
         except _fastpath.SseError as exc:
             raise GatewayError(
                 Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream is malformed: {exc}"
             ) from None
-        if reframer.error is not None and reframer.events <= 1:
-            raise GatewayError(
-                Fault.UPSTREAM_ERROR, f"The upstream failed the stream: {reframer.error[:500]}"
-            )
+        if framer.error is not None and framer.events <= 1:
+            raise GatewayError(Fault.UPSTREAM_ERROR, f"The upstream failed the stream: {framer.error[:500]}")
         if not data:
             raise GatewayError(
                 Fault.UPSTREAM_BAD_RESPONSE, "The upstream ended the stream without any event."
@@ -242,20 +247,48 @@ class OpenAICall:
         return out
 
     async def next(self, deadline: float) -> bytes | None:
-        reframer = self._reframer
-        assert reframer is not None
         try:
             data = await self._conn.read(deadline)
             if not data:
                 return None
-            return reframer.feed(data)
+            return self._feed(data)
         except UpstreamTimeout:
             raise TimeoutError from None
         except (UpstreamProtocolError, _fastpath.SseError) as exc:
             raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The upstream stream broke: {exc}") from None
 
+    async def _read_body(self, deadline: float) -> bytes:
+        try:
+            return await self._conn.read_all(self._max_bytes, deadline)
+        except (UpstreamTimeout, UpstreamProtocolError) as exc:
+            raise map_transport_error(exc) from None
+
+    @property
+    def generated_tokens(self) -> int | None:
+        return None
+
+    def abort(self) -> None:
+        self._conn.abort()
+
+    def release(self) -> None:
+        self._conn.release()
+
+
+class OpenAICall(HttpCall):
+    """The body (unary) or the SSE stream, re-framed in Rust."""
+
+    __slots__ = ()
+    _framer: _fastpath.ChatStreamReframer | None
+
+    def __init__(self, ctx: RequestContext, conn: Connection, max_bytes: int) -> None:
+        super().__init__(ctx, conn, max_bytes)
+        self._framer = None
+        if ctx.stream:
+            reframer = self._framer = _fastpath.ChatStreamReframer(strip_usage=not ctx.client_wants_usage)
+            self._feed = reframer.feed
+
     def finish(self) -> tuple[bytes, GatewayError | None]:
-        reframer = self._reframer
+        reframer = self._framer
         assert reframer is not None
         tail = reframer.finish()
         if not reframer.done:
@@ -269,10 +302,7 @@ class OpenAICall:
         return tail, None
 
     async def body(self, deadline: float) -> bytes:
-        try:
-            raw = await self._conn.read_all(self._max_bytes, deadline)
-        except (UpstreamTimeout, UpstreamProtocolError) as exc:
-            raise map_transport_error(exc) from None
+        raw = await self._read_body(deadline)
         if self._ctx.endpoint is Endpoint.EMBEDDINGS:  # usage has no completion; maybe base64
             body = finish_upstream_body(self._ctx, raw)
         else:
@@ -281,7 +311,7 @@ class OpenAICall:
         return body
 
     def usage(self) -> Usage | None:
-        reframer = self._reframer
+        reframer = self._framer
         if reframer is None:
             return self._usage
         if self._usage is None:  # asked once the stream is over: counting it once is enough
@@ -301,17 +331,13 @@ class OpenAICall:
 
     @property
     def completion_text(self) -> str:
-        return self._reframer.completion_text if self._reframer is not None else ""
+        return self._framer.completion_text if self._framer is not None else ""
 
-    @property
-    def generated_tokens(self) -> int | None:
-        return None
 
-    def abort(self) -> None:
-        self._conn.abort()
-
-    def release(self) -> None:
-        self._conn.release()
+def trace_lines(ctx: RequestContext) -> bytes:
+    """The trace's header lines for the upstream (`traceparent`), each ending in CRLF."""
+    trace = ctx.trace
+    return b"" if trace is None else "".join(f"{k}: {v}\r\n" for k, v in trace.upstream_headers()).encode()
 
 
 def map_transport_error(exc: Exception) -> GatewayError:

@@ -11,7 +11,9 @@ does an abort (client gone, a response stage). Unary requests use the same call,
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -27,31 +29,38 @@ if TYPE_CHECKING:
     from .triton_grpc import TritonAdapter, TritonStream
 
 _INT_SIZES = {"INT32": 4, "INT64": 8, "UINT32": 4, "UINT64": 8}
+#: integer outputs a reply reads, by the slot they fill
+_INT_OUTPUTS = {"num_input_tokens": "n_in", "num_output_tokens": "n_out", "sequence_index": "seq"}
 
 
-class _Reply:
-    """What one `ModelStreamInferResponse` says."""
+def _floats(raw: bytes) -> list[float]:
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw[: len(raw) // 4 * 4]))
 
-    __slots__ = ("final", "n_in", "n_out", "text")
+
+class Reply:
+    """What one `ModelStreamInferResponse` says; one parser for the plain and the rich call (an
+    output a request did not ask for is absent, so the plain call pays nothing for `lps`)."""
+
+    __slots__ = ("final", "lps", "n_in", "n_out", "seq", "text")
 
     def __init__(self, resp: Any) -> None:
         ir = resp.infer_response
-        self.text: bytes | None = None
+        self.text = b""
         self.n_in: int | None = None
         self.n_out: int | None = None
-        raws = ir.raw_output_contents
-        for i, out in enumerate(ir.outputs):
-            raw = raws[i] if i < len(raws) else b""
+        self.lps: Sequence[float] = ()
+        self.seq = 0
+        for out, raw in zip(ir.outputs, ir.raw_output_contents, strict=False):  # no raw: nothing read
             name = out.name
             if name == "text_output":
                 self.text = raw
-            elif name in ("num_input_tokens", "num_output_tokens") and raw:
-                size = _INT_SIZES.get(out.datatype, 4)
-                value = int.from_bytes(raw[-size:], "little", signed=out.datatype.startswith("INT"))
-                if name == "num_input_tokens":
-                    self.n_in = value
-                else:
-                    self.n_out = value
+            elif name in _INT_OUTPUTS and raw:
+                dt = out.datatype
+                size = _INT_SIZES.get(dt, 4)
+                value = int.from_bytes(raw[-size:], "little", signed=dt.startswith("INT"))
+                setattr(self, _INT_OUTPUTS[name], value)
+            elif name == "output_log_probs":
+                self.lps = _floats(raw)
         params = ir.parameters
         self.final = "triton_final_response" in params and params["triton_final_response"].bool_param
 
@@ -92,6 +101,36 @@ _encode = msgspec.json.Encoder().encode
 
 def _malformed(exc: Exception) -> GatewayError:
     return GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model's output is malformed: {exc}")
+
+
+def no_first_token() -> GatewayError:
+    return GatewayError(Fault.UPSTREAM_TIMEOUT, "The Triton model sent no first token in time.")
+
+
+def no_response(model: str) -> GatewayError:
+    return GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model `{model}` sent no response.")
+
+
+def not_finished() -> GatewayError:
+    return GatewayError(Fault.UPSTREAM_TIMEOUT, "The Triton model did not finish in time.")
+
+
+async def read_response(adapter: TritonAdapter, stream: TritonStream, model: str) -> Any:
+    """The stream's next response; None at its end. Raises GatewayError (mapped; an unavailable
+    model is forgotten). A function, not a method: each call reads through it directly, one layer
+    per chunk."""
+    from .triton_grpc import map_rpc_error, map_stream_error
+
+    try:
+        resp = await stream.read()
+    except RpcError as exc:
+        raise map_rpc_error(exc, model) from None
+    if resp is not None and resp.error_message:
+        err = map_stream_error(resp.error_message, model)
+        if err.fault is Fault.UPSTREAM_UNAVAILABLE:
+            adapter.forget(model)
+        raise err
+    return resp
 
 
 class TritonCall:
@@ -141,24 +180,8 @@ class TritonCall:
         else:
             self._ts = _fastpath.TextStream(f"chatcmpl-{ctx.request_id}", route.name, int(time.time()), stops)
 
-    # ---- reading --------------------------------------------------------------------------
-    async def _read(self) -> Any:
-        """The next response; None at the end. Raises GatewayError (mapped)."""
-        from .triton_grpc import map_rpc_error, map_stream_error
-
-        try:
-            resp = await self._call.read()
-        except RpcError as exc:
-            raise map_rpc_error(exc, self._model) from None
-        if resp is not None and resp.error_message:
-            err = map_stream_error(resp.error_message, self._model)
-            if err.fault is Fault.UPSTREAM_UNAVAILABLE:
-                self._adapter.forget(self._model)
-            raise err
-        return resp
-
     def _push(self, resp: Any) -> bytes:
-        r = _Reply(resp)
+        r = Reply(resp)
         if r.n_in is not None:
             self._n_in = r.n_in
         if r.n_out is not None:
@@ -181,22 +204,18 @@ class TritonCall:
     async def first(self, deadline: float) -> bytes:
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._read()
+                resp = await read_response(self._adapter, self._call, self._model)
         except TimeoutError:
-            raise GatewayError(
-                Fault.UPSTREAM_TIMEOUT, "The Triton model sent no first token in time."
-            ) from None
+            raise no_first_token() from None
         if resp is None:
-            raise GatewayError(
-                Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model `{self._model}` sent no response."
-            )
+            raise no_response(self._model)
         return self._ts.role() + self._push(resp)
 
     async def next(self, deadline: float) -> bytes | None:
         if self._ended:
             return None
         async with asyncio.timeout_at(deadline):
-            resp = await self._read()
+            resp = await read_response(self._adapter, self._call, self._model)
         if resp is None:
             return None
         return self._push(resp)
@@ -218,18 +237,17 @@ class TritonCall:
         ctx = self._ctx
         route = ctx.route
         assert route is not None
+        adapter, call, model = self._adapter, self._call, self._model
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._read()
+                resp = await read_response(adapter, call, model)
                 if resp is None:
-                    raise GatewayError(
-                        Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model `{self._model}` sent no response."
-                    )
+                    raise no_response(model)
                 self._push(resp)
-                while not self._ended and (resp := await self._read()) is not None:
+                while not self._ended and (resp := await read_response(adapter, call, model)) is not None:
                     self._push(resp)
         except TimeoutError:
-            raise GatewayError(Fault.UPSTREAM_TIMEOUT, "The Triton model did not finish in time.") from None
+            raise not_finished() from None
         ts = self._ts
         ts.finish("stop")
         usage = self.usage()

@@ -171,15 +171,11 @@ class TritonAdapter:
         raw = await self.transport.unary(method, request.SerializeToString(), timeout_s, self._metadata)
         return response_type.FromString(raw)
 
-    async def builder(self, model: str, cfg: TritonModelConfig) -> TritonRequestBuilder:
-        """The request builder for `model`, from its metadata (cached; one RPC per minute)."""
-        now = time.monotonic()
-        key = (model, id(cfg))  # two public models may map one Triton model differently
-        cached = self._models.get(key)
-        if cached is not None and now - cached.at < _METADATA_TTL_S:
-            return cached.builder
+    async def _model_metadata(self, model: str) -> Any:
+        """`model`'s ModelMetadata (its inputs and outputs), for the chat builders and the embedding
+        shapes alike; a failure forgets what is cached of the model (it is re-read next time)."""
         try:
-            meta = await self.unary(
+            return await self.unary(
                 "ModelMetadata",
                 pb.ModelMetadataRequest(name=model),
                 pb.ModelMetadataResponse,
@@ -188,6 +184,15 @@ class TritonAdapter:
         except RpcError as exc:
             self.forget(model)
             raise map_rpc_error(exc, model) from None
+
+    async def builder(self, model: str, cfg: TritonModelConfig) -> TritonRequestBuilder:
+        """The request builder for `model`, from its metadata (cached; one RPC per minute)."""
+        now = time.monotonic()
+        key = (model, id(cfg))  # two public models may map one Triton model differently
+        cached = self._models.get(key)
+        if cached is not None and now - cached.at < _METADATA_TTL_S:
+            return cached.builder
+        meta = await self._model_metadata(model)
         builder = TritonRequestBuilder(
             model, cfg, {t.name for t in meta.inputs}, {t.name for t in meta.outputs}
         )
@@ -201,16 +206,7 @@ class TritonAdapter:
         cached = self._embedding.get(model)
         if cached is not None and now - cached[1] < _METADATA_TTL_S:
             return cached[0]
-        try:
-            meta = await self.unary(
-                "ModelMetadata",
-                pb.ModelMetadataRequest(name=model),
-                pb.ModelMetadataResponse,
-                self.connect_timeout_s,
-            )
-        except RpcError as exc:
-            self._embedding.pop(model, None)
-            raise map_rpc_error(exc, model) from None
+        meta = await self._model_metadata(model)
         shape = shape_from_metadata(model, meta, cfg)
         self._embedding[model] = (shape, now)
         return shape

@@ -14,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .. import _fastpath
-from ..errors import Fault, GatewayError
+from ..errors import GatewayError
 from ..schemas import CompletionRequestView, Usage
 from ..usage import counted_prompt_tokens
-from .grpc_transport import RpcError
-from .triton_call import _INT_SIZES, _malformed
+from .triton_call import Reply, _malformed, no_first_token, no_response, not_finished, read_response
 from .triton_tools import ParsedCall, ToolParser, call_id, make_parser
 
 if TYPE_CHECKING:
@@ -32,43 +32,6 @@ if TYPE_CHECKING:
     from .triton_request import TritonPlan
 
 _encode = msgspec.json.Encoder().encode
-
-
-def _floats(raw: bytes) -> list[float]:
-    return list(struct.unpack(f"<{len(raw) // 4}f", raw[: len(raw) // 4 * 4]))
-
-
-class _Reply:
-    """What one response says (the plain reply's fields plus log probs and sequence index)."""
-
-    __slots__ = ("final", "lps", "n_in", "n_out", "seq", "text")
-
-    def __init__(self, resp: Any) -> None:
-        ir = resp.infer_response
-        self.text = b""
-        self.n_in: int | None = None
-        self.n_out: int | None = None
-        self.lps: list[float] = []
-        self.seq = 0
-        raws = ir.raw_output_contents
-        for i, out in enumerate(ir.outputs):
-            raw = raws[i] if i < len(raws) else b""
-            name = out.name
-            if name == "text_output":
-                self.text = raw
-            elif name == "output_log_probs":
-                self.lps = _floats(raw)
-            elif name in ("num_input_tokens", "num_output_tokens", "sequence_index") and raw:
-                size = _INT_SIZES.get(out.datatype, 4)
-                value = int.from_bytes(raw[-size:], "little", signed=out.datatype.startswith("INT"))
-                if name == "num_input_tokens":
-                    self.n_in = value
-                elif name == "num_output_tokens":
-                    self.n_out = value
-                else:
-                    self.seq = value
-        params = ir.parameters
-        self.final = "triton_final_response" in params and params["triton_final_response"].bool_param
 
 
 def _tensor_text(raw: bytes) -> bytes:
@@ -176,29 +139,16 @@ class RichTritonCall:
         self._prefix = b"data: " + head[:-1] + b',"model":' + _encode(route.name) + b',"choices":['
 
     # ---- reading ----------------------------------------------------------------------------
-    async def _read(self, i: int) -> Any:
-        from .triton_grpc import map_rpc_error, map_stream_error
-
-        try:
-            resp = await self._streams[i].read()
-        except RpcError as exc:
-            raise map_rpc_error(exc, self._model) from None
-        if resp is not None and resp.error_message:
-            err = map_stream_error(resp.error_message, self._model)
-            if err.fault is Fault.UPSTREAM_UNAVAILABLE:
-                self._adapter.forget(self._model)
-            raise err
-        return resp
-
     async def _read_some(self) -> list[tuple[int, Any]]:
         """The next response(s): (stream, response or None at its end)."""
+        adapter, streams, model = self._adapter, self._streams, self._model
         if len(self._live) == 1 and not self._pending:
             (i,) = self._live
-            return [(i, await self._read(i))]
-        loop = self._adapter.loop
+            return [(i, await read_response(adapter, streams[i], model))]
+        loop = adapter.loop
         for i in self._live:
             if i not in self._pending:
-                self._pending[i] = loop.create_task(self._read(i))
+                self._pending[i] = loop.create_task(read_response(adapter, streams[i], model))
         done, _ = await asyncio.wait(self._pending.values(), return_when=asyncio.FIRST_COMPLETED)
         out = []
         for i, task in list(self._pending.items()):
@@ -216,7 +166,7 @@ class RichTritonCall:
         if resp is None:
             self._end_stream(i)
             return b""
-        r = _Reply(resp)
+        r = Reply(resp)
         if r.n_in is not None:
             self._n_in = r.n_in
         native = len(self._streams) == 1
@@ -249,7 +199,7 @@ class RichTritonCall:
             self._end_stream(i)
         return out
 
-    def _tokens(self, c: _Choice, token: bytes, lps: list[float]) -> None:
+    def _tokens(self, c: _Choice, token: bytes, lps: Sequence[float]) -> None:
         if not lps:
             return
         c.lp_pending.append((token, lps[0]))
@@ -333,13 +283,9 @@ class RichTritonCall:
             async with asyncio.timeout_at(deadline):
                 got = await self._read_some()
         except TimeoutError:
-            raise GatewayError(
-                Fault.UPSTREAM_TIMEOUT, "The Triton model sent no first token in time."
-            ) from None
+            raise no_first_token() from None
         if all(resp is None for _, resp in got) and self._ended:
-            raise GatewayError(
-                Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model `{self._model}` sent no response."
-            )
+            raise no_response(self._model)
         out = b""
         if self._chat:
             for c in self._choices:
@@ -402,16 +348,14 @@ class RichTritonCall:
             async with asyncio.timeout_at(deadline):
                 got = await self._read_some()
                 if all(resp is None for _, resp in got) and self._ended:
-                    raise GatewayError(
-                        Fault.UPSTREAM_BAD_RESPONSE, f"The Triton model `{self._model}` sent no response."
-                    )
+                    raise no_response(self._model)
                 for i, resp in got:
                     self._push(i, resp)
                 while not self._ended:
                     for i, resp in await self._read_some():
                         self._push(i, resp)
         except TimeoutError:
-            raise GatewayError(Fault.UPSTREAM_TIMEOUT, "The Triton model did not finish in time.") from None
+            raise not_finished() from None
         finally:
             self.release()
         self._close_choices()
