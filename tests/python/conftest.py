@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextlib.contextmanager
+def pg_database(prefix: str) -> Iterator[str]:
+    """For a fixture: a fresh PostgreSQL database (`<prefix>_<random>`), dropped afterwards; skip
+    when psycopg or PostgreSQL is absent."""
+    psycopg = pytest.importorskip("psycopg")
+    from psycopg import sql
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {exc}")
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def restartable_triton(log_path: Path) -> tuple[int, Callable[[], LocalTriton]]:
+    """A private tritonserver serving `testllm_core` on ports fixed up front, so a test can kill
+    it and start it again at the same address: (its gRPC port, a factory for one run)."""
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+
+    def server() -> LocalTriton:
+        return LocalTriton(
+            REPO / "triton_models",
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            models=["testllm_core"],
+            log_path=log_path,
+        )
+
+    return grpc_port, server
+
+
+def run_local_cmd(port: int, upstream_port: int, triton_ports: tuple[int, int, int]) -> list[str]:
+    """`fastpath-gateway run-local` on the given ports (Triton's: gRPC, HTTP, metrics)."""
+    grpc, http, metrics = triton_ports
+    return [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "run-local",
+        *("--port", str(port), "--upstream-port", str(upstream_port)),
+        *("--triton-grpc-port", str(grpc), "--triton-http-port", str(http)),
+        *("--triton-metrics-port", str(metrics)),
+    ]
 
 
 def _env() -> dict[str, str]:

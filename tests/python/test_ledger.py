@@ -17,13 +17,12 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MockUpstream, gateway_config, run_gateway
+from conftest import MockUpstream, gateway_config, pg_database, run_gateway
 
 from gateway import config as config_mod
 from gateway import ledger
@@ -32,7 +31,6 @@ ALICE = "sk-ledger-alice-0123456789abcdef"
 BOB = "sk-ledger-bob-0123456789abcdef"
 ADMIN = "adm-ledger-0123456789abcdef0123456789"
 SALT = "salt-ledger-tests-0123456789"
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # echo: 1 USD / Mtok in, 2 USD / Mtok out -> 1,000 / 2,000 nano-USD per token
 PRICE_IN, PRICE_OUT = 1_000, 2_000
 
@@ -157,21 +155,8 @@ def pg_truncate(dsn: str) -> None:
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     """A fresh database for this session, dropped afterwards; skip when PostgreSQL is absent."""
-    psycopg = pytest.importorskip("psycopg")
-    from psycopg import sql
-
-    name = f"fastpath_ledger_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {exc}")
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with pg_database("fastpath_ledger_test") as dsn:
+        yield dsn
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

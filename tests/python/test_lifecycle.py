@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gateway, MockUpstream, free_port, gateway_config, run_gateway, wait_http
+from conftest import Gateway, MockUpstream, free_port, gateway_config, run_gateway, run_local_cmd, wait_http
 from test_streaming import data_events, open_stream, sse_lines, stream_request, wait_for
 
 
@@ -75,21 +75,9 @@ def test_run_local_serves_the_default_config_and_ctrl_c_stops_all(tmp_path: Path
     port, upstream = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "FASTPATH_GATEWAY_SALT"}
     env["FASTPATH_GATEWAY_DATA_DIR"] = str(tmp_path / "data")
-    triton_ports = [free_port(), free_port(), free_port()]
+    triton_ports = (free_port(), free_port(), free_port())
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "run-local",
-            "--port",
-            str(port),
-            "--upstream-port",
-            str(upstream),
-            *("--triton-grpc-port", str(triton_ports[0])),
-            *("--triton-http-port", str(triton_ports[1])),
-            *("--triton-metrics-port", str(triton_ports[2])),
-        ],
+        run_local_cmd(port, upstream, triton_ports),
         start_new_session=True,
         env=env,
         stdout=subprocess.PIPE,

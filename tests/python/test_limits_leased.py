@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gateway, MockUpstream, run_gateway
+from conftest import Gateway, MockUpstream, redis_or_skip, run_gateway
 from test_auth import auth_config, chat, post
 from test_limits_redis import REDIS_URL, U, _burst, _cleanup, _client, _refilled
 from test_streaming import wait_for
@@ -68,14 +68,7 @@ def _yaml(prefix: str) -> str:
 def env(
     mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Gateway, str, Any]]:
-    r = _client()
-    try:
-        r.ping()
-    except redis.RedisError:
-        r.close()
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no Redis at 127.0.0.1:6379")
+    r = redis_or_skip(REDIS_URL)
     prefix = f"fp-test:{uuid.uuid4().hex[:12]}:"
     tmp = tmp_path_factory.mktemp("leased")
     try:

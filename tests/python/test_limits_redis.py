@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import signal
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gateway, MockUpstream, free_port, run_gateway
+from conftest import Gateway, MockUpstream, free_port, redis_or_skip, run_gateway
 from test_auth import auth_config, chat, post
 from test_streaming import data_events, sse_lines, wait_for
 
@@ -47,14 +46,7 @@ def _client(url: str = REDIS_URL) -> Any:
 
 @pytest.fixture(scope="module")
 def shared_redis() -> Iterator[Any]:
-    r = _client()
-    try:
-        r.ping()
-    except redis.RedisError:
-        r.close()
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no Redis at 127.0.0.1:6379 (.ci/run starts one)")
+    r = redis_or_skip(REDIS_URL)
     yield r
     r.close()
 

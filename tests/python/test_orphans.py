@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import _env, free_port, wait_http
+from conftest import _env, free_port, run_local_cmd, wait_http
 
 from gateway.triton_local import default_venv
 
@@ -64,24 +63,7 @@ def test_run_local_sigkilled_leaves_no_child(tmp_path: Path) -> None:
         pytest.skip("no Triton venv (make triton-venv)")
     port, mock, grpc, http, metrics = (free_port() for _ in range(5))
     env = {**_env(), "FASTPATH_GATEWAY_DATA_DIR": str(tmp_path / "data")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "run-local",
-        "--port",
-        str(port),
-        "--upstream-port",
-        str(mock),
-    ]
-    cmd += [
-        "--triton-grpc-port",
-        str(grpc),
-        "--triton-http-port",
-        str(http),
-        "--triton-metrics-port",
-        str(metrics),
-    ]
+    cmd = run_local_cmd(port, mock, (grpc, http, metrics))
     with open(tmp_path / "run-local.out", "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     tree: set[int] = set()

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import Gateway, MockUpstream, TritonServer, gateway_config, run_gateway
+from conftest import Gateway, MockUpstream, TritonServer, gateway_config, pg_database, run_gateway
 
 from gateway.responses_stream import ChatToResponses
 from gateway.responses_wire import decode_request, response_from_chat
@@ -24,7 +23,6 @@ ALICE = "sk-responses-alice-0123456789"
 CAROL = "sk-responses-carol-0123456789"  # alice's team
 BOB = "sk-responses-bob-0123456789ab"
 ADMIN = "adm-responses-0123456789abcdef0123456789"
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TOOLS: list[Any] = [
     {
         "type": "function",
@@ -351,21 +349,8 @@ def test_translator_split_anywhere_equals_unary() -> None:
 
 @pytest.fixture(scope="module")
 def pg_dsn() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    from psycopg import sql
-
-    name = f"fastpath_responses_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {exc}")
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with pg_database("fastpath_responses_test") as dsn:
+        yield dsn
 
 
 def test_two_instances_share_postgres(mock_upstream: MockUpstream, tmp_path: Path, pg_dsn: str) -> None:

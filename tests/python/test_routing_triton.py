@@ -12,9 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from conftest import REPO, TritonServer, free_port, run_gateway
-
-from gateway.triton_local import LocalTriton
+from conftest import TritonServer, restartable_triton, run_gateway
 
 
 def post(port: int, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
@@ -39,18 +37,7 @@ def chat(model: str, stream: bool = False, content: str = "Tell me about rivers.
 
 
 def test_two_tritons_one_killed_under_load_and_back(triton: TritonServer, tmp_path: Path) -> None:
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-
-    def second() -> LocalTriton:
-        return LocalTriton(
-            REPO / "triton_models",
-            grpc_port=grpc_port,
-            http_port=http_port,
-            metrics_port=metrics_port,
-            models=["testllm_core"],
-            log_path=tmp_path / "second.log",
-        )
-
+    grpc_port, second = restartable_triton(tmp_path / "second.log")
     config = (
         "server: {host: 127.0.0.1}\n"
         "providers:\n"

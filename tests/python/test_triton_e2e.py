@@ -21,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import REPO, Gateway, TritonServer, free_port, private_ca, run_gateway, wait_event
+from conftest import REPO, Gateway, TritonServer, private_ca, restartable_triton, run_gateway, wait_event
 
 from gateway.triton_local import LocalTriton
 
@@ -411,18 +411,7 @@ def _until_ok(client: openai.OpenAI, model: str, timeout_s: float = 15.0) -> str
 def test_triton_down_up_killed_mid_stream_and_back(tmp_path: Path) -> None:
     """Triton down -> 503 at once; Triton up -> served without a gateway restart; Triton killed
     mid-stream -> an SSE error event then [DONE] (no hang); Triton back -> served again."""
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-
-    def server() -> LocalTriton:
-        return LocalTriton(
-            REPO / "triton_models",
-            grpc_port=grpc_port,
-            http_port=http_port,
-            metrics_port=metrics_port,
-            models=["testllm_core"],
-            log_path=tmp_path / "tritonserver.log",
-        )
-
+    grpc_port, server = restartable_triton(tmp_path / "tritonserver.log")
     config = triton_config(f"127.0.0.1:{grpc_port}")
     with run_gateway(tmp_path, None, config_text=config) as gw:
         client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=30)
