@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from ..procs import die_with_parent
+
 log = logging.getLogger("gateway.server")
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -128,9 +130,14 @@ def _stop_children(children: dict[int, float], wait_s: float) -> None:
 
 
 def _fork(cfg: Any, sock: socket.socket) -> int:
+    # a master killed with SIGKILL runs no cleanup: the kernel stops its workers (they would
+    # keep serving the socket, and hold run-local's ports, as orphans)
+    die = die_with_parent(signal.SIGTERM)
     pid = os.fork()
     if pid:
         return pid
+    if die is not None:
+        die()
     code = 1
     try:
         code = run_worker(cfg, sock)
