@@ -107,9 +107,9 @@ def pg_database(prefix: str) -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def restartable_triton(log_path: Path) -> tuple[int, Callable[[], LocalTriton]]:
-    """A private tritonserver serving `testllm_core` on ports fixed up front, so a test can kill
-    it and start it again at the same address: (its gRPC port, a factory for one run)."""
+def restartable_triton(log_path: Path, model: str = "testllm_core") -> tuple[int, Callable[[], LocalTriton]]:
+    """A private tritonserver serving `model` on ports fixed up front, so a test can kill it and
+    start it again at the same address: (its gRPC port, a factory for one run)."""
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
 
     def server() -> LocalTriton:
@@ -118,7 +118,7 @@ def restartable_triton(log_path: Path) -> tuple[int, Callable[[], LocalTriton]]:
             grpc_port=grpc_port,
             http_port=http_port,
             metrics_port=metrics_port,
-            models=["testllm_core"],
+            models=[model],
             log_path=log_path,
         )
 

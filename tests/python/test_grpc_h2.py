@@ -13,10 +13,9 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from conftest import REPO, TritonServer, bare_worker, free_port, wait_event
+from conftest import TritonServer, bare_worker, free_port, restartable_triton, wait_event
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.triton_local import LocalTriton
 from gateway.upstreams.grpc_h2 import H2Transport, grpc_timeout
 from gateway.upstreams.grpc_transport import GrpcioTransport, RpcError, Transport
 
@@ -306,18 +305,7 @@ def test_many_concurrent_streams_on_one_connection(triton: TritonServer, kind: s
 
 
 def test_killed_mid_stream_then_reconnects(tmp_path: Path) -> None:
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-
-    def server() -> LocalTriton:
-        return LocalTriton(
-            REPO / "triton_models",
-            grpc_port=grpc_port,
-            http_port=http_port,
-            metrics_port=metrics_port,
-            models=["tensorrt_llm_bls"],
-            log_path=tmp_path / "tritonserver.log",
-        )
-
+    grpc_port, server = restartable_triton(tmp_path / "tritonserver.log", "tensorrt_llm_bls")
     address = f"127.0.0.1:{grpc_port}"
     ready = pb.ServerReadyRequest().SerializeToString()
 
