@@ -292,6 +292,12 @@ class LimitSet(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: `leased` (backend redis): this set's rpm / tpm / budgets are decided locally on slices
     #: taken from Redis; `exact` (default): one Redis decision per request
     mode: LimitMode = LimitMode.EXACT
+    #: Long-window quotas in fixed UTC windows (like the budgets; they do not refill): requests
+    #: per UTC day, tokens (prompt + completion, reserved then settled like tpm) per UTC day and
+    #: per UTC calendar month. Always decided exactly, also in a `leased` set.
+    requests_per_day: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
 
 
 class ModelLimitsConfig(LimitSet, forbid_unknown_fields=True, frozen=True):
@@ -1131,7 +1137,9 @@ def _validate_guards(cfg: Config, models: set[str]) -> None:
 
 #: Budgets are kept as integer nano-USD (exact in Lua doubles below 2**53): at most this many USD.
 MAX_BUDGET_USD = 9_000_000
-_LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent")
+_LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent", "requests_per_day", "tokens_per_day", "tokens_per_month")
+#: Quota counters are integers in Lua doubles (exact below 2**53): at most this many per window.
+MAX_QUOTA = 10**15
 _BUDGET_FIELDS = ("budget_usd_per_day", "budget_usd_per_month")
 
 
@@ -1164,6 +1172,8 @@ def _validate_limit_set(where: str, obj: LimitSet) -> None:
         value = getattr(obj, field)
         if value is not None:
             _check_positive(f"{where}.{field}", value)
+            if value > MAX_QUOTA:
+                raise ConfigError(f"{where}.{field}: at most {MAX_QUOTA}, got {value}")
     for field in _BUDGET_FIELDS:
         usd = getattr(obj, field, None)
         if usd is not None and not 0 <= usd <= MAX_BUDGET_USD:

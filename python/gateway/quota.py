@@ -16,9 +16,16 @@ class CheckKind(IntEnum):
     RPM = 1
     TPM = 2
     BUDGET = 3
+    #: requests per UTC day: a window counter like a budget's, counting requests
+    RPD = 4
+    #: tokens per UTC day and per UTC month: a window counter like a budget's, counting tokens
+    TOKQ = 5
 
 
 CONC, RPM, TPM, BUDGET = CheckKind.CONC, CheckKind.RPM, CheckKind.TPM, CheckKind.BUDGET
+RPD, TOKQ = CheckKind.RPD, CheckKind.TOKQ
+#: the kinds counted in fixed UTC windows (day / month), held like budgets by the stores
+WINDOWED = frozenset((BUDGET, RPD, TOKQ))
 
 
 class Check:
@@ -42,7 +49,8 @@ class Check:
         #: the bucket / gauge / counter name (the Redis key is the prefix + this)
         self.local_key = local_key
         #: RPM/TPM: per minute (also the burst); CONC: at most in flight; BUDGET: nano-USD per
-        #: UTC day (0 = none), with `limit2` per UTC month (0 = none)
+        #: UTC day (0 = none), with `limit2` per UTC month (0 = none); RPD: requests per UTC
+        #: day; TOKQ: tokens per UTC day (0 = none), with `limit2` per UTC month (0 = none)
         self.limit = limit
         self.limit2 = limit2
         #: False: shadow mode (counted and reported, never refuses; see `config.LimitSet`)
@@ -58,6 +66,8 @@ class Plan:
         "checks",
         "has_budget",
         "has_conc",
+        "has_tokq",
+        "has_windows",
         "header_groups",
         "in_price",
         "needs_prompt",
@@ -66,6 +76,7 @@ class Plan:
         "settle_checks",
         "settle_indices",
         "tpm_limits",
+        "window_groups",
     )
 
     def __init__(self, checks: list[Check], in_price: int, out_price: int) -> None:
@@ -74,10 +85,14 @@ class Plan:
         self.out_price = out_price  # nano-USD per completion token
         self.has_conc = any(c.kind == CONC for c in checks)
         self.has_budget = any(c.kind == BUDGET for c in checks)
-        self.needs_prompt = any(c.kind == TPM for c in checks) or self.has_budget
-        #: what on_finish touches: token buckets, concurrency gauges, budgets
-        self.settle_checks = tuple(c for c in checks if c.kind != RPM)
-        self.settle_indices = tuple(i for i, c in enumerate(checks) if c.kind != RPM)
+        self.has_tokq = any(c.kind == TOKQ for c in checks)
+        #: any check counted in UTC windows (the store needs the day and month)
+        self.has_windows = any(c.kind in WINDOWED for c in checks)
+        self.needs_prompt = any(c.kind == TPM for c in checks) or self.has_budget or self.has_tokq
+        #: what on_finish touches: token buckets, concurrency gauges, budgets, token quotas
+        #: (a request counted in a minute or a day stays counted: RPM and RPD are not settled)
+        self.settle_checks = tuple(c for c in checks if c.kind != RPM and c.kind != RPD)
+        self.settle_indices = tuple(i for i, c in enumerate(checks) if c.kind != RPM and c.kind != RPD)
         self.rpm_limits = tuple(c.limit for c in checks if c.kind == RPM)
         self.tpm_limits = tuple(c.limit for c in checks if c.kind == TPM)
         #: which checks make the `x-ratelimit-*-requests` and `-tokens` headers
@@ -85,6 +100,21 @@ class Plan:
             (tuple(i for i, c in enumerate(checks) if c.kind == kind), what)
             for kind, what in ((RPM, "requests"), (TPM, "tokens"))
             if any(c.kind == kind for c in checks)
+        )
+        #: which checks make the long-window headers (`x-ratelimit-*-requests-day`,
+        #: `-tokens-day`, `-tokens-month`): (indices, header suffix, which limit: 0 day, 1 month)
+        self.window_groups = tuple(
+            (idx, what, which)
+            for kind, what, which in (
+                (RPD, "requests-day", 0),
+                (TOKQ, "tokens-day", 0),
+                (TOKQ, "tokens-month", 1),
+            )
+            if (
+                idx := tuple(
+                    i for i, c in enumerate(checks) if c.kind == kind and (c.limit2 if which else c.limit)
+                )
+            )
         )
 
 

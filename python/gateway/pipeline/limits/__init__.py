@@ -1,5 +1,6 @@
-"""Stage `limits`: requests per minute, tokens per minute, concurrent requests and money budgets,
-per key (by tier), per key and model (`tiers.<t>.models`) and per team (`teams:`).
+"""Stage `limits`: requests per minute, tokens per minute, concurrent requests, money budgets and
+long-window quotas (requests per UTC day, tokens per UTC day / month), per key (by tier), per key
+and model (`tiers.<t>.models`) and per team (`teams:`).
 
 Tokens and money are *reserved, then settled* (TensorZero's "estimate, then reconcile"): before
 the call the request reserves its prompt tokens (counted by the fastpath) + `max_tokens` (or
@@ -8,7 +9,8 @@ integer nano-USD: no float drift); when the request ends, however it ends, `on_f
 back what the response did not use (or charges what it used beyond). The checks of one request
 are all-or-nothing: a refused request leaves no count behind. Budgets are fixed windows, the UTC
 day and the UTC calendar month; a request counts in the window that admitted it. Models without
-a price cost nothing. A limit set with `enforce: false` is a shadow: counted, reported, logged
+a price cost nothing. Quotas count in the same windows as budgets (requests, or tokens reserved
+and settled like TPM). A limit set with `enforce: false` is a shadow: counted, reported, logged
 when it would refuse, never refusing.
 
 The stage builds the plans, the replies (`x-ratelimit-*` headers, refusals, `retry-after`) and
@@ -37,7 +39,7 @@ from ...context import RequestContext
 from ...errors import Fault, GatewayError
 from ...money import price_table
 from ...principal import Principal
-from ...quota import BUDGET, CONC, RPM, TPM, Check, Lease, Plan
+from ...quota import BUDGET, CONC, RPD, RPM, TOKQ, TPM, Check, Lease, Plan
 from ...schemas import ChatRequestView, EmbeddingsRequestView
 from ...usage import cost_used, counted_prompt_tokens, tokens_used
 from ...worker import Worker
@@ -55,11 +57,13 @@ _PLAN_CACHE_MAX = 10_000
 
 
 def duration(ms: int) -> str:
-    """OpenAI's reset header format: `20ms`, `1s`, `1.5s`, `6m0s`."""
+    """OpenAI's reset header format: `20ms`, `1s`, `1.5s`, `6m0s`, `3h0m0s` (a day's window)."""
     if ms < 1_000:
         return f"{ms}ms"
     minutes, rest = divmod(ms, 60_000)
     seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60}m{seconds}s"
     return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
 
@@ -109,6 +113,38 @@ def budget_refused(scope: str, monthly: bool, limit: int, spent: int, cost: int,
     )
 
 
+def quota_refused(c: Check, state: tuple[int, int, int, int], tokens: int, now_s: int) -> GatewayError:
+    """429 of a long-window quota: which one (`code`: `requests_per_day_exceeded`,
+    `tokens_per_day_exceeded`, `tokens_per_month_exceeded`), what is left, when it resets;
+    `retry-after` is the time to the window's end (nothing frees up before it)."""
+    monthly = state[3] == 2
+    limit, used = (c.limit2, state[2]) if monthly else (c.limit, state[1])
+    reset_s = window_reset_s(now_s, monthly)
+    when = "the start of the next UTC calendar month" if monthly else "00:00 UTC"
+    window = "month" if monthly else "day"
+    resets = f"It resets at {when} (in {reset_s // 3600}h{reset_s % 3600 // 60}m)"
+    if c.kind == RPD:
+        message = (
+            f"Quota exceeded: this {c.scope}'s quota of {limit} requests per UTC day is used up. {resets}."
+        )
+        code = "requests_per_day_exceeded"
+    else:
+        left = max(0, limit - used)
+        if tokens > limit:
+            message = (
+                f"Quota exceeded: this request needs {tokens} tokens (prompt + max_tokens), more "
+                f"than this {c.scope}'s quota of {limit} tokens per UTC {window}; lower max_tokens."
+            )
+        else:
+            message = (
+                f"Quota exceeded: this {c.scope}'s quota of {limit} tokens per UTC {window} has "
+                f"{left} left, and this request reserves up to {tokens} (prompt + max_tokens). "
+                f"{resets}; lower max_tokens or retry then."
+            )
+        code = f"tokens_per_{window}_exceeded"
+    return _rate_limited(message, reset_s * 1000, code=code)
+
+
 def tokens_refused_message(reserved: int, tpm: int, scope: str = "API key") -> str:
     """Why a token reservation was refused: over the per-minute limit on its own, or not now."""
     if reserved > tpm:
@@ -131,6 +167,8 @@ def refusal(c: Check, state: tuple[int, int, int, int], tokens: int, cost: int, 
         )
     if c.kind == TPM:
         return _rate_limited(tokens_refused_message(tokens, c.limit, c.scope), state[3])
+    if c.kind == RPD or c.kind == TOKQ:
+        return quota_refused(c, state, tokens, now_s)
     monthly = state[3] == 2
     limit, spent = (c.limit2, state[2]) if monthly else (c.limit, state[1])
     return budget_refused(c.scope, monthly, limit, spent, cost, now_s)
@@ -153,6 +191,14 @@ def _limit_checks(checks: list[list[Check]], scope: str, base: str, limits: Limi
             checks[BUDGET].append(
                 Check(BUDGET, scope, base + "b", _budget(day), _budget(month), enforce, leased)
             )
+    # long-window quotas stay exact in a leased set (a fixed window gains nothing from slices
+    # that only move admissions earlier: one exact decision per request)
+    if limits.requests_per_day is not None:
+        checks[RPD].append(Check(RPD, scope, base + "qr", limits.requests_per_day, 0, enforce))
+    if limits.tokens_per_day is not None or limits.tokens_per_month is not None:
+        checks[TOKQ].append(
+            Check(TOKQ, scope, base + "qt", limits.tokens_per_day or 0, limits.tokens_per_month or 0, enforce)
+        )
 
 
 def _budget(nano: int | None) -> int:
@@ -200,8 +246,11 @@ class LimitsStage:
         ("refused", "rpm"),
         ("refused", "tpm"),
         ("refused", "budget"),
+        ("refused", "requests_per_day"),
+        ("refused", "tokens_quota"),
         ("unavailable", "none"),
     )
+    _UNAVAILABLE = len(DECISION_LABELS) - 1
 
     def __init__(self, cfg: Config, clock: Callable[[], float] = time.time) -> None:
         self.store = make_store(cfg, clock)
@@ -251,7 +300,7 @@ class LimitsStage:
         # Every name of a request shares one hash tag (one Redis Cluster slot per decision): the
         # key's id, or its team's name when the team has shared limits.
         key_base = f"{{{key_id}}}:" if team_limits is None else f"{{team:{team}}}:k:{key_id}:"
-        checks: list[list[Check]] = [[], [], [], []]
+        checks: list[list[Check]] = [[] for _ in range(TOKQ + 1)]
         _limit_checks(checks, "API key", key_base, tier)
         model_limits = tier.models.get(model)
         if model_limits is not None:
@@ -297,7 +346,7 @@ class LimitsStage:
             try:
                 decision = await self.store.decide(plan, tokens, cost)
             except StoreUnavailable as exc:
-                self.decisions[5] += 1
+                self.decisions[self._UNAVAILABLE] += 1
                 raise GatewayError(
                     Fault.LIMITER_UNAVAILABLE,
                     "The rate limiter is unavailable; retry shortly.",
@@ -405,7 +454,35 @@ class LimitsStage:
                 (f"x-ratelimit-remaining-{what}", str(best[1])),
                 (f"x-ratelimit-reset-{what}", duration(best[2])),
             )
-        return headers, best if plan.tpm_limits else None
+        tokens_state = best if plan.tpm_limits else None
+        if plan.window_groups:
+            headers += self._window_headers(plan, decision)
+        return headers, tokens_state
+
+    @staticmethod
+    def _window_headers(plan: Plan, decision: Decision) -> tuple[tuple[str, str], ...]:
+        """`x-ratelimit-{limit,remaining,reset}-requests-day` / `-tokens-day` / `-tokens-month`
+        of the tightest quota of each (checks a refusal did not reach are left out)."""
+        headers: tuple[tuple[str, str], ...] = ()
+        checks, states = plan.checks, decision.states
+        for indices, what, which in plan.window_groups:
+            best: tuple[int, int] | None = None
+            for i in indices:
+                state = states[i]
+                if state is None:
+                    continue
+                limit = checks[i].limit2 if which else checks[i].limit
+                left = max(0, limit - state[1 + which])
+                if best is None or left < best[1]:
+                    best = (limit, left)
+            if best is not None:
+                reset_ms = window_reset_s(decision.now_s, bool(which)) * 1000
+                headers += (
+                    (f"x-ratelimit-limit-{what}", str(best[0])),
+                    (f"x-ratelimit-remaining-{what}", str(best[1])),
+                    (f"x-ratelimit-reset-{what}", duration(reset_ms)),
+                )
+        return headers
 
     # ---- the finish side ----------------------------------------------------------------------
     def on_finish(self, ctx: RequestContext) -> None:
@@ -419,7 +496,11 @@ class LimitsStage:
         plan = lease.plan
         holder = lease.holder
         assert holder is not None
-        unused = lease.reserved_tokens - tokens_used(ctx, lease.prompt_tokens) if plan.tpm_limits else 0
+        unused = (
+            lease.reserved_tokens - tokens_used(ctx, lease.prompt_tokens)
+            if plan.tpm_limits or plan.has_tokq
+            else 0
+        )
         unused_cost = lease.reserved_cost - cost_used(ctx, lease) if plan.has_budget else 0
         holder.settle(lease, unused, unused_cost)
         if ctx.status == 0 and plan.tpm_limits:  # a reply is still to come: show the real use

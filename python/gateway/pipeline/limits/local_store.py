@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from ... import _fastpath
 from ...config import Config
-from ...quota import BUDGET, CONC, RPM, TPM, Lease, Plan
+from ...quota import BUDGET, CONC, RPD, RPM, TPM, WINDOWED, Lease, Plan
 from .store import Decision, State
 
 DAY_S = 86_400
@@ -26,7 +26,8 @@ def month_number(now_s: float) -> int:
 
 
 class BudgetState:
-    """Nano-USD spent by one budget in its UTC day and UTC month (other windows count as 0)."""
+    """What one budget (nano-USD) or quota (requests, tokens) counted in its UTC day and UTC
+    month (other windows count as 0)."""
 
     __slots__ = ("day", "day_spent", "month", "month_spent")
 
@@ -70,7 +71,7 @@ class LocalStore:
         checks = plan.checks
         states: list[State | None] = [None] * len(checks)
         day = month = now_s = 0
-        if plan.has_budget:
+        if plan.has_windows:
             now = self._clock()
             now_s = int(now)
             day = now_s // DAY_S
@@ -84,13 +85,14 @@ class LocalStore:
                 if held < c.limit:
                     continue
                 states[i] = (False, held, 0, 0)
-            elif kind == BUDGET:
+            elif kind in WINDOWED:
+                amount = cost if kind == BUDGET else 1 if kind == RPD else tokens
                 spent_day, spent_month = self.spent(c.local_key, day, month)
                 window = 0
-                if cost > 0:
-                    if c.limit and spent_day + cost > c.limit:
+                if amount > 0:
+                    if c.limit and spent_day + amount > c.limit:
                         window = 1
-                    elif c.limit2 and spent_month + cost > c.limit2:
+                    elif c.limit2 and spent_month + amount > c.limit2:
                         window = 2
                 states[i] = (not window, spent_day, spent_month, window)
                 if not window:
@@ -112,9 +114,14 @@ class LocalStore:
             c = checks[i]
             if c.kind == CONC:
                 self._inflight[c.local_key] = self._inflight.get(c.local_key, 0) + 1
-            elif c.kind == BUDGET:
-                b = self._take_budget(c.local_key, day, month, cost)
+            elif c.kind in WINDOWED:
+                b = self._take_budget(c.local_key, day, month, cost if c.kind == BUDGET else tokens)
                 states[i] = (True, b.day_spent, b.month_spent, 0)
+        if plan.has_windows:  # requests per day are taken but never settled (not in settle_indices)
+            for i, c in enumerate(checks):
+                if c.kind == RPD and not (waived and i in waived):
+                    b = self._take_budget(c.local_key, day, month, 1)
+                    states[i] = (True, b.day_spent, b.month_spent, 0)
         return Decision(self, -1, states, day, month, now_s, waived)
 
     def _refund(self, plan: Plan, states: list[State | None], refused: int, tokens: int) -> None:
@@ -185,13 +192,14 @@ class LocalStore:
                     buckets.refund(name, unused_tokens)
                 elif unused_tokens < 0:
                     buckets.charge(name, -unused_tokens, c.limit)
-            elif unused_cost:
-                b = self._budgets.get(name)
+            else:  # a budget gives back money, a token quota tokens
+                unused = unused_cost if c.kind == BUDGET else unused_tokens
+                b = self._budgets.get(name) if unused else None
                 if b is not None:
                     if b.day == lease.day:
-                        b.day_spent = max(0, b.day_spent - unused_cost)
+                        b.day_spent = max(0, b.day_spent - unused)
                     if b.month == lease.month:
-                        b.month_spent = max(0, b.month_spent - unused_cost)
+                        b.month_spent = max(0, b.month_spent - unused)
 
     def tokens_after(self, lease: Lease, unused_tokens: int) -> tuple[int, int, int]:
         """Read exactly: the tightest token bucket as it is now."""

@@ -30,8 +30,10 @@ log = logging.getLogger("gateway.limits")
 #: Token refunds wait at most this long for a decision to carry them (`RedisStore._refunds`).
 REFUND_DELAY_S = 0.01
 
-#: The scripts' kind codes, by `CheckKind`: a lease set, a bucket (RPM and TPM), a budget hash.
-KIND_CODE = ("c", "r", "r", "b")
+#: The scripts' kind codes, by `CheckKind`: a lease set, a bucket (RPM and TPM), a window hash
+#: (a budget, requests per day: settled by money or not at all; 'q', tokens per day / month:
+#: settled by tokens).
+KIND_CODE = ("c", "r", "r", "b", "b", "q")
 
 # Shared by the scripts: Redis `TIME` (gateway clocks do not matter; the budget windows are
 # computed from it too), floor and ceiling division on integers, and the GCRA buckets.
@@ -106,7 +108,8 @@ end
 # decision: `RedisStore.settle` defers pure token refunds to ride on the next decision).
 #   'c': a lease set (ZSET member -> expiry): at most `limit` live leases;
 #   'r': a GCRA bucket of `limit` per minute (= burst), taking `cost` tokens;
-#   'b': a budget hash: `d`/`ds` (UTC day number, nano-USD spent that day) and `m`/`ms` (UTC
+#   'b' / 'q': a window hash (a budget, or a quota counting requests or tokens in its place):
+#        `d`/`ds` (UTC day number, nano-USD spent that day) and `m`/`ms` (UTC
 #        month number, spent that month; a stored window that is not the current one counts as
 #        0), at most `limit` a day and `limit2` a month (0 = none, -1 = nothing); 33 days TTL
 #        from the first write of its last UTC day (the longest month, and a day to settle).
@@ -209,7 +212,7 @@ for i = 1, n do
   local fits = 1
   if no[i] then fits = 0 end
   local x, y, z = st[i], 0, 0
-  if kinds[i] == 'b' then x, y, z = st[i][1], st[i][2], over[i] end
+  if kinds[i] == 'b' or kinds[i] == 'q' then x, y, z = st[i][1], st[i][2], over[i] end
   out[o + 1], out[o + 2], out[o + 3], out[o + 4] = fits, x, y, z
   o = o + 4
 end
@@ -220,7 +223,8 @@ return out
 # The settlement: give back unused reserved tokens and money, charge use beyond them, drop the
 # leases. KEYS: what the lease holds (token buckets, lease sets, budget hashes). ARGV: lease
 # member, tokens to give back (< 0: to charge), nano-USD to give back (< 0: to charge), the UTC
-# day and month of the reservation, then 2 per key: kind ('r', 'c', 'b'), limit per minute ('r').
+# day and month of the reservation, then 2 per key: kind ('r', 'c', 'b', 'q'), limit per minute
+# ('r').
 # It adjusts the budget windows the reservation was made in, or nothing once they have ended.
 SETTLE = (
     LUA_LIB
@@ -242,16 +246,20 @@ for i = 1, #KEYS do
     end
   elseif kind == 'c' then
     if member ~= '' then redis.call('ZREM', key, member) end
-  elseif dc ~= 0 then
+  else
+    -- a budget gives back money, a token quota ('q') tokens
+    local x = dc
+    if kind == 'q' then x = dt end
     -- a window that has ended since the reservation is left alone
-    local v = redis.call('HMGET', key, 'd', 'ds', 'm', 'ms')
-    if v[1] == day then
-      local s = tonumber(v[2]) - dc
+    local v = {}
+    if x ~= 0 then v = redis.call('HMGET', key, 'd', 'ds', 'm', 'ms') end
+    if x ~= 0 and v[1] == day then
+      local s = tonumber(v[2]) - x
       if s < 0 then s = 0 end
       redis.call('HSET', key, 'ds', string.format('%d', s))
     end
-    if v[3] == month then
-      local s = tonumber(v[4]) - dc
+    if x ~= 0 and v[3] == month then
+      local s = tonumber(v[4]) - x
       if s < 0 then s = 0 end
       redis.call('HSET', key, 'ms', string.format('%d', s))
     end
@@ -398,7 +406,7 @@ class RedisStore:
         if time.monotonic() < self._down_until:
             raise self._unavailable(None)
         args: list[int | str] = [member, self._lease_ttl_ms]
-        costs = (0, 1, tokens, cost)  # by kind: CONC, RPM, TPM, BUDGET
+        costs = (0, 1, tokens, cost, 1, tokens)  # by kind: CONC, RPM, TPM, BUDGET, RPD, TOKQ
         refunds = self._refunds
         for c, (kind_code, limit, limit2, enforce), key in zip(
             plan.checks, keys.check_args, keys.keys, strict=True
@@ -461,7 +469,14 @@ class RedisStore:
             # Not waited for. On failure (or while Redis is down) the refund is lost (the key is
             # charged more, never less) and the lease expires.
             keys = self._keys_of(lease.plan)
-            if unused_tokens > 0 and not member and not unused_cost and not lease.waived:
+            plan = lease.plan
+            if (
+                unused_tokens > 0
+                and not member
+                and not unused_cost
+                and not lease.waived
+                and not plan.has_tokq
+            ):
                 self._defer_refund(keys, unused_tokens)
                 return
             settle_keys, settle_args = keys.settle_keys, keys.settle_args
