@@ -276,6 +276,23 @@ class _ADelta(msgspec.Struct, gc=False):
 class _AUsage(msgspec.Struct, gc=False):
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+def _prompt_of(usage: _AUsage | dict[str, Any]) -> tuple[int, int]:
+    """Anthropic's prompt usage in OpenAI's convention: (prompt tokens, cached prompt tokens).
+    Anthropic's `input_tokens` leaves out the prompt-cache reads and writes; OpenAI's
+    `prompt_tokens` includes the cached part (`prompt_tokens_details.cached_tokens`). Cache reads
+    are the cached tokens; cache writes count as ordinary prompt tokens."""
+    if isinstance(usage, dict):
+        fields = [
+            usage.get(k) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+        ]
+    else:
+        fields = [usage.input_tokens, usage.cache_read_input_tokens, usage.cache_creation_input_tokens]
+    given, read, written = (int(x) if isinstance(x, int) else 0 for x in fields)
+    return given + read + written, read
 
 
 class _AMessage(msgspec.Struct, gc=False):
@@ -320,6 +337,7 @@ class MessagesToChat:
         "_id",
         "_model",
         "_tools",
+        "cached_tokens",
         "done",
         "error",
         "events",
@@ -339,7 +357,10 @@ class MessagesToChat:
         self.error: str | None = None
         self.events = 0
         self.finish_reason: str | None = None
+        #: the prompt tokens, cache reads and writes included (OpenAI's convention: `_prompt_of`)
         self.input_tokens: int | None = None
+        #: the prompt tokens read from Anthropic's prompt cache
+        self.cached_tokens = 0
         self.output_tokens: int | None = None
         #: the completion text (and tool arguments) so far, for counting
         self.text: list[str] = []
@@ -361,8 +382,8 @@ class MessagesToChat:
         }
         return b"data: %s\n\n" % _encode(chunk)
 
-    def usage_frame(self, prompt: int, completion: int) -> bytes:
-        chunk = {
+    def usage_frame(self, prompt: int, completion: int, cached: int = 0) -> bytes:
+        chunk: dict[str, Any] = {
             "id": self._id,
             "object": "chat.completion.chunk",
             "created": self._created,
@@ -374,6 +395,8 @@ class MessagesToChat:
                 "total_tokens": prompt + completion,
             },
         }
+        if cached:
+            chunk["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
         return b"data: %s\n\n" % _encode(chunk)
 
     def on_event(self, data: str) -> bytes:
@@ -400,8 +423,8 @@ class MessagesToChat:
             m = e.message
             self._id = m.id
             self._model = m.model or self._model
-            if m.usage is not None:
-                self.input_tokens = m.usage.input_tokens
+            if m.usage is not None and m.usage.input_tokens is not None:
+                self.input_tokens, self.cached_tokens = _prompt_of(m.usage)
             return self._frame({"role": "assistant", "content": ""})
         if t == "content_block_start" and e.content_block is not None:
             b = e.content_block
@@ -423,7 +446,7 @@ class MessagesToChat:
                 if e.usage.output_tokens is not None:
                     self.output_tokens = e.usage.output_tokens
                 if e.usage.input_tokens is not None:
-                    self.input_tokens = e.usage.input_tokens
+                    self.input_tokens, self.cached_tokens = _prompt_of(e.usage)
             if e.delta is not None and e.delta.stop_reason is not None:
                 self.finish_reason = FINISH.get(e.delta.stop_reason, "stop")
                 return self._frame({}, self.finish_reason, e.delta.stop_sequence)
@@ -446,9 +469,9 @@ class MessagesToChat:
         return b""  # ping, content_block_stop, unknown events
 
 
-def chat_from_message(body: bytes, model_fallback: str) -> tuple[bytes, int, int] | None:
-    """A unary Anthropic `message` -> (an OpenAI chat.completion, prompt, completion tokens);
-    None when the body is not a message."""
+def chat_from_message(body: bytes, model_fallback: str) -> tuple[bytes, int, int, int] | None:
+    """A unary Anthropic `message` -> (an OpenAI chat.completion, prompt, completion, cached
+    prompt tokens); None when the body is not a message."""
     try:
         msg = msgspec.json.decode(body)
     except msgspec.DecodeError:
@@ -475,7 +498,7 @@ def chat_from_message(body: bytes, model_fallback: str) -> tuple[bytes, int, int
         message["tool_calls"] = calls
     raw_usage = msg.get("usage")
     usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
-    prompt = int(usage.get("input_tokens") or 0)
+    prompt, cached = _prompt_of(usage)
     completion = int(usage.get("output_tokens") or 0)
     reason = msg.get("stop_reason")
     choice: dict[str, Any] = {
@@ -486,19 +509,22 @@ def chat_from_message(body: bytes, model_fallback: str) -> tuple[bytes, int, int
     }
     if isinstance(msg.get("stop_sequence"), str):
         choice["stop_reason"] = msg["stop_sequence"]
+    out_usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if cached:
+        out_usage["prompt_tokens_details"] = {"cached_tokens": cached}
     out = {
         "id": msg.get("id") or "",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": msg.get("model") or model_fallback,
         "choices": [choice],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
+        "usage": out_usage,
     }
-    return _encode(out), prompt, completion
+    return _encode(out), prompt, completion, cached
 
 
 __all__ = [

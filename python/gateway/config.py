@@ -336,6 +336,9 @@ class PriceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     input_per_mtok: float
     output_per_mtok: float
+    #: prompt tokens the upstream served from its prompt cache (OpenAI's cached_tokens,
+    #: Anthropic's cache reads); None: charged at `input_per_mtok`
+    cached_input_per_mtok: float | None = None
 
 
 class KeyConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -1196,8 +1199,10 @@ def _validate_limits(cfg: Config) -> None:
         where = f"$.prices.{model}"
         if model not in models:
             raise ConfigError(f"{where}: unknown model {model!r}")
-        for field in ("input_per_mtok", "output_per_mtok"):
+        for field in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
             usd = getattr(price, field)
+            if usd is None:
+                continue
             if not 0 <= usd <= 1_000_000:
                 raise ConfigError(f"{where}.{field}: must be 0..1000000 USD per million tokens, got {usd}")
             if abs(usd * 1_000 - nano_usd_per_token(usd)) > 1e-6:

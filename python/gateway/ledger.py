@@ -72,10 +72,12 @@ COLUMNS = (
     "cache",  # the response cache's verdict: hit | miss | shared; NULL: not cached
     # added with the prompt manager (issue 18)
     "prompt",  # the server-side prompt applied, name@version; NULL: none
+    # added with cached-token metering (issue 18)
+    "cached_tokens",  # prompt tokens the upstream served from its prompt cache (part of prompt_tokens)
 )
 Row = tuple[
     str, float, str, str | None, str | None, str | None, str, str | None, str | None, bool, int, str | None,
-    int, int, int, float, str | None, int, str | None, str | None,
+    int, int, int, float, str | None, int, str | None, str | None, int,
 ]  # fmt: skip
 #: Columns added after the first schema, their SQL types (SQLite, PostgreSQL) and the value a row
 #: written before them gets (migrated tables, old spill files).
@@ -84,6 +86,7 @@ _ADDED: tuple[tuple[str, str, str, Any], ...] = (
     ("attempts", "INTEGER NOT NULL DEFAULT 0", "INTEGER NOT NULL DEFAULT 0", 0),
     ("cache", "TEXT", "TEXT", None),
     ("prompt", "TEXT", "TEXT", None),
+    ("cached_tokens", "INTEGER NOT NULL DEFAULT 0", "BIGINT NOT NULL DEFAULT 0", 0),
 )
 
 _COLS = ", ".join(COLUMNS)
@@ -108,7 +111,8 @@ _SQLITE_SCHEMA = (
         provider TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
         cache TEXT,
-        prompt TEXT
+        prompt TEXT,
+        cached_tokens INTEGER NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX IF NOT EXISTS fastpath_usage_day ON fastpath_usage (day)",
 )
@@ -134,7 +138,8 @@ _PG_SCHEMA = (
         provider TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
         cache TEXT,
-        prompt TEXT
+        prompt TEXT,
+        cached_tokens BIGINT NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX IF NOT EXISTS fastpath_usage_day ON fastpath_usage (day)",
 )
@@ -188,24 +193,32 @@ WITH f AS (
            CAST(SUM(cost_nano_usd) AS BIGINT) AS cost_nano_usd,
            SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors,
            CAST(SUM(attempts) AS BIGINT) AS attempts,
-           SUM(CASE WHEN cache IN ('hit', 'shared') THEN 1 ELSE 0 END) AS cache_hits
+           SUM(CASE WHEN cache IN ('hit', 'shared') THEN 1 ELSE 0 END) AS cache_hits,
+           CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens
     FROM f GROUP BY grp
 )
 SELECT t.grp, t.requests, t.prompt_tokens, t.completion_tokens, t.cost_nano_usd, t.errors, m.p50,
-       t.attempts, t.cache_hits
+       t.attempts, t.cache_hits, t.cached_tokens
 FROM totals t LEFT JOIN median m ON m.grp = t.grp
 ORDER BY t.grp
 """
-_SQLITE_SUMMARY = {g: _SUMMARY.format(col=c, added="attempts, cache") for g, c in _GROUP_COLUMN.items()}
+_SQLITE_SUMMARY = {
+    g: _SUMMARY.format(col=c, added="attempts, cache, cached_tokens") for g, c in _GROUP_COLUMN.items()
+}
 _PG_SUMMARY = {g: s.replace("?", "%s") for g, s in _SQLITE_SUMMARY.items()}
 # A table no gateway of this version has written yet (readers never migrate: they open it
 # read-only): the added columns read as their defaults.
 _LEGACY_GROUP_COLUMN = {**_GROUP_COLUMN, "provider": "CAST(NULL AS TEXT)"}
 _SQLITE_SUMMARY_LEGACY = {
-    g: _SUMMARY.format(col=c, added="0 AS attempts, CAST(NULL AS TEXT) AS cache")
+    g: _SUMMARY.format(col=c, added="0 AS attempts, CAST(NULL AS TEXT) AS cache, 0 AS cached_tokens")
     for g, c in _LEGACY_GROUP_COLUMN.items()
 }
 _PG_SUMMARY_LEGACY = {g: s.replace("?", "%s") for g, s in _SQLITE_SUMMARY_LEGACY.items()}
+# A table of the routing version (before `cached_tokens`): its attempts and cache still count.
+_SQLITE_SUMMARY_ROUTING = {
+    g: _SUMMARY.format(col=c, added="attempts, cache, 0 AS cached_tokens") for g, c in _GROUP_COLUMN.items()
+}
+_PG_SUMMARY_ROUTING = {g: s.replace("?", "%s") for g, s in _SQLITE_SUMMARY_ROUTING.items()}
 _MIN_DAY = "0000-01-01"
 _MAX_DAY = "9999-12-31"
 
@@ -240,6 +253,9 @@ class UsageRow(msgspec.Struct, frozen=True):
     attempts: int = 0
     #: requests answered by the response cache (`hit`, or `shared` with a concurrent request)
     cache_hits: int = 0
+    #: prompt tokens served from the upstreams' prompt caches (part of `prompt_tokens`, priced
+    #: at `cached_input_per_mtok`)
+    cached_tokens: int = 0
 
 
 _FILTER_MAX_CHARS = 256
@@ -303,8 +319,9 @@ def _summary_rows(rows: Iterable[Sequence[Any]]) -> list[UsageRow]:
             None if p50 is None else round(float(p50), 3),
             int(attempts or 0),
             int(cache_hits or 0),
+            int(cached or 0),
         )
-        for grp, requests, prompt, completion, cost, errors, p50, attempts, cache_hits in rows
+        for grp, requests, prompt, completion, cost, errors, p50, attempts, cache_hits, cached in rows
     ]
 
 
@@ -323,12 +340,13 @@ def query_usage(cfg: LedgerConfig, q: UsageQuery) -> list[UsageRow]:
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: {exc}") from None
     try:
-        try:
-            rows = conn.execute(_SQLITE_SUMMARY[q.group_by], _summary_params(q)).fetchall()
-        except sqlite3.OperationalError as exc:
-            if "no such column" not in str(exc):
-                raise
-            rows = conn.execute(_SQLITE_SUMMARY_LEGACY[q.group_by], _summary_params(q)).fetchall()
+        for statements in (_SQLITE_SUMMARY, _SQLITE_SUMMARY_ROUTING, _SQLITE_SUMMARY_LEGACY):
+            try:
+                rows = conn.execute(statements[q.group_by], _summary_params(q)).fetchall()
+                break
+            except sqlite3.OperationalError as exc:
+                if "no such column" not in str(exc) or statements is _SQLITE_SUMMARY_LEGACY:
+                    raise
         return _summary_rows(rows)
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
@@ -350,7 +368,10 @@ def _pg_query(cfg: LedgerConfig, q: UsageQuery) -> list[UsageRow]:
             try:
                 rows = conn.execute(_PG_SUMMARY[q.group_by], _summary_params(q)).fetchall()
             except psycopg.errors.UndefinedColumn:  # autocommit: the session is still usable
-                rows = conn.execute(_PG_SUMMARY_LEGACY[q.group_by], _summary_params(q)).fetchall()
+                try:
+                    rows = conn.execute(_PG_SUMMARY_ROUTING[q.group_by], _summary_params(q)).fetchall()
+                except psycopg.errors.UndefinedColumn:
+                    rows = conn.execute(_PG_SUMMARY_LEGACY[q.group_by], _summary_params(q)).fetchall()
     except psycopg.errors.UndefinedTable:
         return []
     except psycopg.Error as exc:
@@ -428,7 +449,7 @@ def _pg_migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
     have = {r[0] for r in conn.execute(_PG_COLUMNS).fetchall()}
     if any(name not in have for name, *_ in _ADDED):
         conn.execute(_PG_ADD)
-        log.info("ledger: added the routing columns to fastpath_usage")
+        log.info("ledger: added the missing columns to fastpath_usage")
 
 
 class SqliteSink:

@@ -63,6 +63,7 @@ class Plan:
     """The checks for one (key, tier, team, model), built once per worker and cached."""
 
     __slots__ = (
+        "cached_price",
         "checks",
         "has_budget",
         "has_conc",
@@ -79,10 +80,14 @@ class Plan:
         "window_groups",
     )
 
-    def __init__(self, checks: list[Check], in_price: int, out_price: int) -> None:
+    def __init__(
+        self, checks: list[Check], in_price: int, out_price: int, cached_price: int | None = None
+    ) -> None:
         self.checks = tuple(checks)
-        self.in_price = in_price  # nano-USD per prompt token
+        self.in_price = in_price  # nano-USD per prompt token (what a reservation assumes)
         self.out_price = out_price  # nano-USD per completion token
+        #: nano-USD per cached prompt token (settlement charges reported cache reads at it)
+        self.cached_price = in_price if cached_price is None else cached_price
         self.has_conc = any(c.kind == CONC for c in checks)
         self.has_budget = any(c.kind == BUDGET for c in checks)
         self.has_tokq = any(c.kind == TOKQ for c in checks)

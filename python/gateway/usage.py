@@ -10,6 +10,7 @@ import msgspec
 
 from . import _fastpath, embeddings
 from .errors import Fault, GatewayError
+from .money import usage_cost
 from .schemas import EmbeddingsRequestView, ResponseChoicesView, ResponseUsageView, Usage
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def cost_used(ctx: RequestContext, lease: Lease) -> int:
         return 0
     usage = ctx.usage
     if usage is not None:
-        return usage.prompt_tokens * plan.in_price + usage.completion_tokens * plan.out_price
+        return usage_cost(usage, (plan.in_price, plan.out_price, plan.cached_price))
     if "upstream_head" in ctx.timings:
         return lease.prompt_tokens * plan.in_price
     return 0

@@ -67,8 +67,11 @@ def _text(content: object) -> str:
     return ""
 
 
-def plan(body: JSONDict, counter: int) -> tuple[JSONDict, list[tuple[str, JSONDict]]]:
-    """The unary message and the stream's events for one request."""
+def plan(
+    body: JSONDict, counter: int, cached: int | None = None
+) -> tuple[JSONDict, list[tuple[str, JSONDict]]]:
+    """The unary message and the stream's events for one request; `cached` (the knob): that many
+    prompt tokens are reported as prompt-cache reads (Anthropic leaves them out of input_tokens)."""
     model, messages, max_tokens = body.get("model"), body.get("messages"), body.get("max_tokens")
     if not isinstance(model, str) or not model:
         raise AnthropicError(400, "model: Field required")
@@ -120,7 +123,10 @@ def plan(body: JSONDict, counter: int) -> tuple[JSONDict, list[tuple[str, JSONDi
         block = {"type": "text", "text": ""}
         final = {"type": "text", "text": "".join(pieces)}
         delta_type, field = "text_delta", "text"
-    usage = {"input_tokens": prompt, "output_tokens": out_tokens}
+    usage: JSONDict = {"input_tokens": prompt, "output_tokens": out_tokens}
+    if cached is not None:
+        read = min(cached, prompt)
+        usage = {**usage, "input_tokens": prompt - read, "cache_read_input_tokens": read}
     message: JSONDict = {
         "id": msg_id,
         "type": "message",
@@ -179,7 +185,7 @@ def messages_route(conn: MockConnection, req: Request) -> Coroutine[Any, Any, No
         knobs = Knobs.from_body(body, str(body.get("model")))
         if knobs.status is not None and knobs.status != 200:
             raise AnthropicError(knobs.status, f"mock error (status {knobs.status})")
-        message, events = plan(body, state.next_request_id())
+        message, events = plan(body, state.next_request_id(), knobs.cached_tokens)
     except AnthropicError as err:
         _answered(state, err.status)
         conn.write(response_bytes(err.status, err.body(), keep_alive=req.keep_alive))

@@ -167,6 +167,9 @@ class Knobs:
     tool: str | None = None
     #: used instead of ``content`` when the last message is a tool result (a repair turn)
     content_after_tool: str | None = None
+    #: report this many prompt tokens as served from a prompt cache (OpenAI's
+    #: ``prompt_tokens_details.cached_tokens``; Anthropic's ``cache_read_input_tokens``)
+    cached_tokens: int | None = None
 
     @classmethod
     def from_body(cls, body: JSONDict, model: str) -> Knobs:
@@ -197,6 +200,7 @@ class Knobs:
             split_at=_get_offsets(mock),
             tool=_get_str(mock, "tool"),
             content_after_tool=_get_str(mock, "content_after_tool"),
+            cached_tokens=_get_int(mock, "cached_tokens", minimum=0, param="mock.cached_tokens"),
         )
 
 
@@ -365,11 +369,15 @@ class Plan:
 
     def usage(self) -> JSONDict:
         completion = self.completion_tokens
-        return {
+        usage: JSONDict = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
         }
+        cached = self.knobs.cached_tokens
+        if cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(cached, self.prompt_tokens)}
+        return usage
 
 
 def _require_model(body: JSONDict) -> str:

@@ -393,7 +393,7 @@ class MetricsObserver(Part):
         self._keys = _Capped(m.max_keys)
         self._errors = {f.code for f in Fault} | {"budget_exceeded", "client_disconnected", "cancelled"}
         self._errors |= {g.name for g in cfg.guards}
-        self._prices = {m: (pin * 1e-9, pout * 1e-9) for m, (pin, pout) in price_table(cfg).items()}
+        self._prices = {m: (pin * 1e-9, pout * 1e-9) for m, (pin, pout, _) in price_table(cfg).items()}
         self._guards = bool(cfg.guards)
         # per-worker caches: a key of the request's shape -> its plan in `slots`
         self._req: dict[tuple[Any, ...], int] = {}

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..money import NANO_PER_USD, price_table
+from ..money import NANO_PER_USD, price_table, usage_cost
 from ..tracing import parse_traceparent
 from .stage import Part
 
@@ -294,7 +294,7 @@ class AccessLogObserver(Part):
         cost: float | None = None
         price = self._prices.get(route.name) if route is not None else None
         if price is not None:
-            cost = (prompt * price[0] + completion * price[1]) / NANO_PER_USD
+            cost = (usage_cost(usage, price) if usage is not None else 0) / NANO_PER_USD
         waited = [timings[k] for k in ("upstream_head", "upstream", "ttfb") if k in timings]
         guard = None
         for k, v in reply_headers:

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 from ..config import Config
 from ..context import Endpoint, RequestContext
 from ..ledger import DayClock, LedgerWriter, Row, open_sink
-from ..money import price_table
+from ..money import cached_tokens, price_table, usage_cost
 from .stage import Outcome, Part
 
 if TYPE_CHECKING:
+    from ..schemas import Usage
     from ..worker import Worker
 
 #: a Messages request is served as chat (its dialect switches the endpoint at decode): "messages"
@@ -54,11 +55,11 @@ class LedgerObserver(Part):
         """Write every queued row (the worker is stopping)."""
         await self.writer.aclose()
 
-    def cost_nano_usd(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
+    def cost_nano_usd(self, model: str | None, usage: Usage | None) -> int:
         price = self._prices.get(model) if model is not None else None
-        if price is None:
+        if price is None or usage is None:
             return 0
-        return prompt_tokens * price[0] + completion_tokens * price[1]
+        return usage_cost(usage, price)
 
     def on_done(self, ctx: RequestContext, outcome: Outcome) -> None:
         """The request is over: queue its row (never raises into the request)."""
@@ -67,9 +68,9 @@ class LedgerObserver(Part):
         principal = ctx.principal
         route = ctx.route
         usage = ctx.usage
-        prompt = completion = 0
+        prompt = completion = cached = 0
         if usage is not None:
-            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
         model = route.name if route is not None else None
         deployment = ctx.deployment  # the answering (last) attempt's; None: no upstream attempt
         ts = time.time() - latency_ms / 1000
@@ -88,11 +89,12 @@ class LedgerObserver(Part):
             outcome.error,
             prompt,
             completion,
-            self.cost_nano_usd(model, prompt, completion),
+            self.cost_nano_usd(model, usage),
             round(latency_ms, 3),
             deployment.adapter.name if deployment is not None else None,
             ctx.attempts,
             ctx.cache,
             ctx.prompt,
+            cached,
         )
         self.writer.append(row)

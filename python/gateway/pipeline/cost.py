@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..money import price_table, usd_text
+from ..money import Price, price_table, usage_cost, usd_text
 from .stage import Part
 
 if TYPE_CHECKING:
@@ -24,17 +24,17 @@ if TYPE_CHECKING:
 HEADER = "x-fastpath-cost-usd"
 
 
-def cost_nano_usd(ctx: RequestContext, price: tuple[int, int]) -> int | None:
+def cost_nano_usd(ctx: RequestContext, price: Price) -> int | None:
     usage = ctx.usage
     if usage is None:
         return None
-    return usage.prompt_tokens * price[0] + usage.completion_tokens * price[1]
+    return usage_cost(usage, price)
 
 
 class _StreamCost:
     __slots__ = ("price",)
 
-    def __init__(self, price: tuple[int, int]) -> None:
+    def __init__(self, price: Price) -> None:
         self.price = price
 
     def on_delta(self, call: UpstreamCall, nbytes: int) -> GatewayError | None:
@@ -54,7 +54,7 @@ class CostStage(Part):
     def __init__(self, cfg: Config) -> None:
         self._prices = price_table(cfg)
 
-    def _price(self, ctx: RequestContext) -> tuple[int, int] | None:
+    def _price(self, ctx: RequestContext) -> Price | None:
         route = ctx.route
         return self._prices.get(route.name) if route is not None else None
 

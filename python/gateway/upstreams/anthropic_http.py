@@ -19,7 +19,8 @@ from ..anthropic_stream import MessagesToChat, chat_from_message
 from ..anthropic_wire import messages_from_chat
 from ..config import AnthropicProvider, OpenAIProvider
 from ..errors import Fault, GatewayError
-from ..schemas import Usage
+from ..money import cached_tokens
+from ..schemas import PromptTokensDetails, Usage
 from ..usage import counted_prompt_tokens
 from .httpclient import Connection
 from .openai_http import HttpCall, OpenAIHttpAdapter, trace_lines
@@ -128,7 +129,9 @@ class AnthropicCall(HttpCall):
         if self._ctx.client_wants_usage:
             usage = self.usage()
             assert usage is not None
-            tail = self._framer.usage_frame(usage.prompt_tokens, usage.completion_tokens)
+            tail = self._framer.usage_frame(
+                usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
+            )
         return tail, None
 
     async def body(self, deadline: float) -> bytes:
@@ -136,8 +139,8 @@ class AnthropicCall(HttpCall):
         got = chat_from_message(raw, self._framer._model)
         if got is None:
             raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream returned an invalid message.")
-        body, prompt, completion = got
-        self._usage = self._ctx.usage = Usage(prompt, completion, prompt + completion)
+        body, prompt, completion, cached = got
+        self._usage = self._ctx.usage = _usage(prompt, completion, cached)
         return body
 
     def usage(self) -> Usage | None:
@@ -153,10 +156,19 @@ class AnthropicCall(HttpCall):
         if completion is None:
             completion = _fastpath.count_tokens(self.completion_text, ctx.route.encoding)
         if tr.done:  # final: count once
-            self._usage = Usage(prompt, completion, prompt + completion)
+            self._usage = _usage(prompt, completion, tr.cached_tokens)
             return self._usage
-        return Usage(prompt, completion, prompt + completion)
+        return _usage(prompt, completion, tr.cached_tokens)
 
     @property
     def completion_text(self) -> str:
         return "".join(self._framer.text)
+
+
+def _usage(prompt: int, completion: int, cached: int) -> Usage:
+    """Usage in OpenAI's convention; cache reads (normalised by `anthropic_stream`) as
+    `prompt_tokens_details.cached_tokens`, which prices and the ledger count apart."""
+    usage = Usage(prompt, completion, prompt + completion)
+    if cached:
+        usage.prompt_tokens_details = PromptTokensDetails(cached)
+    return usage

@@ -307,8 +307,8 @@ class LimitsStage:
             _limit_checks(checks, f"API key on model {model}", f"{key_base}m:{model}:", model_limits)
         if team_limits is not None:
             _limit_checks(checks, f"team {team}", f"{{team:{team}}}:", team_limits)
-        in_price, out_price = self._prices.get(model, (0, 0))
-        return Plan([c for kind in checks for c in kind], in_price, out_price)
+        in_price, out_price, cached_price = self._prices.get(model, (0, 0, 0))
+        return Plan([c for kind in checks for c in kind], in_price, out_price, cached_price)
 
     def reservation(self, ctx: RequestContext, plan: Plan) -> tuple[int, int, int]:
         """(prompt tokens, tokens to reserve, nano-USD to reserve) of this request."""

@@ -207,7 +207,9 @@ class Parts:
         )
         self.exact = tuple(i for i in range(len(checks)) if i not in self.leased)
         self.exact_plan = (
-            Plan([checks[i] for i in self.exact], plan.in_price, plan.out_price) if self.exact else None
+            Plan([checks[i] for i in self.exact], plan.in_price, plan.out_price, plan.cached_price)
+            if self.exact
+            else None
         )
 
 
