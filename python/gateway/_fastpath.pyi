@@ -143,6 +143,36 @@ class MessagesStream:
     def __init__(self, msg_id: str, model: str, input_tokens: int, stops: list[str]) -> None: ...
     def feed(self, data: bytes) -> bytes: ...
 
+class ResponsesStream:
+    """OpenAI chat frames (what the relay sends) -> Responses API stream events, for one stream:
+    `response.created` / `response.in_progress` lead the first send, text as a `message` item,
+    each tool call as a `function_call` item (arguments deltas), at `[DONE]` the items' `*.done`
+    events and `response.completed` (`response.incomplete` on a length / content-filter stop);
+    an error event becomes `error` + `response.failed`. Comments pass through; frames may be
+    split across sends; every event has `type` and `sequence_number`. Choice 0 only.
+    `responses_stream.ChatToResponses` is the Python reference (tested equal)."""
+
+    def __init__(
+        self,
+        response_id: str,
+        model: str,
+        created_at: int,
+        previous_response_id: str | None,
+        echo: bytes,
+        prompt_tokens: int = 0,
+    ) -> None:
+        """`echo`: the request's echo fields of the response object, a JSON object
+        (`FastpathError` otherwise)."""
+    def feed(self, data: bytes) -> bytes: ...
+    @property
+    def done(self) -> bool:
+        """The stream ended (`[DONE]` or an error): later sends translate to nothing."""
+    @property
+    def status(self) -> str | None:
+        """The final response's status (`completed`, `incomplete`, `failed`) once done."""
+    def response(self) -> bytes | None:
+        """The final response object's JSON once done: what the conversation store keeps."""
+
 class ChunkEmitter:
     """Writes OpenAI `chat.completion.chunk` SSE frames (serde_json escaping, no Python formatting)."""
 

@@ -8,6 +8,8 @@ and `response.completed` (or `incomplete` on a length stop) carries the whole re
 the dialect then stores. An error event becomes `error` + `response.failed`. Pings and comments
 pass through (SSE comments). Every event has `type` and `sequence_number`. Choice 0 only.
 
+`ChatToResponses` is the Python reference of the Rust `_fastpath.ResponsesStream` the dialect
+uses on the hot path (`native` builds it; tests hold the two to the same events).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from . import _fastpath
 from .anthropic_stream import ChatFrames, _Chunk
 from .responses_wire import (
     ResponsesRequest,
@@ -32,6 +35,14 @@ _encode = msgspec.json.Encoder().encode
 def _event(kind: str, seq: int, body: dict[str, Any]) -> bytes:
     data = _encode({"type": kind, "sequence_number": seq, **body})
     return b"event: %s\ndata: %s\n\n" % (kind.encode(), data)
+
+
+def native(req: ResponsesRequest, prompt_tokens: int = 0) -> _fastpath.ResponsesStream:
+    """The Rust translator for `req`: the response object's fixed fields are rendered once, the
+    echo handed over as JSON."""
+    return _fastpath.ResponsesStream(
+        req.id, req.model, req.created_at, req.previous_response_id, _encode(req.echo), prompt_tokens
+    )
 
 
 class _Call:

@@ -217,6 +217,8 @@ class LocalTriton:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError as exc:  # not ready yet: its reply holds the socket
+                exc.close()
             except (OSError, urllib.error.URLError):
                 pass
             if time.monotonic() > deadline:

@@ -60,8 +60,23 @@ def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) ->
         yield g
 
 
+#: every SDK client the tests make, closed at the module's end: one dropped unclosed leaves its
+#: pooled sockets to the garbage collector (a ResourceWarning, failing whichever test it lands in)
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    for c in _clients:
+        c.close()
+    _clients.clear()
+
+
 def client(g: Gateway, key: str = ALICE) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{g.url}/v1", api_key=key, max_retries=0, timeout=20)
+    c = openai.OpenAI(base_url=f"{g.url}/v1", api_key=key, max_retries=0, timeout=20)
+    _clients.append(c)
+    return c
 
 
 def chat_bodies(upstream: MockUpstream) -> list[dict[str, Any]]:
@@ -382,8 +397,10 @@ def test_triton_route(triton: TritonServer, tmp_path: Path) -> None:
     from test_triton_e2e import triton_config
 
     text = triton_config(triton.grpc_address) + f"responses:\n  store:\n    path: {tmp_path / 'r.db'}\n"
-    with run_gateway(tmp_path, None, config_text=text) as g:
-        c = openai.OpenAI(base_url=f"{g.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    with (
+        run_gateway(tmp_path, None, config_text=text) as g,
+        openai.OpenAI(base_url=f"{g.url}/v1", api_key="unused", max_retries=0, timeout=30) as c,
+    ):
         r = c.responses.create(model="llm-bls", input="Tell me about rivers.", max_output_tokens=12)
         assert r.output_text and r.status in ("completed", "incomplete")
         events = list(

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod outguard;
 pub mod pii;
 pub mod reframe;
+pub mod responses;
 pub mod rules;
 pub mod sse;
 pub mod textstream;

@@ -104,7 +104,7 @@ struct Chunk<'a> {
 const PING: &[u8] = b"event: ping\ndata: {\"type\":\"ping\"}\n\n";
 
 /// A JSON string literal (quotes, escapes) onto `out`.
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
@@ -135,7 +135,7 @@ fn put_u64(out: &mut Vec<u8>, n: u64) {
 }
 
 /// A string JSON value's text (None for other values: vLLM may name a stop token by its id).
-fn raw_str(raw: &RawValue) -> Option<String> {
+pub(crate) fn raw_str(raw: &RawValue) -> Option<String> {
     serde_json::from_str::<String>(raw.get()).ok()
 }
 

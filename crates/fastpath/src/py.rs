@@ -17,6 +17,7 @@ use crate::metrics::{RequestPlan, Sample, Slots, Stage, UsagePlan};
 use crate::outguard::{Action, Finding, OutputFilter, Policy};
 use crate::pii::Kind;
 use crate::reframe::Reframer;
+use crate::responses::ResponsesStream;
 use crate::rules::RuleSet;
 use crate::sse::{self, Parser};
 use crate::textstream::{TextStream, TextStreamError};
@@ -295,6 +296,52 @@ impl PyMessagesStream {
 
     fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
         PyBytes::new(py, self.0.feed(data))
+    }
+}
+
+#[pyclass(name = "ResponsesStream", module = "gateway._fastpath")]
+struct PyResponsesStream(ResponsesStream);
+
+#[pymethods]
+impl PyResponsesStream {
+    #[new]
+    #[pyo3(signature = (response_id, model, created_at, previous_response_id, echo, prompt_tokens=0))]
+    fn new(
+        response_id: &str,
+        model: &str,
+        created_at: i64,
+        previous_response_id: Option<&str>,
+        echo: &[u8],
+        prompt_tokens: i64,
+    ) -> PyResult<Self> {
+        ResponsesStream::new(
+            response_id,
+            model,
+            created_at,
+            previous_response_id,
+            echo,
+            prompt_tokens,
+        )
+        .map(Self)
+        .map_err(|e| FastpathError::new_err(e.to_string()))
+    }
+
+    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.0.feed(data))
+    }
+
+    #[getter]
+    fn done(&self) -> bool {
+        self.0.done()
+    }
+
+    #[getter]
+    fn status(&self) -> Option<&'static str> {
+        self.0.status()
+    }
+
+    fn response<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.0.response().map(|r| PyBytes::new(py, r))
     }
 }
 
@@ -877,6 +924,7 @@ fn fastpath_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySseParser>()?;
     m.add_class::<PyReframer>()?;
     m.add_class::<PyMessagesStream>()?;
+    m.add_class::<PyResponsesStream>()?;
     m.add_class::<PyChunkEmitter>()?;
     m.add_class::<PyLocalLimiter>()?;
     m.add_class::<PyTextStream>()?;

@@ -23,7 +23,7 @@ import msgspec
 from ..context import Endpoint, RequestContext
 from ..conversations import ConversationStore, Stored, StoreError
 from ..errors import Fault, GatewayError
-from ..responses_stream import ChatToResponses
+from ..responses_stream import native
 from ..responses_wire import ResponsesRequest, chat_body, decode_request, not_found, response_from_chat
 from ..schemas import ChatRequestView
 from . import respond
@@ -58,7 +58,7 @@ def _caller(ctx: RequestContext) -> tuple[str, str]:
     return ("", "") if p is None else (p.key_id, p.team)
 
 
-def _stored(ctx: RequestContext, req: ResponsesRequest, response: dict[str, Any]) -> Stored:
+def _stored(ctx: RequestContext, req: ResponsesRequest, response: str) -> Stored:
     owner, team = _caller(ctx)
     items = [
         item if "id" in item else {"id": f"msg_{req.id[5:]}_in{i}", **item}
@@ -71,47 +71,46 @@ def _stored(ctx: RequestContext, req: ResponsesRequest, response: dict[str, Any]
         team,
         req.previous_response_id,
         _encode(items).decode(),
-        _encode(response).decode(),
+        response,
     )
 
 
-async def _store(ctx: RequestContext, state: _State, response: dict[str, Any]) -> None:
-    """Commit before the reply ends; a failed write is logged (the client still gets its answer,
-    and a later `GET` answers 404)."""
-    if not state.req.store or state.store is None or response["status"] == "failed":
+async def _store(ctx: RequestContext, state: _State, status: str | None, response: bytes) -> None:
+    """Commit the response object (JSON) before the reply ends; a failed write is logged (the
+    client still gets its answer, and a later `GET` answers 404)."""
+    if not state.req.store or state.store is None or status == "failed":
         return
     try:
-        await state.store.put(_stored(ctx, state.req, response))
+        await state.store.put(_stored(ctx, state.req, response.decode()))
     except StoreError as exc:
         log.error("request %s: response %s not stored: %s", ctx.request_id, state.req.id, exc)
 
 
 class ResponsesStreamWriter(respond.StreamWriter):
-    """Translates every send of the relay to Responses events; stores the response before the
-    send that carries `response.completed`."""
+    """Translates every send of the relay to Responses events, in Rust (`ResponsesStream`; the
+    Python reference is `responses_stream.ChatToResponses`); stores the response before the send
+    that carries `response.completed`."""
 
-    __slots__ = ("_ctx", "_inner", "_started", "_state", "_tr")
+    __slots__ = ("_ctx", "_ended", "_inner", "_state", "_tr")
 
     def __init__(self, inner: respond.StreamWriter, ctx: RequestContext, state: _State) -> None:
         super().__init__(None)
         self._inner = inner
         self._ctx = ctx
         self._state = state
-        self._tr = ChatToResponses(state.req, 0)
-        self._started = False
+        self._tr = native(state.req)
+        self._ended = False
 
     async def send(self, data: bytes) -> None:
-        tr = self._tr
-        if tr.response is not None:  # ended: nothing after response.completed / failed
+        if self._ended:  # nothing after response.completed / failed
             return
-        head = b""
-        if not self._started:  # response.created first: its sequence number is 0
-            self._started = True
-            head = tr.start()
-        out = head + tr.feed(data)
-        response = self._tr.response  # (set by feed at `[DONE]` or an error)
-        if response is not None:
-            await _store(self._ctx, self._state, response)
+        tr = self._tr
+        out = tr.feed(data)  # (the first send starts with response.created: sequence number 0)
+        if tr.done:  # `[DONE]` or an error: the final response object is set
+            self._ended = True
+            response = tr.response()
+            if response is not None:
+                await _store(self._ctx, self._state, tr.status, response)
         if out:
             await self._inner.send(out)
 
@@ -140,8 +139,9 @@ class ResponsesDialect:
         state = ctx.dialect_state
         assert isinstance(state, _State)
         response = response_from_chat(state.req, body)
-        await _store(ctx, state, response)
-        return _encode(response)
+        out = _encode(response)
+        await _store(ctx, state, response["status"], out)
+        return out
 
     def error(self, ctx: RequestContext, err: GatewayError) -> GatewayError:
         return err  # OpenAI's shape already
