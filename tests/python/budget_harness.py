@@ -3,8 +3,10 @@ request context built the way the pipeline builds it (decoded view, route, princ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -12,6 +14,7 @@ import msgspec
 from gateway import config as config_mod
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError
+from gateway.pipeline.limits import LimitsStage, month_number
 from gateway.principal import Principal
 from gateway.routing import Route
 from gateway.schemas import ChatRequestView, Usage
@@ -68,3 +71,37 @@ async def refused(stage: Any, ctx: RequestContext) -> GatewayError:
         assert ctx.lease is None
         return exc
     raise AssertionError("admitted")
+
+
+def redis_window(r: Any) -> tuple[int, int]:
+    """The (day, month) numbers of the Redis server's clock."""
+    sec, _ = r.time()
+    return int(sec) // 86_400, month_number(int(sec))
+
+
+def redis_counted(r: Any, name: str) -> tuple[int, int]:
+    """A long-window hash's (day, month) counts, 0 for a window that has rolled over."""
+    d, ds, m, ms = r.hmget(name, "d", "ds", "m", "ms")
+    day, month = redis_window(r)
+    return (int(ds) if d is not None and int(d) == day else 0), (
+        int(ms) if m is not None and int(m) == month else 0
+    )
+
+
+def run_stages(body: Callable[[list[LimitsStage]], Awaitable[None]]) -> None:
+    """Run `body(stages)` with fresh stages, then close them (no connection outlives its loop)."""
+
+    async def main() -> None:
+        stages: list[LimitsStage] = []
+        try:
+            await body(stages)
+        finally:
+            for stage in stages:
+                await stage.close()
+
+    asyncio.run(main())
+
+
+async def finish(stage: LimitsStage, ctx: RequestContext) -> None:
+    stage.on_finish(ctx)
+    await stage.settled()

@@ -13,7 +13,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from budget_harness import IN, NANO, OUT, parse, principal, prompt_tokens, refused, request, used
+from budget_harness import (
+    IN,
+    NANO,
+    OUT,
+    finish,
+    parse,
+    principal,
+    prompt_tokens,
+    redis_counted,
+    redis_window,
+    refused,
+    request,
+    run_stages,
+    used,
+)
 from conftest import free_port, redis_or_skip
 
 from gateway.config import Config
@@ -57,38 +71,6 @@ tiers:
 """
 
 
-def _window(r: Any) -> tuple[int, int]:
-    sec, _ = r.time()
-    return int(sec) // 86_400, month_number(int(sec))
-
-
-def _spent(r: Any, name: str) -> tuple[int, int]:
-    d, ds, m, ms = r.hmget(name, "d", "ds", "m", "ms")
-    day, month = _window(r)
-    return (int(ds) if d is not None and int(d) == day else 0), (
-        int(ms) if m is not None and int(m) == month else 0
-    )
-
-
-def _run(body: Any) -> None:
-    """Run `body(stages)` with fresh stages, then close them (no connection outlives its loop)."""
-
-    async def main() -> None:
-        stages: list[LimitsStage] = []
-        try:
-            await body(stages)
-        finally:
-            for stage in stages:
-                await stage.close()
-
-    asyncio.run(main())
-
-
-async def _finish(stage: LimitsStage, ctx: RequestContext) -> None:
-    stage.on_finish(ctx)
-    await stage.settled()
-
-
 def test_month_of_matches_the_utc_calendar(r: Any) -> None:
     days = [*range(0, 120_000, 29), 19_722, 19_723, 20_513, 20_514, 21_184]  # around month ends
     script = (
@@ -114,51 +96,51 @@ def test_budget_reserve_settle_refund_overshoot_and_rollover_redis(r: Any, prefi
         reserve = p * IN + 100 * OUT
         await stage.on_request(a)
         assert a.lease is not None and a.lease.reserved_cost == reserve
-        assert _spent(r, name) == (reserve, reserve)
+        assert redis_counted(r, name) == (reserve, reserve)
         assert 32 * 86_400_000 < r.pttl(name) <= 33 * 86_400_000
         b = request(alice)
         await stage.on_request(b)
-        assert _spent(r, name) == (2 * reserve, 2 * reserve)
+        assert redis_counted(r, name) == (2 * reserve, 2 * reserve)
         used(a, 10)
-        await _finish(stage, a)
+        await finish(stage, a)
         cost_a = p * IN + 10 * OUT
-        assert _spent(r, name) == (reserve + cost_a,) * 2
-        await _finish(stage, a)  # no-op
+        assert redis_counted(r, name) == (reserve + cost_a,) * 2
+        await finish(stage, a)  # no-op
         used(b, 150)  # overshoot is charged
-        await _finish(stage, b)
+        await finish(stage, b)
         spent = cost_a + p * IN + 150 * OUT
-        assert _spent(r, name) == (spent, spent)
+        assert redis_counted(r, name) == (spent, spent)
         big = request(alice, max_tokens=400)
         exc = await refused(stage, big)
         assert (exc.status, exc.code) == (429, "budget_exceeded")
         assert "API key's daily budget of $1.00" in exc.message and "00:00 UTC" in exc.message
         assert usd(NANO - spent) in exc.message
         assert 1 <= int(dict(exc.headers)["retry-after"]) <= 86_400
-        assert _spent(r, name) == (spent, spent)  # the refusal took nothing
+        assert redis_counted(r, name) == (spent, spent)  # the refusal took nothing
         c = request(alice, max_tokens=300)
         await stage.on_request(c)
         used(c, 300)
-        await _finish(stage, c)
+        await finish(stage, c)
         spent += p * IN + 300 * OUT
-        assert _spent(r, name) == (spent, spent)
+        assert redis_counted(r, name) == (spent, spent)
         # A new UTC day (the hash holds yesterday): the daily budget starts over, not the monthly.
-        day, month = _window(r)
+        day, month = redis_window(r)
         r.hset(name, "d", day - 1)
-        assert _spent(r, name) == (0, spent)
+        assert redis_counted(r, name) == (0, spent)
         exc = await refused(stage, request(alice, max_tokens=300))
         assert "monthly budget of $1.50" in exc.message
         assert "the start of the next UTC calendar month" in exc.message
         e = request(alice, max_tokens=200)
         await stage.on_request(e)
         day_e = p * IN + 200 * OUT
-        assert _spent(r, name) == (day_e, spent + day_e)
+        assert redis_counted(r, name) == (day_e, spent + day_e)
         # The month ends before e does: its settlement leaves the new month's window alone.
         r.hset(name, mapping={"m": month + 1, "ms": 7})
         used(e, 0)
-        await _finish(stage, e)
+        await finish(stage, e)
         assert r.hmget(name, "ds", "ms") == [str(p * IN).encode(), b"7"]
 
-    _run(run)
+    run_stages(run)
 
 
 def test_refused_requests_leave_no_count_redis(r: Any, prefix: str) -> None:
@@ -177,10 +159,10 @@ def test_refused_requests_leave_no_count_redis(r: Any, prefix: str) -> None:
         free = request(k, model="free-model", max_tokens=100_000)  # no price: not limited
         await stage.on_request(free)
         assert free.lease is not None and free.lease.reserved_cost == 0
-        await _finish(stage, free)
-        await _finish(stage, ok)
+        await finish(stage, free)
+        await finish(stage, ok)
 
-    _run(run)
+    run_stages(run)
 
 
 def test_concurrent_reservations_never_overspend_redis(r: Any, prefix: str) -> None:
@@ -202,13 +184,13 @@ def test_concurrent_reservations_never_overspend_redis(r: Any, prefix: str) -> N
         admitted = [c for c in results if c is not None]
         reserve = prompt_tokens(request(alice)) * IN + 100 * OUT
         assert len(admitted) == NANO // reserve
-        assert _spent(r, f"{prefix}{{alice}}:b")[0] == len(admitted) * reserve <= NANO
+        assert redis_counted(r, f"{prefix}{{alice}}:b")[0] == len(admitted) * reserve <= NANO
         for i, ctx in enumerate(admitted):
             used(ctx, 100)
-            await _finish(stages[i % 2], ctx)
-        assert _spent(r, f"{prefix}{{alice}}:b")[0] == len(admitted) * reserve
+            await finish(stages[i % 2], ctx)
+        assert redis_counted(r, f"{prefix}{{alice}}:b")[0] == len(admitted) * reserve
 
-    _run(run)
+    run_stages(run)
 
 
 TEAM_YAML = """
@@ -237,11 +219,11 @@ def test_team_and_model_limits_redis(r: Any, prefix: str) -> None:
         exc = await refused(stage, request(a, max_tokens=10))
         assert "concurrent requests for this API key on model echo (limit 1)" in exc.message
         used(first, 10)
-        await _finish(stage, first)
+        await finish(stage, first)
         assert r.zcard(f"{base}k:a:m:echo:c") == 0 and r.zcard(f"{base}c") == 0
         second = request(a, max_tokens=10)
         await stage.on_request(second)
-        await _finish(stage, second)
+        await finish(stage, second)
         exc = await refused(stage, request(a, max_tokens=10))
         assert "2 requests per minute for this API key on model echo" in exc.message
         # the team's budget (0.5 USD a day) binds before the key's (10 USD), shared by a and b
@@ -252,11 +234,11 @@ def test_team_and_model_limits_redis(r: Any, prefix: str) -> None:
         await stage.on_request(third)
         exc = await refused(stage, request(b, model="gpt-4o-mini"))
         assert "3 requests per minute for this team research" in exc.message
-        await _finish(stage, third)
+        await finish(stage, third)
         # every key of the decision is in one hash slot: the team's tag
         assert all(k.startswith(base.encode()) for k in r.scan_iter(match=f"{prefix}*"))
 
-    _run(run)
+    run_stages(run)
 
 
 def test_live_allowance_from_the_script(r: Any, prefix: str) -> None:
@@ -273,9 +255,9 @@ def test_live_allowance_from_the_script(r: Any, prefix: str) -> None:
         left = NANO - (p * IN + 100 * OUT)
         assert s.lease.stream_token_limit == 100 + left // OUT
         assert s.lease.budget_note == "API key's daily budget"
-        await _finish(stage, s)
+        await finish(stage, s)
 
-    _run(run)
+    run_stages(run)
 
 
 def test_a_key_without_limits_costs_no_round_trip() -> None:
@@ -296,4 +278,4 @@ def test_a_key_without_limits_costs_no_round_trip() -> None:
         exc = await refused(stage, request(principal(cfg, "k", "b")))
         assert exc.code == "limiter_unavailable"
 
-    _run(run)
+    run_stages(run)

@@ -12,11 +12,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from budget_harness import parse, principal, prompt_tokens, refused, request, used
+from budget_harness import (
+    finish,
+    parse,
+    principal,
+    prompt_tokens,
+    redis_counted,
+    redis_window,
+    refused,
+    request,
+    run_stages,
+    used,
+)
 from conftest import redis_or_skip
 
 from gateway.config import Config, ConfigError
-from gateway.context import RequestContext
 from gateway.pipeline.limits import LimitsStage, duration, month_number
 from gateway.pipeline.limits.local_store import LocalStore
 
@@ -200,36 +210,6 @@ def _cfg(prefix: str) -> Config:
     )
 
 
-def _window(r: Any) -> tuple[int, int]:
-    sec, _ = r.time()
-    return int(sec) // 86_400, month_number(int(sec))
-
-
-def _counted_redis(r: Any, name: str) -> tuple[int, int]:
-    d, ds, m, ms = r.hmget(name, "d", "ds", "m", "ms")
-    day, month = _window(r)
-    return (int(ds) if d is not None and int(d) == day else 0), (
-        int(ms) if m is not None and int(m) == month else 0
-    )
-
-
-def _run(body: Any) -> None:
-    async def main() -> None:
-        stages: list[LimitsStage] = []
-        try:
-            await body(stages)
-        finally:
-            for stage in stages:
-                await stage.close()
-
-    asyncio.run(main())
-
-
-async def _finish(stage: LimitsStage, ctx: RequestContext) -> None:
-    stage.on_finish(ctx)
-    await stage.settled()
-
-
 def test_requests_per_day_redis_is_exact_across_workers_and_rolls_over(r: Any, prefix: str) -> None:
     cfg = _cfg(prefix)
     alice = principal(cfg, "alice", "q")
@@ -251,20 +231,20 @@ def test_requests_per_day_redis_is_exact_across_workers_and_rolls_over(r: Any, p
             sec, _ = r.time()
             assert abs(retry - (86_400 - int(sec) % 86_400)) <= 2
         assert dict(admitted[0].ratelimit_headers)["x-ratelimit-limit-requests-day"] == "3"
-        assert _counted_redis(r, name) == (3, 3)
+        assert redis_counted(r, name) == (3, 3)
         assert 32 * 86_400_000 < r.pttl(name) <= 33 * 86_400_000
         for c in admitted:
-            await _finish(one, c)
-        assert _counted_redis(r, name) == (3, 3)  # requests are not given back
+            await finish(one, c)
+        assert redis_counted(r, name) == (3, 3)  # requests are not given back
         # A new UTC day (the hash holds yesterday): the quota starts over.
-        day, _ = _window(r)
+        day, _ = redis_window(r)
         r.hset(name, "d", day - 1)
         ctx = request(alice)
         await two.on_request(ctx)
         assert dict(ctx.ratelimit_headers)["x-ratelimit-remaining-requests-day"] == "2"
-        assert _counted_redis(r, name)[0] == 1
+        assert redis_counted(r, name)[0] == 1
 
-    _run(run)
+    run_stages(run)
 
 
 def test_tokens_quota_redis_reserve_settle_and_refuse(r: Any, prefix: str) -> None:
@@ -278,29 +258,29 @@ def test_tokens_quota_redis_reserve_settle_and_refuse(r: Any, prefix: str) -> No
         a = request(bob, max_tokens=300)
         p = prompt_tokens(a)
         await stage.on_request(a)
-        assert _counted_redis(r, name) == (p + 300, p + 300)
+        assert redis_counted(r, name) == (p + 300, p + 300)
         assert dict(a.ratelimit_headers)["x-ratelimit-remaining-tokens-month"] == str(1500 - p - 300)
         used(a, 50)
-        await _finish(stage, a)
-        assert _counted_redis(r, name) == (p + 50, p + 50)
+        await finish(stage, a)
+        assert redis_counted(r, name) == (p + 50, p + 50)
         b = request(bob, max_tokens=100)
         await stage.on_request(b)
         used(b, 900 - 2 * p - 50)  # an overshoot is charged
-        await _finish(stage, b)
-        assert _counted_redis(r, name) == (900, 900)
+        await finish(stage, b)
+        assert redis_counted(r, name) == (900, 900)
         exc = await refused(stage, request(bob, max_tokens=200))
         assert (exc.status, exc.code) == (429, "tokens_per_day_exceeded")
         assert "has 100 left" in exc.message
         # the next UTC day: the day starts over, the month holds 900 of 1500
-        day, _ = _window(r)
+        day, _ = redis_window(r)
         r.hset(name, "d", day - 1)
         exc = await refused(stage, request(bob, max_tokens=700))
         assert exc.code == "tokens_per_month_exceeded" and "has 600 left" in exc.message
         c = request(bob, max_tokens=100)
         await stage.on_request(c)
-        assert _counted_redis(r, name) == (p + 100, 900 + p + 100)
+        assert redis_counted(r, name) == (p + 100, 900 + p + 100)
 
-    _run(run)
+    run_stages(run)
 
 
 def test_quotas_stay_exact_in_a_leased_set(r: Any, prefix: str) -> None:
@@ -315,11 +295,11 @@ def test_quotas_stay_exact_in_a_leased_set(r: Any, prefix: str) -> None:
             await stage.on_request(ctx)
             assert "x-ratelimit-remaining-requests" in dict(ctx.ratelimit_headers)
             used(ctx, 5)
-            await _finish(stage, ctx)
+            await finish(stage, ctx)
         exc = await refused(stage, request(carol, max_tokens=10))
         assert exc.code == "requests_per_day_exceeded"
         p = prompt_tokens(request(carol))
-        assert _counted_redis(r, f"{prefix}{{carol}}:qr") == (2, 2)
-        assert _counted_redis(r, f"{prefix}{{carol}}:qt") == (2 * (p + 5),) * 2
+        assert redis_counted(r, f"{prefix}{{carol}}:qr") == (2, 2)
+        assert redis_counted(r, f"{prefix}{{carol}}:qt") == (2 * (p + 5),) * 2
 
-    _run(run)
+    run_stages(run)

@@ -6,6 +6,7 @@
 
 pub mod bpe;
 pub mod buckets;
+mod chatframes;
 pub mod emit;
 pub mod limits;
 pub mod messages;

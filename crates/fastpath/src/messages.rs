@@ -14,6 +14,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::chatframes::{self, each_frame, put_num, put_str, raw_str, read_frame, Delta, Frame};
+
 #[derive(Debug)]
 pub struct MessagesStream {
     msg_id: String,
@@ -34,38 +36,15 @@ pub struct MessagesStream {
     matched: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Func<'a> {
-    #[serde(borrow, default)]
-    name: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    arguments: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct DeltaCall<'a> {
-    #[serde(default)]
-    index: u64,
-    #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    function: Option<Func<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    tool_calls: Option<Vec<DeltaCall<'a>>>,
-}
+type DeltaCall<'a> = chatframes::DeltaCall<'a, u64>;
+type Chunk<'a> = chatframes::Chunk<Choice<'a>, UsageIn, ErrorIn<'a>>;
 
 #[derive(Deserialize)]
 struct Choice<'a> {
     #[serde(default)]
     index: u64,
     #[serde(borrow, default)]
-    delta: Option<Delta<'a>>,
+    delta: Option<Delta<'a, u64>>,
     #[serde(borrow, default)]
     finish_reason: Option<Cow<'a, str>>,
     /// vLLM: the stop string that ended the text (or a token id)
@@ -91,53 +70,7 @@ struct ErrorIn<'a> {
     code: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize)]
-struct Chunk<'a> {
-    #[serde(borrow, default)]
-    choices: Option<Vec<Choice<'a>>>,
-    #[serde(default)]
-    usage: Option<UsageIn>,
-    #[serde(borrow, default)]
-    error: Option<ErrorIn<'a>>,
-}
-
 const PING: &[u8] = b"event: ping\ndata: {\"type\":\"ping\"}\n\n";
-
-/// A JSON string literal (quotes, escapes) onto `out`.
-pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        if esc.is_empty() {
-            out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
-        } else {
-            out.extend_from_slice(esc);
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
-}
-
-fn put_u64(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(n.to_string().as_bytes());
-}
-
-/// A string JSON value's text (None for other values: vLLM may name a stop token by its id).
-pub(crate) fn raw_str(raw: &RawValue) -> Option<String> {
-    serde_json::from_str::<String>(raw.get()).ok()
-}
 
 /// OpenAI finish_reason (+ the matched stop string) -> Anthropic stop_reason, stop_sequence.
 #[must_use]
@@ -207,16 +140,11 @@ impl MessagesStream {
             self.start();
         }
         let mut buf = std::mem::take(&mut self.buf);
-        buf.extend_from_slice(data);
-        let mut at = 0;
-        while let Some(end) = memchr::memmem::find(&buf[at..], b"\n\n") {
-            let frame = &buf[at..at + end];
-            at += end + 2;
-            if !frame.is_empty() && !self.ended {
+        each_frame(&mut buf, data, |frame| {
+            if !self.ended {
                 self.frame(frame);
             }
-        }
-        buf.drain(..at);
+        });
         self.buf = buf;
         &self.out
     }
@@ -241,7 +169,7 @@ impl MessagesStream {
         self.out.extend_from_slice(
             b",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":",
         );
-        put_u64(&mut self.out, self.input_tokens);
+        put_num(&mut self.out, self.input_tokens);
         self.out.extend_from_slice(b",\"output_tokens\":0}}}\n\n");
     }
 
@@ -250,7 +178,7 @@ impl MessagesStream {
             self.event(b"content_block_stop");
             self.out
                 .extend_from_slice(b"{\"type\":\"content_block_stop\",\"index\":");
-            put_u64(&mut self.out, i);
+            put_num(&mut self.out, i);
             self.out.extend_from_slice(b"}\n\n");
         }
     }
@@ -264,7 +192,7 @@ impl MessagesStream {
         self.event(b"content_block_start");
         self.out
             .extend_from_slice(b"{\"type\":\"content_block_start\",\"index\":");
-        put_u64(&mut self.out, i);
+        put_num(&mut self.out, i);
         self.out.extend_from_slice(b",\"content_block\":");
         write(&mut self.out);
         self.out.extend_from_slice(b"}\n\n");
@@ -275,7 +203,7 @@ impl MessagesStream {
         self.event(b"content_block_delta");
         self.out
             .extend_from_slice(b"{\"type\":\"content_block_delta\",\"index\":");
-        put_u64(&mut self.out, i);
+        put_num(&mut self.out, i);
         self.out.extend_from_slice(b",\"delta\":{\"type\":\"");
         self.out.extend_from_slice(kind);
         self.out.extend_from_slice(b"\",\"");
@@ -286,25 +214,14 @@ impl MessagesStream {
     }
 
     fn frame(&mut self, frame: &[u8]) {
-        if frame[0] == b':' {
-            if frame == b": ping" {
-                self.out.extend_from_slice(PING);
-            } else {
-                self.out.extend_from_slice(frame);
-                self.out.extend_from_slice(b"\n\n");
-            }
+        if frame == b": ping" {
+            self.out.extend_from_slice(PING);
             return;
         }
-        let Some(payload) = frame.strip_prefix(b"data: ") else {
-            return;
-        };
-        if payload == b"[DONE]" {
-            self.end();
-            return;
-        }
-        // Not a chunk (or not JSON): nothing to translate; it never is, from our framers.
-        if let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(payload) {
-            self.chunk(chunk);
+        match read_frame::<Chunk<'_>>(frame, &mut self.out) {
+            Some(Frame::Done) => self.end(),
+            Some(Frame::Chunk(chunk)) => self.chunk(chunk),
+            None => {}
         }
     }
 
@@ -360,11 +277,7 @@ impl MessagesStream {
         let i = if let Some(i) = known {
             i
         } else {
-            let name = call
-                .function
-                .as_ref()
-                .and_then(|f| f.name.as_deref())
-                .unwrap_or("");
+            let name = call.name();
             let generated;
             let id = if let Some(id) = call.id.as_deref() {
                 id
@@ -382,12 +295,7 @@ impl MessagesStream {
             self.calls.push((call.index, i));
             i
         };
-        if let Some(args) = call
-            .function
-            .as_ref()
-            .and_then(|f| f.arguments.as_deref())
-            .filter(|a| !a.is_empty())
-        {
+        if let Some(args) = call.arguments() {
             self.delta(i, b"input_json_delta", b"partial_json", args);
         }
     }
@@ -409,9 +317,9 @@ impl MessagesStream {
         }
         self.out
             .extend_from_slice(b"},\"usage\":{\"input_tokens\":");
-        put_u64(&mut self.out, self.input_tokens);
+        put_num(&mut self.out, self.input_tokens);
         self.out.extend_from_slice(b",\"output_tokens\":");
-        put_u64(&mut self.out, self.output_tokens);
+        put_num(&mut self.out, self.output_tokens);
         self.out.extend_from_slice(b"}}\n\n");
         self.event(b"message_stop");
         self.out
@@ -422,30 +330,8 @@ impl MessagesStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chatframes::testing::{chunk, events, tool_call_sends};
     use serde_json::Value;
-
-    fn events(raw: &[u8]) -> Vec<(String, Value)> {
-        let text = String::from_utf8_lossy(raw);
-        text.split("\n\n")
-            .filter_map(|block| {
-                let mut name = None;
-                let mut data = None;
-                for line in block.lines() {
-                    if let Some(n) = line.strip_prefix("event: ") {
-                        name = Some(n.to_owned());
-                    } else if let Some(d) = line.strip_prefix("data: ") {
-                        data = serde_json::from_str::<Value>(d).ok();
-                    }
-                }
-                Some((name?, data?))
-            })
-            .collect()
-    }
-
-    fn chunk(delta: &str) -> Vec<u8> {
-        format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":null}}]}}\n\n")
-            .into_bytes()
-    }
 
     #[test]
     fn text_stream() {
@@ -485,20 +371,9 @@ mod tests {
     fn tool_calls_split_and_parallel() {
         let mut s = MessagesStream::new("msg_1", "m", 1, vec![]);
         let mut out = Vec::new();
-        for d in [
-            r#"{"content":"Let me see."}"#,
-            r#"{"tool_calls":[{"index":0,"id":"call_a","function":{"name":"f","arguments":""}}]}"#,
-            r#"{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":"}}]}"#,
-            r#"{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}"#,
-            r#"{"tool_calls":[{"index":1,"function":{"name":"g","arguments":"{}"}}]}"#,
-        ] {
-            // one send split in the middle of a frame: kept for the next
-            let frame = chunk(d);
-            let (a, b) = frame.split_at(frame.len() / 2);
-            out.extend_from_slice(s.feed(a));
-            out.extend_from_slice(s.feed(b));
+        for send in tool_call_sends() {
+            out.extend_from_slice(s.feed(&send));
         }
-        out.extend_from_slice(s.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\ndata: [DONE]\n\n"));
         let ev = events(&out);
         let starts: Vec<&Value> = ev
             .iter()

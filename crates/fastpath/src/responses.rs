@@ -18,40 +18,17 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::messages::{put_str, raw_str};
+use crate::chatframes::{self, each_frame, put_num, put_str, raw_str, read_frame, Delta, Frame};
 
-#[derive(Deserialize)]
-struct Func<'a> {
-    #[serde(borrow, default)]
-    name: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    arguments: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct DeltaCall<'a> {
-    #[serde(default)]
-    index: i64,
-    #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    function: Option<Func<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    tool_calls: Option<Vec<DeltaCall<'a>>>,
-}
+type DeltaCall<'a> = chatframes::DeltaCall<'a, i64>;
+type Chunk<'a> = chatframes::Chunk<Choice<'a>, UsageIn, ErrorIn<'a>>;
 
 #[derive(Deserialize)]
 struct Choice<'a> {
     #[serde(default)]
     index: i64,
     #[serde(borrow, default)]
-    delta: Option<Delta<'a>>,
+    delta: Option<Delta<'a, i64>>,
     #[serde(borrow, default)]
     finish_reason: Option<Cow<'a, str>>,
 }
@@ -71,16 +48,6 @@ struct ErrorIn<'a> {
     message: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     code: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Chunk<'a> {
-    #[serde(borrow, default)]
-    choices: Option<Vec<Choice<'a>>>,
-    #[serde(default)]
-    usage: Option<UsageIn>,
-    #[serde(borrow, default)]
-    error: Option<ErrorIn<'a>>,
 }
 
 #[derive(Debug)]
@@ -141,14 +108,6 @@ pub struct ResponsesStream {
     response: Option<Vec<u8>>,
 }
 
-fn put_i64(out: &mut Vec<u8>, n: i64) {
-    out.extend_from_slice(n.to_string().as_bytes());
-}
-
-fn put_usize(out: &mut Vec<u8>, n: usize) {
-    out.extend_from_slice(n.to_string().as_bytes());
-}
-
 /// The Responses API's incomplete reason of an OpenAI finish_reason (None: complete).
 #[must_use]
 pub fn incomplete_reason(finish: Option<&str>) -> Option<&'static str> {
@@ -181,7 +140,7 @@ impl ResponsesStream {
         let mut head = b"{\"id\":".to_vec();
         put_str(&mut head, response_id);
         head.extend_from_slice(b",\"object\":\"response\",\"created_at\":");
-        put_i64(&mut head, created_at);
+        put_num(&mut head, created_at);
         head.extend_from_slice(b",\"status\":\"");
         let mut model_part = b",\"model\":".to_vec();
         put_str(&mut model_part, model);
@@ -251,16 +210,11 @@ impl ResponsesStream {
             self.start();
         }
         let mut buf = std::mem::take(&mut self.buf);
-        buf.extend_from_slice(data);
-        let mut at = 0;
-        while let Some(end) = memchr::memmem::find(&buf[at..], b"\n\n") {
-            let frame = &buf[at..at + end];
-            at += end + 2;
-            if !frame.is_empty() && !self.done {
+        each_frame(&mut buf, data, |frame| {
+            if !self.done {
                 self.frame(frame);
             }
-        }
-        buf.drain(..at);
+        });
         self.buf = buf;
         &self.out
     }
@@ -273,7 +227,7 @@ impl ResponsesStream {
         o.extend_from_slice(b"\ndata: {\"type\":\"");
         o.extend_from_slice(kind.as_bytes());
         o.extend_from_slice(b"\",\"sequence_number\":");
-        o.extend_from_slice(self.seq.to_string().as_bytes());
+        put_num(o, self.seq);
         self.seq += 1;
     }
 
@@ -325,16 +279,16 @@ impl ResponsesStream {
         if usage {
             let (p, c) = (self.prompt, self.completion);
             out.extend_from_slice(b"{\"input_tokens\":");
-            put_i64(out, p);
+            put_num(out, p);
             out.extend_from_slice(
                 b",\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":",
             );
-            put_i64(out, c);
+            put_num(out, c);
             out.extend_from_slice(
                 b",\"output_tokens_details\":{\"reasoning_tokens\":0},\"total_tokens\":",
             );
             let total = i128::from(p) + i128::from(c);
-            out.extend_from_slice(total.to_string().as_bytes());
+            put_num(out, total);
             out.push(b'}');
         } else {
             out.extend_from_slice(b"null");
@@ -354,23 +308,12 @@ impl ResponsesStream {
         }
     }
 
+    /// Pings and the timing comment pass through.
     fn frame(&mut self, frame: &[u8]) {
-        if frame.first() == Some(&b':') {
-            // pings and the timing comment pass through
-            self.out.extend_from_slice(frame);
-            self.out.extend_from_slice(b"\n\n");
-            return;
-        }
-        let Some(payload) = frame.strip_prefix(b"data: ") else {
-            return;
-        };
-        if payload == b"[DONE]" {
-            self.end();
-            return;
-        }
-        // Not a chunk (or not JSON): nothing to translate; it never is, from our framers.
-        if let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(payload) {
-            self.chunk(chunk);
+        match read_frame::<Chunk<'_>>(frame, &mut self.out) {
+            Some(Frame::Done) => self.end(),
+            Some(Frame::Chunk(chunk)) => self.chunk(chunk),
+            None => {}
         }
     }
 
@@ -399,7 +342,7 @@ impl ResponsesStream {
                     self.out.extend_from_slice(b",\"item_id\":");
                     self.out.extend_from_slice(&self.msg_id);
                     self.out.extend_from_slice(b",\"output_index\":");
-                    put_usize(&mut self.out, i);
+                    put_num(&mut self.out, i);
                     self.out
                         .extend_from_slice(b",\"content_index\":0,\"delta\":");
                     put_str(&mut self.out, text);
@@ -423,7 +366,7 @@ impl ResponsesStream {
         self.output.push(None);
         self.ev("response.output_item.added");
         self.out.extend_from_slice(b",\"output_index\":");
-        put_usize(&mut self.out, i);
+        put_num(&mut self.out, i);
         self.out
             .extend_from_slice(b",\"item\":{\"type\":\"message\",\"id\":");
         self.out.extend_from_slice(&self.msg_id);
@@ -445,7 +388,7 @@ impl ResponsesStream {
         self.out.extend_from_slice(b",\"item_id\":");
         self.out.extend_from_slice(&self.msg_id);
         self.out.extend_from_slice(b",\"output_index\":");
-        put_usize(&mut self.out, i);
+        put_num(&mut self.out, i);
         self.out.extend_from_slice(b",\"content_index\":0");
     }
 
@@ -481,7 +424,7 @@ impl ResponsesStream {
     fn item_done(&mut self, i: usize, item: &[u8]) {
         self.ev("response.output_item.done");
         self.out.extend_from_slice(b",\"output_index\":");
-        put_usize(&mut self.out, i);
+        put_num(&mut self.out, i);
         self.out.extend_from_slice(b",\"item\":");
         self.out.extend_from_slice(item);
         self.end_ev();
@@ -510,12 +453,7 @@ impl ResponsesStream {
             self.close_call();
             let i = self.output.len();
             self.output.push(None);
-            let name = dc
-                .function
-                .as_ref()
-                .and_then(|f| f.name.as_deref())
-                .unwrap_or("")
-                .to_owned();
+            let name = dc.name().to_owned();
             let id = dc
                 .id
                 .as_deref()
@@ -533,7 +471,7 @@ impl ResponsesStream {
             };
             self.ev("response.output_item.added");
             self.out.extend_from_slice(b",\"output_index\":");
-            put_usize(&mut self.out, i);
+            put_num(&mut self.out, i);
             self.out.extend_from_slice(b",\"item\":");
             Self::put_call_item(&mut self.out, &call, "", "in_progress");
             self.end_ev();
@@ -542,12 +480,7 @@ impl ResponsesStream {
             self.open = Some(pos);
             pos
         };
-        let Some(args) = dc
-            .function
-            .as_ref()
-            .and_then(|f| f.arguments.as_deref())
-            .filter(|a| !a.is_empty())
-        else {
+        let Some(args) = dc.arguments() else {
             return;
         };
         let Some(call) = self.calls.get_mut(pos) else {
@@ -561,7 +494,7 @@ impl ResponsesStream {
             self.out.extend_from_slice(&call.fc_id);
         }
         self.out.extend_from_slice(b",\"output_index\":");
-        put_usize(&mut self.out, out);
+        put_num(&mut self.out, out);
         self.out.extend_from_slice(b",\"delta\":");
         put_str(&mut self.out, args);
         self.end_ev();
@@ -579,7 +512,7 @@ impl ResponsesStream {
         let mut done = b",\"item_id\":".to_vec();
         done.extend_from_slice(&call.fc_id);
         done.extend_from_slice(b",\"output_index\":");
-        put_usize(&mut done, call.out);
+        put_num(&mut done, call.out);
         done.extend_from_slice(b",\"arguments\":");
         put_str(&mut done, &call.args);
         done.extend_from_slice(b",\"name\":");
@@ -645,32 +578,10 @@ impl ResponsesStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chatframes::testing::{chunk, events, tool_call_sends};
     use serde_json::Value;
 
     const ECHO: &[u8] = br#"{"instructions":null,"metadata":{},"tools":[{"type":"function","name":"f"}],"store":true}"#;
-
-    fn events(raw: &[u8]) -> Vec<(String, Value)> {
-        let text = String::from_utf8_lossy(raw);
-        text.split("\n\n")
-            .filter_map(|block| {
-                let mut name = None;
-                let mut data = None;
-                for line in block.lines() {
-                    if let Some(n) = line.strip_prefix("event: ") {
-                        name = Some(n.to_owned());
-                    } else if let Some(d) = line.strip_prefix("data: ") {
-                        data = serde_json::from_str::<Value>(d).ok();
-                    }
-                }
-                Some((name?, data?))
-            })
-            .collect()
-    }
-
-    fn chunk(delta: &str) -> Vec<u8> {
-        format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":null}}]}}\n\n")
-            .into_bytes()
-    }
 
     fn stream() -> ResponsesStream {
         ResponsesStream::new("resp_abc", "m\"x", 7, None, ECHO, 0)
@@ -739,19 +650,9 @@ mod tests {
     fn tool_calls_split_mid_frame() {
         let mut s = stream();
         let mut out = Vec::new();
-        for d in [
-            r#"{"content":"Let me see."}"#,
-            r#"{"tool_calls":[{"index":0,"id":"call_a","function":{"name":"f","arguments":""}}]}"#,
-            r#"{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":"}}]}"#,
-            r#"{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}"#,
-            r#"{"tool_calls":[{"index":1,"function":{"name":"g","arguments":"{}"}}]}"#,
-        ] {
-            let frame = chunk(d);
-            let (a, b) = frame.split_at(frame.len() / 2);
-            out.extend_from_slice(s.feed(a));
-            out.extend_from_slice(s.feed(b));
+        for send in tool_call_sends() {
+            out.extend_from_slice(s.feed(&send));
         }
-        out.extend_from_slice(s.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\ndata: [DONE]\n\n"));
         let ev = events(&out);
         check_types_and_sequence(&ev);
         let last = &ev[ev.len() - 1];
