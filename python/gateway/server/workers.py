@@ -170,11 +170,18 @@ def run_worker(cfg: Any, sock: socket.socket) -> int:
     app = Gateway(cfg)
     app.__rsgi_init__(loop)
     server = Server(app.__rsgi__, cfg.server, loop)
-    listener = loop.run_until_complete(loop.create_server(server, sock=sock, backlog=cfg.server.backlog))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    loop.run_until_complete(stop)
-    listener.close()
-    loop.run_until_complete(server.shutdown(cfg.server.shutdown_grace_ms / 1000))
+
+    async def serve_until_stopped() -> None:
+        # One run of the loop from the signals' release to the end: uvloop pauses its signal
+        # handling between two `run_until_complete`s, and a SIGTERM arriving in that gap was
+        # lost (the worker served on until the master killed it after the grace time).
+        listener = await loop.create_server(server, sock=sock, backlog=cfg.server.backlog)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        await stop
+        listener.close()
+        await server.shutdown(cfg.server.shutdown_grace_ms / 1000)
+
+    loop.run_until_complete(serve_until_stopped())
     app.__rsgi_del__(loop)  # the loop is stopped, not closed: the app's parts close on it
     loop.close()
     return 0
