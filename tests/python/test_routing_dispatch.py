@@ -10,9 +10,9 @@ import pytest
 
 from gateway.config_routing import ErrorClass
 from gateway.errors import Fault, GatewayError
-from gateway.pipeline.route import split_template
 from gateway.routing.budget import RetryBudget
 from gateway.routing.classify import BREAKER_FAILURES, classify, retry_after_s
+from gateway.upstream_body import split_template
 from gateway.upstreams.httpclient import UpstreamConnectError
 from gateway.upstreams.openai_http import map_transport_error, map_upstream_status
 

@@ -28,7 +28,7 @@ from ..config_prompts import sandbox
 from ..context import Endpoint, RequestContext
 from ..errors import Fault, GatewayError, quote
 from ..schemas import ChatRequestView
-from .route import upstream_body
+from ..upstream_body import message_text, upstream_body
 from .stage import Part
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class PromptStage(Part):
         assert isinstance(messages, list)  # decode checked the shape
         last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
         variables: dict[str, Any] = {
-            "input": _text(messages[last].get("content")) if last is not None else "",
+            "input": message_text(messages[last].get("content")) if last is not None else "",
             "messages": messages,
             "model": ctx.route.name if ctx.route is not None else body.get("model"),
         }
@@ -193,14 +193,6 @@ def _render(t: Template, variables: dict[str, Any], label: str, part: str) -> st
             param="metadata.prompt",
             code="prompt_render_failed",
         ) from None
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def _replace_text(content: Any, rendered: str) -> Any:

@@ -27,10 +27,9 @@ import msgspec
 from ..context import Endpoint, RequestContext
 from ..routing.dispatch import Dispatch
 from ..schemas import EmbeddingsRequestView
+from ..upstream_body import message_text, upstream_body
 from ..vector_index import Doc, VectorIndex
-from .prompts import _text
 from .relay import DeltaHook
-from .route import upstream_body
 from .stage import Part
 
 if TYPE_CHECKING:
@@ -191,5 +190,5 @@ def _query(body: bytes) -> str:
         return ""
     for m in reversed(messages):
         if isinstance(m, dict) and m.get("role") == "user":
-            return _text(m.get("content"))[-MAX_QUERY_CHARS:]
+            return message_text(m.get("content"))[-MAX_QUERY_CHARS:]
     return ""

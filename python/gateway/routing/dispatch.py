@@ -343,7 +343,7 @@ def body_for(ctx: RequestContext, dep: Deployment) -> bytes:
     if parts is None:
         if dep.upstream_model_json == ctx.body_model:
             return ctx.upstream_body
-        from ..pipeline.route import split_template
+        from ..upstream_body import split_template
 
         parts = ctx.body_parts = split_template(ctx.upstream_body)
     return parts[0] + dep.upstream_model_json + parts[1]
