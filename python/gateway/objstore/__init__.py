@@ -1,0 +1,109 @@
+"""Object storage behind one interface (`ObjectStore`): batch input/output files, job results,
+large attachments and the daily archives of the ledger and audit log.
+
+Backends: `LocalDirStore` (the embedded default: a directory, same semantics) and an S3 API
+client (`objstore.s3`). Keys are `/`-separated relative names; a backend never sees a key that
+escapes its root (`check_key`). Calls are async: a backend that blocks runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+
+class ObjectStoreError(Exception):
+    """The store failed (unreachable, denied, ...): callers retry or fail with a clear error."""
+
+
+class ObjectNotFound(ObjectStoreError):
+    """No object under that key."""
+
+
+def check_key(key: str) -> str:
+    """A relative `/`-separated name without `.`/`..` parts or empty parts."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in key:
+        raise ValueError(f"invalid object key: {key!r}")
+    return key
+
+
+class ObjectStore(Protocol):
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    async def get(self, key: str) -> bytes:
+        """Raises `ObjectNotFound`."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Deleting a missing key is not an error."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> AsyncIterator[str]:
+        """The keys under `prefix`, in lexicographic order."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalDirStore:
+    """A directory: writes go to a temporary file then `os.replace` (a reader never sees half
+    an object)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        await asyncio.to_thread(self._put, self._path(key), data)
+
+    @staticmethod
+    def _put(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise ObjectStoreError(f"{key}: {exc.strerror}") from None
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._path(key).unlink, True)
+
+    async def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        root = self.root
+        if not root.is_dir():
+            return
+        keys = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
+        for key in keys:
+            if key.startswith(prefix):
+                yield key
+
+    async def close(self) -> None:
+        return None
