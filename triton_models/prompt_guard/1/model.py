@@ -3,7 +3,8 @@
 Input `text` (BYTES, dims [1]); outputs `score` (FP32, dims [1], probability of an attack) and
 `label` (BYTES, dims [1], "jailbreak" or "benign" by the trained threshold). All requests of a
 dynamic batch are embedded in one forward pass. The classifier (1/classifier.json, written by
-../train.py) is found through the model-config parameter `classifier_path`, relative to this folder.
+../train.py) is found through the model-config parameter `classifier_path`, relative to the
+serving model's version folder: toxicity_guard links this file and loads its own weights.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = cfg.get("parameters", {})
         rel = params.get("classifier_path", {}).get("string_value", "classifier.json")
-        path = Path(rel) if Path(rel).is_absolute() else HERE / rel
+        self.name = args["model_name"]
+        version_dir = Path(args["model_repository"]) / args["model_version"]  # not HERE: may be a link
+        path = Path(rel) if Path(rel).is_absolute() else version_dir / rel
         clf = json.loads(path.read_text())
         if clf.get("embedding_model") != MODEL_NAME:
             raise ValueError(f"{path}: trained on {clf.get('embedding_model')!r}, not {MODEL_NAME!r}")
@@ -43,7 +46,7 @@ class TritonPythonModel:
             raise ValueError(f"{path}: {self.w.shape[0]} weights, expected {self.encoder.dim}")
         self.encoder.embed(["warm-up"])
         self.logger.log_info(
-            f"prompt_guard: loaded {MODEL_NAME} + {path.name} (threshold {self.threshold:.4f}, "
+            f"{self.name}: loaded {MODEL_NAME} + {path.name} (threshold {self.threshold:.4f}, "
             f"dataset {str(clf.get('dataset_sha256', ''))[:12]}) in {time.perf_counter() - t0:.3f} s"
         )
 
@@ -81,7 +84,7 @@ class TritonPythonModel:
                 emb = self.encoder.embed(texts).astype(np.float64)
                 scores = (1.0 / (1.0 + np.exp(-(emb @ self.w + self.b)))).astype(np.float32)
             except Exception as e:
-                err = pb_utils.TritonError(f"prompt_guard inference failed: {e}")
+                err = pb_utils.TritonError(f"{self.name} inference failed: {e}")
                 for i, _, _ in spans:
                     responses[i] = pb_utils.InferenceResponse(error=err)
                 return responses

@@ -1,0 +1,1 @@
+../../prompt_guard/1/model.py
