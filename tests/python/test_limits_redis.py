@@ -5,6 +5,7 @@ and Redis failures (closed port; a private redis-server killed and restarted) un
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import shutil
@@ -284,6 +285,7 @@ def test_live_enforcement_ends_the_stream_redis(pair: Pair) -> None:
     # No max_tokens: 4,096 (default_max_tokens) x 2,000 nano-USD are reserved; the budget (0.01
     # USD) allows the stream 5,000 completion tokens, and the upstream writes 3,000 words (6,000).
     body = chat(model="gpt-4o-mini", stream=True, mock={"words": 3_000})
+    day_before = _redis_now_us(r) // 86_400_000_000
     conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=20)
     try:
         conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(), {"x-api-key": f"{KEY}-live"})
@@ -299,7 +301,13 @@ def test_live_enforcement_ends_the_stream_redis(pair: Pair) -> None:
     # settled with what the upstream produced: at least the whole budget
     spent = lambda: int(r.hget(f"{prefix}{{live}}:b", "ds") or 0)  # noqa: E731
     # a fire-and-forget settlement: a loaded machine may take a while (a deadline, not a timing)
-    assert wait_for(lambda: spent() >= 10_000_000, timeout_s=30), spent()
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: spent() >= 10_000_000, timeout_s=30)
+    if _redis_now_us(r) // 86_400_000_000 != day_before:
+        # by design a settlement leaves a budget window that ended since the reservation alone
+        pytest.skip("the stream straddled UTC midnight: its day's window closed before settlement")
+    state = r.hgetall(f"{prefix}{{live}}:b")
+    assert spent() >= 10_000_000, (state, day_before)
 
 
 def test_team_limit_shared_across_instances(pair: Pair) -> None:
