@@ -1,0 +1,63 @@
+"""The `batches:` section: the OpenAI Batch API (`/v1/files`, `/v1/batches`, `gateway.batches`).
+It runs on the job queue (`jobs:`), in a lane of its own below interactive traffic and jobs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+class BatchWorkersConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The share of each gateway worker process that runs batches (the lowest lane)."""
+
+    #: batches one worker process drives at once; 0 = this gateway only accepts batches
+    concurrency: int = 1
+    #: requests (lines) of one batch in flight at once: the cap on what batch work can take
+    #: from interactive traffic in this worker
+    lines: int = 4
+    #: `ctx.priority` of a batch line's upstream call: below jobs (-10) and interactive tiers (0)
+    priority: int = -20
+    #: a line answered 429 or 503 (the gateway's own limits, a busy upstream) is tried again,
+    #: after its retry-after (at most 30 s), up to this many times in all
+    line_max_attempts: int = 3
+
+
+class BatchesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: bool = False
+    #: the largest file `POST /v1/files` accepts (the upload has its own body limit)
+    max_file_bytes: int = 100 * 1024 * 1024
+    #: requests in one input file at most
+    max_lines: int = 50_000
+    #: what `completion_window: "24h"` means here: a batch still running this long after its
+    #: creation ends as `expired` (its unfinished lines in the error file)
+    completion_window_s: int = 86_400
+    #: where file bytes live until the shared object store (`storage:`) is configured: a
+    #: local directory (relative to the working directory)
+    dir: str = "fastpath-objects"
+    workers: BatchWorkersConfig = BatchWorkersConfig()
+
+
+def validate_batches(cfg: Config) -> None:
+    from .config import ConfigError
+
+    b = cfg.batches
+    where = "$.batches"
+    if b.enabled and not cfg.jobs.enabled:
+        raise ConfigError(f"{where}.enabled: batches run on the job queue; set jobs.enabled: true too")
+    for name in ("max_file_bytes", "max_lines", "completion_window_s"):
+        value = getattr(b, name)
+        if value <= 0:
+            raise ConfigError(f"{where}.{name}: must be > 0, got {value}")
+    if not b.dir:
+        raise ConfigError(f"{where}.dir: a directory for the batch files")
+    w = b.workers
+    if w.concurrency < 0:
+        raise ConfigError(f"{where}.workers.concurrency: must be >= 0, got {w.concurrency}")
+    if w.lines < 1:
+        raise ConfigError(f"{where}.workers.lines: must be >= 1, got {w.lines}")
+    if w.line_max_attempts < 1:
+        raise ConfigError(f"{where}.workers.line_max_attempts: must be >= 1, got {w.line_max_attempts}")
