@@ -57,6 +57,11 @@ class Fault(Enum):
     #: wait ran out
     UPSTREAM_CAPACITY = _Spec(429, "rate_limit_error", retryable=True, log_level=logging.INFO)
     STREAM_TIMEOUT = _Spec(504, "timeout_error", log_level=logging.INFO)
+    #: the gateway-run agent loop did not converge (`gateway.tools.agent`): 508 Loop Detected;
+    #: codes `tool_loop_detected`, `tool_iterations_exceeded`
+    TOOL_LOOP = _Spec(508, "api_error", log_level=logging.INFO)
+    #: the agent loop's `time_budget_ms` ran out; code `tool_time_budget`
+    TOOL_TIME_BUDGET = _Spec(504, "timeout_error", log_level=logging.INFO)
     INTERNAL = _Spec(500, "api_error", log_level=logging.ERROR)
 
     @property

@@ -167,6 +167,10 @@ class Knobs:
     tool: str | None = None
     #: used instead of ``content`` when the last message is a tool result (a repair turn)
     content_after_tool: str | None = None
+    #: a scripted conversation (agent loops): turn k (k = the assistant messages so far) plays
+    #: step k, the last step once past the end; a step is ``{"tool": name?, "content": text}``,
+    #: where ``{turn}`` becomes k and ``{last_tool}`` the last tool message's content
+    script: list[JSONDict] | None = None
     #: report this many prompt tokens as served from a prompt cache (OpenAI's
     #: ``prompt_tokens_details.cached_tokens``; Anthropic's ``cache_read_input_tokens``)
     cached_tokens: int | None = None
@@ -201,6 +205,7 @@ class Knobs:
             tool=_get_str(mock, "tool"),
             content_after_tool=_get_str(mock, "content_after_tool"),
             cached_tokens=_get_int(mock, "cached_tokens", minimum=0, param="mock.cached_tokens"),
+            script=_get_script(mock),
         )
 
 
@@ -209,6 +214,41 @@ def _get_str(mock: JSONDict, key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise HTTPError(400, f"mock.{key} must be a string", param=f"mock.{key}")
     return value
+
+
+def _get_script(mock: JSONDict) -> list[JSONDict] | None:
+    value = mock.get("script")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(
+            isinstance(v, dict)
+            and isinstance(v.get("content"), str)
+            and isinstance(v.get("tool", ""), str)
+            and set(v) <= {"tool", "content"}
+            for v in value
+        )
+    ):
+        raise HTTPError(
+            400, "mock.script must be a non-empty list of {tool?, content} objects", param="mock.script"
+        )
+    return value
+
+
+def _scripted(knobs: Knobs, messages: list[JSONDict]) -> None:
+    """This turn's step of ``knobs.script`` into ``knobs.tool`` / ``knobs.content``."""
+    script = knobs.script
+    if script is None:
+        return
+    turn = sum(1 for m in messages if m.get("role") == "assistant")
+    step = script[min(turn, len(script) - 1)]
+    last_tool = next(
+        (content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "tool"), ""
+    )
+    knobs.tool = step.get("tool") or None
+    knobs.content = step["content"].replace("{turn}", str(turn)).replace("{last_tool}", last_tool)
 
 
 def _get_offsets(mock: JSONDict) -> list[int] | None:
@@ -446,6 +486,7 @@ def plan_chat(body: JSONDict, rid: str) -> Plan:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise HTTPError(400, "messages must be a non-empty array of objects", param="messages")
     n, stream, include_usage, limit, knobs = _common(body, model)
+    _scripted(knobs, messages)
     prompt_tokens = sum(count_words(content_text(m.get("content"))) + 3 for m in messages)
     last_user = next(
         (content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
