@@ -21,6 +21,12 @@ class BatchWorkersConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     lines: int = 4
     #: `ctx.priority` of a batch line's upstream call: below jobs (-10) and interactive tiers (0)
     priority: int = -20
+    #: a line starts only while this worker has fewer interactive requests in flight than
+    #: this (1: only when it serves none); 0: never wait
+    yield_at: int = 1
+    #: ... but a line waits at most this long for that moment (a busy worker still moves
+    #: its batches, at `lines` requests per this period at the least)
+    max_yield_ms: int = 1_000
     #: a line answered 429 or 503 (the gateway's own limits, a busy upstream) is tried again,
     #: after its retry-after (at most 30 s), up to this many times in all
     line_max_attempts: int = 3
@@ -59,5 +65,9 @@ def validate_batches(cfg: Config) -> None:
         raise ConfigError(f"{where}.workers.concurrency: must be >= 0, got {w.concurrency}")
     if w.lines < 1:
         raise ConfigError(f"{where}.workers.lines: must be >= 1, got {w.lines}")
+    if w.yield_at < 0:
+        raise ConfigError(f"{where}.workers.yield_at: must be >= 0, got {w.yield_at}")
+    if w.max_yield_ms < 0:
+        raise ConfigError(f"{where}.workers.max_yield_ms: must be >= 0, got {w.max_yield_ms}")
     if w.line_max_attempts < 1:
         raise ConfigError(f"{where}.workers.line_max_attempts: must be >= 1, got {w.line_max_attempts}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -41,6 +42,8 @@ _encode = msgspec.json.Encoder().encode
 #: a cancelled batch's lines already in flight get this long to finish
 _CANCEL_GRACE_S = 5.0
 _RETRY_MAX_S = 30.0
+#: how often a line waiting for the worker's interactive traffic to pause looks again
+_YIELD_POLL_S = 0.005
 
 
 def open_objects(cfg: Config) -> ObjectStore:
@@ -73,6 +76,11 @@ class BatchesPart:
         self.queue: JobQueue | None = None
         self.store: BatchStore | None = None
         self.runner: BatchRunner | None = None
+        #: this worker's interactive requests in flight (the app sets it; a job worker has none)
+        self.interactive: Callable[[], int] = _none
+
+    def interactive_count(self) -> int:
+        return self.interactive()
 
     def start(self, worker: Worker) -> None:
         j = self.lane.jobs
@@ -82,6 +90,7 @@ class BatchesPart:
         self.store = BatchStore(client, self.cfg.jobs.prefix, open_objects(self.cfg))
         if j.workers.concurrency > 0:
             self.runner = BatchRunner(self.lane, self.queue, self._pipeline, worker, self.store)
+            self.runner.interactive = self.interactive_count
             self.runner.start()
 
     async def close(self) -> None:
@@ -104,6 +113,9 @@ class BatchRunner(Runner):
         self.max_lines = cfg.batches.max_lines
         self.lines = cfg.batches.workers.lines
         self.line_attempts = cfg.batches.workers.line_max_attempts
+        self.yield_at = cfg.batches.workers.yield_at
+        self.max_yield_s = cfg.batches.workers.max_yield_ms / 1000
+        self.interactive: Callable[[], int] = _none
 
     async def _execute(self, job: Claimed, proto: CaptureProtocol) -> None:
         beat = self.loop.create_task(self._heartbeat(job, proto))
@@ -169,6 +181,8 @@ class BatchRunner(Runner):
                     await asyncio.wait([*running, stopped], return_when=asyncio.FIRST_COMPLETED)
                     for t in [t for t in running if t.done()]:
                         running.pop(t)
+                if self.yield_at:
+                    await self._yield(stopped)
                 if stopped.done():
                     break
                 holder: list[CaptureProtocol] = []
@@ -187,6 +201,14 @@ class BatchRunner(Runner):
                     p.abort("batch")
             if running:
                 await asyncio.wait(list(running), timeout=5.0)
+
+    async def _yield(self, stopped: asyncio.Task[None]) -> None:
+        """Wait (up to `max_yield_ms`) for a moment this worker serves fewer interactive
+        requests than `yield_at`: batch work fills the gaps of interactive traffic."""
+        waited = 0.0
+        while self.interactive() >= self.yield_at and waited < self.max_yield_s and not stopped.done():
+            await asyncio.sleep(_YIELD_POLL_S)
+            waited += _YIELD_POLL_S
 
     async def _line(
         self, batch_id: str, number: int, line: jsonl.InputLine, job: Claimed, holder: list[CaptureProtocol]
@@ -215,6 +237,10 @@ class BatchRunner(Runner):
             out = wire.response_line(line.custom_id, status, request_id, p.body)
             await self.store.record(batch_id, line.custom_id, out, status < 400)
             return
+
+
+def _none() -> int:
+    return 0
 
 
 def _retry_after(headers: list[tuple[str, str]]) -> float:
