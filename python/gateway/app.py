@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
@@ -23,12 +24,14 @@ from . import config as config_mod
 from . import ledger, upstreams
 from . import reload as reload_mod
 from .audit import AdminAudit
+from .batches.routes import BatchesApi
 from .config import Config
 from .context import Endpoint, RequestContext
 from .edge import ClientResolver
 from .errors import Fault, GatewayError, quote
 from .jobs.routes import JobsApi, wants_async
 from .pipeline import Pipeline, respond
+from .pipeline import ws as ws_responses
 from .pipeline.dialect import Dialect
 from .pipeline.messages import DIALECTS as MESSAGES_DIALECTS
 from .pipeline.responses import PREFIX as RESPONSES_PREFIX
@@ -111,6 +114,7 @@ class Gateway:
         if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()):  # held by create_app
             loop.call_soon(release_stop_signals)  # runs once the loop runs: see hold_stop_signals
         self.worker, self.adapters, self.pipeline = build_parts(self.cfg, self._loop)
+        self._wire_batches(self.pipeline)
         if self.pipeline.metrics is not None and self.cfg.metrics.listen:
             from .metrics.listener import start_listener
 
@@ -141,6 +145,7 @@ class Gateway:
             new = reload_mod.keep_restart_only(self.cfg, new)
             # on the loop: builds what __rsgi_init__ does
             worker, adapters, pipeline = build_parts(new, self._loop)
+            self._wire_batches(pipeline)
         except Exception as exc:  # a ConfigError, or a part that cannot start (a store, an extension)
             self._reload_error = f"{where}: {exc}"
             log.error(
@@ -231,6 +236,11 @@ class Gateway:
     # ---- dispatch -----------------------------------------------------------------------------
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":
+            if scope.proto == "ws":  # the Responses API's WebSocket mode (pipeline/ws.py)
+                resolve = self._resolve_client
+                client = scope.client if resolve is None else resolve(scope.client, scope.headers)
+                rid = self._request_id(scope.headers.get("x-request-id"))
+                await ws_responses.serve(self, scope, protocol, rid, client)
             return
         start = time.perf_counter_ns()
         headers = scope.headers
@@ -266,6 +276,8 @@ class Gateway:
                 protocol.response_bytes(status, respond.head(request_id), body)
             elif path.startswith("/v1/jobs/"):
                 await self._jobs(scope, protocol, request_id)
+            elif path.startswith(_BATCH_PATHS) or path in ("/v1/files", "/v1/batches"):
+                await self._batches(scope, protocol, request_id)
             elif path.startswith(RESPONSES_PREFIX) and self.pipeline is not None:
                 # stored responses: GET / DELETE /v1/responses/{id}, GET .../input_items
                 await serve_stored(self.pipeline, scope, protocol, request_id, self._is_admin(headers))
@@ -336,6 +348,26 @@ class Gateway:
         if pipeline is None or pipeline.jobs is None:
             raise GatewayError(Fault.ROUTE_NOT_FOUND, "Async requests are off (`jobs.enabled`).")
         await self._jobs_api(pipeline).serve(scope, protocol, request_id)
+
+    def _wire_batches(self, pipeline: Pipeline) -> None:
+        """The batch lane yields to this worker's interactive requests (its in-flight count)."""
+        if pipeline.batches is not None:
+            pipeline.batches.interactive = lambda: self._active[0]
+
+    async def _batches(self, scope: Any, protocol: Any, request_id: str) -> None:
+        """`/v1/files`, `/v1/batches` (gateway.batches): uploads have their own body limit."""
+        pipeline = self.pipeline
+        if pipeline is None or pipeline.batches is None:
+            raise GatewayError(Fault.ROUTE_NOT_FOUND, "The Batch API is off (`batches.enabled`).")
+        loop = self._loop
+        task = asyncio.current_task(loop)
+        assert task is not None
+
+        def read(limit: int) -> Awaitable[bytes]:
+            return self._read_body(scope.headers, protocol, loop, task, limit)
+
+        api = BatchesApi(pipeline.batches, pipeline, self._is_admin)
+        await api.serve(scope, protocol, request_id, read)
 
     def _is_admin(self, headers: Any) -> bool:
         if self._admin_digest is None or headers.get("authorization") is None:
@@ -438,11 +470,17 @@ class Gateway:
             )
 
     async def _read_body(
-        self, headers: Any, protocol: Any, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]
+        self,
+        headers: Any,
+        protocol: Any,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+        limit: int | None = None,
     ) -> bytes:
         """Read the body under a size limit (checked before reading where the length is
-        declared, and as chunks arrive otherwise) and a deadline (slow-loris bodies)."""
-        limit = self.max_body
+        declared, and as chunks arrive otherwise) and a deadline (slow-loris bodies).
+        `limit`: a route's own (a file upload); default `server.max_body_bytes`."""
+        limit = self.max_body if limit is None else limit
         declared = headers.get("content-length")
         # A timer handle that cancels the task is cheaper per request than asyncio.timeout().
         timer = loop.call_later(self.body_timeout_s, task.cancel, _BODY_TIMEOUT)
@@ -565,6 +603,7 @@ async def close_parts(pipeline: Pipeline | None, adapters: dict[str, Adapter]) -
 
 
 _MODEL_PATHS = ("/v1/models/", "/models/")
+_BATCH_PATHS = ("/v1/files/", "/v1/batches/")
 #: request path -> the client API (dialect) it speaks; absent: OpenAI's
 DIALECTS: dict[str, Dialect] = {**MESSAGES_DIALECTS, Endpoint.RESPONSES.value: RESPONSES}
 _model_list = msgspec.json.Decoder(ModelList).decode

@@ -155,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=workers,
         loop=Loops.uvloop,
         http=HTTPModes(cfg.server.http.value),
-        websockets=False,
+        websockets=cfg.responses.enabled and cfg.responses.websocket.enabled,  # pipeline/ws.py
         backlog=cfg.server.backlog,
         http1_settings=HTTP1Settings(
             header_read_timeout=cfg.server.header_read_timeout_ms,

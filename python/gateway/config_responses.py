@@ -28,6 +28,18 @@ class ResponsesStoreConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     timeout_ms: int = 5_000
 
 
+class ResponsesWebSocketConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`GET /v1/responses` upgraded to a WebSocket (OpenAI's WebSocket mode, `pipeline/ws.py`);
+    a message is at most `server.max_body_bytes` (larger: close 1009)."""
+
+    enabled: bool = True
+    #: no message and no response running for this long: an error event, then close 1000
+    idle_timeout_ms: int = 300_000
+    #: a connection's whole life (OpenAI's: 60 min); past it, the next `response.create` (or the
+    #: idle wait) gets `websocket_connection_limit_reached`, then close 1000
+    max_connection_ms: int = 3_600_000
+
+
 class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: `/v1/responses` served (off: 404, as an unknown route)
     enabled: bool = True
@@ -36,6 +48,7 @@ class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     retention_days: int = 30
     #: how often each worker runs the retention purge
     purge_interval_s: int = 3_600
+    websocket: ResponsesWebSocketConfig = ResponsesWebSocketConfig()
 
 
 def validate_responses(cfg: Config) -> None:
@@ -55,6 +68,14 @@ def validate_responses(cfg: Config) -> None:
         ("store.timeout_ms", s.timeout_ms),
         ("retention_days", r.retention_days),
         ("purge_interval_s", r.purge_interval_s),
+        ("websocket.idle_timeout_ms", r.websocket.idle_timeout_ms),
+        ("websocket.max_connection_ms", r.websocket.max_connection_ms),
     ):
         if value <= 0:
             raise ConfigError(f"{where}.{name}: must be > 0, got {value}")
+    w = r.websocket
+    if w.idle_timeout_ms > w.max_connection_ms:
+        raise ConfigError(
+            f"{where}.websocket.idle_timeout_ms: {w.idle_timeout_ms} is longer than "
+            f"max_connection_ms ({w.max_connection_ms})"
+        )

@@ -14,6 +14,10 @@ head came, else a silent close; one sweep timer per worker, nothing armed per re
 deadline and the JSON of every error are the app's, as on granian. A response sent before its
 request's body was read closes the connection after a lingering half-close (the client reads the
 reply instead of a reset).
+
+A WebSocket opening (`Upgrade: websocket`) is checked here (RFC 6455: GET, `Connection:
+Upgrade`, version 13, a 16-byte key; else a 400 / 405 JSON) and handed to the app as RSGI's
+`scope.proto == "ws"`; from then on the connection's bytes go to its `ws_conn.WsExchange`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
 
 from ..edge import ClientResolver
 from ..errors import Fault, GatewayError
-from . import proxy_protocol
+from . import proxy_protocol, websocket
+from .ws_conn import WsExchange
 
 log = logging.getLogger("gateway.server")
 
@@ -111,6 +116,13 @@ class Scope:
         self.http_version = version
         self.scheme = "http"
         self.authority = headers.get("host")
+
+
+class WsScope(Scope):
+    """RSGI WebSocket scope."""
+
+    __slots__ = ()
+    proto = "ws"
 
 
 class Server:
@@ -202,14 +214,16 @@ class Connection(asyncio.Protocol):
         self._hbytes = 0
         self._in_head = False
         self._head_bytes = 0  # bytes read while a head was incomplete (slow heads)
-        self._incoming: Exchange | None = None  # headers done, body still arriving
-        self._current: Exchange | None = None  # being served
-        self._queue: deque[Exchange] = deque()
+        self._incoming: Exchange | WsExchange | None = None  # headers done, body still arriving
+        self._current: Exchange | WsExchange | None = None  # being served
+        self._queue: deque[Exchange | WsExchange] = deque()
         self._read_paused = False
         self._pending_error: GatewayError | None = None  # a head refused: answered in turn
         self._lingering = False
         #: bytes of a PROXY protocol header still arriving (None: none expected)
         self._proxy_buf: bytes | None = None
+        self._upgrade: WsExchange | None = None  # a WebSocket opening parsed
+        self._ws: WsExchange | None = None  # upgraded: every byte is its
 
     # ---- transport events -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -273,6 +287,9 @@ class Connection(asyncio.Protocol):
             raise ProtocolClosed(_CLOSED)
 
     def data_received(self, data: bytes) -> None:
+        if self._ws is not None:
+            self._ws.data_received(data)
+            return
         if self._lingering or self._pending_error is not None:
             return  # a closing connection: what it still sends is dropped
         if self._proxy_buf is not None:
@@ -303,13 +320,20 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except _HeadRefused as exc:
             self._refuse_head(exc.err)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            if self._upgrade is not None:  # a WebSocket: what follows its head is frames
+                self._ws = self._upgrade
+                rest = data[exc.args[0] :] if exc.args else b""
+                if rest:
+                    self._ws.data_received(rest)
+                return
             # Upgrade / CONNECT: the request itself was served as plain HTTP; nothing after it
             # on this connection is HTTP/1.1, so the connection ends with its response.
             for ex in (self._incoming, *self._queue, self._current):
                 if ex is not None:
                     ex.keep_alive = False
-            self._pending_error = _UPGRADE_STOP
+            if self._pending_error is None:
+                self._pending_error = _UPGRADE_STOP
         except httptools.HttpParserError as exc:
             cause = exc.__cause__ or exc.__context__  # a callback's raise, wrapped by httptools
             if isinstance(cause, _HeadRefused):
@@ -367,11 +391,22 @@ class Connection(asyncio.Protocol):
         path, _, query = url.partition("?")
         version = p.get_http_version()
         headers = Headers(self._hdict, self._hlist)
-        scope = Scope(p.get_method().decode("ascii"), path, query, headers, self.client, self.local, version)
-        ex = Exchange(self, scope)
-        ex.keep_alive = p.should_keep_alive()
-        ex.chunked = version == "1.1"
-        ex.expect_continue = self._hdict.get("expect", "").lower() == "100-continue"
+        method = p.get_method().decode("ascii")
+        ex: Exchange | WsExchange
+        if websocket.is_upgrade(headers):
+            bad = websocket.handshake_error(method, headers)
+            if bad is not None:
+                status, message, extra = bad
+                fault = Fault.METHOD_NOT_ALLOWED if status == 405 else Fault.INVALID_REQUEST
+                raise _HeadRefused(GatewayError(fault, message, headers=extra))
+            scope: Scope = WsScope(method, path, query, headers, self.client, self.local, version)
+            ex = self._upgrade = WsExchange(self, scope, headers.get("sec-websocket-key") or "")
+        else:
+            scope = Scope(method, path, query, headers, self.client, self.local, version)
+            ex = Exchange(self, scope)
+            ex.keep_alive = p.should_keep_alive()
+            ex.chunked = version == "1.1"
+            ex.expect_continue = self._hdict.get("expect", "").lower() == "100-continue"
         self._incoming = ex
         if self._current is None:
             self._start(ex)
@@ -393,11 +428,11 @@ class Connection(asyncio.Protocol):
             ex.complete()
 
     # ---- request turns ------------------------------------------------------------------------
-    def _start(self, ex: Exchange) -> None:
+    def _start(self, ex: Exchange | WsExchange) -> None:
         self._current = ex
         self.loop.create_task(self._serve(ex))
 
-    async def _serve(self, ex: Exchange) -> None:
+    async def _serve(self, ex: Exchange | WsExchange) -> None:
         try:
             await self.server.app(ex.scope, ex)
         except ProtocolClosed:
@@ -409,10 +444,15 @@ class Connection(asyncio.Protocol):
             log.exception("the app failed on %s %s", ex.scope.method, ex.scope.path)
         self._finished(ex)
 
-    def _finished(self, ex: Exchange) -> None:
+    def _finished(self, ex: Exchange | WsExchange) -> None:
         """The app returned: end the response, then the next request in line, or wait idle."""
         if self.closed:
             return
+        if type(ex) is WsExchange:  # the connection ends with it
+            self._current = None
+            ex.finished()
+            return
+        assert type(ex) is Exchange
         if ex.state == _STREAMING:
             ex.end_stream()
         elif ex.state == _NONE:
@@ -451,7 +491,8 @@ class Connection(asyncio.Protocol):
         if err is not _UPGRADE_STOP:
             rid = self.server.request_id()
             log.info("request %s from %s refused: %s", rid, self.client, err.message)
-            t.write(_response_head(err.status, _error_headers(rid), len(err.body()), True) + err.body())
+            head = _response_head(err.status, [*_error_headers(rid), *err.headers], len(err.body()), True)
+            t.write(head + err.body())
         self._close(lingering=True)
 
     def _close(self, lingering: bool) -> None:
@@ -493,6 +534,9 @@ class Connection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Stopping: close now if idle; otherwise the response in flight ends the connection."""
+        if self._ws is not None:
+            self._ws.going_away()
+            return
         if self._current is None and self.transport is not None and not self.closed:
             self.transport.close()
 
