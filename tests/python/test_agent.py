@@ -91,8 +91,11 @@ def _config(upstream: int, api: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def api() -> ToolApi:
-    return ToolApi()
+def api() -> Iterator[ToolApi]:
+    a = ToolApi()
+    yield a
+    a.server.shutdown()
+    a.server.server_close()
 
 
 @pytest.fixture(scope="module")
