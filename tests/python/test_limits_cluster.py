@@ -3,13 +3,15 @@ RPM (test_redis_cluster.py): TPM and the daily budget exact across 2 gateway ins
 workers (admitted tokens and money never beyond the limit; refunds settle on the key's node),
 `mode: leased` within its bound (leased.py: from a key with no slice held, never beyond the limit
 plus what its bucket refilled; every unit admitted was taken from the key's node and the slices
-come back), and every script's keys in one hash slot for every limit kind (key, model and team
-scopes; exact and leased): a decision on the cluster is one node, never CROSSSLOT.
+come back; idle slices leave the worker's store), and every script's keys in one hash slot for
+every limit kind (key, model and team scopes; exact and leased): a decision on the cluster is one
+node, never CROSSSLOT.
 
 One cluster and one pair of gateways for the module; keys are per run (the cluster is private)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from budget_harness import finish, principal, refused, request, run_stages, used
+from budget_harness import IN, OUT, finish, principal, prompt_tokens, refused, request, run_stages, used
 from budget_harness import parse as parse_models
 from conftest import Gateway, MockUpstream, run_gateway
 from redis_cluster import LocalCluster, cluster_or_skip
@@ -326,3 +328,42 @@ def test_every_script_keys_share_one_slot(cluster: LocalCluster) -> None:
             assert owners[key_slot(k)] == port, k
             assert key_slot(k) in {key_slot(f"{{{t}}}") for t in ("k1", "k3", "team:red")}, k
     assert found >= 10
+
+
+def test_leased_idle_slices_go_back_and_are_forgotten(cluster: LocalCluster) -> None:
+    """The worker's leased store is bounded by the keys active within `slice_idle_ms`: 200
+    distinct keys' budget slices are held while they are used, then given back to each key's
+    node and forgotten; each node then holds exactly what its key's requests cost (budgets do
+    not refill: an exact reading)."""
+    prefix = f"fp-test:{uuid.uuid4().hex[:10]}:"
+    cfg = parse_models(
+        "prices:\n  echo: {input_per_mtok: 1000, output_per_mtok: 2000}\n"
+        "tiers:\n  l: {budget_usd_per_day: 10, mode: leased}\n"
+        f"limits:\n  backend: redis\n  redis: {{url: '{cluster.url}', key_prefix: '{prefix}', "
+        "on_error: fail_closed, timeout_ms: 2000, slice_idle_ms: 1000, slice_renew_ms: 100}\n"
+    )
+    people = [principal(cfg, f"u{i}", "l") for i in range(200)]
+    spent: dict[str, int] = {}
+
+    async def run(stages: list[LimitsStage]) -> None:
+        stage = LimitsStage(cfg)
+        stages.append(stage)
+        store = stage.store
+        assert isinstance(store, LeasedStore)
+        ctxs = [request(who, max_tokens=20) for who in people]
+        await asyncio.gather(*(stage.on_request(ctx) for ctx in ctxs))
+        assert len(store._slices) == len(people)  # held while in use
+        for who, ctx in zip(people, ctxs, strict=True):
+            used(ctx, 7)
+            spent[who.key_id] = prompt_tokens(ctx) * IN + 7 * OUT
+            stage.on_finish(ctx)
+        deadline = time.monotonic() + 10
+        while store._slices:  # idle: given back and forgotten
+            assert time.monotonic() < deadline, len(store._slices)
+            await asyncio.sleep(0.05)
+        await stage.settled()
+
+    run_stages(run)
+    for who in people[:: len(people) // 20]:
+        name = f"{prefix}{{{who.key_id}}}:b"
+        assert int(_node(cluster, name).hget(name, "ds") or 0) == spent[who.key_id], who.key_id
