@@ -60,7 +60,8 @@ def handshake_error(method: str, headers: Any) -> tuple[int, str, tuple[tuple[st
     if "upgrade" not in tokens:
         return 400, "A WebSocket opening needs `Connection: Upgrade`.", ()
     if headers.get("sec-websocket-version") != "13":
-        return 426, "Only WebSocket version 13 is supported.", (("sec-websocket-version", "13"),)
+        # RFC 6455 4.4: an error status "such as 426" and the versions served (400: the taxonomy's)
+        return 400, "Only WebSocket version 13 is supported.", (("sec-websocket-version", "13"),)
     key = headers.get("sec-websocket-key")
     try:
         ok = key is not None and len(base64.b64decode(key.strip(), validate=True)) == 16
