@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .pipeline.dialect import Dialect
+    from .pipeline.planner import Plan
     from .principal import Principal
     from .quota import Lease
     from .routing import Route
@@ -47,6 +48,7 @@ class RequestContext:
         "gaps",
         "headers",
         "lease",
+        "plan",
         "principal",
         "priority",
         "prompt",
@@ -136,3 +138,5 @@ class RequestContext:
         self.prompt: str | None = None
         #: what stage `retrieve` found (`pipeline/retrieve.py`'s Retrieved); None: no retriever
         self.rag: Any = None
+        #: stage `planner`'s decision (`pipeline/planner.py`'s Plan); None: the model is not planned
+        self.plan: Plan | None = None

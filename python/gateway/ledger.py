@@ -74,10 +74,12 @@ COLUMNS = (
     "prompt",  # the server-side prompt applied, name@version; NULL: none
     # added with cached-token metering (issue 18)
     "cached_tokens",  # prompt tokens the upstream served from its prompt cache (part of prompt_tokens)
+    # added with the planner (issue 18)
+    "plan",  # stage `planner`'s decision (class, model, score, decision, requested model); NULL: none
 )
 Row = tuple[
     str, float, str, str | None, str | None, str | None, str, str | None, str | None, bool, int, str | None,
-    int, int, int, float, str | None, int, str | None, str | None, int,
+    int, int, int, float, str | None, int, str | None, str | None, int, str | None,
 ]  # fmt: skip
 #: Columns added after the first schema, their SQL types (SQLite, PostgreSQL) and the value a row
 #: written before them gets (migrated tables, old spill files).
@@ -87,6 +89,7 @@ _ADDED: tuple[tuple[str, str, str, Any], ...] = (
     ("cache", "TEXT", "TEXT", None),
     ("prompt", "TEXT", "TEXT", None),
     ("cached_tokens", "INTEGER NOT NULL DEFAULT 0", "BIGINT NOT NULL DEFAULT 0", 0),
+    ("plan", "TEXT", "TEXT", None),
 )
 
 _COLS = ", ".join(COLUMNS)
@@ -112,7 +115,8 @@ _SQLITE_SCHEMA = (
         attempts INTEGER NOT NULL DEFAULT 0,
         cache TEXT,
         prompt TEXT,
-        cached_tokens INTEGER NOT NULL DEFAULT 0
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        plan TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS fastpath_usage_day ON fastpath_usage (day)",
 )
@@ -139,7 +143,8 @@ _PG_SCHEMA = (
         attempts INTEGER NOT NULL DEFAULT 0,
         cache TEXT,
         prompt TEXT,
-        cached_tokens BIGINT NOT NULL DEFAULT 0
+        cached_tokens BIGINT NOT NULL DEFAULT 0,
+        plan TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS fastpath_usage_day ON fastpath_usage (day)",
 )

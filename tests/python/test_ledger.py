@@ -537,7 +537,7 @@ def test_sqlite_workers_share_one_file(mock_upstream: MockUpstream, tmp_path: Pa
 # ---- the writer, in process ---------------------------------------------------------------------
 def make_row(i: int, key: str = "k") -> ledger.Row:
     return (f"r{i}", 1_700_000_000.0 + i, "2023-11-14", key, "t", "default", "chat", "echo", "mock-echo",
-            False, 200, None, 3, 4, 11_000, 1.5, "mock", 1, None, None, 0)  # fmt: skip
+            False, 200, None, 3, 4, 11_000, 1.5, "mock", 1, None, None, 0, None)  # fmt: skip
 
 
 class CountingSink:
@@ -803,7 +803,7 @@ def test_sqlite_table_of_an_older_gateway_is_migrated_once(tmp_path: Path) -> No
 
     for _ in range(2):  # the second open: already migrated
         sink = ledger.SqliteSink(path, 5.0)
-        sink.write([(*make_row(1, key="new")[:16], "mock", 2, "miss", None, 0)])
+        sink.write([(*make_row(1, key="new")[:16], "mock", 2, "miss", None, 0, None)])
         sink.close()
     store = sqlite_store(path)
     rows = store.rows()
@@ -817,11 +817,12 @@ def test_sqlite_table_of_an_older_gateway_is_migrated_once(tmp_path: Path) -> No
     )
     conn = sqlite3.connect(path)
     cols = [(c[1], c[2], c[3], c[4]) for c in conn.execute("PRAGMA table_info(fastpath_usage)")]
-    assert cols[-5:-2] == [
+    assert cols[-6:-3] == [
         ("provider", "TEXT", 0, None),
         ("attempts", "INTEGER", 1, "0"),
         ("cache", "TEXT", 0, None),
     ]
+    assert cols[-1] == ("plan", "TEXT", 0, None)
     conn.execute(OLD_INSERT, make_row(5, key="older-gateway")[:16])
     conn.commit()
     conn.close()
@@ -850,7 +851,7 @@ def test_postgres_table_of_an_older_gateway_is_migrated_once(pg_dsn: str) -> Non
 
     def start(sink: ledger.PostgresSink, i: int) -> None:
         try:
-            sink.write([(*make_row(i + 1, key="new")[:16], "mock", 1, "hit", None, 0)])
+            sink.write([(*make_row(i + 1, key="new")[:16], "mock", 1, "hit", None, 0, None)])
         except BaseException as exc:
             errors.append(exc)
 

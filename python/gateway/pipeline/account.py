@@ -96,5 +96,6 @@ class LedgerObserver(Part):
             ctx.cache,
             ctx.prompt,
             cached,
+            ctx.plan.describe() if ctx.plan is not None else None,
         )
         self.writer.append(row)

@@ -89,6 +89,10 @@ class _Retriever:
 class RetrieveStage(Part):
     name = "retrieve"
     __slots__ = ("_dispatch", "_loop", "_models", "counts", "routes")
+    #: may overlap other stages (pipeline/parallel.py): it writes only `rag`; cancelled, the
+    #: embedding call is aborted and its deployment slot freed (`_embed`), nothing is written
+    reads = frozenset({"body", "endpoint", "plan", "priority", "request_id", "route", "trace"})
+    writes = frozenset({"rag"})
 
     def __init__(self, cfg: Config, worker: Worker) -> None:
         self._loop = worker.loop
@@ -104,7 +108,7 @@ class RetrieveStage(Part):
         if ctx.endpoint is not Endpoint.CHAT or route is None:
             return
         r = self._models.get(route.name)
-        if r is None:
+        if r is None or (ctx.plan is not None and ctx.plan.skip_retrieval):  # stage `planner`
             return
         query = _query(ctx.body)
         if not query:

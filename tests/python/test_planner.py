@@ -1,0 +1,354 @@
+"""Stage `planner` (cost/quality model selection) with the real `request_router` model on the
+session tritonserver, two mock upstream models and the official SDK. The prompts here are NOT in
+the router's training set (checked below)."""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import REPO, Gateway, MockUpstream, TritonServer, free_port, run_gateway
+
+from gateway import _fastpath
+from gateway.config import ConfigError, parse
+from gateway.pipeline.planner import request_features
+from gateway.schemas import ChatRequestView
+
+ROUTER_DIR = REPO / "triton_models" / "request_router"
+
+SIMPLE = [
+    "What's the capital of Germany?",
+    "Thanks, have a great day!",
+    "Translate 'good evening' into Italian.",
+    "How many minutes are in two hours?",
+]
+HARD = [
+    "Prove that there is no largest prime number and explain every step of the argument.",
+    "Design a distributed message queue that guarantees at-least-once delivery across data centers; "
+    "discuss partitioning, replication and consumer rebalancing.",
+    "Write a Python implementation of a B-tree with insertion and deletion, and analyse the "
+    "complexity of each operation.",
+]
+
+
+def _features_module() -> Any:
+    spec = importlib.util.spec_from_file_location("router_features", ROUTER_DIR / "1" / "features.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prompts_here_are_not_in_the_training_set() -> None:
+    lines = (ROUTER_DIR / "data" / "requests.jsonl").read_text().splitlines()
+    texts = {json.loads(line)["text"] for line in lines if line.strip()}
+    assert not texts & set(SIMPLE + HARD)
+
+
+# ---- the features the gateway computes are the ones the model was trained on ----------------------
+@pytest.mark.parametrize(
+    "text", ["", "hi", "abcd", "abcde", "héllo wörld", "日本語のテキスト", "emoji 🎉 ok", "x" * 4001]
+)
+def test_token_estimate_matches_the_trainers(text: str) -> None:
+    assert _features_module().estimate_tokens(text) == _fastpath.estimate_tokens(text)
+
+
+def test_request_features_match_the_trainers() -> None:
+    feats = _features_module()
+    body = {
+        "model": "auto",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "fix this:\n```py\nx=1\n```"},
+            {"role": "assistant", "content": "done"},
+            {"role": "user", "content": [{"type": "text", "text": "and explain"}]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+    }
+    import msgspec
+
+    text, got = request_features(msgspec.json.decode(json.dumps(body), type=ChatRequestView))
+    assert text == "be brief\nfix this:\n```py\nx=1\n```\ndone\nand explain"
+    assert list(got) == feats.raw_features(text, tools=True, turns=3)
+    assert got[1:] == (1.0, 1.0, 3.0)
+
+
+# ---- the model on Triton --------------------------------------------------------------------------
+def _score(client: grpcclient.InferenceServerClient, texts: list[str]) -> list[float]:
+    feats = _features_module()
+    t = grpcclient.InferInput("text", [len(texts), 1], "BYTES")
+    t.set_data_from_numpy(np.array([[s.encode()] for s in texts], dtype=np.object_))
+    f = grpcclient.InferInput("features", [len(texts), 4], "FP32")
+    f.set_data_from_numpy(np.array([feats.raw_features(s) for s in texts], dtype=np.float32))
+    out = client.infer("request_router", [t, f], outputs=[grpcclient.InferRequestedOutput("score")])
+    return [float(v) for v in out.as_numpy("score").reshape(-1)]
+
+
+def test_router_model_separates_unseen_requests_and_rejects_bad_shapes(triton: TritonServer) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_address)
+    try:
+        scores = _score(client, SIMPLE + HARD)
+        assert all(s < 0.5 for s in scores[: len(SIMPLE)]), scores
+        assert all(s >= 0.5 for s in scores[len(SIMPLE) :]), scores
+        single = _score(client, [HARD[0]])  # a batch equals single calls
+        assert abs(single[0] - scores[len(SIMPLE)]) < 1e-4
+        t = grpcclient.InferInput("text", [1, 1], "BYTES")
+        t.set_data_from_numpy(np.array([[b"hi"]], dtype=np.object_))
+        f = grpcclient.InferInput("features", [1, 4], "FP32")
+        f.set_data_from_numpy(np.zeros((1, 4), dtype=np.float32))
+        with pytest.raises(grpcclient.InferenceServerException):
+            client.infer("request_router", [t])  # `features` missing
+        assert _score(client, ["hello"])[0] < 0.5  # still serving
+    finally:
+        client.close()
+
+
+# ---- through the gateway --------------------------------------------------------------------------
+def planner_config(mock: MockUpstream, grpc_address: str, ledger: Path | None = None, **planner: Any) -> str:
+    plans = planner.pop(
+        "models",
+        {
+            "auto": {"simple": "gpt-4o-mini", "hard": "gpt-4o"},
+            "gpt-4o": {"simple": "gpt-4o-mini", "hard": "gpt-4o", "shadow": True},
+            "auto-lean": {"simple": "gpt-4o-mini", "hard": "gpt-4o", "skip_retrieval_when_simple": True},
+        },
+    )
+    text = f"""
+server: {{host: 127.0.0.1}}
+providers:
+  - {{name: cheap, base_url: "http://127.0.0.1:{mock.port}/v1", api_key: sk-upstream-secret}}
+  - {{name: strong, base_url: "http://127.0.0.1:{mock.port}/v1", api_key: sk-upstream-secret}}
+  - {{name: triton, kind: triton, base_url: "grpc://{grpc_address}"}}
+models:
+  - {{name: gpt-4o-mini, provider: cheap, upstream_model: mock-echo}}
+  - {{name: gpt-4o, provider: strong, upstream_model: mock-echo}}
+planner: {json.dumps({"provider": "triton", "timeout_ms": 20000, **planner, "models": plans})}
+metrics: {{require_admin: false, publish_interval_ms: 50}}
+"""
+    if ledger is not None:
+        text += f"ledger: {{enabled: true, path: {ledger}, flush_interval_ms: 50}}\n"
+    return text
+
+
+@pytest.fixture(scope="module")
+def gw(
+    triton: TritonServer, mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Gateway, Path]]:
+    tmp = tmp_path_factory.mktemp("gw-planner")
+    ledger = tmp / "usage.db"
+    cfg = planner_config(mock_upstream, triton.grpc_address, ledger)
+    with run_gateway(tmp, None, config_text=cfg) as g:
+        yield g, ledger
+
+
+def post(port: int, body: dict[str, Any], rid: str = "") -> tuple[int, dict[str, str], dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"content-type": "application/json"} | ({"x-request-id": rid} if rid else {})
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(), headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(raw)
+    finally:
+        conn.close()
+
+
+def chat(model: str, text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, **extra}
+
+
+def plan_of(headers: dict[str, str]) -> dict[str, str]:
+    """`x-fastpath-plan: class=hard; model=gpt-4o; ...` -> {field: value}."""
+    return dict(p.strip().split("=", 1) for p in headers["x-fastpath-plan"].split(";"))
+
+
+#: each public model has its own upstream (the same mock under two provider names)
+PROVIDER = {"cheap": "gpt-4o-mini", "strong": "gpt-4o"}
+
+
+def served_by(headers: dict[str, str]) -> str:
+    """The public model whose upstream answered (`x-fastpath-route: <provider>/<upstream>; ...`)."""
+    return PROVIDER[headers["x-fastpath-route"].split("/", 1)[0]]
+
+
+@pytest.mark.parametrize(("text", "cls", "model"), [(t, "simple", "gpt-4o-mini") for t in SIMPLE[:2]] + [
+    (t, "hard", "gpt-4o") for t in HARD
+])  # fmt: skip
+def test_auto_sends_simple_to_the_cheap_model_and_hard_to_the_strong(
+    gw: tuple[Gateway, Path], text: str, cls: str, model: str
+) -> None:
+    status, headers, body = post(gw[0].port, chat("auto", text))
+    assert status == 200, body
+    plan = plan_of(headers)
+    assert (plan["class"], plan["model"], plan["decision"], plan["for"]) == (cls, model, "routed", "auto")
+    score = float(plan["score"])
+    assert (score >= 0.5) is (cls == "hard")
+    assert served_by(headers) == model
+    assert "planner;dur=" in headers["server-timing"]
+
+
+def test_shadow_mode_reports_the_choice_but_keeps_the_route(gw: tuple[Gateway, Path]) -> None:
+    status, headers, _ = post(gw[0].port, chat("gpt-4o", SIMPLE[2]))
+    assert status == 200
+    plan = plan_of(headers)
+    assert (plan["class"], plan["model"], plan["decision"]) == ("simple", "gpt-4o-mini", "shadow")
+    assert served_by(headers) == "gpt-4o"  # would have been gpt-4o-mini: not changed
+    _, headers, _ = post(gw[0].port, chat("gpt-4o", HARD[0]))
+    assert plan_of(headers)["model"] == "gpt-4o" and served_by(headers) == "gpt-4o"
+
+
+def test_unplanned_models_carry_no_plan(gw: tuple[Gateway, Path]) -> None:
+    status, headers, _ = post(gw[0].port, chat("gpt-4o-mini", HARD[0]))
+    assert status == 200 and "x-fastpath-plan" not in headers and served_by(headers) == "gpt-4o-mini"
+
+
+def test_simple_class_can_skip_retrieval(gw: tuple[Gateway, Path]) -> None:
+    _, headers, _ = post(gw[0].port, chat("auto-lean", SIMPLE[3]))
+    assert plan_of(headers)["retrieval"] == "skip" and served_by(headers) == "gpt-4o-mini"
+    _, headers, _ = post(gw[0].port, chat("auto-lean", HARD[1]))
+    assert "retrieval" not in plan_of(headers) and served_by(headers) == "gpt-4o"
+
+
+def _series(model: str, cls: str, target: str, decision: str) -> str:
+    labels = f'gen_ai_request_model="{model}",class="{cls}",target="{target}",decision="{decision}"'
+    return "fastpath_planner_decisions_total{" + labels + "}"
+
+
+def test_ledger_row_and_metrics_have_the_plan(gw: tuple[Gateway, Path]) -> None:
+    g, ledger = gw
+    rid = f"plan-{time.monotonic_ns()}"
+    status, headers, _ = post(g.port, chat("auto", HARD[2]), rid=rid)
+    assert status == 200
+    deadline = time.monotonic() + 20
+    row = None
+    while row is None and time.monotonic() < deadline:
+        if ledger.exists():
+            with sqlite3.connect(ledger) as conn:
+                row = conn.execute(
+                    "SELECT model, plan FROM fastpath_usage WHERE request_id = ?", (rid,)
+                ).fetchone()
+        time.sleep(0.05)
+    assert row is not None, "no ledger row"
+    assert row == ("gpt-4o", headers["x-fastpath-plan"])  # the served model; the plan as sent
+    assert "for=auto" in row[1] and "class=hard" in row[1]
+    conn2 = http.client.HTTPConnection("127.0.0.1", g.port, timeout=20)
+    want = _series("auto", "hard", "gpt-4o", "routed")
+    deadline = time.monotonic() + 20
+    text = ""
+    while want not in text and time.monotonic() < deadline:
+        conn2.request("GET", "/metrics")
+        text = conn2.getresponse().read().decode()
+        time.sleep(0.05)
+    conn2.close()
+    assert want in text, [line for line in text.splitlines() if "planner" in line]
+    assert _series("gpt-4o", "simple", "gpt-4o-mini", "shadow") in text
+
+
+def test_openai_sdk_with_model_auto(gw: tuple[Gateway, Path]) -> None:
+    client = openai.OpenAI(base_url=f"{gw[0].url}/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": HARD[1]}], max_tokens=4
+        )
+        assert raw.parse().choices[0].message.content
+        assert plan_of(dict(raw.headers))["model"] == "gpt-4o"
+        assert served_by(dict(raw.headers)) == "gpt-4o"
+        stream = client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": SIMPLE[0]}], max_tokens=4, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    finally:
+        client.close()
+
+
+def test_classifier_down_falls_back_to_the_default_model(
+    mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Nothing listens at the classifier's address: every planned request is served by the
+    plan's `default` (fail open), counted as `fallback`."""
+    tmp = tmp_path_factory.mktemp("gw-planner-down")
+    plans = {"auto": {"simple": "gpt-4o-mini", "hard": "gpt-4o", "default": "gpt-4o-mini"}}
+    cfg = planner_config(mock_upstream, f"127.0.0.1:{free_port()}", models=plans, timeout_ms=2000)
+    with run_gateway(tmp, None, config_text=cfg) as g:
+        for text in (HARD[0], SIMPLE[0]):
+            status, headers, body = post(g.port, chat("auto", text))
+            assert status == 200, body
+            plan = plan_of(headers)
+            assert (plan["class"], plan["model"], plan["score"], plan["decision"]) == (
+                "unknown", "gpt-4o-mini", "-", "fallback"
+            )  # fmt: skip
+            assert served_by(headers) == "gpt-4o-mini"
+
+
+# ---- config validation ----------------------------------------------------------------------------
+BASE = """
+providers:
+  - {name: mock, base_url: "http://127.0.0.1:9/v1"}
+  - {name: triton, kind: triton, base_url: "grpc://127.0.0.1:8001"}
+models:
+  - {name: gpt-4o-mini, provider: mock}
+  - {name: gpt-4o, provider: mock}
+  - {name: embed, provider: triton, kind: embedding}
+aliases: {mini: gpt-4o-mini}
+"""
+
+
+def _parse(planner: dict[str, Any]) -> Any:
+    return parse(BASE + f"planner: {json.dumps(planner)}\n")
+
+
+def test_a_valid_planner_config_parses() -> None:
+    cfg = _parse(
+        {"provider": "triton", "models": {"auto": {"simple": "mini", "hard": "gpt-4o", "threshold": 0.7}}}
+    )
+    plan = cfg.planner.models["auto"]
+    assert (plan.simple, plan.hard, plan.threshold, plan.default, plan.shadow) == (
+        "mini",
+        "gpt-4o",
+        0.7,
+        "",
+        False,
+    )
+    assert cfg.planner.model == "request_router"
+
+
+PLAN = {"simple": "gpt-4o-mini", "hard": "gpt-4o"}
+
+
+def _auto(**plan: Any) -> dict[str, Any]:
+    return {"provider": "triton", "models": {"auto": {**PLAN, **plan}}}
+
+
+@pytest.mark.parametrize(
+    ("planner", "message"),
+    [
+        ({**_auto(), "provider": "mock"}, "$.planner.provider: must name a triton provider (known: triton)"),
+        (_auto(simple="gpt-3"), "$.planner.models.auto.simple: no model 'gpt-3'"),
+        (_auto(hard="gpt-5"), "$.planner.models.auto.hard: no model 'gpt-5'"),
+        (_auto(default="x"), "$.planner.models.auto.default: no model 'x'"),
+        (_auto(simple="embed"), "$.planner.models.auto.simple: 'embed' is an embedding model"),
+        (_auto(shadow=True), "$.planner.models.auto.shadow: 'auto' is a virtual model"),
+        (_auto(threshold=1.0), "$.planner.models.auto.threshold: must be in (0, 1)"),
+        (
+            {"provider": "triton", "models": {"embed": PLAN}},
+            "$.planner.models.embed: 'embed' is an embedding model",
+        ),
+        ({**_auto(), "timeout_ms": 0}, "$.planner.timeout_ms: must be > 0"),
+        ({"provider": "triton", "models": {"auto": {"simple": "gpt-4o-mini"}}}, "hard"),
+        (_auto(cheap="x"), "cheap"),
+    ],
+)
+def test_planner_config_errors_are_clear(planner: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _parse(planner)
+    assert message in str(info.value)

