@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +17,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import REDIS_URL, Gateway, MockUpstream, gateway_config, redis_or_skip, run_gateway
+from conftest import REDIS_URL, Gateway, MockUpstream, gateway_config, redis_or_skip, run_gateway, stop
 
 from gateway.batches import jsonl, multipart
 
@@ -51,9 +55,11 @@ def _config(upstream: MockUpstream, tmp: Path, prefix: str, **batches: object) -
 
 
 @contextlib.contextmanager
-def batch_gateway(tmp: Path, upstream: MockUpstream, **batches: object) -> Iterator[Gateway]:
+def batch_gateway(
+    tmp: Path, upstream: MockUpstream, prefix: str | None = None, **batches: object
+) -> Iterator[Gateway]:
     redis_or_skip().close()
-    prefix = "test-batches-" + uuid.uuid4().hex[:8]
+    prefix = prefix or "test-batches-" + uuid.uuid4().hex[:8]
     with run_gateway(tmp, upstream, config_text=_config(upstream, tmp, prefix, **batches)) as g:
         yield g
 
@@ -287,6 +293,46 @@ def test_completion_window_expires_unfinished_lines(mock_upstream: MockUpstream,
         assert ok.isdisjoint(r["custom_id"] for r in errors) and len(ok) + len(errors) == 20
 
 
+def test_a_worker_killed_mid_batch_is_resumed_by_another(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    """An accept-only gateway, a `fastpath-gateway worker` SIGKILLed mid-batch: after the
+    visibility timeout another worker resumes the batch; every line has exactly one outcome."""
+    prefix = "test-batches-" + uuid.uuid4().hex[:8]
+    cfg = tmp_path / "worker.yaml"
+    cfg.write_text(_config(mock_upstream, tmp_path, prefix, workers={"concurrency": 1, "lines": 2}))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent))
+    worker = [sys.executable, "-m", "gateway.cli", "worker", "--config", str(cfg)]
+    with batch_gateway(tmp_path, mock_upstream, prefix, workers={"concurrency": 0}) as g:
+        c = client(g)
+        rows = [request(f"k-{i}", mock={"first_delay_ms": 150}) for i in range(30)]
+        f = c.files.create(file=("k.jsonl", jsonl_bytes(rows)), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        first = subprocess.Popen(worker, env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while _completed(c, b.id) < 6:
+                assert time.monotonic() < deadline and first.poll() is None
+                time.sleep(0.05)
+        finally:
+            first.kill()
+            first.wait(10)
+        assert c.batches.retrieve(b.id).status == "in_progress"
+        second = subprocess.Popen(worker, env=env)
+        try:
+            done = wait_batch(c, b.id, {"completed", "failed", "expired", "cancelled"})
+        finally:
+            assert stop(second) == 0
+        assert done.status == "completed"
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (30, 0)
+        out = read_lines(c, done.output_file_id or "")
+        assert [r["custom_id"] for r in out] == [f"k-{i}" for i in range(30)]
+
+
+def _completed(c: openai.OpenAI, batch_id: str) -> int:
+    counts = c.batches.retrieve(batch_id).request_counts
+    return counts.completed if counts is not None else 0
+
+
 # ---- the parsers, without a gateway -------------------------------------------------------------
 def test_multipart_parse() -> None:
     body = (
@@ -313,3 +359,21 @@ def test_jsonl_parse_skips_blank_lines_and_counts_physical_lines() -> None:
         jsonl.parse(data, 1)
     with pytest.raises(jsonl.LineError, match="no requests"):
         jsonl.parse(b"\n\n", 10)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("batches: {enabled: true}", "set jobs.enabled: true too"),
+        ("jobs: {enabled: true}\nbatches: {enabled: true, max_lines: 0}", "max_lines: must be > 0"),
+        ("batches: {workers: {lines: 0}}", "workers.lines: must be >= 1"),
+        ("batches: {workers: {yield_at: -1}}", "workers.yield_at: must be >= 0"),
+        ("batches: {dir: ''}", "batches.dir"),
+        ("batches: {nope: 1}", "nope"),
+    ],
+)
+def test_config_is_validated(section: str, message: str) -> None:
+    from gateway.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(gateway_config(1) + section + "\n")
