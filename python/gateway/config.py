@@ -22,8 +22,10 @@ import msgspec
 import yaml
 
 from . import _fastpath, envvars
+from .config_batches import BatchesConfig, validate_batches
 from .config_jobs import JobsConfig, validate_jobs
 from .config_output import OutputGuardConfig, ToolValidationConfig, validate_output
+from .config_planner import PlannerConfig, validate_planner
 from .config_prompts import PromptConfig, RetrievalConfig, validate_prompts
 from .config_responses import ResponsesConfig, validate_responses
 from .config_routing import (
@@ -38,6 +40,7 @@ from .config_routing import (
     RoutingConfig,
     validate_routing,
 )
+from .config_tools import ToolsConfig, validate_tools
 
 
 class ConfigError(ValueError):
@@ -514,8 +517,15 @@ class GuardKind(StrEnum):
     TRITON = "triton"  # a classifier model on Triton (e.g. triton_models/prompt_guard)
 
 
+class GuardCheck(StrEnum):
+    PROMPT = "prompt"  # stage `guard`, before the upstream call
+    REPLY = "reply"  # response stage `output_classifier`: windows of a stream, a unary reply whole
+    BOTH = "both"
+
+
 class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """One prompt guard (stage `guard`, before the upstream call)."""
+    """One guard: the prompt (stage `guard`, before the upstream call) and, for a triton guard
+    with `check: reply | both`, the reply (response stage `output_classifier`)."""
 
     #: Names the guard in the error `code` and the `X-Prompt-Guard-Error-Code` header.
     name: str
@@ -523,6 +533,11 @@ class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: The guard errors or exceeds `timeout_ms`: `fail_open` lets the request through (logged),
     #: `fail_closed` refuses it with 503.
     on_error: OnError = OnError.FAIL_CLOSED
+    #: `on_error` by risk, for the caller's key id, else team, else tier (e.g. fail closed for
+    #: the `free` tier, open for a trusted internal team); needs `auth.enabled`.
+    on_error_by_key: dict[str, OnError] = {}
+    on_error_by_team: dict[str, OnError] = {}
+    on_error_by_tier: dict[str, OnError] = {}
     timeout_ms: int = 250
     #: Public models this guard applies to; empty = all.
     models: list[str] = []
@@ -546,6 +561,13 @@ class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     min_chars: int = 0
     #: Prompts scored in one request at most (concurrent checks are coalesced per worker).
     max_batch: int = 32
+    #: What the model reads: the prompt, the reply, or both (one name, one policy).
+    check: GuardCheck = GuardCheck.PROMPT
+    #: Replies on streams: a window is scored every this many new characters of completion
+    #: text (and once at the end), off the stream's path; each with `overlap_chars` of the
+    #: text before it, so a phrase cut by a window's edge is seen whole.
+    window_chars: int = 400
+    overlap_chars: int = 100
 
 
 class LedgerKind(StrEnum):
@@ -664,6 +686,15 @@ class TracingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     headers: dict[str, str] = {}
 
 
+class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How the request stages run (`gateway.pipeline.parallel`)."""
+
+    #: Consecutive stages that do not depend on each other's output (retrieval and a model
+    #: guard, extensions that declare `reads` / `writes`) run concurrently; false: one by one,
+    #: and the guard after `limits` as before.
+    parallel_stages: bool = True
+
+
 class ExtensionKind(StrEnum):
     """Where an extension plugs into the pipeline (docs/architecture.md)."""
 
@@ -709,18 +740,26 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     extensions: list[ExtensionConfig] = []
     #: OpenTelemetry tracing (off unless `tracing.enabled`).
     tracing: TracingConfig = TracingConfig()
+    #: How the request stages run (concurrent groups of independent stages).
+    pipeline: PipelineConfig = PipelineConfig()
     #: Other public names for models (alias -> model name).
     aliases: dict[str, str] = {}
     #: Circuit breaking and active health checks of every deployment.
     routing: RoutingConfig = RoutingConfig()
     #: Async requests and the Redis job queue (off unless `jobs.enabled`).
     jobs: JobsConfig = JobsConfig()
+    #: The OpenAI Batch API on the job queue (off unless `batches.enabled`).
+    batches: BatchesConfig = BatchesConfig()
     #: The Responses API and its conversation store (SQLite file by default, made on first use).
     responses: ResponsesConfig = ResponsesConfig()
     #: Server-side prompt templates by name (`config_prompts.py`; stage `prompts`).
     prompts: dict[str, PromptConfig] = {}
     #: Retrievers (RAG) per model, with a time budget (stage `retrieve`).
     retrieval: RetrievalConfig = RetrievalConfig()
+    #: Cost/quality model selection by a request classifier (`config_planner.py`; stage `planner`).
+    planner: PlannerConfig = PlannerConfig()
+    #: Server-side tools and the gateway-run agent loop (`config_tools.py`; `gateway.tools`).
+    tools: ToolsConfig = ToolsConfig()
 
 
 _KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -903,8 +942,11 @@ def _validate(cfg: Config) -> None:
     _validate_metrics(cfg.metrics)
     _validate_access_log(cfg.access_log)
     validate_jobs(cfg)
+    validate_batches(cfg)
     validate_responses(cfg)
     validate_prompts(cfg)
+    validate_planner(cfg)
+    validate_tools(cfg, seen)
 
 
 def _validate_signing(where: str, g: SigningConfig) -> None:
@@ -1101,6 +1143,20 @@ def _validate_triton_model(where: str, t: TritonModelConfig) -> None:
         raise ConfigError(f"{where}.stop: stop words must not be empty")
 
 
+def _validate_on_error_by(cfg: Config, g: GuardConfig, where: str) -> None:
+    by = (("key", g.on_error_by_key), ("team", g.on_error_by_team), ("tier", g.on_error_by_tier))
+    if any(m for _, m in by) and not cfg.auth.enabled:
+        raise ConfigError(f"{where}: on_error_by_* needs auth.enabled (callers have no key, team or tier)")
+    for what, mapping in by:
+        for name in mapping:
+            if not name:
+                raise ConfigError(f"{where}.on_error_by_{what}: empty {what} name")
+    for tier in g.on_error_by_tier:
+        if tier not in cfg.tiers:
+            known = ", ".join(sorted(cfg.tiers))
+            raise ConfigError(f"{where}.on_error_by_tier: unknown tier {tier!r} (known: {known})")
+
+
 def _validate_guards(cfg: Config, models: set[str]) -> None:
     triton = {p.name for p in cfg.providers if p.kind is ProviderKind.TRITON}
     seen: set[str] = set()
@@ -1123,9 +1179,18 @@ def _validate_guards(cfg: Config, models: set[str]) -> None:
                 raise ConfigError(f"{where}.threshold: must be in (0, 1], got {g.threshold}")
             _check_all(where, g, ("max_chars", "max_batch"))
             _check_positive(f"{where}.min_chars", g.min_chars, allow_zero=True)
+            if not 32 <= g.window_chars <= g.max_chars:
+                raise ConfigError(f"{where}.window_chars: must be in [32, max_chars], not {g.window_chars}")
+            if not 0 <= g.overlap_chars < g.window_chars:
+                raise ConfigError(f"{where}.overlap_chars: must be in [0, window_chars), {g.overlap_chars}")
+            _validate_on_error_by(cfg, g, where)
         else:
             if g.provider:
                 raise ConfigError(f"{where}.provider: only for kind triton")
+            if g.check is not GuardCheck.PROMPT:
+                raise ConfigError(f"{where}.check: rules guards read prompts (replies: output_guards)")
+            if g.on_error_by_key or g.on_error_by_team or g.on_error_by_tier:
+                raise ConfigError(f"{where}: a rules guard cannot fail; on_error_by_* is for kind triton")
             if not g.builtin_rules and not g.phrases and not g.patterns:
                 raise ConfigError(f"{where}: a rules guard needs builtin_rules, phrases or patterns")
             for rule, pattern in g.patterns.items():

@@ -39,11 +39,13 @@ from . import respond
 from .decode import DecodeStage
 from .disconnect import DisconnectWatch
 from .extensions import load_extensions
+from .parallel import chain, flat, place_guard
 from .relay import Relay, ResponseStage
 from .route import RouteStage
 from .stage import FinishStage, Observer, Outcome, RequestStage
 
 if TYPE_CHECKING:
+    from ..batches.runner import BatchesPart
     from ..conversations import ConversationStore
     from ..jobs.runner import JobsPart
     from ..metrics import MetricsObserver
@@ -61,6 +63,7 @@ INTERNAL = GatewayError(Fault.INTERNAL, "The gateway failed to handle the reques
 class Pipeline:
     __slots__ = (
         "_loop",
+        "batches",
         "conversations",
         "dialect_stages",
         "finish_stages",
@@ -94,6 +97,10 @@ class Pipeline:
             from .auth import AuthStage
 
             stages.append(AuthStage(cfg, open_store(cfg, readonly=True)))
+        if cfg.planner.models:  # before route: it picks the model that route resolves
+            from .planner import PlannerStage
+
+            stages.append(PlannerStage(cfg, worker))
         stages.append(RouteStage(worker.routes))
         if cfg.retrieval.models:  # before `prompts`: the context it injects
             from .retrieve import RetrieveStage
@@ -105,6 +112,12 @@ class Pipeline:
             from .prompts import PromptStage
 
             stages.append(PromptStage(cfg))
+        agent_dispatch = None
+        if cfg.tools.models or cfg.tools.keys:  # before tool_check: tools_allowed covers server tools
+            from ..tools.agent import build as build_agent
+
+            agent, agent_dispatch = build_agent(cfg, worker)
+            stages.append(agent)
         tool_check = None
         if cfg.tool_validation.enabled or tools_permissions_on(cfg):
             from .tool_check import ToolCheckStage
@@ -124,11 +137,16 @@ class Pipeline:
         if cfg.guards:
             from .guard import GuardStage, build_guards  # grpc and tritonclient only when used
 
-            stages.append(GuardStage(build_guards(cfg.guards, worker.adapters), list(worker.routes)))
+            guard = GuardStage(build_guards(cfg.guards, worker.adapters), list(worker.routes))
+            place_guard(stages, guard, cfg.pipeline.parallel_stages)  # beside retrieve: it overlaps
         if cfg.output_guards:
             from .output_guard import OutputGuardStage
 
             response.append(OutputGuardStage(cfg.output_guards, list(worker.routes)))
+        if any(g.check != "prompt" for g in cfg.guards):  # classifier guards that read replies
+            from .output_classifier import OutputClassifierStage
+
+            response.append(OutputClassifierStage(cfg.guards, worker.adapters, list(worker.routes)))
         if tool_check is not None:  # after the output guard here: it sees the frames first
             response.append(tool_check)
         #: the usage ledger's observer (the admin usage route flushes it); None when off
@@ -155,7 +173,9 @@ class Pipeline:
         finish += ext.finish_stages
         response += ext.response_stages
         observers += ext.observers
-        self.request_stages: tuple[RequestStage, ...] = tuple(stages)
+        #: independent stages grouped to run concurrently (pipeline/parallel.py)
+        on = cfg.pipeline.parallel_stages
+        self.request_stages: tuple[RequestStage, ...] = chain(stages, worker.loop, on)
         #: the Responses API's conversation store (None: `responses.enabled: false`)
         self.conversations: ConversationStore | None = None
         if cfg.responses.enabled:
@@ -170,7 +190,9 @@ class Pipeline:
         if after is None:
             after = next(i + 1 for i, s in enumerate(stages) if s.name == "decode")
         history = HistoryStage(self.conversations)
-        self.dialect_stages: tuple[RequestStage, ...] = (*stages[:after], history, *stages[after:])
+        self.dialect_stages: tuple[RequestStage, ...] = chain(
+            (*stages[:after], history, *stages[after:]), worker.loop, on
+        )
         self.finish_stages: tuple[FinishStage, ...] = tuple(reversed(finish))
         #: in reverse order of the request stages that own them (Envoy's encoder filters)
         self.response_stages: tuple[ResponseStage, ...] = tuple(reversed(response))
@@ -185,7 +207,7 @@ class Pipeline:
             s.max_stream_duration_ms / 1000,
             s.stream_ping_interval_ms / 1000,
             self.response_stages,
-            Dispatch(worker.loop, s.max_stream_duration_ms / 1000),
+            agent_dispatch or Dispatch(worker.loop, s.max_stream_duration_ms / 1000),
         )
         #: async requests (`jobs.enabled`): the queue client and this worker's job runner
         self.jobs: JobsPart | None = None
@@ -193,13 +215,19 @@ class Pipeline:
             from ..jobs.runner import JobsPart
 
             self.jobs = JobsPart(cfg, self)
+        #: the Batch API (`batches.enabled`): its store, its lane's queue and runner
+        self.batches: BatchesPart | None = None
+        if cfg.batches.enabled:
+            from ..batches.runner import BatchesPart
+
+            self.batches = BatchesPart(cfg, self)
 
     def _parts(self) -> list[Any]:
         seen: dict[int, Any] = {}
-        jobs = () if self.jobs is None else (self.jobs,)
+        jobs = tuple(p for p in (self.jobs, self.batches) if p is not None)
         store = () if self.conversations is None else (self.conversations,)
         for part in (
-            *self.request_stages,
+            *flat(self.request_stages),
             *store,
             *self.response_stages,
             *self.observers,
