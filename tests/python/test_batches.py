@@ -153,6 +153,8 @@ def test_batch_end_to_end_with_failing_lines(gw: Gateway) -> None:
     out_file = c.files.retrieve(done.output_file_id)
     assert (out_file.purpose, out_file.filename) == ("batch_output", f"{b.id}_output.jsonl")
     assert b.id in [x.id for x in c.batches.list(limit=100)]
+    outputs = [x.id for x in c.files.list(purpose="batch_output")]
+    assert done.output_file_id in outputs and done.error_file_id in outputs and f.id not in outputs
 
     deleted = c.files.delete(f.id)
     assert (deleted.id, deleted.deleted) == (f.id, True)

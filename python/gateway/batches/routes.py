@@ -8,6 +8,7 @@ its creator's principal (never its key), stored as a job's is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -137,17 +138,17 @@ class BatchesApi:
             limit, after, desc = _paging(query)
             purpose = query.get("purpose")
             data: list[dict[str, Any]] = []
-            has_more = True
-            while len(data) < limit and has_more:
-                ids, has_more = await store.page("files", caller, after, limit, desc)
-                for file_id in ids:
+            more = True
+            while more and len(data) <= limit:  # one past the page: is there more?
+                ids, more = await store.page("files", caller, after, limit + 1, desc)
+                for file_id, h in zip(ids, await asyncio.gather(*map(store.get_file, ids)), strict=True):
                     after = file_id
-                    h = await store.get_file(file_id)
                     if h is not None and (purpose is None or h.get("purpose", b"").decode() == purpose):
                         data.append(wire.file_object(h))
-                        if len(data) == limit:
-                            has_more = has_more or file_id != ids[-1]
+                        if len(data) > limit:
                             break
+            has_more = len(data) > limit
+            data = data[:limit]
             return wire.page(data, has_more)
         if len(rest) > 2 or (len(rest) == 2 and rest[1] != "content"):
             raise GatewayError(Fault.ROUTE_NOT_FOUND, "Unknown route.")
@@ -229,12 +230,8 @@ class BatchesApi:
                 raise _method("GET, POST")
             limit, after, _ = _paging(query)
             ids, has_more = await store.page("batches", caller, after, limit)
-            data = []
-            for batch_id in ids:
-                got = await store.view(batch_id)
-                if got is not None:
-                    data.append(wire.batch_object(*got))
-            return wire.page(data, has_more)
+            views = await asyncio.gather(*map(store.view, ids))
+            return wire.page([wire.batch_object(*got) for got in views if got is not None], has_more)
         if len(rest) > 2 or (len(rest) == 2 and rest[1] != "cancel"):
             raise GatewayError(Fault.ROUTE_NOT_FOUND, "Unknown route.")
         batch_id = rest[0]
