@@ -84,14 +84,19 @@ def accept_reply(key: str) -> bytes:
 
 
 # ---- frames out ---------------------------------------------------------------------------------
+_SHORT = struct.Struct("!BB").pack
+_MID = struct.Struct("!BBH").pack  # an event (~200 bytes) takes this one: one pack, one concat
+_LONG = struct.Struct("!BBQ").pack
+
+
 def frame(opcode: int, payload: bytes) -> bytes:
     """One final, unmasked frame (a server's)."""
     n = len(payload)
     if n < 126:
-        return struct.pack("!BB", 0x80 | opcode, n) + payload
+        return _SHORT(0x80 | opcode, n) + payload
     if n < 65536:
-        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
-    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+        return _MID(0x80 | opcode, 126, n) + payload
+    return _LONG(0x80 | opcode, 127, n) + payload
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
