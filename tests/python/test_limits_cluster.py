@@ -5,7 +5,7 @@ workers (admitted tokens and money never beyond the limit; refunds settle on the
 plus what its bucket refilled; every unit admitted was taken from the key's node and the slices
 come back; idle slices leave the worker's store), and every script's keys in one hash slot for
 every limit kind (key, model and team scopes; exact and leased): a decision on the cluster is one
-node, never CROSSSLOT.
+node, never CROSSSLOT; and a budget stays exact through a primary's failover mid-load.
 
 One cluster and one pair of gateways for the module; keys are per run (the cluster is private)."""
 
@@ -38,6 +38,7 @@ KEY = "sk-test-limits-cluster-0123456789"
 WORKERS = 4  # 2 instances x 2 workers
 TPM = 10_000
 BUDGET_NANO = 10_000_000  # 0.01 USD; max_tokens 50 at 20 USD / Mtok reserves 1,000,000
+BUDGET_NANO_F = 100_000_000  # fbudget: 100 requests (>= 2.5 s at the test's pace)
 LRPM = 120
 LTPM = 6_000
 TIERS = {
@@ -46,6 +47,7 @@ TIERS = {
     "lrpm": f"{{rpm: {LRPM}, mode: leased}}",
     "ltpm": f"{{rpm: 100000, tpm: {LTPM}, mode: leased}}",
     "lbudget": "{rpm: 100000, budget_usd_per_day: 0.002, mode: leased}",
+    "fbudget": "{rpm: 100000, budget_usd_per_day: 0.1}",
 }
 
 # Every limit kind in every scope (key, key on a model, team), exact and leased.
@@ -78,7 +80,7 @@ teams:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = cluster_or_skip(tmp_path_factory.mktemp("limits-cluster"), replicas=0)
+    c = cluster_or_skip(tmp_path_factory.mktemp("limits-cluster"))  # 3 primaries, 3 replicas
     try:
         yield c
     finally:
@@ -367,3 +369,54 @@ def test_leased_idle_slices_go_back_and_are_forgotten(cluster: LocalCluster) -> 
     for who in people[:: len(people) // 20]:
         name = f"{prefix}{{{who.key_id}}}:b"
         assert int(_node(cluster, name).hget(name, "ds") or 0) == spent[who.key_id], who.key_id
+
+
+# ---- failover ---------------------------------------------------------------------------------
+
+
+def test_budget_exact_through_a_failover(cluster: LocalCluster, pair: tuple[Gateway, Gateway, str]) -> None:
+    """The primary of a budget's slot fails over (CLUSTER FAILOVER on its replica: no write lost)
+    while both instances spend the budget: the gateways follow the new primary (MOVED), and the
+    budget admits exactly what it holds, never more; what was admitted is what the node counts."""
+    a, b, prefix = pair
+    name = f"{prefix}{{fbudget}}:b"
+    per_request = 50 * 20_000  # max_tokens 50 at 20 USD / Mtok, all used (`words`)
+    body = chat(max_tokens=50, mock={"words": 50})
+    primary = cluster.owner(key_slot(name))
+    replica = cluster.replica_of(primary)
+    statuses: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def client(port: int) -> None:
+        while not stop.is_set():
+            status, _, reply = post(port, body, f"{KEY}-fbudget")
+            code = reply.get("error", {}).get("code", "") if status != 200 else ""
+            statuses.append((time.monotonic(), status, code))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, args=(port,)) for port in (a.port, b.port)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_for(lambda: len(statuses) >= 5)
+        assert cluster.command(replica, "CLUSTER", "FAILOVER") == "OK"
+        assert wait_for(lambda: cluster.owner(key_slot(name)) == replica)
+        switched = time.monotonic()
+        # on until the budget refuses after the switch
+        assert wait_for(lambda: any(t > switched and c == "budget_exceeded" for t, _, c in statuses), 20)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    cluster.wait_ok()
+    seen = {s for _, s, _ in statuses}
+    assert seen <= {200, 429, 503}, seen  # 503: refused while the slot moved (fail_closed)
+    admitted = sum(s == 200 for _, s, _ in statuses)
+    unknown = sum(s == 503 for _, s, _ in statuses)  # may have been charged (the reply was lost)
+    assert any(t > switched and s == 200 for t, s, _ in statuses)  # served by the new primary
+    most = BUDGET_NANO_F // per_request
+    assert most - unknown <= admitted <= most, (admitted, unknown)
+    r = _node(cluster, name)
+    spent = lambda: int(r.hget(name, "ds") or 0)  # noqa: E731
+    assert wait_for(lambda: admitted * per_request <= spent() <= (admitted + unknown) * per_request)
+    assert spent() <= BUDGET_NANO_F
