@@ -19,6 +19,8 @@ from conftest import Gateway, MockUpstream, gateway_config, run_gateway
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from gateway.config import ConfigError, parse
+
 KEY = "sk-websocket-alice-0123456789"
 MAX_BODY = 256 * 1024
 IDLE_MS = 4_000
@@ -273,3 +275,20 @@ def test_granian_engine_serves_the_same_app(mock_upstream: MockUpstream, tmp_pat
         with pytest.raises(InvalidStatus) as info:
             ws_connect(g, None)
         assert 400 <= info.value.response.status_code < 500
+
+
+@pytest.mark.parametrize(
+    ("websocket", "message"),
+    [
+        ("{idle_timeout_ms: 0}", "websocket.idle_timeout_ms: must be > 0"),
+        ("{max_connection_ms: -1}", "websocket.max_connection_ms: must be > 0"),
+        ("{idle_timeout_ms: 5000, max_connection_ms: 1000}", "is longer than max_connection_ms"),
+        ("{idle_ms: 5}", "idle_ms"),
+    ],
+)
+def test_config_is_validated(websocket: str, message: str) -> None:
+    base = gateway_config(1)
+    with pytest.raises(ConfigError) as info:
+        parse(f"{base}responses:\n  websocket: {websocket}\n")
+    assert message in str(info.value)
+    assert parse(base).responses.websocket.max_connection_ms == 3_600_000
