@@ -24,7 +24,7 @@ with every key it has seen.
   key by design (bytes per key, measured in a child process for `--table-keys` keys).
 
     .venv/bin/python benchmarks/limits_memory.py [--keys 1000000] [--kinds rpm,tpm,budget] \
-        [--worker-keys 200000] [--table-keys 1000000] [--wait-expiry] \
+        [--worker-keys 200000] [--table-keys 1000000] [--floor 50000] [--wait-expiry] \
         [--out benchmarks/results/DATE-limits-memory.md]
 
 Not run in CI. Needs redis-server and redis-cli.
@@ -204,7 +204,7 @@ def resp(*parts: str | bytes) -> bytes:
     return b"".join(out)
 
 
-def decision_commands(kind: str, first: int, n: int) -> bytes:
+def decision_commands(kind: str, first: int, n: int, script: str = ACQUIRE) -> bytes:
     """The EVALSHA a worker sends for one request of each key `first .. first + n`: the keys
     (`PlanKeys`) and arguments exactly as `RedisStore.decide` builds them for this kind's tier and
     request (only the key id differs from key to key)."""
@@ -219,7 +219,7 @@ def decision_commands(kind: str, first: int, n: int) -> bytes:
     args = ["", str(cfg.limits.redis.lease_ttl_ms)]
     for c, (code, limit, limit2, enforce) in zip(plan.checks, keys.check_args, strict=True):
         args += [code, str(limit), str(limit2), str(costs[c.kind]), str(enforce), "0"]
-    sha = sha1_hex(ACQUIRE)
+    sha = sha1_hex(script)
     template = [k.replace("{k0}", "{%s}") for k in keys.keys]
     return b"".join(
         resp("EVALSHA", sha, str(len(template)), *(k % key_id(i) for k in template), *args)
@@ -355,6 +355,30 @@ class _Worker:
         self.loop = loop
 
 
+#: the floor of a decision: a script call with the same keys and arguments that does nothing
+EMPTY_SCRIPT = "return 1"
+
+
+def script_floor(kind: str, n: int, tmp: Path) -> tuple[float, float]:
+    """(µs per EVALSHA of an empty script, µs per decision) with this kind's keys and arguments,
+    `n` each, piped into one private Redis: what the script itself costs beyond the call."""
+    r = PrivateRedis(tmp / f"floor-{kind}")
+    try:
+        out = []
+        for script in (EMPTY_SCRIPT, ACQUIRE):
+            r.cli("SCRIPT", "LOAD", script)
+            r.cli("CONFIG", "RESETSTAT")
+            data = decision_commands(kind, 0, n, script)
+            subprocess.run(
+                ["redis-cli", "-p", str(r.port), "--pipe"], input=data, capture_output=True, check=True
+            )
+            calls, usec = r.evalsha_stats()
+            out.append(usec / max(1, calls))
+        return out[0], out[1]
+    finally:
+        r.stop()
+
+
 # ---- the layout through HTTP ----------------------------------------------------------------------
 
 
@@ -422,7 +446,10 @@ cfg = parse("providers: [{name: p, base_url: 'http://127.0.0.1:1/v1'}]\nmodels: 
 stage = AuthStage(cfg)
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
-keys = [StoredKey(f"key-{i:08x}", "sha256:" + format(i, "064x"), "default", "t") for i in range(n)]
+def fresh(text):  # a new str per row, as sqlite3 / psycopg rows give
+    return bytes(text, "ascii").decode()
+keys = [StoredKey(f"key-{i:08x}", "sha256:" + format(i, "064x"), fresh("default"), fresh("t"))
+        for i in range(n)]
 gc.collect()
 before = rss()
 table = stage._merge(keys)
@@ -448,20 +475,10 @@ def key_table(n: int) -> tuple[int, int]:
 # ---- report ---------------------------------------------------------------------------------------
 
 
-def render(
-    args: argparse.Namespace,
-    results: list[KindResult],
-    sample: list[tuple[str, str, str, int]],
-    exact: list[tuple[int, int, int]],
-    leased: list[tuple[int, int, int]],
-    table: tuple[int, int] | None,
-    cmd: str,
-) -> str:
+def tables(results: list[KindResult]) -> list[str]:
+    """Redis bytes per key and CPU per decision, per kind."""
     mib = 1 << 20
     lines = [
-        f"# Limits memory: {args.keys:,} distinct keys per limit kind",
-        "",
-        f"Command: `{cmd}`",
         "",
         "## Redis bytes per limited key (private redis-server per kind, `used_memory` delta / keys held)",
         "",
@@ -491,6 +508,33 @@ def render(
             f"| {res.kind} | 0 → {c[1].decisions:,} | {res.usec_per_decision(True):.1f} "
             f"| {c[-2].decisions:,} → {c[-1].decisions:,} | {res.usec_per_decision(False):.1f} |"
         )
+    return lines
+
+
+def render(
+    args: argparse.Namespace,
+    results: list[KindResult],
+    sample: list[tuple[str, str, str, int]],
+    exact: list[tuple[int, int, int]],
+    leased: list[tuple[int, int, int]],
+    table: tuple[int, int] | None,
+    floors: dict[str, tuple[float, float]],
+    cmd: str,
+) -> str:
+    mib = 1 << 20
+    lines = [f"# Limits memory: {args.keys:,} distinct keys per limit kind", "", f"Command: `{cmd}`"]
+    if results:
+        lines += tables(results)
+    if floors:
+        lines += [
+            "",
+            f"## The decision against an empty script ({args.floor:,} calls each, fresh keys, same keys and "
+            "arguments; EVALSHA usec/call)",
+            "",
+            "| kind | empty script µs | decision µs | the script's own µs |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {k} | {e:.1f} | {d:.1f} | {d - e:.1f} |" for k, (e, d) in floors.items()]
     if any(r.after_expiry for r in results):
         lines += ["", "## After the bucket TTLs (`--wait-expiry`: active expiry on again)", ""]
         lines += ["| kind | dbsize | used_memory delta |", "|---|---|---|"]
@@ -532,6 +576,7 @@ def main() -> int:
     ap.add_argument("--checkpoints", type=int, default=10)
     ap.add_argument("--worker-keys", type=int, default=200_000)
     ap.add_argument("--table-keys", type=int, default=1_000_000)
+    ap.add_argument("--floor", type=int, default=50_000)
     ap.add_argument("--wait-expiry", action="store_true")
     ap.add_argument("--no-http", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -545,7 +590,7 @@ def main() -> int:
             if not LAYOUT.match(name):
                 raise RuntimeError(f"unexpected key layout: {name}")
         results = []
-        for kind in args.kinds.split(","):
+        for kind in args.kinds.split(",") if args.keys else ():
             res, r = measure_kind(kind, args.keys, tmp, args.checkpoints)
             stack.callback(r.stop)
             results.append((res, r))
@@ -566,7 +611,9 @@ def main() -> int:
         exact = worker_rss(args.worker_keys, tmp, False) if args.worker_keys else []
         leased = worker_rss(args.worker_keys, tmp, True) if args.worker_keys else []
         table = key_table(args.table_keys) if args.table_keys else None
-        text = render(args, [res for res, _ in results], sample, exact, leased, table, cmd)
+        kinds = args.kinds.split(",")
+        floors = {k: script_floor(k, args.floor, tmp) for k in kinds} if args.floor else {}
+        text = render(args, [res for res, _ in results], sample, exact, leased, table, floors, cmd)
     text += f"\nloadavg at the end: {loadavg()}\n"
     if args.out:
         args.out.write_text(text)
