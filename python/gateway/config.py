@@ -40,6 +40,7 @@ from .config_routing import (
     RoutingConfig,
     validate_routing,
 )
+from .config_storage import CREDENTIALS_HINT, StorageConfig, validate_storage
 from .config_tools import ToolsConfig, validate_tools
 
 
@@ -752,6 +753,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     batches: BatchesConfig = BatchesConfig()
     #: The Responses API and its conversation store (SQLite file by default, made on first use).
     responses: ResponsesConfig = ResponsesConfig()
+    #: Object storage (batch files, job results, archives): a local directory by default, or S3.
+    storage: StorageConfig = StorageConfig()
     #: Server-side prompt templates by name (`config_prompts.py`; stage `prompts`).
     prompts: dict[str, PromptConfig] = {}
     #: Retrievers (RAG) per model, with a time budget (stage `retrieve`).
@@ -944,6 +947,7 @@ def _validate(cfg: Config) -> None:
     validate_jobs(cfg)
     validate_batches(cfg)
     validate_responses(cfg)
+    validate_storage(cfg)
     validate_prompts(cfg)
     validate_planner(cfg)
     validate_tools(cfg, seen)
@@ -1402,6 +1406,8 @@ def parse(text: str, source: str = "<config>") -> Config:
                 " (each provider `kind` has its own fields: `transport` and `tls_ca_file` are for kind"
                 " triton, `max_idle_connections` and `signing` for kind openai, the default)"
             )
+        if "unknown field" in msg and msg.endswith("- at `$.storage.s3`"):
+            msg += CREDENTIALS_HINT
         # msgspec names no path for the top level ("Object contains unknown field `x`").
         raise ConfigError(msg if " - at `" in msg else f"{msg} - at `$`") from None
     _validate(cfg)

@@ -13,7 +13,11 @@ import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..config_storage import StorageConfig
 
 
 class ObjectStoreError(Exception):
@@ -107,3 +111,10 @@ class LocalDirStore:
 
     async def close(self) -> None:
         return None
+
+
+def open_store(cfg: Config | StorageConfig) -> ObjectStore:
+    """The configured store (`storage:`): `objstore.factory.open_store`, re-exported here."""
+    from .factory import open_store as _open
+
+    return _open(cfg)

@@ -1,0 +1,154 @@
+"""`S3Store`: the `ObjectStore` on an S3 bucket (AWS or any S3-compatible server), through
+obstore (Python bindings of the Rust `object_store` crate, the Apache Arrow project's client).
+
+Why obstore (benchmarks/objstore_cost.py, against moto in server mode on this 2-core machine):
+it is natively async (the request runs on obstore's Tokio runtime, the loop only awaits a
+future: no thread per call, no GIL held while bytes move), it signs, retries and times out in
+Rust, and a `get` hands back one buffer. Measured (mean of 200 small / 20 large ops, CPU is this
+process's user+sys per op; moto's own CPU excluded):
+
+    see the table in benchmarks/results/2026-12-05-objstore-cost.md (copied here when measured)
+
+Credentials: never from the config. obstore reads `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_SESSION_TOKEN` from the environment, else the web identity token
+(`AWS_WEB_IDENTITY_TOKEN_FILE`), the container (ECS) or instance (IMDSv2) metadata. It does not
+read `~/.aws/credentials` profiles. Messages never carry a credential: an error names the
+operation, the key and obstore's error kind, with the server's text stripped of the query string
+(presigned parts) and capped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import obstore
+from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
+from obstore.store import S3Store as _ObS3Store
+
+from ..config_storage import AddressingStyle, S3StorageConfig
+from . import ObjectNotFound, ObjectStoreError, check_key
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
+
+#: what obstore raises: its own errors, the builtin FileNotFoundError for a missing object,
+#: ValueError for a bad argument
+_ERRORS = (BaseError, OSError, ValueError)
+#: a part of a message that may carry a secret (a presigned URL's query, a header value)
+_SECRETS = re.compile(r"(\?[^\s\"']*|(?i:x-amz-[a-z-]+|authorization|signature|credential)[=:]\s*\S+)")
+_MESSAGE_MAX = 300
+
+
+def _clean(text: str) -> str:
+    text = " ".join(text.split())
+    return _SECRETS.sub("", text)[:_MESSAGE_MAX]
+
+
+class S3Store:
+    """One obstore client per store (connection pool inside); safe to share within a process.
+    Keys are `check_key`ed, then stored under `prefix/` in the bucket."""
+
+    def __init__(self, cfg: S3StorageConfig) -> None:
+        self.bucket = cfg.bucket
+        where = cfg.endpoint_url or "AWS S3"
+        self._where = f"s3://{cfg.bucket} at {where}"
+        config: S3Config = {}
+        if cfg.endpoint_url:
+            config["endpoint"] = cfg.endpoint_url.rstrip("/")
+        if cfg.region:
+            config["region"] = cfg.region
+        virtual = cfg.addressing_style is AddressingStyle.VIRTUAL or (
+            cfg.addressing_style is AddressingStyle.AUTO and not cfg.endpoint_url
+        )
+        config["virtual_hosted_style_request"] = virtual
+        client: ClientConfig = {
+            "connect_timeout": timedelta(milliseconds=cfg.connect_timeout_ms),
+            "timeout": timedelta(milliseconds=cfg.timeout_ms),
+            "allow_http": cfg.endpoint_url.startswith("http://"),
+        }
+        retry: RetryConfig = {
+            "max_retries": cfg.max_retries,
+            "retry_timeout": timedelta(milliseconds=cfg.retry_timeout_ms),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=100),
+                "max_backoff": timedelta(seconds=5),
+                "base": 2,
+            },
+        }
+        prefix = cfg.prefix.strip("/") or None
+        try:
+            self._store = _ObS3Store(
+                cfg.bucket, prefix=prefix, config=config, client_options=client, retry_config=retry
+            )
+        except BaseError as exc:
+            raise ObjectStoreError(
+                f"{self._where}: cannot configure the client: {_clean(str(exc))}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"S3Store({self._where!r})"
+
+    def _error(self, op: str, key: str, exc: Exception) -> ObjectStoreError:
+        if isinstance(exc, FileNotFoundError):
+            return ObjectNotFound(key)
+        if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+            kind = "access denied (check the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            kind += " and the bucket policy)"
+        else:
+            kind = type(exc).__name__
+        first = str(exc).split("\n", 1)[0]
+        return ObjectStoreError(f"{self._where}: {op} {key!r} failed: {kind}: {_clean(first)}")
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = check_key(key)
+        try:
+            await obstore.put_async(self._store, path, data, attributes={"Content-Type": content_type})
+        except _ERRORS as exc:
+            raise self._error("put", key, exc) from None
+
+    async def get(self, key: str) -> bytes:
+        path = check_key(key)
+        try:
+            result = await obstore.get_async(self._store, path)
+            return (await result.bytes_async()).to_bytes()
+        except _ERRORS as exc:
+            raise self._error("get", key, exc) from None
+
+    async def delete(self, key: str) -> None:
+        path = check_key(key)
+        try:
+            await obstore.delete_async(self._store, path)
+        except FileNotFoundError:
+            return
+        except _ERRORS as exc:
+            raise self._error("delete", key, exc) from None
+
+    async def exists(self, key: str) -> bool:
+        path = check_key(key)
+        try:
+            await obstore.head_async(self._store, path)
+        except FileNotFoundError:
+            return False
+        except _ERRORS as exc:
+            raise self._error("head", key, exc) from None
+        return True
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        # obstore's prefix matches whole path segments; the interface's is a string prefix: list
+        # the last complete segment and filter
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        stream: Any = obstore.list(self._store, base or None, chunk_size=1000)
+        try:
+            async for chunk in stream:
+                for meta in chunk:
+                    key = meta["path"]
+                    if key.startswith(prefix):
+                        yield key
+        except _ERRORS as exc:
+            raise self._error("list", prefix, exc) from None
+
+    async def close(self) -> None:
+        return None
