@@ -251,14 +251,40 @@ def test_a_client_that_stops_reading_pauses_the_upstream(gw: Gateway, mock_upstr
     assert [e["event"] for e in ends] == ["stream_aborted"]
 
 
-def test_stopping_gateway_closes_with_1001(mock_upstream: MockUpstream, tmp_path: Path) -> None:
-    with run_gateway(tmp_path, mock_upstream, config_text=config(mock_upstream, tmp_path)) as g:
-        with ws_connect(g) as ws:
-            turn(ws, model="echo", input="before the stop")
+BOB = "sk-websocket-bob-000123456789"
+
+
+def test_revoked_key_closes_1008_and_stopping_closes_1001(
+    mock_upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """A key removed by a hot reload ends its open connection (error event, 1008) at its next
+    response; another key's connection goes on until the worker stops (1001)."""
+    alice_line = f"    - {{id: alice, key: {KEY}, team: red, tier: ws}}"
+    bob_line = f"    - {{id: bob, key: {BOB}, team: blue, tier: ws}}"
+    text_ = config(mock_upstream, tmp_path).replace(alice_line, f"{alice_line}\n{bob_line}")
+    with run_gateway(tmp_path, mock_upstream, config_text=text_) as g:
+        bob = connect(
+            f"ws://127.0.0.1:{g.port}/v1/responses", additional_headers={"x-api-key": BOB}, open_timeout=20
+        )
+        with bob, ws_connect(g) as alice:
+            turn(alice, model="echo", input="before the reload")
+            (tmp_path / f"gateway-{g.port}.yaml").write_text(
+                text_.replace(KEY, "sk-websocket-carol-0000000000")
+            )
+            g.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while (last := turn(alice, model="echo", input="again")[-1])["type"] != "error":
+                assert time.monotonic() < deadline, "the reload never took the key away"
+                time.sleep(0.1)
+            assert last["status"] == 401
+            with pytest.raises(ConnectionClosed) as info:
+                alice.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+            assert text(turn(bob, model="echo", input="still mine")) == "You said: still mine"
             g.proc.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as info:
-                ws.recv(timeout=20)
-        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+                bob.recv(timeout=20)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
 
 
 def test_granian_engine_serves_the_same_app(mock_upstream: MockUpstream, tmp_path: Path) -> None:
