@@ -5,7 +5,8 @@ and `triton` (a classifier model on Triton: milliseconds on a GPU, tens on a CPU
 in config order, cheapest first by convention; the first that blocks ends the request with a
 400 whose `code` and `X-Prompt-Guard-Error-Code` header name the guard. A model guard that
 errors or exceeds its `timeout_ms` follows its policy: `fail_open` lets the request through
-(logged, and visible in `x-fastpath-guard`), `fail_closed` refuses it with 503. Each guard's
+(logged, and visible in `x-fastpath-guard`), `fail_closed` refuses it with 503; the policy may
+differ by risk, per key, team or tier (`on_error_for`). Each guard's
 decision and latency go out in the `x-fastpath-guard` header and in `server-timing`.
 
 `/v1/embeddings` inputs go through the `rules` guards (a secret sent to a third-party embedding
@@ -25,12 +26,12 @@ import asyncio
 import logging
 import struct
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tritonclient.grpc import service_pb2 as pb
 
 from .. import _fastpath, embeddings
-from ..config import GuardConfig, GuardKind, OnError
+from ..config import GuardCheck, GuardConfig, GuardKind, OnError
 from ..context import Endpoint, RequestContext
 from ..errors import Fault, GatewayError
 from ..schemas import ChatRequestView, EmbeddingsRequestView
@@ -38,6 +39,9 @@ from ..upstreams.grpc_transport import RpcError
 from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error
 from . import guard_rules
 from .stage import Part
+
+if TYPE_CHECKING:
+    from ..principal import Principal
 
 log = logging.getLogger("gateway.guard")
 
@@ -66,6 +70,21 @@ def prompt_text(ctx: RequestContext) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(p for p in prompt if isinstance(p, str))
+
+
+def on_error_for(cfg: GuardConfig, principal: Principal | None) -> OnError:
+    """The guard's failure policy for this caller: by key id, else team, else tier, else
+    `on_error` (read only when the guard failed: nothing per passing request)."""
+    if principal is not None:
+        for by, name in (
+            (cfg.on_error_by_key, principal.key_id),
+            (cfg.on_error_by_team, principal.team),
+            (cfg.on_error_by_tier, principal.tier_name),
+        ):
+            policy = by.get(name)
+            if policy is not None:
+                return policy
+    return cfg.on_error
 
 
 class _Blocked(Exception):
@@ -171,11 +190,25 @@ Guard = RulesGuard | TritonGuard
 class GuardStage(Part):
     name = "guard"
     __slots__ = ("_by_model", "guards")
+    #: may overlap `retrieve` (pipeline/parallel.py): it judges the client's messages, not the
+    #: retrieved context; cancelled, a queued check's future is dropped (the batch goes on)
+    reads = frozenset({"endpoint", "principal", "request_id", "route", "view"})
+    writes: frozenset[str] = frozenset()
 
     def __init__(self, guards: list[Guard], models: list[str]) -> None:
         self.guards = guards
         #: public model -> the guards that apply to it, in config order
-        self._by_model = {m: [g for g in guards if not g.cfg.models or m in g.cfg.models] for m in models}
+        prompt = [g for g in guards if g.cfg.check is not GuardCheck.REPLY]  # reply: output_classifier
+        self._by_model = {m: [g for g in prompt if not g.cfg.models or m in g.cfg.models] for m in models}
+
+    @property
+    def waits(self) -> bool:
+        """Only a model guard waits (rules are microseconds: they run inline)."""
+        return any(isinstance(g, TritonGuard) for gs in self._by_model.values() for g in gs)
+
+    def wants(self, ctx: RequestContext) -> bool:
+        """Whether a guard applies to this request's model (a parallel group skips it otherwise)."""
+        return ctx.route is not None and bool(self._by_model.get(ctx.route.name))
 
     async def on_request(self, ctx: RequestContext) -> None:
         assert ctx.route is not None
@@ -212,9 +245,12 @@ class GuardStage(Part):
                 code=name,
                 headers=((BLOCK_HEADER, name),),
             ) from None
+        except asyncio.CancelledError:  # another stage refused, or the client left
+            verdict = "cancelled"
+            raise
         except (TimeoutError, GatewayError, _fastpath.FastpathError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc}"
-            if g.cfg.on_error is OnError.FAIL_OPEN:
+            if on_error_for(g.cfg, ctx.principal) is OnError.FAIL_OPEN:
                 verdict = "fail_open"
                 log.warning("request %s: guard %s %s; failing open", ctx.request_id, name, why)
                 return

@@ -65,6 +65,21 @@ class FrameFilter(Protocol):
         ...
 
 
+class EndCheck(Protocol):
+    """A delta hook whose verdict on the stream is async (a classifier scoring windows of text
+    off the stream's path): awaited once the upstream ended well, before the tail and `[DONE]`
+    go out; an error ends the stream with it instead. Streams without one pay nothing."""
+
+    async def check_end(self, call: UpstreamCall) -> GatewayError | None: ...
+
+
+class BodyCheck(Protocol):
+    """A response stage with an async verdict on a unary reply (after every `on_body`): raises
+    `GatewayError` to answer with it instead."""
+
+    async def check_body(self, ctx: RequestContext, body: bytes) -> None: ...
+
+
 class RetryUpstream(Exception):
     """Raised by a response stage's `on_body` (unary) to have the relay call the upstream once
     more with `body` (a tool-call repair turn); the stage sees the new reply in `on_body` again
@@ -147,7 +162,7 @@ Settle = Callable[["RequestContext"], None]
 class Relay:
     """Per worker: the stream limits of the config and the response stages, in reverse order."""
 
-    __slots__ = ("_dispatch", "_loop", "_pings", "_stages", "max_stream_s", "ping_s")
+    __slots__ = ("_body_checks", "_dispatch", "_loop", "_pings", "_stages", "max_stream_s", "ping_s")
 
     def __init__(
         self,
@@ -161,6 +176,7 @@ class Relay:
         self.max_stream_s = max_stream_s
         self.ping_s = ping_s
         self._stages = stages
+        self._body_checks = tuple(cast("BodyCheck", s) for s in stages if hasattr(s, "check_body"))
         self._pings = _Pings(loop, ping_s)
         self._dispatch = dispatch
 
@@ -211,6 +227,8 @@ class Relay:
             ctx.usage = _add_usage(first, ctx.usage)
             for stage in self._stages:
                 body = stage.on_body(ctx, body)
+        for check in self._body_checks:
+            await check.check_body(ctx, body)
         if ctx.dialect is not None:  # the client's API's reply (Anthropic's `message`)
             body = await ctx.dialect.unary(ctx, body)
         settle(ctx)  # before the reply: its headers show the settled state
@@ -281,6 +299,12 @@ class Relay:
                 await _end_with_error(ctx, writer, err, tail)
                 return
             if hooks:
+                for hook in hooks:
+                    if hasattr(hook, "check_end"):
+                        err = await cast("EndCheck", hook).check_end(call)
+                        if err is not None:  # the held tail stays unsent
+                            await _end_with_error(ctx, writer, err)
+                            return
                 ctx.usage = call.usage()
                 for hook in hooks:
                     tail += hook.on_end(ctx)
