@@ -349,6 +349,7 @@ class MetricSlots:
         cost: int,
         price_in: float,
         price_out: float,
+        price_cached: float,
     ) -> int:
         """A (model, team[, key])'s token and cost counters and its USD-per-token prices."""
     def stage(self, name: str, base: int) -> None:

@@ -142,6 +142,14 @@ def test_gateway_meters_cached_tokens_in_both_conventions(
             assert http(gw.port, "POST", "/v1/chat/completions", stream, ALICE)[0] == 200
         rows = wait_for(lambda: len(store.rows()) >= 4 and store.rows(), 15)
         status, summary = usage(gw.port, "?group_by=model")
+        # `/metrics` prices cached tokens as the ledger does (workers publish every 250 ms)
+        want = {
+            m: sum(r["cost_nano_usd"] for r in rows if r["model"] == m) / 1e9 for m in ("echo", "claude-echo")
+        }
+        assert wait_for(lambda: _metric_costs(gw.port) == pytest.approx(want, rel=1e-9), 10), (
+            _metric_costs(gw.port),
+            want,
+        )
     assert status == 200
     for r in rows:
         assert r["cached_tokens"] == 4, r
@@ -152,3 +160,16 @@ def test_gateway_meters_cached_tokens_in_both_conventions(
     # the Anthropic convention: the prompt includes the cache reads (same prompt as without them)
     claude = [r for r in rows if r["model"] == "claude-echo"]
     assert len({r["prompt_tokens"] for r in claude}) == 1
+
+
+def _metric_costs(port: int) -> dict[str, float]:
+    """`fastpath_cost_usd` per model, summed over teams."""
+    status, body = http(port, "GET", "/metrics", None, ADMIN)
+    assert status == 200, body
+    costs: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line.startswith("fastpath_cost_usd_total{"):
+            labels, _, value = line.rpartition(" ")
+            model = labels.split('model="', 1)[1].split('"', 1)[0]
+            costs[model] = costs.get(model, 0.0) + float(value)
+    return costs

@@ -34,7 +34,7 @@ pub struct RequestPlan {
 }
 
 /// The counters of one (model, team[, key]): tokens by type and cost, with the model's prices
-/// in USD per token.
+/// in USD per token (cached prompt tokens at their own price, as the ledger charges them).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct UsagePlan {
     pub tokens_in: usize,
@@ -43,6 +43,7 @@ pub struct UsagePlan {
     pub cost: usize,
     pub price_in: f64,
     pub price_out: f64,
+    pub price_cached: f64,
 }
 
 /// What a request did, as `record` takes it. Absent parts are 0 (streams only: `ttft_ns`,
@@ -199,8 +200,10 @@ impl Slots {
                 if cached > 0.0 {
                     self.add(u.tokens_cached, cached);
                 }
-                if u.price_in != 0.0 || u.price_out != 0.0 {
-                    self.add(u.cost, prompt * u.price_in + completion * u.price_out);
+                if u.price_in != 0.0 || u.price_out != 0.0 || u.price_cached != 0.0 {
+                    let uncached = (prompt - cached).max(0.0);
+                    let cost = uncached * u.price_in + cached * u.price_cached + completion * u.price_out;
+                    self.add(u.cost, cost);
                 }
             }
         }
@@ -264,6 +267,7 @@ mod tests {
             cost: 36,
             price_in: 0.5,
             price_out: 2.0,
+            price_cached: 0.25,
         });
         s.set_stage("decode", Stage::At(40));
         s.set_stage("upstream", Stage::Upstream);
@@ -292,7 +296,7 @@ mod tests {
         assert_eq!(s.head(25)[21..], [0.0, 1.0, 0.0, 12.0]);
         assert_eq!(s.head(29)[25..], [0.0, 1.0, 0.0, 5.0]);
         assert_eq!(s.head(33)[29..], [1.0, 0.0, 0.0, 3.0]);
-        assert_eq!(s.head(37)[33..], [12.0, 5.0, 3.0, 16.0]);
+        assert_eq!(s.head(37)[33..], [12.0, 5.0, 3.0, 15.25]); // 9 x 0.5 + 3 x 0.25 + 5 x 2
         assert_eq!(s.head(44)[40..], [0.0, 1.0, 0.0, 50.0]);
         assert_eq!(s.get(60), 1.0);
     }

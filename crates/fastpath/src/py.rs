@@ -805,6 +805,7 @@ impl PyMetricSlots {
         cost: usize,
         price_in: f64,
         price_out: f64,
+        price_cached: f64,
     ) -> usize {
         self.inner.add_usage_plan(UsagePlan {
             tokens_in,
@@ -813,6 +814,7 @@ impl PyMetricSlots {
             cost,
             price_in,
             price_out,
+            price_cached,
         })
     }
 

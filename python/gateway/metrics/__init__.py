@@ -238,6 +238,14 @@ def families(cfg: Config) -> dict[str, Family]:
             ("gen_ai_request_model", "event"),
         ),
         Family(
+            "fastpath_planner_decisions",
+            COUNTER,
+            "Planner decisions (stage planner): the model asked for, the class (simple, hard, unknown: "
+            "the classifier was unavailable), the model chosen, and the decision (routed, shadow: "
+            "reported only, fallback: the default model).",
+            ("gen_ai_request_model", "class", "target", "decision"),
+        ),
+        Family(
             "fastpath_build",
             INFO,
             "Build information.",
@@ -393,7 +401,9 @@ class MetricsObserver(Part):
         self._keys = _Capped(m.max_keys)
         self._errors = {f.code for f in Fault} | {"budget_exceeded", "client_disconnected", "cancelled"}
         self._errors |= {g.name for g in cfg.guards}
-        self._prices = {m: (pin * 1e-9, pout * 1e-9) for m, (pin, pout, _) in price_table(cfg).items()}
+        self._prices = {
+            m: (pin * 1e-9, pout * 1e-9, pc * 1e-9) for m, (pin, pout, pc) in price_table(cfg).items()
+        }
         self._guards = bool(cfg.guards)
         # per-worker caches: a key of the request's shape -> its plan in `slots`
         self._req: dict[tuple[Any, ...], int] = {}
@@ -446,7 +456,7 @@ class MetricsObserver(Part):
         labels = (model, self._teams(team), self._keys(kid)) if self._per_key else (model, self._teams(team))
         f = self.fams
         sl = self.shard.slot
-        pin, pout = self._prices.get(model, (0.0, 0.0))
+        pin, pout, pcached = self._prices.get(model, (0.0, 0.0, 0.0))
         plan = self.slots.usage_plan(
             sl(f["fastpath_tokens"], (*labels, "input")),
             sl(f["fastpath_tokens"], (*labels, "output")),
@@ -454,6 +464,7 @@ class MetricsObserver(Part):
             sl(f["fastpath_cost_usd"], labels),
             pin,
             pout,
+            pcached,
         )
         if len(self._usage) < 8192:
             self._usage[key] = plan
@@ -478,7 +489,7 @@ class MetricsObserver(Part):
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
             details = usage.prompt_tokens_details
             if details:  # UNSET and None are false
-                cached = details.cached_tokens or 0
+                cached = min(details.cached_tokens or 0, prompt)  # as `money.cached_tokens`
             p = ctx.principal
             if p is None:
                 ukey: tuple[str, str, str] = (route.name, "none", "none")
@@ -564,6 +575,10 @@ class MetricsObserver(Part):
                 for labels, n in zip(src.DECISION_LABELS, decisions, strict=True):
                     if n:
                         put(slot("fastpath_limiter_decisions", labels), float(n))
+            plans = getattr(src, "counts", None) if getattr(src, "name", "") == "planner" else None
+            if plans is not None:  # stage planner's own counters (labels from the config)
+                for labels, n in list(plans.items()):
+                    put(slot("fastpath_planner_decisions", labels), float(n))
             pool = getattr(src, "pool", None)
             idle = getattr(pool, "idle_connections", None)
             if idle is not None:
