@@ -277,12 +277,40 @@ def _ms(lat: list[float]) -> str:
     return f"n={len(s)} median {s[len(s) // 2]:.1f} ms max {s[-1]:.1f} ms"
 
 
-def test_stream_refused(gw: Gateway) -> None:
-    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=PLAIN_KEY, max_retries=0)
-    with pytest.raises(openai.BadRequestError) as exc:
-        c.chat.completions.create(model="agent", messages=MESSAGES, stream=True)
-    assert exc.value.body["code"] == "tool_stream_unsupported"  # type: ignore[index]
-    assert exc.value.body["param"] == "stream"  # type: ignore[index]
+def test_stream_gets_the_answer_after_the_loop(client: openai.OpenAI, upstream: MockUpstream) -> None:
+    """A stream: the turns are read whole (the upstream is asked unary), then the answer goes out
+    as SSE; the usage chunk is every turn's."""
+    script = [{"tool": "echo", "content": '{"s": 1}'}, {"content": "Streamed: {last_tool}"}]
+    before = len(upstream.events())
+    with client.chat.completions.with_streaming_response.create(
+        model="agent",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"mock": {"script": script}},
+    ) as raw:
+        assert raw.headers["x-fastpath-tools"].startswith("echo;")
+        chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == 'Streamed: {"echo":{"s": 1}}'
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 2 + 3  # both turns (words)
+    sent = [e for e in upstream.events()[before:] if e["event"] == "request" and e.get("body")]
+    assert len(sent) == 2 and all(e["body"].get("stream") is False for e in sent)
+    assert all("stream_options" not in e["body"] for e in sent)
+
+
+def test_stream_loop_error_is_a_json_reply(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(
+            model="agent",
+            messages=MESSAGES,
+            stream=True,
+            extra_body={"mock": {"script": [{"tool": "echo", "content": "{}"}]}},
+        )
+    assert exc.value.status_code == 508
+    assert exc.value.body["code"] == "tool_loop_detected"  # type: ignore[index]
 
 
 def test_other_models_untouched(client: openai.OpenAI, upstream: MockUpstream) -> None:

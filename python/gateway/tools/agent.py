@@ -4,13 +4,17 @@ makes to them are run here, the results appended as `tool` messages, and the mod
 until a reply without server tool calls. Two parts:
 
 - `AgentStage`, a request stage (after `prompts`, before `tool_check`: `tools_allowed` applies
-  to server tools too), adds the tools to the body and refuses what the loop cannot serve:
-  streams (400 `tool_stream_unsupported`: every turn but the last must be read whole to find
-  its tool calls, and which turn is the last is only known once read), `n > 1`, and a client
-  tool named like a server tool;
+  to server tools too), adds the tools to the body and refuses what the loop cannot serve: `n > 1`
+  and a client tool named like a server tool;
 - `AgentDispatch`, the dispatcher with the loop in `open`: the relay sees one answering call
   whose body is the last turn's (usage summed over every turn), so response stages, dialects,
   settlement and the ledger work unchanged.
+
+Streams: every turn is read whole (`stream: false` upstream: a turn's tool calls must be known
+before anything goes out, and which turn is the last is only known once read); the answer then
+goes out as a stream: the message as one chunk, the finish reason, the usage chunk if asked for,
+`[DONE]`. Time to first token is the whole loop's; an error in the loop is a JSON error reply
+(nothing was sent yet).
 
 Loop detection: `max_iterations` tool turns (one more is 508 `tool_iterations_exceeded`), the
 same call (name and canonical arguments) twice is a cycle (508 `tool_loop_detected`), and
@@ -38,7 +42,7 @@ from ..pipeline.relay import _add_usage
 from ..pipeline.stage import Part
 from ..routing.dispatch import Dispatch
 from ..schemas import ChatRequestView, Usage
-from ..upstream_body import split_template, upstream_body
+from ..upstream_body import upstream_body
 from . import Registry, ToolFailure, ToolRun
 
 if TYPE_CHECKING:
@@ -101,12 +105,6 @@ class AgentStage(Part):
     async def on_request(self, ctx: RequestContext) -> None:
         if not self._on(ctx):
             return
-        if ctx.stream:
-            raise _bad(
-                "Streaming is not supported for a model with server-side tools; send stream: false.",
-                "stream",
-                "tool_stream_unsupported",
-            )
         view = ctx.view
         if isinstance(view, ChatRequestView) and view.n is not None and view.n != 1:
             raise _bad("A model with server-side tools answers one choice (n: 1).", "n", "tool_n_unsupported")
@@ -136,12 +134,14 @@ class AgentStage(Part):
 class _Replayed:
     """The last turn, already read, as the relay's answering call (usage: every turn's)."""
 
-    __slots__ = ("_body", "_text", "_usage")
+    __slots__ = ("_body", "_text", "_usage", "frames")
 
-    def __init__(self, body: bytes, usage: Usage | None, text: str) -> None:
+    def __init__(self, body: bytes, usage: Usage | None, text: str, frames: bytes) -> None:
         self._body = body
         self._usage = usage
         self._text = text
+        #: a stream's frames (the answer as chunks), all sent as the first read
+        self.frames = frames
 
     async def first(self, deadline: float) -> bytes:
         return b""
@@ -186,9 +186,10 @@ class AgentDispatch(Dispatch):
         self._metadata = a.body_metadata
 
     async def open(self, ctx: RequestContext) -> tuple[UpstreamCall, bytes]:
-        if ctx.stream or not self._on(ctx):
+        if not self._on(ctx):
             return await super().open(ctx)
-        return cast("UpstreamCall", await _Loop(self, ctx).run()), b""
+        call = await _Loop(self, ctx).run()
+        return cast("UpstreamCall", call), call.frames
 
     async def turn(self, ctx: RequestContext, end: float) -> tuple[bytes, Usage | None]:
         """One model turn, read whole, within the loop's deadline."""
@@ -235,7 +236,7 @@ def _canonical(arguments: str) -> str:
 class _Loop:
     """One request's loop: its turns, the calls seen, the runs made."""
 
-    __slots__ = ("_ctx", "_d", "_end", "_errors", "_runs", "_seen", "_tool_ns", "_top")
+    __slots__ = ("_ctx", "_d", "_end", "_errors", "_runs", "_seen", "_streamed", "_tool_ns", "_top")
 
     def __init__(self, dispatch: AgentDispatch, ctx: RequestContext) -> None:
         self._d = dispatch
@@ -246,10 +247,19 @@ class _Loop:
         self._errors: list[str] = []
         self._tool_ns = 0
         self._top: dict[str, Any] | None = None
+        #: the client asked for a stream
+        self._streamed = ctx.stream
 
     async def run(self) -> _Replayed:
         ctx, d, reg = self._ctx, self._d, self._d._registry
         usage: Usage | None = None
+        stream = ctx.stream
+        if stream:  # every turn is read whole; the answer goes out as frames at the end
+            top = self._body()
+            top["stream"] = False
+            top.pop("stream_options", None)
+            ctx.stream = False
+            self._set_body(top)
         try:
             turns = 0
             while True:
@@ -292,6 +302,7 @@ class _Loop:
                     return self._final(reply, None, usage, message)
                 self._next_body(message, calls, results)
         finally:
+            ctx.stream = stream
             self._note(usage)
 
     async def _execute(self, calls: list[dict[str, Any]]) -> list[bytes | ToolFailure]:
@@ -323,12 +334,7 @@ class _Loop:
     ) -> None:
         """The upstream body plus the assistant's turn and one `tool` message per call (a client
         tool called in the same turn gets a note: the gateway cannot run it)."""
-        ctx = self._ctx
-        if self._top is None:
-            parts = ctx.body_parts
-            raw = ctx.upstream_body if parts is None else parts[0] + b'""' + parts[1]
-            self._top = json.loads(raw)
-        top = self._top
+        top = self._body()
         msgs = top.setdefault("messages", [])
         msgs.append(
             {"role": "assistant", "content": message.get("content"), "tool_calls": message["tool_calls"]}
@@ -345,11 +351,21 @@ class _Loop:
             else:
                 content = _CLIENT_TOOL
             msgs.append({"role": "tool", "tool_call_id": cid, "content": content})
-        body = json.dumps(top).encode()
-        if ctx.body_parts is not None:
-            ctx.body_parts = split_template(body)
-        else:
-            ctx.upstream_body = body
+        self._set_body(top)
+
+    def _body(self) -> dict[str, Any]:
+        if self._top is None:
+            self._top = json.loads(self._ctx.body)
+        return self._top
+
+    def _set_body(self, top: dict[str, Any]) -> None:
+        """The request body (and its view: Triton builds its prompt from it) and, through
+        `upstream_body`, what the upstream gets (its model, a fallback's template)."""
+        ctx = self._ctx
+        ctx.body = json.dumps(top).encode()
+        ctx.view = _view(ctx.body)
+        assert ctx.route is not None
+        upstream_body(ctx, ctx.route)
 
     def _final(
         self, reply: dict[str, Any], raw: bytes | None, usage: Usage | None, message: dict[str, Any]
@@ -363,7 +379,8 @@ class _Loop:
             raw = None
         body = raw if raw is not None else json.dumps(reply).encode()
         content = message.get("content")
-        return _Replayed(body, usage, content if isinstance(content, str) else "")
+        frames = _frames(reply, self._ctx.client_wants_usage) if self._streamed else b""
+        return _Replayed(body, usage, content if isinstance(content, str) else "", frames)
 
     def _note(self, usage: Usage | None) -> None:
         """The reply's metadata (also on an error reply: what ran before it); an error reply
@@ -378,6 +395,29 @@ class _Loop:
         if self._errors:
             headers += ((ERROR_HEADER, ",".join(dict.fromkeys(self._errors))),)
         ctx.reply_headers += headers
+
+
+def _frames(reply: dict[str, Any], with_usage: bool) -> bytes:
+    """A chat.completion as the stream a client asked for: the message as one delta, the finish
+    reason, and the usage chunk when the client asked for it (`[DONE]` is the relay's)."""
+    head = {k: reply.get(k) for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    choice = reply["choices"][0]
+    message = choice["message"]
+    delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+    chunks: list[dict[str, Any]] = [
+        head | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]},
+        head
+        | {
+            "choices": [
+                {"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason")}
+            ]
+        },
+    ]
+    if with_usage and reply.get("usage") is not None:
+        chunks.append(head | {"choices": [], "usage": reply["usage"]})
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
 
 
 def _message(reply: Any) -> dict[str, Any]:
