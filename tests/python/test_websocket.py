@@ -26,7 +26,7 @@ MAX_BODY = 256 * 1024
 IDLE_MS = 4_000
 
 
-def config(upstream: MockUpstream, tmp: Path, **server: object) -> str:
+def config(upstream: MockUpstream, tmp: Path, idle_ms: int = IDLE_MS, **server: object) -> str:
     return gateway_config(upstream.port, max_body_bytes=MAX_BODY, **server) + "\n".join(
         [
             "auth:",
@@ -40,7 +40,7 @@ def config(upstream: MockUpstream, tmp: Path, **server: object) -> str:
             "  store:",
             f"    path: {tmp / 'r.db'}",
             "  websocket:",
-            f"    idle_timeout_ms: {IDLE_MS}",
+            f"    idle_timeout_ms: {idle_ms}",
             "",
         ]
     )
@@ -261,7 +261,8 @@ def test_revoked_key_closes_1008_and_stopping_closes_1001(
     response; another key's connection goes on until the worker stops (1001)."""
     alice_line = f"    - {{id: alice, key: {KEY}, team: red, tier: ws}}"
     bob_line = f"    - {{id: bob, key: {BOB}, team: blue, tier: ws}}"
-    text_ = config(mock_upstream, tmp_path).replace(alice_line, f"{alice_line}\n{bob_line}")
+    # bob's connection waits idle through the reload: no idle limit in the way
+    text_ = config(mock_upstream, tmp_path, idle_ms=300_000).replace(alice_line, f"{alice_line}\n{bob_line}")
     with run_gateway(tmp_path, mock_upstream, config_text=text_) as g:
         bob = connect(
             f"ws://127.0.0.1:{g.port}/v1/responses", additional_headers={"x-api-key": BOB}, open_timeout=20
