@@ -50,7 +50,7 @@ class PlannerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: the classifier: `text` BYTES [1] + `features` FP32 [4] -> `score` FP32 [1] (P(hard))
     model: str = "request_router"
     #: the classifier's time; past it the request goes to the plan's `default`
-    timeout_ms: int = 100
+    timeout_ms: int = 250
     #: only the last this many characters of the prompt go to the classifier
     max_chars: int = 4_000
     #: requests scored in one classifier call at most (concurrent ones are coalesced per worker)
