@@ -3,13 +3,13 @@ then many responses, one after another, on the one connection.
 
 The upgrade request is the credential: the auth stage's own check runs on its headers
 (`Authorization: Bearer` or `x-api-key`) before the upgrade is accepted; a refusal is the HTTP
-error JSON (401, ...) on the uvloop engine, a bare 403 on granian (RSGI cannot answer an upgrade
-with a body). Each client message `{"type": "response.create", ...}` carries a Responses create
-body (its `stream` and `background` are transport fields: ignored) and runs through the whole
-pipeline as `POST /v1/responses` with `stream: true` and the upgrade's headers, so auth, limits,
-guards, routing, the conversation store (`previous_response_id`), the ledger and the observers
-apply per response, on the generation serving when the message arrives. Its Responses stream
-events go out one per text message: the JSON of the SSE `data:` payloads, byte for byte.
+error JSON (401, ...) on the uvloop engine, the same status without a body on granian (RSGI cannot
+answer an upgrade with a body). Each client message `{"type": "response.create", ...}` carries
+a Responses create body (its `stream` and `background` are transport fields: ignored) and runs
+through the whole pipeline as `POST /v1/responses` with `stream: true` and the upgrade's headers,
+so auth, limits, guards, routing, the conversation store (`previous_response_id`), the ledger and
+the observers apply per response, on the generation serving when the message arrives. Its
+Responses stream events go out one per text message: the SSE `data:` payloads, byte for byte.
 
 A refused response (bad body, 429, 404 of a previous response) is an `error` event,
 `{"type": "error", "status": N, "error": {...}}` (OpenAI's error object), and the connection stays
@@ -64,7 +64,7 @@ def _event(status: int, body: bytes) -> str:
 def _refuse(protocol: Any, request_id: str, err: GatewayError) -> None:
     if hasattr(protocol, "response_bytes"):  # the uvloop engine's: the error JSON
         respond.send_error(protocol, request_id, err)
-    else:  # granian's WebSocket protocol has no HTTP reply: a bare refusal
+    else:  # granian's WebSocket protocol has no HTTP reply: the status, no body
         protocol.close(err.status)
 
 

@@ -11,7 +11,7 @@ relay's upstream reads); parsed messages the app has not taken yet are at most a
 pauses beyond them), each at most `server.max_body_bytes` (a larger one: close 1009). Stopping,
 the engine closes an idle connection with 1001 at once and a busy one at the app's next
 `receive()`. Before `accept()` the app may refuse the upgrade with an HTTP reply
-(`response_bytes`, this engine only) or `close(status)` (403, as on granian).
+(`response_bytes`, this engine only) or `close(status)` (that status, no body: as granian).
 """
 
 from __future__ import annotations
@@ -171,9 +171,10 @@ class WsExchange:
         return WsTransport(self)
 
     def close(self, status: int | None = None) -> tuple[int, bool]:
-        if not self.answered:  # refused before accept, as granian does it
-            self._refuse(403, [], b"")
-            return 403, False
+        if not self.answered:  # refused before accept: that status, no body (as granian does it)
+            refused = status or 403
+            self._refuse(refused, [], b"")
+            return refused, False
         code = status or ws.NORMAL
         if not self.close_sent:
             self._send_close(code)
