@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from conftest import Gateway, MockUpstream, _env, run_gateway, run_mock
+from test_streaming import wait_for
+from test_tracing import Receiver, attrs
 
 KEY = "sk-retrieval-0123456789abcdef"
 DOCS = {
@@ -71,12 +73,25 @@ def index(mocks: tuple[MockUpstream, MockUpstream], tmp_path_factory: pytest.Tem
 
 
 @pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+@pytest.fixture(scope="module")
 def gw(
-    mocks: tuple[MockUpstream, MockUpstream], index: Path, tmp_path_factory: pytest.TempPathFactory
+    mocks: tuple[MockUpstream, MockUpstream],
+    index: Path,
+    receiver: Receiver,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
     text = (
         base_yaml(*mocks)
         + f"""
+tracing:
+  {{enabled: true, otlp_endpoint: 'http://127.0.0.1:{receiver.port}/v1/traces', flush_interval_ms: 100}}
 retrieval:
   retrievers:
     docs: {{index: '{index}', embedding_model: embed, top_k: 2, min_score: 0.05, citations_in_body: true}}
@@ -115,7 +130,7 @@ def last_chat_body(mock: MockUpstream) -> dict[str, Any]:
 
 
 def test_a_question_retrieves_the_right_document(
-    gw: Gateway, mocks: tuple[MockUpstream, MockUpstream]
+    gw: Gateway, mocks: tuple[MockUpstream, MockUpstream], receiver: Receiver
 ) -> None:
     headers, reply = chat(gw, "echo", "How do I reset my password?")
     assert headers["x-fastpath-rag"] == "hit"
@@ -130,12 +145,30 @@ def test_a_question_retrieves_the_right_document(
     for c in cites:  # what is cited is what was injected
         assert f"[{c['id']}]" in system["content"]
 
+    # the trace's server span says which template version and which documents went in
+    span = server_span(receiver, headers["x-request-id"])
+    assert span["fastpath.prompt"] == "rag@v1" and span["fastpath.rag.outcome"] == "hit"
+    assert span["fastpath.rag.documents"].split(",") == [c["id"] for c in cites]
+
     headers, _ = chat(gw, "echo", "When will my invoices be emailed?")
     assert json.loads(headers["x-fastpath-citations"])[0]["id"].endswith("billing.md#0")
 
 
+def server_span(receiver: Receiver, request_id: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        for span in list(receiver.spans):
+            a = attrs(span)
+            if a.get("fastpath.request_id") == request_id and "http.response.status_code" in a:
+                return a
+        return None
+
+    span = wait_for(find, timeout_s=10)
+    assert span is not None, f"no server span for {request_id}"
+    return span
+
+
 def test_a_slow_embedding_model_hits_the_budget_and_the_request_proceeds(
-    gw: Gateway, mocks: tuple[MockUpstream, MockUpstream]
+    gw: Gateway, mocks: tuple[MockUpstream, MockUpstream], receiver: Receiver
 ) -> None:
     fast, slow = mocks
     req = urllib.request.Request(
@@ -148,6 +181,8 @@ def test_a_slow_embedding_model_hits_the_budget_and_the_request_proceeds(
         urllib.request.urlopen(urllib.request.Request(f"{slow.url}/_mock/faults", method="DELETE"), timeout=5)
     assert headers["x-fastpath-rag"] == "timeout"
     assert "x-fastpath-citations" not in headers and "citations" not in reply
+    span = server_span(receiver, headers["x-request-id"])
+    assert span["fastpath.rag.outcome"] == "timeout" and "fastpath.rag.documents" not in span
     assert last_chat_body(fast)["messages"] == [{"role": "user", "content": "How do I reset my password?"}]
 
 

@@ -62,7 +62,9 @@ class _Done:
         "error",
         "first_ns",
         "model",
+        "prompt",
         "provider",
+        "rag",
         "request_id",
         "start_ns",
         "start_unix_ns",
@@ -96,6 +98,9 @@ class _Done:
         self.system = dep.adapter.kind if dep is not None else None
         usage = ctx.usage
         self.usage = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
+        self.prompt = ctx.prompt
+        rag = ctx.rag
+        self.rag = (rag.outcome, ",".join(d.id for d in rag.docs)) if rag is not None else None
 
 
 class TraceObserver(Part):
@@ -234,6 +239,10 @@ def encode(service: str, batch: list[_Done]) -> bytes:
                         "error.type": d.error,
                         "fastpath.request_id": d.request_id,
                         "fastpath.stream": d.stream,
+                        # stages prompts / retrieve: the template version, what was injected
+                        "fastpath.prompt": d.prompt,
+                        "fastpath.rag.outcome": d.rag[0] if d.rag else None,
+                        "fastpath.rag.documents": d.rag[1] if d.rag and d.rag[1] else None,
                         **gen_ai,
                     }
                 ),
