@@ -25,8 +25,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
+
 from gateway.config import parse
 from gateway.context import Endpoint, RequestContext
+from gateway.schemas import ChatRequestView
 from gateway.tools import Registry
 from gateway.tools.agent import AgentDispatch, _Loop, _On
 from gateway.tools.wasm import WasmSandbox, WasmTool
@@ -41,6 +44,7 @@ tools:
     - {{kind: wasm, name: echo, module: {ECHO},
        parameters: {{type: object, properties: {{q: {{type: string}}}}, required: [q]}}}}
 """
+_view = msgspec.json.Decoder(ChatRequestView).decode
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
 
@@ -84,9 +88,15 @@ class CannedDispatch(AgentDispatch):
         return self.script[turn], Usage(**USAGE)
 
 
+#: what `upstream_body` reads of a route: one upstream model, the one the body names
+ROUTE = SimpleNamespace(name="m", model_json=b'"m"', upstream_model="m")
+
+
 def _ctx() -> RequestContext:
     ctx = RequestContext("bench", Endpoint.CHAT, BODY, time.perf_counter_ns(), {})
     ctx.upstream_body = BODY
+    ctx.view = _view(BODY)
+    ctx.route = ROUTE  # type: ignore[assignment]
     return ctx
 
 

@@ -228,8 +228,8 @@ def _budget(budget_s: float) -> GatewayError:
 
 def _canonical(arguments: str) -> str:
     try:
-        return json.dumps(json.loads(arguments), sort_keys=True, separators=(",", ":"))
-    except ValueError:
+        return msgspec.json.encode(msgspec.json.decode(arguments), order="sorted").decode()
+    except msgspec.DecodeError:
         return arguments
 
 
@@ -265,7 +265,7 @@ class _Loop:
             while True:
                 raw, u = await d.turn(ctx, self._end)
                 usage = _add_usage(usage, u)
-                reply = json.loads(raw)
+                reply = _reply_json(raw)
                 message = _message(reply)
                 calls = [c for c in message.get("tool_calls") or () if _name(c) in reg.tools]
                 if not calls:
@@ -355,14 +355,14 @@ class _Loop:
 
     def _body(self) -> dict[str, Any]:
         if self._top is None:
-            self._top = json.loads(self._ctx.body)
+            self._top = msgspec.json.decode(self._ctx.body)
         return self._top
 
     def _set_body(self, top: dict[str, Any]) -> None:
         """The request body (and its view: Triton builds its prompt from it) and, through
         `upstream_body`, what the upstream gets (its model, a fallback's template)."""
         ctx = self._ctx
-        ctx.body = json.dumps(top).encode()
+        ctx.body = _encode(top)
         ctx.view = _view(ctx.body)
         assert ctx.route is not None
         upstream_body(ctx, ctx.route)
@@ -377,7 +377,7 @@ class _Loop:
             if self._d._metadata:
                 reply[BODY_FIELD] = msgspec.to_builtins(self._runs)
             raw = None
-        body = raw if raw is not None else json.dumps(reply).encode()
+        body = raw if raw is not None else _encode(reply)
         content = message.get("content")
         frames = _frames(reply, self._ctx.client_wants_usage) if self._streamed else b""
         return _Replayed(body, usage, content if isinstance(content, str) else "", frames)
@@ -417,7 +417,14 @@ def _frames(reply: dict[str, Any], with_usage: bool) -> bytes:
     ]
     if with_usage and reply.get("usage") is not None:
         chunks.append(head | {"choices": [], "usage": reply["usage"]})
-    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    return b"".join(b"data: " + _encode(c) + b"\n\n" for c in chunks)
+
+
+def _reply_json(raw: bytes) -> Any:
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, "The upstream's reply is not JSON.") from None
 
 
 def _message(reply: Any) -> dict[str, Any]:
