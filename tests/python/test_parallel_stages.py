@@ -206,6 +206,37 @@ def test_a_cancelled_request_cancels_every_member(tmp_path: Path) -> None:
     assert sorted(seen) == [("a", "cancelled"), ("a", "enter"), ("b", "cancelled"), ("b", "enter")]
 
 
+class Picky(Declared):
+    """Has work only when `busy`; records the task it ran on."""
+
+    def __init__(self, name: str, busy: bool) -> None:
+        super().__init__(name)
+        self.busy = busy
+        self.ran_on: list[Any] = []
+
+    def wants(self, ctx: RequestContext) -> bool:
+        return self.busy
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        self.ran_on.append(asyncio.current_task())
+
+
+def test_members_without_work_are_left_out_and_a_lone_one_runs_inline() -> None:
+    async def main() -> tuple[Any, ...]:
+        idle, busy, other = Picky("idle", False), Picky("busy", True), Picky("other", True)
+        ctx = RequestContext("r1", Endpoint.CHAT, b"{}", time.perf_counter_ns(), {})
+        loop = asyncio.get_running_loop()
+        await StageGroup("pre", (idle, busy), loop).on_request(ctx)
+        lone = list(ctx.timings)
+        await StageGroup("pre", (busy, other), loop).on_request(ctx)
+        return idle, busy, other, lone, asyncio.current_task()
+
+    idle, busy, other, lone, request_task = asyncio.run(main())
+    assert idle.ran_on == [] and lone == ["busy"]
+    assert busy.ran_on[0] is request_task  # alone: inline, no task
+    assert busy.ran_on[1] is not request_task and other.ran_on[0] is not request_task  # together: tasks
+
+
 # ---- end to end: a real gateway ------------------------------------------------------------------
 class HungTriton:
     """A Triton address that accepts connections and never answers (a hung server), until

@@ -1,6 +1,7 @@
 """Extensions: stages and observers of your own, named in the config (`extensions:`), built
 once per worker by their factory. They take the same place and protocol as the built-in ones:
-request stages run after the built-in request stages (one with `on_finish` also settles),
+request stages run after the built-in request stages (one with `on_finish` also settles; one
+declaring `reads` / `writes` may run concurrently with its neighbours: pipeline/parallel.py),
 response stages see each streamed read and each unary body, observers every outcome."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config, ConfigError, ExtensionKind
+from .parallel import check_declared
 
 if TYPE_CHECKING:
     from .relay import ResponseStage
@@ -59,6 +61,7 @@ def load_extensions(cfg: Config) -> Extensions:
         if missing:
             raise ConfigError(f"{where}: {spec.factory} made a part without {', '.join(missing)}")
         if spec.kind is ExtensionKind.REQUEST_STAGE:
+            check_declared(part, where)  # `reads` / `writes`: it may run concurrently
             ext.request_stages.append(part)
             if hasattr(part, "on_finish"):
                 ext.finish_stages.append(part)

@@ -151,34 +151,62 @@ async def _cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
 
 class StageGroup(Part):
     """Stages run as concurrent tasks of the request: it continues when all returned; the first
-    to raise (a refusal) cancels the others and its error is the request's."""
+    to raise (a refusal) cancels the others and its error is the request's. A member with a
+    `wants(ctx)` method (optional, cheap, synchronous: False only when `on_request` would do
+    nothing) is left out of requests it has nothing to do for; one member left runs inline."""
 
-    __slots__ = ("_loop", "members", "name")
+    __slots__ = ("_loop", "_wants", "members", "name")
 
     def __init__(self, name: str, members: tuple[Any, ...], loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
         self.members = members
         self._loop = loop
+        wants = tuple(getattr(m, "wants", None) for m in members)
+        self._wants = None if all(w is None for w in wants) else wants
 
     async def on_request(self, ctx: RequestContext) -> None:
+        wants = self._wants
         members = self.members
+        if wants is not None:
+            members = tuple(m for m, w in zip(members, wants, strict=True) if w is None or w(ctx))
+        if len(members) > 1:
+            await self._together(ctx, members)
+        elif members:  # one has work: no task for it
+            m = members[0]
+            t = time.perf_counter_ns()
+            await m.on_request(ctx)
+            ctx.timings[m.name] = time.perf_counter_ns() - t
+
+    async def _together(self, ctx: RequestContext, members: tuple[Any, ...]) -> None:
+        loop = self._loop
         ns = [0] * len(members)
-        tasks = [self._loop.create_task(_timed(m, ctx, ns, i)) for i, m in enumerate(members)]
+        waiter = loop.create_future()
+        left = len(members)
+
+        def done(task: asyncio.Task[None]) -> None:
+            nonlocal left
+            left -= 1
+            failed = not task.cancelled() and task.exception() is not None
+            if (failed or not left) and not waiter.done():
+                waiter.set_result(None)
+
+        tasks = []
+        for i, m in enumerate(members):
+            task = loop.create_task(_timed(m, ctx, ns, i))
+            task.add_done_callback(done)
+            tasks.append(task)
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            await waiter
         except asyncio.CancelledError:  # the request's own task: the client left
             await _cancel(tasks)
             raise
-        if pending:
-            await _cancel(pending)
-        error: BaseException | None = None
-        for t in tasks:  # the first refusal in member order among those that raised
-            if t in done and not t.cancelled():
-                exc = t.exception()
-                if error is None:
-                    error = exc
-        if error is not None:
-            raise error
+        finished = [t for t in tasks if t.done() and not t.cancelled()]
+        if left:  # a member raised while others still run
+            await _cancel(tasks)
+        for t in finished:  # the first refusal in member order among those that had ended
+            exc = t.exception()
+            if exc is not None:
+                raise exc
         timings = ctx.timings
         for m, d in zip(members, ns, strict=True):
             timings[m.name] = d

@@ -103,6 +103,13 @@ class RetrieveStage(Part):
         #: outcome -> requests (hit, empty, timeout, error), this worker
         self.counts: dict[str, int] = {"hit": 0, "empty": 0, "timeout": 0, "error": 0}
 
+    def wants(self, ctx: RequestContext) -> bool:
+        """Whether this request has a retriever (a parallel group skips it otherwise)."""
+        route, plan = ctx.route, ctx.plan
+        if ctx.endpoint is not Endpoint.CHAT or route is None or route.name not in self._models:
+            return False
+        return plan is None or not plan.skip_retrieval
+
     async def on_request(self, ctx: RequestContext) -> None:
         route = ctx.route
         if ctx.endpoint is not Endpoint.CHAT or route is None:
