@@ -336,3 +336,19 @@ def test_key_with_server_tools(gw: Gateway) -> None:
     )
     assert json.loads(raw.parse().choices[0].message.content) == {"echo": {"k": 1}}
     assert raw.headers["x-fastpath-tools"].startswith("echo;")
+
+
+def test_anthropic_client(gw: Gateway) -> None:
+    """A client of another API (Anthropic Messages, a dialect): the loop runs on the chat body the
+    dialect made, and the answer comes back as a Messages reply."""
+    import anthropic
+
+    c = anthropic.Anthropic(base_url=gw.url, api_key=PLAIN_KEY, max_retries=0, timeout=20)
+    script = [{"tool": "echo", "content": '{"a": 1}'}, {"content": "Claude-side: {last_tool}"}]
+    raw = c.messages.with_raw_response.create(
+        model="agent", max_tokens=50, messages=MESSAGES, extra_body={"mock": {"script": script}}
+    )
+    msg = raw.parse()
+    assert msg.content[0].type == "text" and msg.content[0].text == 'Claude-side: {"echo":{"a": 1}}'
+    assert msg.stop_reason == "end_turn"
+    assert raw.headers["x-fastpath-tools"].startswith("echo;")
