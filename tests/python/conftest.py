@@ -390,3 +390,24 @@ def private_ca(tmp: Path, name: str = "server") -> tuple[Path, Path, Path]:
     ssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
         "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
     return ca, cert, key
+
+
+# ---- object storage: a real S3-compatible server (moto in server mode) ----------------------------
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Any]:
+    """One moto S3 server per session (tests/python/s3_server.py), its dummy credentials in the
+    environment while it runs; tests take a fresh key prefix each (`s3_server.config()`)."""
+    pytest.importorskip("moto", reason="moto[server] (the dev extra) is not installed")
+    from s3_server import CREDENTIALS, run_s3_server
+
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        with run_s3_server() as server:
+            yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -37,6 +37,14 @@ if TYPE_CHECKING:
 #: what obstore raises: its own errors, the builtin FileNotFoundError for a missing object,
 #: ValueError for a bad argument
 _ERRORS = (BaseError, OSError, ValueError)
+#: the S3 error document's code and message (never a secret: S3 echoes no credentials)
+_CODE = re.compile(r"<Code>([A-Za-z0-9.]{1,64})</Code>")
+_MESSAGE = re.compile(r"<Message>([^<]{1,200})</Message>")
+_DENIED = frozenset(
+    ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
+)
+_CREDENTIALS = ": check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the role) and the bucket policy"
+_UNREACHABLE = re.compile(r"error sending request|timed out|timeout|connection", re.IGNORECASE)
 #: a part of a message that may carry a secret (a presigned URL's query, a header value)
 _SECRETS = re.compile(r"(\?[^\s\"']*|(?i:x-amz-[a-z-]+|authorization|signature|credential)[=:]\s*\S+)")
 _MESSAGE_MAX = 300
@@ -92,15 +100,22 @@ class S3Store:
         return f"S3Store({self._where!r})"
 
     def _error(self, op: str, key: str, exc: Exception) -> ObjectStoreError:
-        if isinstance(exc, FileNotFoundError):
+        text = str(exc)
+        code = _CODE.search(text)
+        if isinstance(exc, FileNotFoundError) and not (code and code.group(1) == "NoSuchBucket"):
             return ObjectNotFound(key)
-        if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
-            kind = "access denied (check the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-            kind += " and the bucket policy)"
+        if code:
+            message = _MESSAGE.search(text)
+            reason = code.group(1) + (f" ({message.group(1)})" if message else "")
+            if code.group(1) in _DENIED:
+                reason += _CREDENTIALS
+        elif isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+            reason = "access denied" + _CREDENTIALS
+        elif _UNREACHABLE.search(text):
+            reason = "cannot reach the server (refused, reset or timed out, retries included)"
         else:
-            kind = type(exc).__name__
-        first = str(exc).split("\n", 1)[0]
-        return ObjectStoreError(f"{self._where}: {op} {key!r} failed: {kind}: {_clean(first)}")
+            reason = f"{type(exc).__name__}: {_clean(text.split(chr(10), 1)[0])}"
+        return ObjectStoreError(f"{self._where}: {op} {key!r} failed: {reason}")
 
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = check_key(key)
