@@ -184,6 +184,14 @@ def _validate_wasm(where: str, tool: WasmToolConfig) -> None:
         raise ConfigError(f"{where}.module: a .wasm or .wat file, got {tool.module!r}")
     if not path.is_file():
         raise ConfigError(f"{where}.module: no such file {tool.module!r}")
+    from .tools.wasm import load_module  # wasmtime only when a wasm tool is configured
+
+    try:
+        load_module(None, tool.module)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = lines[-1] if lines else type(exc).__name__  # wasmtime's last line says what is wrong
+        raise ConfigError(f"{where}.module: {tool.module!r} cannot be compiled: {why}") from None
     if not 1_000 <= tool.fuel <= 10**12:
         raise ConfigError(f"{where}.fuel: must be in [1000, 10^12], got {tool.fuel}")
     if not 1 <= tool.memory_mb <= 4096:

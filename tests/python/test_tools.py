@@ -198,7 +198,7 @@ models: [{name: m, provider: p}]
 
 def _error(tools: str) -> str:
     with pytest.raises(ConfigError) as info:
-        parse(BASE + tools.replace("MOD", ECHO))
+        parse(BASE + tools.replace("MOD", ECHO).replace("BROKEN", str(DATA / "broken.wat")))
     return str(info.value)
 
 
@@ -210,6 +210,7 @@ BAD_CONFIGS = [
         "duplicate tool name",
     ),
     ("tools: {registry: [{kind: wasm, name: a, module: /nope.wasm}]}", "no such file"),
+    ("tools: {registry: [{kind: wasm, name: a, module: BROKEN}]}", "cannot be compiled"),
     ("tools: {registry: [{kind: wasm, name: a, module: MOD, memory_mb: 0}]}", "memory_mb"),
     ("tools: {registry: [{kind: wasm, name: a, module: MOD, allow_dirs: [rel]}]}", "allow_dirs[0]"),
     (

@@ -72,8 +72,10 @@ class WasmSandbox:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def load_module(engine: wasmtime.Engine, path: str) -> wasmtime.Module:
-    """A `.wasm` binary or `.wat` text, compiled once."""
+def load_module(engine: wasmtime.Engine | None, path: str) -> wasmtime.Module:
+    """A `.wasm` binary or `.wat` text, compiled once (engine None: a default one, to check a
+    config)."""
+    engine = engine or wasmtime.Engine()
     data = Path(path).read_bytes()
     if path.endswith(".wat"):
         return wasmtime.Module(engine, bytes(wasmtime.wat2wasm(data.decode())))

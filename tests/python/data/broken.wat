@@ -1,0 +1,2 @@
+;; Not a module: the config check compiles each wasm tool and names what is wrong.
+(module (func (result i32)))
