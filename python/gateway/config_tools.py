@@ -187,11 +187,17 @@ def _validate_wasm(where: str, tool: WasmToolConfig) -> None:
     from .tools.wasm import load_module  # wasmtime only when a wasm tool is configured
 
     try:
-        load_module(None, tool.module)
+        module = load_module(None, tool.module)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         why = lines[-1] if lines else type(exc).__name__  # wasmtime's last line says what is wrong
         raise ConfigError(f"{where}.module: {tool.module!r} cannot be compiled: {why}") from None
+    missing = {"memory", "alloc", "call"} - {e.name for e in module.exports}
+    if missing:
+        raise ConfigError(
+            f"{where}.module: {tool.module!r} does not export {', '.join(sorted(missing))} "
+            "(the tool ABI: README, Server-side tools)"
+        )
     if not 1_000 <= tool.fuel <= 10**12:
         raise ConfigError(f"{where}.fuel: must be in [1000, 10^12], got {tool.fuel}")
     if not 1 <= tool.memory_mb <= 4096:

@@ -85,10 +85,8 @@ def test_network_is_never_linked(sandbox: WasmSandbox) -> None:
     assert "sock_open" in err.message
 
 
-def test_a_module_without_the_abi(sandbox: WasmSandbox, tmp_path: Path) -> None:
-    path = tmp_path / "bare.wat"
-    path.write_text('(module (memory (export "memory") 1))')
-    err = _fails(WasmTool(WasmToolConfig(name="t", module=str(path)), sandbox))
+def test_a_module_without_the_abi(sandbox: WasmSandbox) -> None:
+    err = _fails(_tool(sandbox, "bare.wat"))
     assert err.code == "wasm_abi"
 
 
@@ -198,7 +196,8 @@ models: [{name: m, provider: p}]
 
 def _error(tools: str) -> str:
     with pytest.raises(ConfigError) as info:
-        parse(BASE + tools.replace("MOD", ECHO).replace("BROKEN", str(DATA / "broken.wat")))
+        text = tools.replace("MOD", ECHO).replace("BROKEN", str(DATA / "broken.wat"))
+        parse(BASE + text.replace("BARE", str(DATA / "bare.wat")))
     return str(info.value)
 
 
@@ -211,6 +210,7 @@ BAD_CONFIGS = [
     ),
     ("tools: {registry: [{kind: wasm, name: a, module: /nope.wasm}]}", "no such file"),
     ("tools: {registry: [{kind: wasm, name: a, module: BROKEN}]}", "cannot be compiled"),
+    ("tools: {registry: [{kind: wasm, name: a, module: BARE}]}", "does not export alloc, call"),
     ("tools: {registry: [{kind: wasm, name: a, module: MOD, memory_mb: 0}]}", "memory_mb"),
     ("tools: {registry: [{kind: wasm, name: a, module: MOD, allow_dirs: [rel]}]}", "allow_dirs[0]"),
     (
