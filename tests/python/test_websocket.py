@@ -282,7 +282,14 @@ def test_revoked_key_closes_1008_and_stopping_closes_1001(
                 alice.recv(timeout=10)
             assert info.value.rcvd is not None and info.value.rcvd.code == 1008
             assert text(turn(bob, model="echo", input="still mine")) == "You said: still mine"
+            # a stop during a response: the response finishes, then 1001
+            bob.send(json.dumps({"type": "response.create", "model": "slow", "input": "one two three four"}))
+            while recv(bob)["type"] != "response.output_text.delta":
+                pass
             g.proc.send_signal(signal.SIGTERM)
+            rest = until_end(bob)
+            assert rest[-1]["type"] == "response.completed"
+            assert rest[-1]["response"]["output"][0]["content"][0]["text"] == "You said: one two three four"
             with pytest.raises(ConnectionClosed) as info:
                 bob.recv(timeout=20)
             assert info.value.rcvd is not None and info.value.rcvd.code == 1001

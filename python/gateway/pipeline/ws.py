@@ -20,7 +20,8 @@ aborted; status 499 to the observers). Limits: `responses.websocket.idle_timeout
 and no response running) and `max_connection_ms` (checked between responses) each end the
 connection with an error event and close 1000; a message over `server.max_body_bytes` closes
 with 1009 (the uvloop engine does it while the message arrives); an internal failure with 1011;
-a stopping uvloop worker closes with 1001 once the response in flight is done.
+a stopping uvloop worker closes with 1001 once the response in flight is done (its engine's close
+message says 1001; granian stops in its own way).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.ws")
 
-NORMAL, POLICY, TOO_BIG, INTERNAL = 1000, 1008, 1009, 1011
+NORMAL, GOING_AWAY, POLICY, TOO_BIG, INTERNAL = 1000, 1001, 1008, 1009, 1011
 _CLOSE, _BYTES = 0, 1  # RSGI WebsocketMessage kinds (2: str)
 PATH = Endpoint.RESPONSES.value
 _decode = msgspec.json.decode
@@ -155,8 +156,8 @@ class ResponsesSocket:
                 await asyncio.wait({resp, rx}, return_when=asyncio.FIRST_COMPLETED)
                 if rx.done():
                     held, rx = rx.result(), None
-                    if held.kind == _CLOSE:
-                        self.gone.set()  # the response's disconnect signal: it is cancelled
+                    if held.kind == _CLOSE and held.data != GOING_AWAY:  # (the server stopping
+                        self.gone.set()  # lets it finish) the client left: the response is cancelled
                 code = await resp
                 if code is not None:
                     return code

@@ -9,9 +9,10 @@ control both ways: a send returns once the frame is in the socket's buffer and t
 below its high-water mark (a client that stops reading stops the sender, and through it the
 relay's upstream reads); parsed messages the app has not taken yet are at most a few (reading
 pauses beyond them), each at most `server.max_body_bytes` (a larger one: close 1009). Stopping,
-the engine closes an idle connection with 1001 at once and a busy one at the app's next
-`receive()`. Before `accept()` the app may refuse the upgrade with an HTTP reply
-(`response_bytes`, this engine only) or `close(status)` (that status, no body: as granian).
+`receive()` answers a close message whose `data` is 1001 (a peer's close has None), so an app
+may finish what it is doing first; whatever it then closes with, the code sent is 1001. Before
+`accept()` the app may refuse the upgrade with an HTTP reply (`response_bytes`, this engine
+only) or `close(status)` (that status, no body: as granian).
 """
 
 from __future__ import annotations
@@ -40,16 +41,19 @@ _CLOSED = "fastpath: websocket closed"
 
 
 class Message:
-    """RSGI's WebsocketMessage: `kind` 0 closed, 1 bytes, 2 str."""
+    """RSGI's WebsocketMessage: `kind` 0 closed (`data`: None, or 1001 when the server stops), 1
+    bytes, 2 str."""
 
     __slots__ = ("data", "kind")
 
-    def __init__(self, kind: int, data: bytes | str | None) -> None:
+    def __init__(self, kind: int, data: bytes | str | int | None) -> None:
         self.kind = kind
         self.data = data
 
 
 CLOSED = Message(0, None)
+#: what `receive()` answers once the server is stopping
+GOING = Message(0, ws.GOING_AWAY)
 
 
 class WsExchange:
@@ -143,11 +147,9 @@ class WsExchange:
             t.pause_reading()
 
     def going_away(self) -> None:
-        """The server is stopping: an app waiting for a message gets the close now (1001 sent),
-        one busy with a message gets it at its next `receive()`."""
+        """The server is stopping: a `receive()` waiting now, or the next one, answers `GOING`."""
         self.going = True
         if self._waiter is not None and not self._waiter.done():
-            self._send_close(ws.GOING_AWAY)
             self._waiter.set_result(None)
 
     def finished(self) -> None:
@@ -175,7 +177,7 @@ class WsExchange:
             refused = status or 403
             self._refuse(refused, [], b"")
             return refused, False
-        code = status or ws.NORMAL
+        code = ws.GOING_AWAY if self.going else status or ws.NORMAL
         if not self.close_sent:
             self._send_close(code)
         return code, True
@@ -257,9 +259,8 @@ class WsTransport:
     async def receive(self) -> Message:
         ex = self._ex
         while True:
-            if ex.going and not ex.close_sent:
-                ex._send_close(ws.GOING_AWAY)
-                return CLOSED
+            if ex.going:
+                return GOING
             if ex._queue:
                 msg = ex._queue.popleft()
                 if ex._paused and len(ex._queue) < _MAX_QUEUED // 2 and ex.conn.transport is not None:
