@@ -75,6 +75,8 @@ def test_consecutive_independent_waiting_stages_form_a_group() -> None:
         assert list(flat(got)) == stages  # every part keeps its own lifecycle
         off = chain(stages, loop, False)
         assert off == tuple(stages)  # switched off: the chain as configured, nothing wrapped
+        no_group = [Plain("decode"), Declared("retrieve", writes={"rag"}), Plain("prompts")]
+        assert chain(no_group, loop, True) == tuple(no_group)  # no group forms: nothing added
     finally:
         loop.close()
 
