@@ -102,6 +102,11 @@ class BatchesPart:
             await self.queue.client.close()
 
 
+class LineNotRecorded(Exception):
+    """A line ran but its outcome could not be written: the batch is resumed later (its lease
+    runs out), not finalized without it."""
+
+
 class BatchRunner(Runner):
     """The jobs' runner on the lane's queue; a claimed job is a batch to drive."""
 
@@ -173,34 +178,44 @@ class BatchRunner(Runner):
     ) -> None:
         done = await self.store.done_ids(batch_id)
         todo = [(n, ln) for n, ln in lines if ln.custom_id not in done]
-        running: dict[asyncio.Task[None], list[CaptureProtocol]] = {}
+        active: dict[asyncio.Task[None], list[CaptureProtocol]] = {}
+        errors: list[BaseException] = []
+
+        def reap() -> None:
+            for t in [t for t in active if t.done()]:
+                active.pop(t)
+                exc = None if t.cancelled() else t.exception()
+                if exc is not None:
+                    errors.append(exc)
+
         stopped = self.loop.create_task(proto.client_disconnect())
         try:
             for number, line in todo:
-                while len(running) >= self.lines and not stopped.done():
-                    await asyncio.wait([*running, stopped], return_when=asyncio.FIRST_COMPLETED)
-                    for t in [t for t in running if t.done()]:
-                        running.pop(t)
+                while len(active) >= self.lines and not stopped.done():
+                    await asyncio.wait([*active, stopped], return_when=asyncio.FIRST_COMPLETED)
+                    reap()
                 if self.yield_at:
                     await self._yield(stopped)
                 if stopped.done():
                     break
                 holder: list[CaptureProtocol] = []
-                task = self.loop.create_task(self._line(batch_id, number, line, job, holder))
-                running[task] = holder
-            while not stopped.done() and any(not t.done() for t in running):
-                pending = [t for t in running if not t.done()]
-                await asyncio.wait([*pending, stopped], return_when=asyncio.FIRST_COMPLETED)
-            pending = [t for t in running if not t.done()]
-            if proto.aborted == "cancelled" and pending:  # in-flight lines may finish
-                await asyncio.wait(pending, timeout=_CANCEL_GRACE_S)
+                active[self.loop.create_task(self._line(batch_id, number, line, job, holder))] = holder
+            while active and not stopped.done():
+                await asyncio.wait([*active, stopped], return_when=asyncio.FIRST_COMPLETED)
+                reap()
+            if proto.aborted == "cancelled" and active:  # in-flight lines may finish
+                await asyncio.wait(list(active), timeout=_CANCEL_GRACE_S)
+                reap()
+            if errors and proto.aborted is None:  # a line without its outcome: not final yet
+                raise LineNotRecorded(f"{len(errors)} lines: {errors[0]!r}")
         finally:
             stopped.cancel()
-            for holder in running.values():
+            for holder in active.values():
                 for p in holder:
                     p.abort("batch")
-            if running:
-                await asyncio.wait(list(running), timeout=5.0)
+            if active:
+                await asyncio.wait(list(active), timeout=5.0)
+                reap()
 
     async def _yield(self, stopped: asyncio.Task[None]) -> None:
         """Wait (up to `max_yield_ms`) for a moment this worker serves fewer interactive
