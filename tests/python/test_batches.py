@@ -379,3 +379,16 @@ def test_config_is_validated(section: str, message: str) -> None:
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse(gateway_config(1) + section + "\n")
+
+
+def test_visibility_rules() -> None:
+    from gateway.batches.store import caller_scope, scopes, visible
+
+    mine = {"owner": b"alice", "team": b"red"}
+    assert visible(mine, ("alice", "")) and visible(mine, ("carol", "red")) and visible(mine, None)
+    assert not visible(mine, ("bob", "blue")) and not visible({"owner": b"alice", "team": b""}, ("carol", ""))
+    # each list reads one sorted set, and the object is indexed in the one its reader reads
+    assert caller_scope(("alice", "red")) in scopes("alice", "red")
+    assert caller_scope(("dave", "")) in scopes("dave", "")
+    assert caller_scope(None) == "all" and caller_scope(("", "")) == "all"  # admin; auth off
+    assert visible({"owner": b"", "team": b""}, ("", ""))

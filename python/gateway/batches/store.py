@@ -83,7 +83,7 @@ def visible(h: dict[str, bytes], caller: tuple[str, str] | None) -> bool:
 
 
 def caller_scope(caller: tuple[str, str] | None) -> str:
-    if caller is None:
+    if caller is None or not caller[0]:  # the admin; or auth off: everything is everyone's
         return "all"
     return "team:" + caller[1] if caller[1] else "key:" + caller[0]
 
