@@ -137,6 +137,7 @@ def main() -> None:
         dispatch.script = script
         return _Loop(dispatch, _ctx()).run()
 
+    load0 = Path("/proc/loadavg").read_text().split()[0]
     cells: dict[str, list[tuple[float, float]]] = {
         k: [] for k in ("wasm_call", "wasm_run", "one_turn", "two_turns")
     }
@@ -149,8 +150,8 @@ def main() -> None:
     def med(key: str, i: int) -> float:
         return statistics.median(c[i] for c in cells[key])
 
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"loadavg before/after: {' '.join(load)}; n={args.n} x {args.repeats} rounds (medians)")
+    load1 = Path("/proc/loadavg").read_text().split()[0]
+    print(f"loadavg (1 min) before {load0}, after {load1}; n={args.n} x {args.repeats} rounds (medians)")
     print(f"{'what':<44} {'wall us':>9} {'cpu us':>9}")
     rows = [
         ("wasm echo call (store+instance+limits, thread)", "wasm_call"),
