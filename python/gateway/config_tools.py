@@ -21,7 +21,7 @@ _DEFAULT_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 class HttpToolConfig(
     msgspec.Struct, tag="http", tag_field="kind", kw_only=True, forbid_unknown_fields=True, frozen=True
 ):
-    """An HTTP endpoint called with the model's arguments (a JSON object body; GET: none). Also a
+    """An HTTP endpoint called with the model's arguments (a JSON body; GET: the query). Also a
     **prompt target**: `summarize: false` answers the client with the endpoint's reply itself."""
 
     #: The function name the model sees (OpenAI's rule: 1-64 of [A-Za-z0-9_-]).

@@ -125,6 +125,13 @@ class _Api(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
+    def do_GET(self) -> None:
+        out = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
     def log_message(self, *args: Any) -> None:
         pass
 
@@ -139,21 +146,27 @@ def api() -> Iterator[int]:
 
 
 def test_http_tool(api: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def main() -> tuple[bytes, ToolFailure]:
+    async def main() -> tuple[bytes, bytes, ToolFailure, ToolFailure]:
         loop = asyncio.get_running_loop()
         base = f"http://127.0.0.1:{api}"
         ok = HttpTool(HttpToolConfig(name="t", url=f"{base}/ok", headers={"authorization": "Bearer k"}), loop)
         bad = HttpTool(HttpToolConfig(name="t", url=f"{base}/down"), loop)
+        get = HttpTool(HttpToolConfig(name="t", url=f"{base}/find?v=1", method="GET"), loop)
         out = await ok.run(loop, b'{"q": 1}')
+        got = await get.run(loop, b'{"city": "S\xc3\xa3o Paulo", "days": [1, 2], "exact": true}')
         with pytest.raises(ToolFailure) as exc:
             await bad.run(loop, b"{}")
-        ok.close()
-        bad.close()
-        return out, exc.value
+        with pytest.raises(ToolFailure) as nested:
+            await get.run(loop, b'{"where": {"lat": 1}}')
+        for t in (ok, bad, get):
+            t.close()
+        return out, got, exc.value, nested.value
 
-    out, err = asyncio.run(main())
+    out, got, err, nested = asyncio.run(main())
     assert json.loads(out) == {"got": {"q": 1}, "auth": "Bearer k"}
+    assert json.loads(got) == {"path": "/find?v=1&city=S%C3%A3o+Paulo&days=1&days=2&exact=true"}
     assert err.code == "http_status" and "HTTP 503" in err.message
+    assert nested.code == "tool_arguments_invalid"
 
 
 def test_http_tool_unreachable() -> None:
