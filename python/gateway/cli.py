@@ -1,5 +1,5 @@
 """`fastpath-gateway` command line: serve, reload, check-config, run-local, triton-local, keys, audit, usage,
-load-spills, bench, print-default-config, version."""
+archive, load-spills, bench, print-default-config, version."""
 
 from __future__ import annotations
 
@@ -897,6 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .index_cli import add_parser as add_index_parser
 
     add_index_parser(sub)  # `index add`: documents into a retriever's index
+    from .objstore.archive_cli import add_parser as add_archive_parser
+
+    add_archive_parser(sub)  # `archive --day`: a day of the ledger / audit log to the object store
     return p
 
 

@@ -67,7 +67,11 @@ class LocalDirStore:
         return self.root / check_key(key)
 
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        await asyncio.to_thread(self._put, self._path(key), data)
+        path = self._path(key)
+        try:
+            await asyncio.to_thread(self._put, path, data)
+        except OSError as exc:
+            raise ObjectStoreError(f"{self.root}: put {key!r} failed: {exc.strerror or exc}") from None
 
     @staticmethod
     def _put(path: Path, data: bytes) -> None:
@@ -91,7 +95,13 @@ class LocalDirStore:
             raise ObjectStoreError(f"{key}: {exc.strerror}") from None
 
     async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self._path(key).unlink, True)
+        path = self._path(key)
+        try:
+            await asyncio.to_thread(path.unlink, True)
+        except (IsADirectoryError, NotADirectoryError):
+            return  # no object under that key
+        except OSError as exc:
+            raise ObjectStoreError(f"{self.root}: delete {key!r} failed: {exc.strerror or exc}") from None
 
     async def exists(self, key: str) -> bool:
         return self._path(key).is_file()
