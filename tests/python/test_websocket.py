@@ -306,6 +306,12 @@ def test_granian_engine_serves_the_same_app(mock_upstream: MockUpstream, tmp_pat
             assert text(second) == "You said: again"
             refused = turn(ws, model="nope", input="x")
             assert refused[0]["status"] == 404
+            # granian takes the whole message (its own limit is 64 MiB), the app closes (1009),
+            # and granian's close frame carries no code (the client sees 1005: none received)
+            ws.send(json.dumps({"type": "response.create", "model": "echo", "input": "w " * MAX_BODY}))
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1005
         with pytest.raises(InvalidStatus) as info:
             ws_connect(g, None)
         assert info.value.response.status_code == 401  # without a body: RSGI has no way to send one

@@ -21,7 +21,8 @@ and no response running) and `max_connection_ms` (checked between responses) eac
 connection with an error event and close 1000; a message over `server.max_body_bytes` closes
 with 1009 (the uvloop engine does it while the message arrives); an internal failure with 1011;
 a stopping uvloop worker closes with 1001 once the response in flight is done (its engine's close
-message says 1001; granian stops in its own way).
+message says 1001). On granian the close frame carries no code (RSGI's `close(status)` there
+sends none) and a stop does not announce itself.
 """
 
 from __future__ import annotations
