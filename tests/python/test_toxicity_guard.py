@@ -57,6 +57,7 @@ models:
   - {{name: chat, provider: mock, upstream_model: mock-echo}}
   - {{name: chat-down, provider: mock, upstream_model: mock-echo}}
   - {{name: chat-stopped, provider: mock, upstream_model: mock-echo}}
+  - {{name: chat-two, provider: mock, upstream_model: mock-echo}}
 auth:
   enabled: true
   keys:
@@ -75,6 +76,10 @@ guards:
   - {{name: toxicity_stopped, kind: triton, provider: triton, model: toxicity_guard_stopped,
       check: reply, timeout_ms: 3000, on_error: fail_open, on_error_by_tier: {{free: fail_closed}},
       models: [chat-stopped]}}
+  - {{name: tox_reply, kind: triton, provider: triton, model: toxicity_guard, check: reply,
+      timeout_ms: 30000, window_chars: 200, models: [chat-two]}}
+  - {{name: injection_reply, kind: triton, provider: triton, model: prompt_guard, check: reply,
+      timeout_ms: 30000, window_chars: 200, models: [chat-two]}}
 """
 
 
@@ -230,6 +235,17 @@ def test_benign_stream_passes_in_several_windows(gw: Gateway) -> None:
         for c in json.loads(x[6:]).get("choices", [])
     )
     assert text == REPORT * 8
+
+
+def test_two_reply_guards_keep_their_own_windows(gw: Gateway) -> None:
+    """Two reply guards on one model (toxicity, then the prompt-injection model on the reply):
+    each scores the stream; the one that hits names itself; both report a benign stream."""
+    text, err, _ = _stream(_client(gw), "chat-two", REPORT * 2 + THREAT.strip())
+    assert isinstance(err, openai.APIError) and err.code == "tox_reply"
+    assert text.startswith(REPORT * 2)
+    r = _ask(_client(gw), "chat-two", "hello there", content=REPORT)
+    verdicts = r.headers.get_list("x-fastpath-output-classifier")
+    assert [v.split(";")[0] for v in verdicts] == ["tox_reply=pass", "injection_reply=pass"]
 
 
 # ---- failure policy by risk: the guard unreachable or its model stopped -------------------------
