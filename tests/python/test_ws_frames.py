@@ -41,6 +41,12 @@ def refused(data: bytes, max_message: int = 1 << 20) -> int:
     return info.value.code
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 2047, 2048, 2049, 2051, 70_001])
+def test_unmask_both_ways_equal_the_bytewise_definition(n: int) -> None:
+    payload, mask = os.urandom(n), os.urandom(4)
+    assert ws.unmask(payload, mask) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 def test_accept_key_is_rfc_6455s_example() -> None:
     assert ws.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 

