@@ -4,6 +4,7 @@ the router's training set (checked below)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -151,11 +152,13 @@ def gw(
         yield g, ledger
 
 
-def post(port: int, body: dict[str, Any], rid: str = "") -> tuple[int, dict[str, str], dict[str, Any]]:
+def post(
+    port: int, body: dict[str, Any], rid: str = "", path: str = "/v1/chat/completions"
+) -> tuple[int, dict[str, str], dict[str, Any]]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"content-type": "application/json"} | ({"x-request-id": rid} if rid else {})
     try:
-        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(), headers)
+        conn.request("POST", path, json.dumps(body).encode(), headers)
         resp = conn.getresponse()
         raw = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(raw)
@@ -207,6 +210,14 @@ def test_shadow_mode_reports_the_choice_but_keeps_the_route(gw: tuple[Gateway, P
     assert plan_of(headers)["model"] == "gpt-4o" and served_by(headers) == "gpt-4o"
 
 
+def test_completions_are_planned_and_embeddings_are_not(gw: tuple[Gateway, Path]) -> None:
+    body = {"model": "auto", "prompt": HARD[0], "max_tokens": 4}
+    status, headers, _ = post(gw[0].port, body, path="/v1/completions")
+    assert status == 200 and plan_of(headers)["class"] == "hard" and served_by(headers) == "gpt-4o"
+    status, headers, err = post(gw[0].port, {"model": "auto", "input": "x"}, path="/v1/embeddings")
+    assert status == 404 and err["error"]["code"] == "model_not_found" and "x-fastpath-plan" not in headers
+
+
 def test_unplanned_models_carry_no_plan(gw: tuple[Gateway, Path]) -> None:
     status, headers, _ = post(gw[0].port, chat("gpt-4o-mini", HARD[0]))
     assert status == 200 and "x-fastpath-plan" not in headers and served_by(headers) == "gpt-4o-mini"
@@ -233,7 +244,7 @@ def test_ledger_row_and_metrics_have_the_plan(gw: tuple[Gateway, Path]) -> None:
     row = None
     while row is None and time.monotonic() < deadline:
         if ledger.exists():
-            with sqlite3.connect(ledger) as conn:
+            with contextlib.closing(sqlite3.connect(ledger)) as conn:
                 row = conn.execute(
                     "SELECT model, plan FROM fastpath_usage WHERE request_id = ?", (rid,)
                 ).fetchone()
@@ -241,17 +252,11 @@ def test_ledger_row_and_metrics_have_the_plan(gw: tuple[Gateway, Path]) -> None:
     assert row is not None, "no ledger row"
     assert row == ("gpt-4o", headers["x-fastpath-plan"])  # the served model; the plan as sent
     assert "for=auto" in row[1] and "class=hard" in row[1]
-    conn2 = http.client.HTTPConnection("127.0.0.1", g.port, timeout=20)
-    want = _series("auto", "hard", "gpt-4o", "routed")
-    deadline = time.monotonic() + 20
-    text = ""
-    while want not in text and time.monotonic() < deadline:
-        conn2.request("GET", "/metrics")
-        text = conn2.getresponse().read().decode()
-        time.sleep(0.05)
-    conn2.close()
-    assert want in text, [line for line in text.splitlines() if "planner" in line]
-    assert _series("gpt-4o", "simple", "gpt-4o-mini", "shadow") in text
+    assert post(g.port, chat("gpt-4o", SIMPLE[1]))[0] == 200  # shadow: counted too, after it
+    shadow = _series("gpt-4o", "simple", "gpt-4o-mini", "shadow")
+    text = scrape(g.port, shadow)
+    assert shadow in text, [line for line in text.splitlines() if "planner" in line]
+    assert _series("auto", "hard", "gpt-4o", "routed") in text
 
 
 def test_openai_sdk_with_model_auto(gw: tuple[Gateway, Path]) -> None:
@@ -288,6 +293,21 @@ def test_classifier_down_falls_back_to_the_default_model(
                 "unknown", "gpt-4o-mini", "-", "fallback"
             )  # fmt: skip
             assert served_by(headers) == "gpt-4o-mini"
+        fallback = _series("auto", "unknown", "gpt-4o-mini", "fallback")
+        assert fallback in scrape(g.port, fallback)
+
+
+def scrape(port: int, until: str) -> str:
+    """`/metrics` once `until` shows in it (counters are published on a timer), or the last text."""
+    deadline = time.monotonic() + 20
+    text = ""
+    while until not in text and time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        time.sleep(0.05)
+    return text
 
 
 # ---- config validation ----------------------------------------------------------------------------
