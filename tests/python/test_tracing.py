@@ -193,3 +193,28 @@ def test_an_unreachable_collector_costs_the_requests_nothing(
             )
         time.sleep(0.5)
     assert "tracing: exporting" in log.read_text()
+
+
+def test_a_parallel_groups_members_are_spans_side_by_side(
+    mock_upstream: MockUpstream, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Two stages run together (pipeline/parallel.py): their spans start together, inside the
+    group's own span `stage pre`, and the stages after it start after it."""
+    ext = "".join(
+        f"""  - {{kind: request_stage, factory: "parallel_parts:sleeper", options: {{name: {n}, ms: {ms}}}}}
+"""
+        for n, ms in (("slow_a", 100), ("slow_b", 50))
+    )
+    text = config(mock_upstream, receiver) + f"pipeline: {{parallel_stages: true}}\nextensions:\n{ext}"
+    trace_id = os.urandom(16).hex()
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hello"}]}
+    with run_gateway(tmp_path, mock_upstream, config_text=text) as gw:
+        status, _ = post(gw.port, body, {"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"})
+        assert status == 200
+        spans = receiver.of(trace_id, least=6)
+    stages = {s.name: s for s in spans if s.kind == tr.Span.SPAN_KIND_INTERNAL}
+    a, b, group = stages["stage slow_a"], stages["stage slow_b"], stages["stage pre"]
+    assert a.start_time_unix_nano == b.start_time_unix_nano == group.start_time_unix_nano
+    assert max(a.end_time_unix_nano, b.end_time_unix_nano) <= group.end_time_unix_nano
+    (client,) = [s for s in spans if s.kind == tr.Span.SPAN_KIND_CLIENT]
+    assert client.start_time_unix_nano >= group.end_time_unix_nano

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 SHARED = frozenset({"reply_headers", "timings"})
 #: the timing name of the first group (the next ones: pre2, pre3, ...)
 GROUP_TIMING = "pre"
+#: a group's timing name -> its members' names (static: the config's chain), for the trace
+#: observer, which lays the members' spans side by side from the group's start
+GROUP_MEMBERS: dict[str, tuple[str, ...]] = {}
 
 
 def concurrent(stage: Any) -> bool:
@@ -161,6 +164,7 @@ class StageGroup(Part):
         self.name = name
         self.members = members
         self._loop = loop
+        GROUP_MEMBERS[name] = tuple(m.name for m in members)
         wants = tuple(getattr(m, "wants", None) for m in members)
         self._wants = None if all(w is None for w in wants) else wants
 

@@ -21,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..tracing import TraceContext, parse_traceparent
+from .parallel import GROUP_MEMBERS
 from .stage import Outcome, Part
 
 if TYPE_CHECKING:
@@ -249,16 +250,27 @@ def encode(service: str, batch: list[_Done]) -> bytes:
                 status=status,
             )
         )
-        # the request stages ran one after the other from the arrival: lay them out in order
+        # the request stages ran one after the other from the arrival: lay them out in order;
+        # the members of a parallel group (pipeline/parallel.py) side by side from its start
         cursor = d.start_unix_ns
         sub = 0
-        for name, ns in d.timings.items():
+        timings = d.timings
+        in_group = {m: g for g, ms in GROUP_MEMBERS.items() if g in timings for m in ms}
+        group_start: int | None = None
+        for name, ns in timings.items():
             if name in _NOT_STAGES:
                 continue
             if name.startswith("guard_"):  # one guard inside stage `guard`, which follows them
                 start = cursor + sub
                 sub += ns
+            elif name in in_group:  # recorded when the group ends: the cursor is at its start
+                group_start = cursor if group_start is None else group_start
+                start = group_start
+                sub = 0
             else:
+                if name in GROUP_MEMBERS and group_start is not None:  # the group's own span
+                    cursor = group_start
+                    group_start = None
                 start = cursor
                 cursor += ns
                 sub = 0
