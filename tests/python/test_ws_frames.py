@@ -5,13 +5,16 @@ same refusals on the wire, against a gateway, with raw sockets."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import struct
 from collections.abc import Iterator
 
 import pytest
-from conftest import Gateway, MockUpstream, run_gateway
+from conftest import Gateway, MockUpstream, gateway_config, run_gateway
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from gateway.server import websocket as ws
 
@@ -176,7 +179,9 @@ def test_handshake_checks(method: str, headers: dict[str, str], status: int) -> 
 # ---- on the wire ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with run_gateway(tmp_path_factory.mktemp("ws-frames"), mock_upstream, max_body_bytes=4096) as g:
+    limits = "responses:\n  websocket: {max_connection_ms: 3000, idle_timeout_ms: 3000}\n"
+    text = gateway_config(mock_upstream.port, max_body_bytes=4096) + limits
+    with run_gateway(tmp_path_factory.mktemp("ws-frames"), mock_upstream, config_text=text) as g:
         yield g
 
 
@@ -264,3 +269,19 @@ def test_wire_upgrade_on_an_unknown_path_is_a_404(gw: Gateway) -> None:
     s.close()
     assert data.startswith(b"HTTP/1.1 404 ")
     assert b'"type":"not_found_error"' in data
+
+
+def test_wire_connection_time_limit_ends_between_responses(gw: Gateway) -> None:
+    """`max_connection_ms` (3 s here) is checked between responses: after the response, the
+    wait for the next message ends at the limit with its error event, then close 1000."""
+    with connect(f"ws://127.0.0.1:{gw.port}/v1/responses", open_timeout=20) as c:
+        c.send(json.dumps({"type": "response.create", "model": "echo", "input": "just in time"}))
+        events = []
+        while not events or events[-1]["type"] not in ("response.completed", "error"):
+            events.append(json.loads(c.recv(timeout=30)))
+        assert events[-1]["type"] == "response.completed"
+        event = json.loads(c.recv(timeout=30))
+        assert event["type"] == "error" and event["error"]["code"] == "websocket_connection_limit_reached"
+        with pytest.raises(ConnectionClosed) as info:
+            c.recv(timeout=10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1000
