@@ -26,6 +26,7 @@ from . import reload as reload_mod
 from .audit import AdminAudit
 from .batches.routes import BatchesApi
 from .config import Config
+from .config_planner import planned_names
 from .context import Endpoint, RequestContext
 from .edge import ClientResolver
 from .errors import Fault, GatewayError, quote
@@ -576,6 +577,7 @@ def _models_body(cfg: Config) -> bytes:
         ModelList(
             [ModelCard(m.name, created, m.owned_by) for m in cfg.models]
             + [ModelCard(alias, created, "fastpath-gateway") for alias in cfg.aliases]
+            + [ModelCard(name, created, "fastpath-gateway") for name in planned_names(cfg)]  # `auto`
         )
     )
 

@@ -262,6 +262,9 @@ def test_ledger_row_and_metrics_have_the_plan(gw: tuple[Gateway, Path]) -> None:
 def test_openai_sdk_with_model_auto(gw: tuple[Gateway, Path]) -> None:
     client = openai.OpenAI(base_url=f"{gw[0].url}/v1", api_key="unused", max_retries=0, timeout=60)
     try:
+        ids = {m.id for m in client.models.list()}
+        assert {"auto", "auto-lean", "gpt-4o", "gpt-4o-mini"} <= ids  # virtual models are listed
+        assert client.models.retrieve("auto").id == "auto"
         raw = client.chat.completions.with_raw_response.create(
             model="auto", messages=[{"role": "user", "content": HARD[1]}], max_tokens=4
         )
