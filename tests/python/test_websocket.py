@@ -90,6 +90,7 @@ def test_two_responses_on_one_connection_chained(gw: Gateway, mock_upstream: Moc
         rid = first[-1]["response"]["id"]
         mock_upstream.clear()
         second = turn(ws, model="echo", input="and once more", previous_response_id=rid)
+        assert second[0]["type"] == "response.created"  # nothing of the first after its end
         assert second[-1]["type"] == "response.completed"
         assert second[-1]["response"]["previous_response_id"] == rid
         assert text(second) == "You said: and once more"
