@@ -564,6 +564,9 @@ class GuardConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_batch: int = 32
     #: What the model reads: the prompt, the reply, or both (one name, one policy).
     check: GuardCheck = GuardCheck.PROMPT
+    #: Score the prompt sentence by sentence (one batched call; the highest score decides), for
+    #: models of short texts such as toxicity_guard (replies are always scored so).
+    sentences: bool = False
     #: Replies on streams: a window is scored every this many new characters of completion
     #: text (and once at the end), off the stream's path; each with `overlap_chars` of the
     #: text before it, so a phrase cut by a window's edge is seen whole.

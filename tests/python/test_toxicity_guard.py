@@ -19,7 +19,7 @@ from conftest import Gateway, MockUpstream, TritonServer, free_port, run_gateway
 from gateway import config as config_mod
 from gateway.config import ConfigError, OnError
 from gateway.pipeline.guard import on_error_for
-from gateway.pipeline.output_classifier import boundary, segments
+from gateway.pipeline.sentences import boundary, segments
 from gateway.principal import Principal
 
 TOXIC = [
@@ -69,7 +69,7 @@ tiers:
   internal: {{}}
 guards:
   - {{name: toxicity, kind: triton, provider: triton, model: toxicity_guard, check: both,
-      timeout_ms: 30000, window_chars: 200, models: [chat]}}
+      sentences: true, timeout_ms: 30000, window_chars: 200, models: [chat]}}
   - {{name: toxicity_down, kind: triton, provider: triton_down, model: toxicity_guard, check: both,
       timeout_ms: 3000, on_error: fail_closed, on_error_by_team: {{platform: fail_open}},
       on_error_by_key: {{free-trusted: fail_open}}, models: [chat-down]}}
@@ -164,6 +164,13 @@ def test_toxic_prompt_is_refused_naming_the_guard(gw: Gateway, prompt: str) -> N
     assert err.code == "toxicity"
     assert err.response.headers["x-prompt-guard-error-code"] == "toxicity"
     assert "`toxicity` guard" in err.message
+
+
+def test_one_toxic_sentence_in_a_long_prompt_is_refused(gw: Gateway) -> None:
+    """`sentences: true`: the threat is scored alone, not averaged into four benign reports."""
+    with pytest.raises(openai.BadRequestError) as ei:
+        _ask(_client(gw), "chat", REPORT * 2 + THREAT + REPORT * 2)
+    assert ei.value.code == "toxicity"
 
 
 def test_benign_prompt_and_reply_pass_both_checks(gw: Gateway) -> None:

@@ -38,6 +38,7 @@ from ..schemas import ChatRequestView, EmbeddingsRequestView
 from ..upstreams.grpc_transport import RpcError
 from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error
 from . import guard_rules
+from .sentences import segments
 from .stage import Part
 
 if TYPE_CHECKING:
@@ -129,7 +130,11 @@ class TritonGuard:
         """None (passed) or the verdict when the model was not asked; raises _Blocked."""
         if self.cfg.min_chars and len(text.strip()) < self.cfg.min_chars:
             return "skipped_short"
-        score = await self.score(text)
+        if self.cfg.sentences:
+            parts = segments(text[-self.cfg.max_chars :], self.cfg.max_chars)
+            score = max(await asyncio.gather(*(self.score(p) for p in parts)), default=0.0)
+        else:
+            score = await self.score(text)
         if score >= self.cfg.threshold:
             raise _Blocked(f"score {score:.3f} >= {self.cfg.threshold}")
         return None

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -38,6 +37,7 @@ from ..config import GuardCheck, GuardConfig, OnError
 from ..context import Endpoint
 from ..errors import Fault, GatewayError
 from .guard import TritonGuard, build_guards, on_error_for
+from .sentences import boundary, segments
 from .stage import Part
 
 if TYPE_CHECKING:
@@ -48,45 +48,6 @@ log = logging.getLogger("gateway.output_classifier")
 
 DECISION_HEADER = "x-fastpath-output-classifier"
 BLOCK_HEADER = "x-output-guard-error-code"  # the output guard's: a client reads one header
-
-
-#: where a sentence ends: its terminator (and a closing quote or bracket), then white space
-_SENTENCE_END = re.compile(r"[.!?;:\n][\"')\]]*\s+|\n")
-#: sentences shorter than this are scored with the next one (a word or two means nothing alone)
-MIN_SEGMENT = 60
-
-
-def boundary(text: str, start: int) -> int:
-    """The end of the last whole sentence in `text[start:]` (`start` when there is none)."""
-    end = start
-    for m in _SENTENCE_END.finditer(text, start):
-        end = m.end()
-    return end
-
-
-def segments(text: str, max_chars: int) -> list[str]:
-    """`text` cut into sentences, each scored alone: the model mean-pools its embedding over
-    the whole input, so one toxic sentence among benign ones scores low when they are scored
-    together (measured: 0.99 alone, 0.16 after 150 benign characters). Short sentences join
-    the next; a sentence longer than `max_chars` is cut into pieces of that size."""
-    out: list[str] = []
-    cur = ""
-    last = 0
-    for m in _SENTENCE_END.finditer(text):
-        cur += text[last : m.end()]
-        last = m.end()
-        if len(cur.strip()) >= MIN_SEGMENT:
-            out += _cut(cur, max_chars)
-            cur = ""
-    cur += text[last:]
-    if cur.strip():
-        out += _cut(cur, max_chars)
-    return out
-
-
-def _cut(sentence: str, max_chars: int) -> list[str]:
-    s = sentence.strip()
-    return [s[i : i + max_chars] for i in range(0, len(s), max_chars)]
 
 
 class _Windows:
