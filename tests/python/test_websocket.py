@@ -36,6 +36,8 @@ def config(upstream: MockUpstream, tmp: Path, idle_ms: int = IDLE_MS, **server: 
             f"    - {{id: alice, key: {KEY}, team: red, tier: ws}}",
             "tiers:",
             "  ws: {rpm: 1000, models: {gpt-4o-mini: {rpm: 1}}}",
+            "metrics:",
+            "  require_admin: false",
             "responses:",
             "  store:",
             f"    path: {tmp / 'r.db'}",
@@ -209,6 +211,16 @@ def test_idle_connection_gets_an_event_then_1000(gw: Gateway) -> None:
     assert info.value.rcvd is not None and info.value.rcvd.code == 1000
 
 
+def in_flight(g: Gateway) -> float:
+    c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=5)
+    try:
+        c.request("GET", "/metrics")
+        lines = c.getresponse().read().decode().splitlines()
+    finally:
+        c.close()
+    return float(next(ln.split()[-1] for ln in lines if ln.startswith("fastpath_requests_in_flight ")))
+
+
 def _stream(mock: MockUpstream) -> dict[str, Any] | None:
     c = http.client.HTTPConnection("127.0.0.1", mock.port, timeout=5)
     try:
@@ -244,6 +256,7 @@ def test_a_client_that_stops_reading_pauses_the_upstream(gw: Gateway, mock_upstr
         assert stalled is not None, "the upstream was never held back"
         # held with the stream unfinished (the socket buffers on the way hold a good part of it)
         assert stalled["chunks_written"] < words
+        assert in_flight(gw) == 1  # the socket's response is a request in flight, as over HTTP
         ws.close()
     deadline = time.monotonic() + 30
     while _stream(mock_upstream) is not None and time.monotonic() < deadline:

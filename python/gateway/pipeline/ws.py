@@ -208,10 +208,15 @@ class ResponsesSocket:
         assert task is not None
         active = gw._active  # the generation's in-flight count (it closes once this drains)
         active[0] += 1
+        metrics = pipeline.metrics  # the in-flight gauge, as app.py keeps it for HTTP
+        if metrics is not None:
+            metrics.v[metrics.inflight] += 1.0
         try:
             await pipeline.serve(ctx, sink, task)
         finally:
             active[0] -= 1
+            if metrics is not None:
+                metrics.v[metrics.inflight] -= 1.0
         if self.gone.is_set():
             return NORMAL
         if sink.error is not None:
