@@ -45,7 +45,7 @@ def config(upstream_port: int, tmp: Path, args: argparse.Namespace) -> str:
     prefix = "bench-batches-" + uuid.uuid4().hex[:8]
     return gateway_config(upstream_port) + (
         f"jobs: {{enabled: true, redis_url: '{REDIS_URL}', prefix: {prefix}}}\n"
-        f"batches:\n  enabled: true\n  dir: {tmp / 'objects'}\n"
+        f"storage: {{dir: {tmp / 'objects'}}}\nbatches:\n  enabled: true\n"
         f"  workers: {{lines: {args.batch_lines}, yield_at: {args.yield_at}}}\n"
     )
 

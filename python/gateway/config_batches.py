@@ -1,5 +1,6 @@
 """The `batches:` section: the OpenAI Batch API (`/v1/files`, `/v1/batches`, `gateway.batches`).
-It runs on the job queue (`jobs:`), in a lane of its own below interactive traffic and jobs."""
+It runs on the job queue (`jobs:`), in a lane of its own below interactive traffic and jobs;
+file bytes live in the object store (`storage:`)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,6 @@ class BatchesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: what `completion_window: "24h"` means here: a batch still running this long after its
     #: creation ends as `expired` (its unfinished lines in the error file)
     completion_window_s: int = 86_400
-    #: where file bytes live until the shared object store (`storage:`) is configured: a
-    #: local directory (relative to the working directory)
-    dir: str = "fastpath-objects"
     workers: BatchWorkersConfig = BatchWorkersConfig()
 
 
@@ -58,8 +56,6 @@ def validate_batches(cfg: Config) -> None:
         value = getattr(b, name)
         if value <= 0:
             raise ConfigError(f"{where}.{name}: must be > 0, got {value}")
-    if not b.dir:
-        raise ConfigError(f"{where}.dir: a directory for the batch files")
     w = b.workers
     if w.concurrency < 0:
         raise ConfigError(f"{where}.workers.concurrency: must be >= 0, got {w.concurrency}")

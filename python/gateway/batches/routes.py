@@ -38,6 +38,10 @@ _MAX_LIST = 10_000
 _WINDOW = "24h"
 #: the multipart framing around the file (headers, boundaries, the purpose field)
 _FORM_SLACK = 64 * 1024
+_NOT_RUN = (
+    "The batch stopped before it finished: its deliveries ran out (workers lost, or its files could"
+    " not be read from the object store; see the gateway's log)."
+)
 #: a batch whose worker's lease ended this long ago is ended by its next reader
 _LAZY_GRACE_MS = 10_000
 _UNAVAILABLE = GatewayError(
@@ -343,7 +347,7 @@ class BatchesApi:
         if status == "validating" or (status == "in_progress" and not expired):
             from .runner import fail
 
-            await fail(self.store, batch_id, "batch_not_run", "The batch's workers were lost.", None)
+            await fail(self.store, batch_id, "batch_not_run", _NOT_RUN, None)
             return
         await self._finalize(batch_id, h, expired=expired)
 

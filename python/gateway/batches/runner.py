@@ -26,7 +26,8 @@ from ..config_jobs import JobWorkersConfig, jobs_redis_url
 from ..context import Endpoint, RequestContext
 from ..jobs.queue import Claimed, JobQueue
 from ..jobs.runner import CaptureProtocol, Runner
-from ..objstore import LocalDirStore, ObjectNotFound, ObjectStore
+from ..objstore import ObjectNotFound, ObjectStore
+from ..objstore.factory import open_store
 from ..redis_resp import make_client
 from . import jsonl, wire
 from .store import FINAL, BatchStore
@@ -47,8 +48,8 @@ _YIELD_POLL_S = 0.005
 
 
 def open_objects(cfg: Config) -> ObjectStore:
-    """The one place the batch files' store is chosen."""
-    return LocalDirStore(cfg.batches.dir)
+    """The batch files' store: the configured one (`storage:`)."""
+    return open_store(cfg)
 
 
 def lane_config(cfg: Config) -> Config:
