@@ -22,6 +22,8 @@ from websockets.sync.client import ClientConnection, connect
 from gateway.config import ConfigError, parse
 
 KEY = "sk-websocket-alice-0123456789"
+CAROL = "sk-websocket-carol-0123456789"
+ADMIN = "adm-websocket-0123456789abcdef0123456789"
 MAX_BODY = 256 * 1024
 IDLE_MS = 4_000
 
@@ -34,6 +36,12 @@ def config(upstream: MockUpstream, tmp: Path, idle_ms: int = IDLE_MS, **server: 
             "  salt: websocket-test-salt-0000",
             "  keys:",
             f"    - {{id: alice, key: {KEY}, team: red, tier: ws}}",
+            f"    - {{id: carol, key: {CAROL}, team: red, tier: ws}}",
+            "admin:",
+            f"  api_key: {ADMIN}",
+            "ledger:",
+            "  enabled: true",
+            f"  path: {tmp / 'usage.db'}",
             "tiers:",
             "  ws: {rpm: 1000, models: {gpt-4o-mini: {rpm: 1}}}",
             "metrics:",
@@ -100,6 +108,22 @@ def test_two_responses_on_one_connection_chained(gw: Gateway, mock_upstream: Moc
     sent = next(e["body"] for e in mock_upstream.events() if e["event"] == "request" and e.get("body"))
     contents = [m["content"] for m in sent["messages"]]
     assert contents == ["hello over the socket", "You said: hello over the socket", "and once more"]
+
+
+def test_each_response_is_a_ledger_row(gw: Gateway) -> None:
+    with ws_connect(gw, CAROL) as ws:
+        assert turn(ws, model="echo", input="one two")[-1]["type"] == "response.completed"
+        assert turn(ws, model="echo", input="three")[-1]["type"] == "response.completed"
+        assert turn(ws, model="nope", input="x")[0]["status"] == 404
+    c = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    try:
+        c.request("GET", "/v1/usage?group_by=key", headers={"authorization": f"Bearer {ADMIN}"})
+        body = json.loads(c.getresponse().read())
+    finally:
+        c.close()
+    carol = next(g for g in body["data"] if g["group"] == "carol")
+    assert carol["requests"] == 3 and carol["errors"] == 1
+    assert carol["completion_tokens"] > 0 and carol["prompt_tokens"] > 0
 
 
 def _normal(events: list[dict[str, Any]]) -> list[Any]:
