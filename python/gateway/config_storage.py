@@ -62,11 +62,24 @@ class S3StorageConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     retry_timeout_ms: int = 30_000
 
 
+class ArchiveScheduleConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The nightly archive (`objstore.archiver`): after midnight UTC, one worker per host
+    archives the day before (the ledger and the audit log, whichever the config has), unless
+    its archives exist already. `fastpath-gateway archive --day` does the same by hand."""
+
+    enabled: bool = False
+    #: how long after midnight UTC (rows of the day still queued in workers arrive meanwhile)
+    delay_s: int = 600
+    #: a failed run (the store or the database down) is tried again this often
+    retry_s: int = 300
+
+
 class StorageConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     backend: StorageBackend = StorageBackend.LOCAL
     #: backend local: the directory; empty = `$FASTPATH_GATEWAY_DATA_DIR/objects`
     dir: str = ""
     s3: S3StorageConfig = S3StorageConfig()
+    archive: ArchiveScheduleConfig = ArchiveScheduleConfig()
 
 
 def storage_dir(s: StorageConfig) -> Path:
@@ -87,6 +100,12 @@ def validate_storage(cfg: Config) -> None:
 
     s = cfg.storage
     where = "$.storage"
+    if not 0 <= s.archive.delay_s < 86_400:
+        raise ConfigError(
+            f"{where}.archive.delay_s: 0 to 86399 (seconds after midnight UTC), got {s.archive.delay_s}"
+        )
+    if s.archive.retry_s <= 0:
+        raise ConfigError(f"{where}.archive.retry_s: must be > 0, got {s.archive.retry_s}")
     if s.backend is StorageBackend.LOCAL:
         if s.s3 != S3StorageConfig():
             raise ConfigError(f"{where}.s3: only for backend s3 (backend is local)")

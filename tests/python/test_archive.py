@@ -16,11 +16,11 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import pg_database
+from conftest import bare_worker, pg_database, run_gateway
 
 from gateway import cli, keystore, ledger
 from gateway import config as config_mod
-from gateway.config_storage import StorageConfig
+from gateway.config_storage import ArchiveScheduleConfig, StorageConfig
 from gateway.objstore import ObjectNotFound, ObjectStoreError, open_store
 from gateway.objstore.archive import (
     ArchiveError,
@@ -30,6 +30,7 @@ from gateway.objstore.archive import (
     read_audit_archive,
     read_ledger_archive,
 )
+from gateway.objstore.archiver import Archiver, _next_run, due_day
 
 SALT = "archive-test-salt-0123456789"
 DAY = date(2026, 11, 3)
@@ -342,3 +343,105 @@ def test_store_errors_propagate(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     with pytest.raises(ObjectStoreError, match=r"put 'archives/ledger/2026/11/03\.jsonl\.gz' failed"):
         export(cfg, "ledger")
+
+
+# ---- the nightly archiver -----------------------------------------------------------------------
+def test_due_day_and_next_run() -> None:
+    midnight = DAY_START + 86_400  # 2026-11-04 00:00 UTC
+    assert due_day(midnight + 599, 600) == date(2026, 11, 2)  # not yet: the day before is due
+    assert due_day(midnight + 600, 600) == DAY
+    assert due_day(midnight + 86_399, 600) == DAY
+    assert _next_run(midnight + 10, 600) == midnight + 600
+    assert _next_run(midnight + 600, 600) == midnight + 86_400 + 600
+
+
+def archiver_config(tmp_path: Path, retry_s: int = 300) -> config_mod.Config:
+    cfg = make_config(tmp_path)
+    archive = ArchiveScheduleConfig(enabled=True, delay_s=600, retry_s=retry_s)
+    return msgspec.structs.replace(cfg, storage=msgspec.structs.replace(cfg.storage, archive=archive))
+
+
+async def eventually(check: Any, what: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_archiver_archives_the_day_before_once_per_host(tmp_path: Path) -> None:
+    cfg = archiver_config(tmp_path)
+    expected, written = day_rows()
+    write_ledger(cfg, written)
+    audit = write_audit(cfg)
+    clock = lambda: DAY_START + 86_400 + 700  # noqa: E731 - 00:11:40 UTC the day after
+    lock = tmp_path / "archiver.lock"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first = Archiver(cfg, lock, clock=clock, lock_retry_s=0.05)
+        second = Archiver(cfg, lock, clock=clock, lock_retry_s=0.05)
+        first.start(bare_worker(loop))
+        await eventually(lambda: first.done == DAY, "the first archiver archived DAY")
+        second.start(bare_worker(loop))
+        await asyncio.sleep(0.3)
+        assert first.locked and not second.locked and second.done is None  # one per host
+        store = open_store(cfg)
+        assert await read_ledger_archive(store, DAY) == expected
+        assert await read_audit_archive(store, DAY) == audit
+        path = Path(cfg.storage.dir) / archive_key("ledger", DAY)
+        stamp = path.stat().st_mtime_ns
+        await first.close()  # e.g. a hot reload's old generation: the other one takes over
+        await eventually(lambda: second.done == DAY, "the second archiver took over")
+        assert path.stat().st_mtime_ns == stamp  # found archived: not written again
+        await second.close()
+        assert not second.locked
+
+    asyncio.run(main())
+
+
+def test_archiver_retries_until_the_store_works(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = archiver_config(tmp_path, retry_s=1)
+    expected, written = day_rows()
+    write_ledger(cfg, written)
+    objects = Path(cfg.storage.dir)
+    objects.write_text("a file where the store's directory should be")
+
+    async def main() -> None:
+        archiver = Archiver(cfg, tmp_path / "archiver.lock", clock=lambda: DAY_START + 86_400 + 700)
+        archiver.start(bare_worker(asyncio.get_running_loop()))
+        await eventually(lambda: archiver.failures >= 1, "a failed run")
+        assert archiver.done is None
+        await asyncio.to_thread(objects.unlink)  # the store is back
+        await eventually(lambda: archiver.done == DAY, "archived after the retry")
+        assert await read_ledger_archive(open_store(cfg), DAY) == expected
+        await archiver.close()
+
+    asyncio.run(main())
+    assert "archiver: archiving 2026-11-03 failed, retrying in 1 s" in caplog.text
+
+
+def test_a_gateway_archives_yesterday(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`storage.archive.enabled` on a real gateway (2 workers): yesterday's ledger rows appear in
+    the store, once."""
+    monkeypatch.setenv("FASTPATH_GATEWAY_DATA_DIR", str(tmp_path / "data"))
+    today = datetime.now(UTC).date()
+    yesterday = date.fromordinal(today.toordinal() - 1)
+    start = datetime(yesterday.year, yesterday.month, yesterday.day, tzinfo=UTC).timestamp()
+    cfg = make_config(tmp_path)
+    rows = [row(i, start + i * 1_000.5) for i in range(30)]
+    write_ledger(cfg, [*rows, row(900, start - 10), row(901, start + 86_400 + 1)])
+    text = (
+        "providers: [{name: p, base_url: 'http://127.0.0.1:9/v1'}]\nmodels: [{name: m, provider: p}]\n"
+        "auth: {enabled: false}\n"
+        f"ledger: {{enabled: true, path: '{tmp_path / 'usage.db'}'}}\n"
+        f"storage: {{dir: '{tmp_path / 'objects'}', archive: {{enabled: true, delay_s: 0}}}}\n"
+    )
+    archive = tmp_path / "objects" / archive_key("ledger", yesterday)
+    with run_gateway(tmp_path, None, workers=2, config_text=text):
+        deadline = time.monotonic() + 20
+        while not archive.exists():
+            assert time.monotonic() < deadline, "no archive within 20 s"
+            time.sleep(0.05)
+        assert decode_ledger(archive.read_bytes()) == rows
+    assert (tmp_path / "data" / "archiver.lock").exists()
+    assert sorted(p.name for p in archive.parent.iterdir()) == [archive.name]

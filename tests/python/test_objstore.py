@@ -278,6 +278,8 @@ def test_storage_config_defaults_to_a_local_dir_in_the_data_dir(
         ("{backend: s3, dir: /tmp/x, s3: {bucket: b1b}}", "$.storage.dir: only for backend local"),
         ("{s3: {bucket: b1b}}", "$.storage.s3: only for backend s3"),
         ("{backend: gcs}", "$.storage.backend"),
+        ("{archive: {enabled: true, delay_s: 86400}}", "$.storage.archive.delay_s: 0 to 86399"),
+        ("{archive: {retry_s: 0}}", "$.storage.archive.retry_s: must be > 0"),
     ],
 )
 def test_storage_config_errors(storage: str, message: str) -> None:

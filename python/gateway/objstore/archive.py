@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from .. import keystore, ledger
-from ..config import LedgerConfig, LedgerKind
+from ..config import LedgerConfig, LedgerKind, StoreKind
 from . import ObjectStore
 
 if TYPE_CHECKING:
@@ -75,6 +75,14 @@ def day_bounds(day: date) -> tuple[float, float]:
 
 def day_over(day: date, now: float) -> bool:
     return day_bounds(day)[1] <= now
+
+
+def has_source(cfg: Config, what: What) -> bool:
+    """Whether the config has something to archive: the ledger on, a key store (the audit log)."""
+    if what == "ledger":
+        return ledger.ledger_on(cfg.ledger)
+    store = cfg.auth.store
+    return store is not None and store.kind is not StoreKind.NONE
 
 
 # ---- reading the day ----------------------------------------------------------------------------

@@ -14,10 +14,9 @@ import sys
 import time
 from datetime import date
 
-from .. import envvars, ledger
-from ..config import Config, StoreKind
+from .. import envvars
 from . import ObjectStoreError
-from .archive import WHATS, Archived, ArchiveError, What, archive_day, day_over
+from .archive import WHATS, Archived, ArchiveError, What, archive_day, day_over, has_source
 from .factory import open_store
 
 
@@ -35,13 +34,6 @@ def _day(text: str) -> date:
         raise _usage(f"--day: a date YYYY-MM-DD (UTC), got {text[:40]!r}") from None
 
 
-def _has(cfg: Config, what: What) -> bool:
-    if what == "ledger":
-        return ledger.ledger_on(cfg.ledger)
-    store = cfg.auth.store
-    return store is not None and store.kind is not StoreKind.NONE
-
-
 def cmd_archive(args: argparse.Namespace) -> int:
     from ..cli import _load
 
@@ -50,7 +42,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         raise _usage(f"--day {day}: that UTC day is not over yet; archive it after midnight UTC")
     cfg = _load(args.config or os.environ.get(envvars.CONFIG) or None)
     wanted: list[What] = list(WHATS) if args.what == "all" else [args.what]
-    todo = [w for w in wanted if _has(cfg, w)]
+    todo = [w for w in wanted if has_source(cfg, w)]
     for w in wanted:
         if w not in todo:
             reason = "`ledger.enabled` is off" if w == "ledger" else "there is no key store (`auth.store`)"

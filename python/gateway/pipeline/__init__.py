@@ -42,7 +42,7 @@ from .extensions import load_extensions
 from .parallel import chain, flat, place_guard
 from .relay import Relay, ResponseStage
 from .route import RouteStage
-from .stage import FinishStage, Observer, Outcome, RequestStage
+from .stage import FinishStage, Observer, Outcome, Part, RequestStage
 
 if TYPE_CHECKING:
     from ..batches.runner import BatchesPart
@@ -63,6 +63,7 @@ INTERNAL = GatewayError(Fault.INTERNAL, "The gateway failed to handle the reques
 class Pipeline:
     __slots__ = (
         "_loop",
+        "archiver",
         "batches",
         "conversations",
         "dialect_stages",
@@ -221,10 +222,17 @@ class Pipeline:
             from ..batches.runner import BatchesPart
 
             self.batches = BatchesPart(cfg, self)
+        #: the nightly archive of the ledger and audit log (`storage.archive.enabled`)
+        self.archiver: Part | None = None
+        if cfg.storage.archive.enabled:
+            from ..keystore import data_dir
+            from ..objstore.archiver import Archiver
+
+            self.archiver = Archiver(cfg, data_dir() / "archiver.lock")
 
     def _parts(self) -> list[Any]:
         seen: dict[int, Any] = {}
-        jobs = tuple(p for p in (self.jobs, self.batches) if p is not None)
+        jobs = tuple(p for p in (self.jobs, self.batches, self.archiver) if p is not None)
         store = () if self.conversations is None else (self.conversations,)
         for part in (
             *flat(self.request_stages),
