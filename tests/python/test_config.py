@@ -90,7 +90,8 @@ def test_example_config_parses_with_its_env(monkeypatch: pytest.MonkeyPatch) -> 
     trt = models["llama-3.1-8b-trt"]
     assert by_name[trt.provider].kind is config_mod.ProviderKind.TRITON
     assert trt.triton is not None and trt.triton.stop == ["<|eot_id|>"]
-    assert [g.name for g in cfg.guards] == ["injection_rules", "prompt_guard"]
+    assert [g.name for g in cfg.guards] == ["injection_rules", "prompt_guard", "toxicity"]
+    assert cfg.guards[2].check is config_mod.GuardCheck.BOTH and cfg.guards[2].sentences
     assert cfg.guards[0].patterns == {"internal_ticket": r"\bINC-\d{6}\b"}
     assert cfg.server.host == "0.0.0.0"
 
