@@ -435,7 +435,7 @@ def http_sample(tmp: Path) -> list[tuple[str, str, str, int]]:
 
 
 _TABLE = r"""
-import gc, sys, math
+import gc, sys, tracemalloc
 sys.path.insert(0, sys.argv[2])
 from gateway.config import parse
 from gateway.keystore import StoredKey
@@ -444,32 +444,31 @@ n = int(sys.argv[1])
 cfg = parse("providers: [{name: p, base_url: 'http://127.0.0.1:1/v1'}]\nmodels: [{name: m, provider: p}]\n"
             "tiers: {t: {rpm: 100}}\nauth: {enabled: true}\n")
 stage = AuthStage(cfg)
-def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096
 def fresh(text):  # a new str per row, as sqlite3 / psycopg rows give
     return bytes(text, "ascii").decode()
+tracemalloc.start()
 keys = [StoredKey(f"key-{i:08x}", "sha256:" + format(i, "064x"), fresh("default"), fresh("t"))
         for i in range(n)]
-gc.collect()
-before = rss()
 table = stage._merge(keys)
+peak = tracemalloc.get_traced_memory()[1]
 del keys
 gc.collect()
-print(len(table), before, rss())
+print(len(table), tracemalloc.get_traced_memory()[0], peak)
 """
 
 
-def key_table(n: int) -> tuple[int, int]:
-    """(keys in the table, RSS bytes per key) of the auth stage's table built from `n` stored
-    keys, in a child process (the StoredKey list is dropped before the second reading)."""
+def key_table(n: int) -> tuple[int, int, int]:
+    """(keys in the table, bytes per key it keeps, bytes per key at the peak of building it from
+    the store's rows) of the auth stage's key table for `n` stored keys (`load_all` then
+    `_merge`, as `AuthStage.refresh`), traced allocations, in a child process."""
     out = subprocess.run(
         [sys.executable, "-c", _TABLE, str(n), str(REPO / "python")],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
-    size, before, after = (int(x) for x in out)
-    return size, (after - before) // max(1, size)
+    size, kept, peak = (int(x) for x in out)
+    return size, kept // max(1, size), peak // max(1, size)
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -517,7 +516,7 @@ def render(
     sample: list[tuple[str, str, str, int]],
     exact: list[tuple[int, int, int]],
     leased: list[tuple[int, int, int]],
-    table: tuple[int, int] | None,
+    table: tuple[int, int, int] | None,
     floors: dict[str, tuple[float, float]],
     cmd: str,
 ) -> str:
@@ -560,7 +559,8 @@ def render(
     if table:
         lines += [
             "",
-            f"## The auth key table: {table[0]:,} stored keys → {table[1]} bytes of RSS per key per worker",
+            f"## The auth key table: {table[0]:,} stored keys: {table[1]} bytes per key kept per worker, "
+            f"{table[2]} at the peak of a (re)load (the store's rows and the table at once)",
         ]
     if sample:
         lines += ["", "## Layout check: keys a real gateway (HTTP, 2 workers) wrote", ""]
@@ -589,7 +589,7 @@ def main() -> int:
         sample: list[tuple[str, str, str, int]] = []
         exact: list[tuple[int, int, int]] = []
         leased: list[tuple[int, int, int]] = []
-        table: tuple[int, int] | None = None
+        table: tuple[int, int, int] | None = None
         floors: dict[str, tuple[float, float]] = {}
 
         def emit() -> str:
