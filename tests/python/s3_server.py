@@ -32,6 +32,14 @@ class S3Server:
         self.proc = proc
         self.url = f"http://127.0.0.1:{port}"
 
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
     def make_bucket(self, name: str = BUCKET) -> None:
         """`PUT /<bucket>` (moto needs no signature for it)."""
         req = urllib.request.Request(f"{self.url}/{name}", method="PUT")
@@ -61,14 +69,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_s3_server(timeout_s: float = 30.0) -> Iterator[S3Server]:
-    """moto on a free port with `BUCKET` made; stopped (and waited for) on exit."""
+def run_s3_server(timeout_s: float = 30.0, **env: str) -> Iterator[S3Server]:
+    """moto on a free port with `BUCKET` made; stopped (and waited for) on exit. `env`: moto's
+    settings, e.g. INITIAL_NO_AUTH_ACTION_COUNT="1" (requests after the first need a known key)."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, **CREDENTIALS},
+        env={**os.environ, **CREDENTIALS, **env},
     )
     server = S3Server(port, proc)
     try:
@@ -85,9 +94,4 @@ def run_s3_server(timeout_s: float = 30.0) -> Iterator[S3Server]:
                 time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3_server import run_s3_server
 
 from gateway import config as config_mod
 from gateway.config_storage import S3StorageConfig, StorageBackend, StorageConfig
@@ -251,6 +252,46 @@ def test_s3_server_down_fails_fast_and_clearly(
             assert os.environ["AWS_ACCESS_KEY_ID"] not in message
 
     asyncio.run(main())
+
+
+def test_s3_denied_names_the_credentials_not_their_values(s3_server: Any) -> None:
+    """moto checking access keys (after the bucket is made): ours is unknown to it -> 403."""
+    with run_s3_server(INITIAL_NO_AUTH_ACTION_COUNT="1") as strict:
+
+        async def main() -> None:
+            store = open_store(strict.config())
+            for op, call in (
+                ("put", store.put("k", b"x")),
+                ("get", store.get("k")),
+                ("head", store.exists("k")),
+            ):
+                with pytest.raises(ObjectStoreError) as err:
+                    await asyncio.wait_for(call, 20)
+                message = str(err.value)
+                assert not isinstance(err.value, ObjectNotFound)
+                assert f"{op} 'k' failed:" in message and "check AWS_ACCESS_KEY_ID" in message
+                assert os.environ["AWS_SECRET_ACCESS_KEY"] not in message
+                assert os.environ["AWS_ACCESS_KEY_ID"] not in message
+
+        asyncio.run(main())
+
+
+def test_s3_server_stopped_mid_use(s3_server: Any) -> None:
+    """A server that served this client (pooled connections) and then stopped."""
+    with run_s3_server() as server:
+        cfg = server.config(connect_timeout_ms=300, timeout_ms=1_000, max_retries=1, retry_timeout_ms=2_000)
+
+        async def main() -> None:
+            store = open_store(cfg)
+            await store.put("k", b"x")
+            assert await store.get("k") == b"x"
+            await asyncio.to_thread(server.stop)
+            for call in (store.get("k"), store.put("k", b"y"), keys(store)):
+                with pytest.raises(ObjectStoreError, match="cannot reach the server") as err:
+                    await asyncio.wait_for(call, 20)
+                assert not isinstance(err.value, ObjectNotFound)
+
+        asyncio.run(main())
 
 
 # ---- config -------------------------------------------------------------------------------------
