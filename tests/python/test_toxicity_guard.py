@@ -192,6 +192,17 @@ def test_toxic_unary_reply_is_an_error_naming_the_guard(gw: Gateway) -> None:
     assert "reply was blocked by the `toxicity` guard" in ei.value.message
 
 
+def test_toxic_completions_reply_is_an_error_too(gw: Gateway) -> None:
+    """`/v1/completions` (`choices[].text`) on `chat-two`, whose guards read only replies: the
+    mock echoes the prompt, so the threat reaches the reply check, which refuses it."""
+    client = _client(gw)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model="chat-two", prompt=THREAT)
+    assert ei.value.code == "tox_reply"
+    ok = client.completions.create(model="chat-two", prompt=BENIGN[3])
+    assert BENIGN[3] in ok.choices[0].text
+
+
 def test_stream_with_toxic_text_in_a_late_window_is_ended(gw: Gateway) -> None:
     """Four benign windows, then the threat, then a long benign tail (30 reports, 5 ms a chunk):
     the stream ends with an error event naming the guard once the threat's window is scored,
