@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from conftest import Gateway, MockUpstream, gateway_config, run_gateway
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -124,6 +125,29 @@ def test_each_response_is_a_ledger_row(gw: Gateway) -> None:
     carol = next(g for g in body["data"] if g["group"] == "carol")
     assert carol["requests"] == 3 and carol["errors"] == 1
     assert carol["completion_tokens"] > 0 and carol["prompt_tokens"] > 0
+
+
+def test_the_official_sdks_websocket_mode(gw: Gateway) -> None:
+    """`client.responses.connect()` of the `openai` SDK: typed events, a chain, an error event."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+    try:
+        with client.responses.connect() as conn:
+            texts, ids = [], []
+            for words in ("hello from the sdk", "and the next turn"):
+                conn.response.create(model="echo", input=words, previous_response_id=ids[-1] if ids else None)
+                for event in conn:
+                    if event.type == "response.completed":
+                        texts.append(event.response.output_text)
+                        ids.append(event.response.id)
+                        break
+            assert texts == ["You said: hello from the sdk", "You said: and the next turn"]
+            assert client.responses.retrieve(ids[1]).previous_response_id == ids[0]
+            conn.response.create(model="nope", input="x")
+            err = conn.recv()
+            assert err.type == "error" and err.status == 404
+            assert err.error.code == "model_not_found" and err.error.param == "model"
+    finally:
+        client.close()
 
 
 def _normal(events: list[dict[str, Any]]) -> list[Any]:
