@@ -218,8 +218,12 @@ def test_429_is_an_error_event_and_the_connection_stays_usable(gw: Gateway) -> N
         assert bad[0]["error"]["param"] == "temperature"
         ws.send("not json")
         assert recv(ws)["error"]["code"] == "invalid_json"
-        ws.send(json.dumps({"type": "session.update"}))
+        ws.send(json.dumps({"type": "response.steer", "input": "x", "previous_response_id": "resp_x"}))
         assert recv(ws)["error"]["code"] == "unknown_event_type"
+        for extra in ({"stream_id": "lane-2"}, {"generate": False}):  # not served: OpenAI's newer mode
+            refusal = turn(ws, model="echo", input="x", **extra)[0]
+            assert refusal["error"]["code"] == "unknown_parameter"
+            assert refusal["error"]["param"] == next(iter(extra))
         ok = turn(ws, model="echo", input="still here")
         assert text(ok) == "You said: still here"
 
