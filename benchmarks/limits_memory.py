@@ -7,24 +7,27 @@ with every key it has seen.
 
 - Redis: a private `redis-server` (no persistence) per limit kind on a free port, so `INFO memory`
   is that kind's alone and the shared Redis is untouched. Each is loaded with `--keys` distinct
-  keys' state by this process acting as a worker: the real `LimitsStage` (plans, the `RedisStore`
-  decision script, settlement) deciding one request per key, 256 at a time on one pipelined
-  connection, with the gateway's key layout (`{key id}:r`, `:t`, `:b`). Reported: `used_memory`
-  delta / live keys (a bucket key lives until its bucket is full again: at most a minute and a
-  second after its last request, so "active" means active in the last minute), the keys' TTLs,
-  `MEMORY USAGE` and encoding of a sample, and Redis CPU per decision (`INFO commandstats`
-  evalsha) in the first and the last windows of the load. Then, with `--wait-expiry`, how the
-  bucket keys expire (dbsize and used_memory after their TTL).
+  keys' state through the decision script, piped (`redis-cli --pipe`): one EVALSHA per key with
+  the keys and arguments `RedisStore.decide` builds for the kind's tier and request (`PlanKeys`
+  of a real `LimitsStage` plan; only the key id differs), the gateway's layout (`{key id}:r`,
+  `:t`, `:b`). Active expiry is off during the load (a bucket key lives until its bucket is full
+  again, <= 61 s: a slower load would lose its first keys; expired keys are the same size).
+  Reported: `used_memory` delta / keys held, the keys' TTLs, `MEMORY USAGE` and encoding of a
+  sample, Redis CPU per decision (`INFO commandstats` evalsha) in the first and last windows of
+  the load; with `--wait-expiry`, the bucket keys going (dbsize, used_memory after their TTL);
+  and what a decision's parts cost alone (`--floor` calls: an empty script, TIME, the bucket's
+  GET + SET, the decision).
 - The layout check: a real gateway (2 workers, the mock upstream) on another private Redis serves
   a few requests per kind over HTTP; its keys must have the names, types, encodings and sizes of
   the loaded ones.
 - Worker memory: this process's RSS at checkpoints of the load (the plan caches, deferred
   refunds, refusal cache: bounded, so RSS stays flat), the leased store's slices (idle ones go
-  back and are forgotten after `slice_idle_ms`), and the auth key table, which holds every known
-  key by design (bytes per key, measured in a child process for `--table-keys` keys).
+  back and are forgotten after `slice_idle_ms`): this process is the worker, the real stage and
+  store deciding one request per distinct key (`--worker-keys`); and the auth key table, which
+  holds every known key by design (traced bytes per key, a child process, `--table-keys` keys).
 
     .venv/bin/python benchmarks/limits_memory.py [--keys 1000000] [--kinds rpm,tpm,budget] \
-        [--worker-keys 200000] [--table-keys 1000000] [--floor 50000] [--wait-expiry] \
+        [--worker-keys 200000] [--table-keys 1000000] [--floor 20000] [--wait-expiry] \
         [--out benchmarks/results/DATE-limits-memory.md]
 
 Not run in CI. Needs redis-server and redis-cli.
@@ -355,26 +358,37 @@ class _Worker:
         self.loop = loop
 
 
-#: the floor of a decision: a script call with the same keys and arguments that does nothing
-EMPTY_SCRIPT = "return 1"
+#: what a decision's parts cost alone: scripts run with the decision's keys and arguments
+PARTS = {
+    "empty script": "return 1",
+    "TIME": "local tm = redis.call('TIME') return 1",
+    "TIME + GET + SET PX": "local tm = redis.call('TIME') local v = redis.call('GET', KEYS[1]) "
+    "redis.call('SET', KEYS[1], '60000000:1764900000000000', 'PX', 61000) return 1",
+    "the decision (ACQUIRE)": ACQUIRE,
+}
+ROUNDS = 4
 
 
-def script_floor(kind: str, n: int, tmp: Path) -> tuple[float, float]:
-    """(µs per EVALSHA of an empty script, µs per decision) with this kind's keys and arguments,
-    `n` each, piped into one private Redis: what the script itself costs beyond the call."""
-    r = PrivateRedis(tmp / f"floor-{kind}")
+def script_parts(kind: str, n: int, tmp: Path) -> dict[str, tuple[float, float]]:
+    """Per part: (min, median) µs per EVALSHA over `ROUNDS` interleaved rounds of `n` calls with
+    this kind's keys and arguments (fresh keys each round), in one private Redis: the floor of a
+    script call and what the decision's own Lua adds (the box's noise: take the min)."""
+    r = PrivateRedis(tmp / f"parts-{kind}")
+    seen: dict[str, list[float]] = {name: [] for name in PARTS}
     try:
-        out = []
-        for script in (EMPTY_SCRIPT, ACQUIRE):
-            r.cli("SCRIPT", "LOAD", script)
-            r.cli("CONFIG", "RESETSTAT")
-            data = decision_commands(kind, 0, n, script)
-            subprocess.run(
-                ["redis-cli", "-p", str(r.port), "--pipe"], input=data, capture_output=True, check=True
-            )
-            calls, usec = r.evalsha_stats()
-            out.append(usec / max(1, calls))
-        return out[0], out[1]
+        first = 0
+        for _ in range(ROUNDS):
+            for name, script in PARTS.items():
+                r.cli("SCRIPT", "LOAD", script)
+                r.cli("CONFIG", "RESETSTAT")
+                data = decision_commands(kind, first, n, script)
+                first += n
+                subprocess.run(
+                    ["redis-cli", "-p", str(r.port), "--pipe"], input=data, capture_output=True, check=True
+                )
+                calls, usec = r.evalsha_stats()
+                seen[name].append(usec / max(1, calls))
+        return {name: (min(v), sorted(v)[len(v) // 2]) for name, v in seen.items()}
     finally:
         r.stop()
 
@@ -517,7 +531,7 @@ def render(
     exact: list[tuple[int, int, int]],
     leased: list[tuple[int, int, int]],
     table: tuple[int, int, int] | None,
-    floors: dict[str, tuple[float, float]],
+    floors: dict[str, dict[str, tuple[float, float]]],
     cmd: str,
 ) -> str:
     mib = 1 << 20
@@ -525,15 +539,18 @@ def render(
     if results:
         lines += tables(results)
     if floors:
+        names = list(PARTS)
         lines += [
             "",
-            f"## The decision against an empty script ({args.floor:,} calls each, fresh keys, same keys and "
-            "arguments; EVALSHA usec/call)",
+            f"## What a decision's parts cost alone ({ROUNDS} interleaved rounds of {args.floor:,} calls, "
+            "the decision's keys and arguments; EVALSHA µs/call, min / median)",
             "",
-            "| kind | empty script µs | decision µs | the script's own µs |",
-            "|---|---|---|---|",
+            "| kind | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
         ]
-        lines += [f"| {k} | {e:.1f} | {d:.1f} | {d - e:.1f} |" for k, (e, d) in floors.items()]
+        for kind, parts in floors.items():
+            cells = [f"{parts[n][0]:.1f} / {parts[n][1]:.1f}" for n in names]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     if any(r.after_expiry for r in results):
         lines += ["", "## After the bucket TTLs (`--wait-expiry`: active expiry on again)", ""]
         lines += ["| kind | dbsize | used_memory delta |", "|---|---|---|"]
@@ -576,7 +593,7 @@ def main() -> int:
     ap.add_argument("--checkpoints", type=int, default=10)
     ap.add_argument("--worker-keys", type=int, default=200_000)
     ap.add_argument("--table-keys", type=int, default=1_000_000)
-    ap.add_argument("--floor", type=int, default=50_000)
+    ap.add_argument("--floor", type=int, default=20_000)
     ap.add_argument("--wait-expiry", action="store_true")
     ap.add_argument("--no-http", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -590,7 +607,7 @@ def main() -> int:
         exact: list[tuple[int, int, int]] = []
         leased: list[tuple[int, int, int]] = []
         table: tuple[int, int, int] | None = None
-        floors: dict[str, tuple[float, float]] = {}
+        floors: dict[str, dict[str, tuple[float, float]]] = {}
 
         def emit() -> str:
             """The report so far (written after each part: a long run loses nothing)."""
@@ -635,7 +652,7 @@ def main() -> int:
             table = key_table(args.table_keys)
             emit()
         if args.floor:
-            floors = {k: script_floor(k, args.floor, tmp) for k in args.kinds.split(",")}
+            floors = {k: script_parts(k, args.floor, tmp) for k in args.kinds.split(",")}
         text = emit()
     print(text)
     return 0
