@@ -202,7 +202,8 @@ impl Slots {
                 }
                 if u.price_in != 0.0 || u.price_out != 0.0 || u.price_cached != 0.0 {
                     let uncached = (prompt - cached).max(0.0);
-                    let cost = uncached * u.price_in + cached * u.price_cached + completion * u.price_out;
+                    let cost =
+                        uncached * u.price_in + cached * u.price_cached + completion * u.price_out;
                     self.add(u.cost, cost);
                 }
             }
