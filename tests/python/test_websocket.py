@@ -218,6 +218,11 @@ def test_429_is_an_error_event_and_the_connection_stays_usable(gw: Gateway) -> N
         assert bad[0]["error"]["param"] == "temperature"
         ws.send("not json")
         assert recv(ws)["error"]["code"] == "invalid_json"
+        ws.send("[" * 50_000 + "]" * 50_000)  # refused before a parser recurses into it
+        assert recv(ws)["error"]["code"] == "json_too_deep"
+        ws.send(json.dumps({"type": ["x" * 5000]}))
+        unknown = recv(ws)["error"]
+        assert unknown["code"] == "unknown_event_type" and len(unknown["message"]) < 500
         ws.send(json.dumps({"type": "response.steer", "input": "x", "previous_response_id": "resp_x"}))
         assert recv(ws)["error"]["code"] == "unknown_event_type"
         for extra in ({"stream_id": "lane-2"}, {"generate": False}):  # not served: OpenAI's newer mode

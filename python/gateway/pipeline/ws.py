@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
 
+from .. import _fastpath
 from ..context import Endpoint, RequestContext
-from ..errors import Fault, GatewayError, quote
+from ..errors import JSON_ERRORS, Fault, GatewayError, json_error, quote
 from . import respond
 from .responses import RESPONSES
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.ws")
 
 NORMAL, GOING_AWAY, POLICY, TOO_BIG, INTERNAL = 1000, 1001, 1008, 1009, 1011
-_CLOSE, _BYTES = 0, 1  # RSGI WebsocketMessage kinds (2: str)
+_CLOSE = 0  # RSGI WebsocketMessage kinds (1: bytes, 2: str)
 PATH = Endpoint.RESPONSES.value
 _decode = msgspec.json.decode
 _encode = msgspec.json.Encoder().encode
@@ -124,6 +125,7 @@ class ResponsesSocket:
         self.idle_s = w.idle_timeout_ms / 1000
         self.deadline = loop.time() + w.max_connection_ms / 1000
         self.max_message = gw.cfg.server.max_body_bytes
+        self.max_depth = gw.cfg.server.max_json_depth
         self.gone = asyncio.Event()
 
     async def run(self) -> int:
@@ -175,18 +177,20 @@ class ResponsesSocket:
         raw = data.encode() if isinstance(data, str) else (data or b"")
         if len(raw) > self.max_message:
             return GatewayError(Fault.BODY_TOO_LARGE, f"A message is larger than {self.max_message} bytes.")
+        depth = self.max_depth  # as decode checks a body: before the parser recurses
+        if raw.count(b"[") + raw.count(b"{") > depth and _fastpath.json_depth_exceeds(raw, depth):
+            return GatewayError(Fault.JSON_TOO_DEEP, f"The message is nested deeper than {depth} levels.")
         try:
             event = _decode(raw)
-        except msgspec.DecodeError:
-            return GatewayError(Fault.INVALID_JSON, "A message must be a JSON object (a client event).")
+        except JSON_ERRORS as exc:
+            return json_error(exc)
         if not isinstance(event, dict):
             return GatewayError(Fault.INVALID_JSON, "A message must be a JSON object (a client event).")
         kind = event.get("type")
         if kind != "response.create":
-            shown = quote(kind) if isinstance(kind, str) else kind
             return GatewayError(
                 Fault.INVALID_REQUEST,
-                f"Unknown client event type {shown!r}; send `response.create`.",
+                f"Unknown client event type {quote(str(kind))!r}; send `response.create`.",
                 param="type",
                 code="unknown_event_type",
             )
