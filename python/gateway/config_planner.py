@@ -51,8 +51,9 @@ class PlannerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     model: str = "request_router"
     #: the classifier's time; past it the request goes to the plan's `default`
     timeout_ms: int = 250
-    #: only the last this many characters of the prompt go to the classifier
-    max_chars: int = 4_000
+    #: only the last this many characters of the prompt go to the classifier (it reads 128 word
+    #: pieces of them; the prompt-tokens feature counts the whole prompt)
+    max_chars: int = 1_000
     #: requests scored in one classifier call at most (concurrent ones are coalesced per worker)
     max_batch: int = 32
     #: public (or virtual) model -> its plan

@@ -43,7 +43,7 @@ class TritonPythonModel:
         self.std = np.asarray(clf["feature_std"], dtype=np.float64)
         self.threshold = float(clf["threshold"])
         self.pos, self.neg = str(clf["positive_label"]), str(clf["negative_label"])
-        self.encoder = MiniLM()
+        self.encoder = MiniLM(max_seq_len=int(clf.get("max_seq_len", 256)))
         if self.w.shape != (self.encoder.dim + len(NAMES),):
             raise ValueError(f"{path}: {self.w.shape[0]} weights, expected {self.encoder.dim + len(NAMES)}")
         self.encoder.embed(["warm-up"])
