@@ -103,6 +103,7 @@ def test_list_prefixes_in_order(store_cfg: StorageConfig) -> None:
         assert await keys(store, "a/x") == ["a/x/0", "a/x/1"]
         assert await keys(store, "a/x/1") == ["a/x/1"]
         assert await keys(store, "zzz") == []
+        assert await keys(store, "../") == [] == await keys(store, "a/../a/") == await keys(store, "/a")
         await store.delete("a/x/0")
         assert await keys(store, "a/x/") == ["a/x/1"]
 
@@ -110,7 +111,20 @@ def test_list_prefixes_in_order(store_cfg: StorageConfig) -> None:
 
 
 def test_invalid_keys_are_refused_before_any_io(store_cfg: StorageConfig) -> None:
-    bad = ["", "/abs", "a//b", "a/../b", "..", "./a", "a/.", "a/", "nul\x00byte"]
+    bad = [
+        "",
+        "/abs",
+        "a//b",
+        "a/../b",
+        "..",
+        "./a",
+        "a/.",
+        "a/",
+        "nul\x00byte",
+        "tab\tkey",
+        "new\nline",
+        "del\x7f",
+    ]
 
     async def body(store: ObjectStore) -> None:
         for key in bad:
@@ -137,11 +151,16 @@ def test_binary_and_large_objects_round_trip(store_cfg: StorageConfig) -> None:
     run(store_cfg, body)
 
 
-def test_unicode_keys(store_cfg: StorageConfig) -> None:
+def test_unusual_characters_in_keys(store_cfg: StorageConfig) -> None:
+    names = ["résumé ünïcode.jsonl", "a b", "pct%20x", "hash#x", "q?x", "plus+x", "amp&x=1", "col:on",
+             "back\\slash", "~tilde", "[br]{c}", "quote'\"", "emoji🙂", "star*"]  # fmt: skip
+
     async def body(store: ObjectStore) -> None:
-        await store.put("files/résumé ünïcode.jsonl", b"1")
-        assert await store.get("files/résumé ünïcode.jsonl") == b"1"
-        assert await keys(store, "files/") == ["files/résumé ünïcode.jsonl"]
+        for name in names:
+            await store.put(f"files/{name}", name.encode())
+        for name in names:
+            assert await store.get(f"files/{name}") == name.encode()
+        assert await keys(store, "files/") == sorted(f"files/{n}" for n in names)
 
     run(store_cfg, body)
 

@@ -28,10 +28,14 @@ class ObjectNotFound(ObjectStoreError):
     """No object under that key."""
 
 
+_CONTROL = frozenset(map(chr, (*range(0x20), 0x7F)))
+
+
 def check_key(key: str) -> str:
-    """A relative `/`-separated name without `.`/`..` parts or empty parts."""
+    """A relative `/`-separated name without `.`/`..` parts, empty parts or control characters
+    (S3 clients refuse those, and a directory name could not hold some)."""
     parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in key:
+    if not key or any(p in ("", ".", "..") for p in parts) or not _CONTROL.isdisjoint(key):
         raise ValueError(f"invalid object key: {key!r}")
     return key
 
@@ -92,7 +96,7 @@ class LocalDirStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
         except OSError as exc:
-            raise ObjectStoreError(f"{key}: {exc.strerror}") from None
+            raise ObjectStoreError(f"{self.root}: get {key!r} failed: {exc.strerror or exc}") from None
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
@@ -104,20 +108,32 @@ class LocalDirStore:
             raise ObjectStoreError(f"{self.root}: delete {key!r} failed: {exc.strerror or exc}") from None
 
     async def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        return await asyncio.to_thread(self._path(key).is_file)
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        for key in await asyncio.to_thread(self._keys, prefix):
+            yield key
+
+    def _keys(self, prefix: str) -> tuple[str, ...]:
+        """The keys under `prefix`, sorted; only the directory the prefix names is walked."""
         root = self.root
-        if not root.is_dir():
-            return
-        keys = sorted(
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
+        base = root
+        if "/" in prefix:
+            try:
+                base = root / check_key(prefix.rsplit("/", 1)[0])
+            except ValueError:
+                return ()  # a prefix no valid key has (and a walk that could leave the root)
+        if not base.is_dir():
+            return ()
+        return tuple(
+            sorted(
+                key
+                for p in base.rglob("*")
+                if p.is_file()
+                and not p.name.startswith(".tmp-")
+                and (key := p.relative_to(root).as_posix()).startswith(prefix)
+            )
         )
-        for key in keys:
-            if key.startswith(prefix):
-                yield key
 
     async def close(self) -> None:
         return None

@@ -161,8 +161,13 @@ class S3Store:
         # obstore's prefix matches whole path segments; the interface's is a string prefix: list
         # the last complete segment and filter
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        stream: Any = obstore.list(self._store, base or None, chunk_size=1000)
         try:
+            if base:
+                check_key(base)
+        except ValueError:
+            return  # a prefix no valid key has
+        try:
+            stream: Any = obstore.list(self._store, base or None, chunk_size=1000)
             async for chunk in stream:
                 for meta in chunk:
                     key = meta["path"]
