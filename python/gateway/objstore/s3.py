@@ -19,8 +19,14 @@ Credentials: never from the config. obstore reads `AWS_ACCESS_KEY_ID`, `AWS_SECR
 `AWS_SESSION_TOKEN` from the environment, else the web identity token
 (`AWS_WEB_IDENTITY_TOKEN_FILE`), the container (ECS) or instance (IMDSv2) metadata. It does not
 read `~/.aws/credentials` profiles. Messages never carry a credential: an error names the
-operation, the key and obstore's error kind, with the server's text stripped of the query string
-(presigned parts) and capped.
+bucket, endpoint, operation and key and S3's error code and message (`NoSuchBucket`,
+`AccessDenied` with a hint to the credential variables, never their values), or "cannot reach
+the server" after the bounded retries; any other text is cut to its first line, without query
+strings or signature headers.
+
+Objects over 5 MiB go up as multipart uploads (parts in parallel); one cut short by a crash leaves
+its parts in the bucket until S3 removes them: give the bucket a lifecycle rule
+`AbortIncompleteMultipartUpload` (a day is plenty).
 """
 
 from __future__ import annotations
@@ -97,10 +103,9 @@ class S3Store:
             self._store = _ObS3Store(
                 cfg.bucket, prefix=prefix, config=config, client_options=client, retry_config=retry
             )
-        except BaseError as exc:
-            raise ObjectStoreError(
-                f"{self._where}: cannot configure the client: {_clean(str(exc))}"
-            ) from None
+        except _ERRORS as exc:
+            first = str(exc).split("\n", 1)[0]
+            raise ObjectStoreError(f"{self._where}: cannot configure the client: {_clean(first)}") from None
 
     def __repr__(self) -> str:
         return f"S3Store({self._where!r})"
@@ -112,7 +117,7 @@ class S3Store:
             return ObjectNotFound(key)
         if code:
             message = _MESSAGE.search(text)
-            reason = code.group(1) + (f" ({message.group(1)})" if message else "")
+            reason = code.group(1) + (f" ({_clean(message.group(1))})" if message else "")
             if code.group(1) in _DENIED:
                 reason += _CREDENTIALS
         elif isinstance(exc, PermissionDeniedError | UnauthenticatedError):
