@@ -133,6 +133,7 @@ providers:
 models:
   - {{name: gpt-4o-mini, provider: cheap, upstream_model: mock-echo}}
   - {{name: gpt-4o, provider: strong, upstream_model: mock-echo}}
+  - {{name: embed, kind: embedding, provider: cheap, upstream_model: text-embedding-3-small}}
 planner: {json.dumps({"provider": "triton", "timeout_ms": 20000, **planner, "models": plans})}
 metrics: {{require_admin: false, publish_interval_ms: 50}}
 """
@@ -147,7 +148,16 @@ def gw(
 ) -> Iterator[tuple[Gateway, Path]]:
     tmp = tmp_path_factory.mktemp("gw-planner")
     ledger = tmp / "usage.db"
-    cfg = planner_config(mock_upstream, triton.grpc_address, ledger)
+    # a retriever on gpt-4o-mini whose index does not exist: it runs (`x-fastpath-rag: error`)
+    # unless the plan skips it
+    cfg = (
+        planner_config(mock_upstream, triton.grpc_address, ledger)
+        + f"""
+retrieval:
+  retrievers: {{docs: {{index: '{tmp / "absent.db"}', embedding_model: embed}}}}
+  models: {{gpt-4o-mini: docs}}
+"""
+    )
     with run_gateway(tmp, None, config_text=cfg) as g:
         yield g, ledger
 
@@ -224,8 +234,11 @@ def test_unplanned_models_carry_no_plan(gw: tuple[Gateway, Path]) -> None:
 
 
 def test_simple_class_can_skip_retrieval(gw: tuple[Gateway, Path]) -> None:
+    _, headers, _ = post(gw[0].port, chat("auto", SIMPLE[3]))  # the served model's retriever runs
+    assert served_by(headers) == "gpt-4o-mini" and headers["x-fastpath-rag"] == "error"
     _, headers, _ = post(gw[0].port, chat("auto-lean", SIMPLE[3]))
     assert plan_of(headers)["retrieval"] == "skip" and served_by(headers) == "gpt-4o-mini"
+    assert "x-fastpath-rag" not in headers  # skipped: never ran
     _, headers, _ = post(gw[0].port, chat("auto-lean", HARD[1]))
     assert "retrieval" not in plan_of(headers) and served_by(headers) == "gpt-4o"
 
