@@ -16,7 +16,9 @@ the row's `day` column; audit: its time within the day, UTC).
 
 Days are archived only once over (UTC): rows arrive up to `ledger.flush_interval_ms` late, and
 spilled rows later still (`load-spills`); archiving the day again after such a load brings them.
-The whole compressed archive is built in memory (a day of 1M ledger rows is ~30-40 MB gzipped).
+The whole compressed archive is built in memory, the rows streamed from the database into it
+(measured: 200k test rows -> 4.7 MB gzipped, 3.3 s CPU to export, 3.9 s to read back; loadavg 4.2
+on the shared 2-core machine; real request ids compress less).
 """
 
 from __future__ import annotations
