@@ -17,7 +17,16 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import REDIS_URL, Gateway, MockUpstream, gateway_config, redis_or_skip, run_gateway, stop
+from conftest import (
+    ENGINE,
+    REDIS_URL,
+    Gateway,
+    MockUpstream,
+    gateway_config,
+    redis_or_skip,
+    run_gateway,
+    stop,
+)
 
 from gateway.batches import jsonl, multipart
 
@@ -28,6 +37,8 @@ ADMIN = "sk-batch-admin-key-0000000000000001"
 
 
 def _config(upstream: MockUpstream, tmp: Path, prefix: str, **batches: object) -> str:
+    server = batches.pop("server", {})
+    assert isinstance(server, dict)
     lines = [
         "auth:",
         "  enabled: true",
@@ -52,7 +63,7 @@ def _config(upstream: MockUpstream, tmp: Path, prefix: str, **batches: object) -
     lines += [f"  {k}: {v}" for k, v in batches.items()]
     if isinstance(workers, dict):
         lines += ["  workers:", *(f"    {k}: {v}" for k, v in workers.items())]
-    return gateway_config(upstream.port) + "\n".join(lines) + "\n"
+    return gateway_config(upstream.port, **server) + "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager
@@ -67,7 +78,13 @@ def batch_gateway(
 
 @pytest.fixture(scope="module")
 def gw(mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with batch_gateway(tmp_path_factory.mktemp("batches"), mock_upstream, workers={"lines": 4}) as g:
+    with batch_gateway(
+        tmp_path_factory.mktemp("batches"),
+        mock_upstream,
+        workers={"lines": 4},
+        max_file_bytes=256 * 1024,
+        server={"max_body_bytes": 128 * 1024},
+    ) as g:
         yield g
 
 
@@ -208,6 +225,25 @@ def test_bad_requests(gw: Gateway) -> None:
     assert (failed.errors.data[0].code, failed.errors.data[0].line) == ("invalid_url", 1)
     with pytest.raises(openai.AuthenticationError):
         client(gw, "sk-not-a-key").files.list()
+
+
+def test_upload_limits(gw: Gateway) -> None:
+    """`batches.max_file_bytes`: the upload's own limit (above `server.max_body_bytes` here)."""
+    c = client(gw)
+    line = json.dumps(request("x" * 40, "y" * 900)).encode()
+    big = b"".join(line.replace(b"x" * 40, b"%040d" % i) + b"\n" for i in range(400))  # ~380 KiB
+    with pytest.raises(openai.APIStatusError, match="larger than") as err:
+        c.files.create(file=("big.jsonl", big), purpose="batch")
+    assert err.value.status_code == 413
+    # over the server's body limit, under the file's: granian reads it whole; the uvloop engine
+    # keeps what arrived up to the read that crossed the limit (all of it, or a cut body): a
+    # whole file or a 413 naming the limit, never a 400 about a cut multipart body
+    mid = big[: 200 * len(big) // 400]
+    try:
+        assert c.files.create(file=("mid.jsonl", mid), purpose="batch").bytes == len(mid)
+    except openai.APIStatusError as exc:
+        assert ENGINE == "uvloop" and exc.status_code == 413, exc
+        assert "server.max_body_bytes" in exc.message
 
 
 def test_another_key_cannot_see_the_batch(gw: Gateway) -> None:

@@ -183,6 +183,13 @@ class BatchesApi:
         except ValueError as exc:
             raise GatewayError(Fault.UNSUPPORTED_MEDIA_TYPE, f"Unsupported upload: {exc}.") from None
         body = await read_body(self.cfg.max_file_bytes + _FORM_SLACK)
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > len(body):
+            # the uvloop engine stops keeping a body past `server.max_body_bytes`
+            limit = self.part.cfg.server.max_body_bytes
+            raise GatewayError(
+                Fault.BODY_TOO_LARGE, f"The upload is larger than server.max_body_bytes ({limit})."
+            )
         try:
             form = multipart.parse(body, ctype)
         except ValueError as exc:
