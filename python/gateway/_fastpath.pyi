@@ -347,11 +347,10 @@ class MetricSlots:
         tokens_out: int,
         tokens_cached: int,
         cost: int,
-        price_in: float,
-        price_out: float,
-        price_cached: float,
+        prices: tuple[float, float, float],
     ) -> int:
-        """A (model, team[, key])'s token and cost counters and its USD-per-token prices."""
+        """A (model, team[, key])'s token and cost counters and its USD-per-token prices
+        (input, output, cached input)."""
     def stage(self, name: str, base: int) -> None:
         """A stage name's histogram: `base` >= 0; -1 not recorded; -2 the plan's upstream one."""
     def request(

@@ -388,3 +388,40 @@ def test_planner_config_errors_are_clear(planner: dict[str, Any], message: str) 
     with pytest.raises(ConfigError) as info:
         _parse(planner)
     assert message in str(info.value)
+
+
+def test_a_key_gets_only_targets_it_may_use(
+    triton: TritonServer, mock_upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`auto` never hands a key a model outside its allow-list: the plan chooses within it
+    (`decision=restricted`), and a key allowed none of the targets gets a 403."""
+    tmp = tmp_path_factory.mktemp("gw-planner-auth")
+    cheap_only, auto_only = "sk-planner-cheap-only-0123456789", "sk-planner-auto-only-0123456789"
+    cfg = planner_config(mock_upstream, triton.grpc_address) + (
+        "auth:\n  enabled: true\n  keys:\n"
+        f"    - {{id: cheap, key: {cheap_only}, models: [auto, gpt-4o-mini]}}\n"
+        f"    - {{id: bare, key: {auto_only}, models: [auto]}}\n"
+    )
+
+    def ask(key: str, text: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+        conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=60)
+        try:
+            headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+            conn.request("POST", "/v1/chat/completions", json.dumps(chat("auto", text)).encode(), headers)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    with run_gateway(tmp, None, config_text=cfg) as g:
+        status, headers, body = ask(cheap_only, HARD[0])
+        assert status == 200, body
+        plan = plan_of(headers)
+        assert (plan["class"], plan["model"], plan["decision"]) == ("hard", "gpt-4o-mini", "restricted")
+        assert served_by(headers) == "gpt-4o-mini"
+        status, headers, body = ask(cheap_only, SIMPLE[0])  # allowed as chosen: routed as usual
+        assert status == 200 and plan_of(headers)["decision"] == "routed", body
+        status, _, body = ask(auto_only, HARD[0])
+        assert status == 403, body
+        assert body["error"]["type"] == "permission_error" and body["error"]["param"] == "model"
+        assert "gpt-4o" in body["error"]["message"]

@@ -803,10 +803,9 @@ impl PyMetricSlots {
         tokens_out: usize,
         tokens_cached: usize,
         cost: usize,
-        price_in: f64,
-        price_out: f64,
-        price_cached: f64,
+        prices: (f64, f64, f64),
     ) -> usize {
+        let (price_in, price_out, price_cached) = prices;
         self.inner.add_usage_plan(UsagePlan {
             tokens_in,
             tokens_out,

@@ -456,15 +456,13 @@ class MetricsObserver(Part):
         labels = (model, self._teams(team), self._keys(kid)) if self._per_key else (model, self._teams(team))
         f = self.fams
         sl = self.shard.slot
-        pin, pout, pcached = self._prices.get(model, (0.0, 0.0, 0.0))
+        prices = self._prices.get(model, (0.0, 0.0, 0.0))
         plan = self.slots.usage_plan(
             sl(f["fastpath_tokens"], (*labels, "input")),
             sl(f["fastpath_tokens"], (*labels, "output")),
             sl(f["fastpath_tokens"], (*labels, "cached")),
             sl(f["fastpath_cost_usd"], labels),
-            pin,
-            pout,
-            pcached,
+            prices,
         )
         if len(self._usage) < 8192:
             self._usage[key] = plan

@@ -45,6 +45,8 @@ log = logging.getLogger("gateway.planner")
 
 PLAN_HEADER = "x-fastpath-plan"
 ROUTED, SHADOW, FALLBACK = "routed", "shadow", "fallback"
+#: the choice was not among the caller's allowed models: the first allowed target serves it
+RESTRICTED = "restricted"
 _raw_top = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encode = msgspec.json.Encoder().encode
 
@@ -200,6 +202,11 @@ class PlannerStage(Part):
             cls = "hard" if score >= plan_cfg.threshold else "simple"
             model = plan_cfg.hard if cls == "hard" else plan_cfg.simple
             decision = SHADOW if plan_cfg.shadow else ROUTED
+        allowed = ctx.principal.models if ctx.principal is not None else None
+        if allowed is not None and decision != SHADOW and model not in allowed:
+            # a key may use `auto` without every target: the plan chooses within its models
+            model = _allowed_target(view.model, model, plan_cfg, allowed)
+            decision = RESTRICTED
         skip = cls == "simple" and plan_cfg.skip_retrieval_when_simple and decision == ROUTED
         plan = Plan(view.model, cls, score, model, decision, skip)
         ctx.plan = plan
@@ -208,6 +215,20 @@ class PlannerStage(Part):
         ctx.reply_headers += ((PLAN_HEADER, plan.describe()),)
         if decision != SHADOW and model != view.model:
             _use_model(ctx, view, model)
+
+
+def _allowed_target(requested: str, chosen: str, plan: PlanConfig, allowed: frozenset[str]) -> str:
+    """The first of the plan's targets the key may use, the other class's before the default;
+    none: the key may not use the virtual model's targets at all (403, as for a model)."""
+    for model in (plan.simple if chosen == plan.hard else plan.hard, plan.default):
+        if model and model in allowed:
+            return model
+    raise GatewayError(
+        Fault.FORBIDDEN,
+        f"This API key may not use the model `{chosen}` that `{requested}` chose, nor another of "
+        "its targets.",
+        param="model",
+    )
 
 
 def _use_model(ctx: RequestContext, view: ChatRequestView | CompletionRequestView, model: str) -> None:
