@@ -73,9 +73,14 @@ class WasmSandbox:
 
 
 def load_module(engine: wasmtime.Engine | None, path: str) -> wasmtime.Module:
-    """A `.wasm` binary or `.wat` text, compiled once (engine None: a default one, to check a
-    config)."""
-    engine = engine or wasmtime.Engine()
+    """A `.wasm` binary or `.wat` text, compiled once. Engine None: to check a config, in a
+    process that may fork afterwards (the master): compiled on this thread, since wasmtime's
+    parallel compilation starts a thread pool that a forked worker inherits half of (its
+    compilations then wait forever)."""
+    if engine is None:
+        serial = wasmtime.Config()
+        serial.parallel_compilation = False
+        engine = wasmtime.Engine(serial)
     data = Path(path).read_bytes()
     if path.endswith(".wat"):
         return wasmtime.Module(engine, bytes(wasmtime.wat2wasm(data.decode())))
