@@ -34,14 +34,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_s(pid: int) -> float:
-    """utime + stime of `pid` and its children (the gateway's master and worker)."""
-    total = 0
+def cpu_s(pid: int) -> tuple[float, float]:
+    """(utime, stime) of `pid` and its children (the gateway's master and worker)."""
+    user = system = 0
     kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     for p in [pid, *map(int, kids)]:
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / TICK, system / TICK
 
 
 def wait_port(port: int) -> None:
@@ -111,6 +112,7 @@ auth:
   keys: [{{id: bench, key: {KEY}}}]
 responses:
   store: {{path: {tmp}/r.db}}
+metrics: {{enabled: false}}
 """
         )
         mock_cmd = ["gateway.dev.openai_mock", "--host", "127.0.0.1", "--port", str(mock_port)]
@@ -133,11 +135,16 @@ responses:
             rows: dict[str, list[tuple[float, float]]] = {"sse": [], "ws": []}
             for _ in range(a.repeat):
                 for name, fn in (("sse", sse_round), ("ws", ws_round)):
-                    t0 = cpu_s(gw.pid)
+                    u0, s0 = cpu_s(gw.pid)
                     events = fn(gw_port, a.responses, a.words)
-                    spent = cpu_s(gw.pid) - t0
+                    u1, s1 = cpu_s(gw.pid)
+                    spent = u1 - u0 + s1 - s0
                     rows[name].append((spent / a.responses * 1e3, spent / events * 1e6))
-                    print(f"{name}: {rows[name][-1][0]:.3f} ms/response, {rows[name][-1][1]:.1f} µs/event")
+                    user, system = (u1 - u0) / a.responses * 1e3, (s1 - s0) / a.responses * 1e3
+                    print(
+                        f"{name}: {rows[name][-1][0]:.3f} ms/response (user {user:.3f}, system {system:.3f}),"
+                        f" {rows[name][-1][1]:.1f} µs/event"
+                    )
         finally:
             for p in (gw, mock):
                 p.terminate()

@@ -75,10 +75,12 @@ class _Sink:
     """The RSGI HTTP protocol one response is served onto: its SSE stream becomes text
     messages; an error reply is kept, for the socket's error event."""
 
-    __slots__ = ("_gone", "_rest", "_transport", "error")
+    __slots__ = ("_gone", "_many", "_rest", "_transport", "error")
 
     def __init__(self, transport: Any, gone: asyncio.Event) -> None:
         self._transport = transport
+        #: the uvloop engine's `send_texts` (a read's events in one call); granian: None
+        self._many = getattr(transport, "send_texts", None)
         self._gone = gone
         self._rest = b""
         self.error: tuple[int, bytes] | None = None
@@ -101,11 +103,19 @@ class _Sink:
         buf = self._rest + data if self._rest else data
         frames = buf.split(b"\n\n")
         self._rest = frames.pop()
-        send = self._transport.send_str
+        payloads = []
         for frame in frames:
             i = frame.find(b"data: ")
             if i >= 0:
-                await send(frame[i + 6 :].decode())
+                payloads.append(frame[i + 6 :])
+        if not payloads:
+            return
+        if self._many is not None:
+            await self._many(payloads)  # the translator's JSON: UTF-8 already
+            return
+        send = self._transport.send_str
+        for payload in payloads:
+            await send(payload.decode())
 
     async def send_str(self, data: str) -> None:
         await self.send_bytes(data.encode())
