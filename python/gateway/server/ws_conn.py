@@ -12,7 +12,8 @@ pauses beyond them), each at most `server.max_body_bytes` (a larger one: close 1
 `receive()` answers a close message whose `data` is 1001 (a peer's close has None), so an app
 may finish what it is doing first; whatever it then closes with, the code sent is 1001. Before
 `accept()` the app may refuse the upgrade with an HTTP reply (`response_bytes`, this engine
-only) or `close(status)` (that status, no body: as granian).
+only) or `close(status)` (that status, no body: as granian). Beyond RSGI, the transport's
+`send_texts(list[bytes])` sends several text messages in one call (an app uses it where it is).
 """
 
 from __future__ import annotations
