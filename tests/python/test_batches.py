@@ -332,9 +332,12 @@ def test_completion_window_expires_unfinished_lines(mock_upstream: MockUpstream,
         assert ok.isdisjoint(r["custom_id"] for r in errors) and len(ok) + len(errors) == 20
 
 
-def test_a_worker_killed_mid_batch_is_resumed_by_another(mock_upstream: MockUpstream, tmp_path: Path) -> None:
-    """An accept-only gateway, a `fastpath-gateway worker` SIGKILLed mid-batch: after the
-    visibility timeout another worker resumes the batch; every line has exactly one outcome."""
+def test_a_worker_stopped_or_killed_mid_batch_is_resumed_by_another(
+    mock_upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """An accept-only gateway and `fastpath-gateway worker`s: one stopped (SIGTERM) mid-batch
+    exits at once, leaving the batch in progress; the next is SIGKILLed mid-batch; after the
+    visibility timeout a third resumes and finishes it: every line exactly one outcome."""
     prefix = "test-batches-" + uuid.uuid4().hex[:8]
     cfg = tmp_path / "worker.yaml"
     cfg.write_text(_config(mock_upstream, tmp_path, prefix, workers={"concurrency": 1, "lines": 2}))
@@ -345,21 +348,29 @@ def test_a_worker_killed_mid_batch_is_resumed_by_another(mock_upstream: MockUpst
         rows = [request(f"k-{i}", mock={"first_delay_ms": 150}) for i in range(30)]
         f = c.files.create(file=("k.jsonl", jsonl_bytes(rows)), purpose="batch")
         b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-        first = subprocess.Popen(worker, env=env)
-        try:
-            deadline = time.monotonic() + 30
-            while _completed(c, b.id) < 6:
-                assert time.monotonic() < deadline and first.poll() is None
-                time.sleep(0.05)
-        finally:
-            first.kill()
-            first.wait(10)
-        assert c.batches.retrieve(b.id).status == "in_progress"
-        second = subprocess.Popen(worker, env=env)
+        for at_least, end in ((4, "stop"), (10, "kill")):
+            proc = subprocess.Popen(worker, env=env)
+            try:
+                deadline = time.monotonic() + 30
+                while _completed(c, b.id) < at_least:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+                before = _completed(c, b.id)
+            finally:
+                if end == "stop":
+                    assert stop(proc, timeout_s=8) == 0
+                else:
+                    proc.kill()
+                    proc.wait(10)
+            left = c.batches.retrieve(b.id)
+            assert left.status == "in_progress" and left.request_counts is not None
+            if end == "stop":  # the 2 lines in flight finish (2 more may start before the signal)
+                assert left.request_counts.completed <= before + 4
+        last = subprocess.Popen(worker, env=env)
         try:
             done = wait_batch(c, b.id, {"completed", "failed", "expired", "cancelled"})
         finally:
-            assert stop(second) == 0
+            assert stop(last) == 0
         assert done.status == "completed"
         assert done.request_counts is not None
         assert (done.request_counts.completed, done.request_counts.failed) == (30, 0)

@@ -169,8 +169,8 @@ class BatchRunner(Runner):
                 status = "in_progress"
         if status == "in_progress":
             await self._run_lines(batch_id, lines, job, proto)
-        if proto.aborted in ("lost", "closing"):
-            return False
+        if proto.aborted in ("lost", "closing") or (self._closing and proto.aborted is None):
+            return False  # another delivery resumes it
         await finalize(store, batch_id, [ln for _, ln in lines], expired=proto.aborted == "timeout")
         return True
 
@@ -197,7 +197,7 @@ class BatchRunner(Runner):
                     reap()
                 if self.yield_at:
                     await self._yield(stopped)
-                if stopped.done():
+                if stopped.done() or self._closing:  # closing: lines in flight may finish
                     break
                 holder: list[CaptureProtocol] = []
                 active[self.loop.create_task(self._line(batch_id, number, line, job, holder))] = holder
