@@ -42,6 +42,9 @@ class BatchesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: what `completion_window: "24h"` means here: a batch still running this long after its
     #: creation ends as `expired` (its unfinished lines in the error file)
     completion_window_s: int = 86_400
+    #: a batch is handed to a worker at most this many times (each worker stop, reload or loss
+    #: mid-batch is one more; it resumes where it was), then it ends `failed`
+    max_deliveries: int = 100
     workers: BatchWorkersConfig = BatchWorkersConfig()
 
 
@@ -52,7 +55,7 @@ def validate_batches(cfg: Config) -> None:
     where = "$.batches"
     if b.enabled and not cfg.jobs.enabled:
         raise ConfigError(f"{where}.enabled: batches run on the job queue; set jobs.enabled: true too")
-    for name in ("max_file_bytes", "max_lines", "completion_window_s"):
+    for name in ("max_file_bytes", "max_lines", "completion_window_s", "max_deliveries"):
         value = getattr(b, name)
         if value <= 0:
             raise ConfigError(f"{where}.{name}: must be > 0, got {value}")

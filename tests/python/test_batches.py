@@ -417,6 +417,7 @@ def test_jsonl_parse_skips_blank_lines_and_counts_physical_lines() -> None:
         ("batches: {enabled: true}", "set jobs.enabled: true too"),
         ("jobs: {enabled: true}\nbatches: {enabled: true, max_lines: 0}", "max_lines: must be > 0"),
         ("batches: {workers: {lines: 0}}", "workers.lines: must be >= 1"),
+        ("batches: {max_deliveries: 0}", "max_deliveries: must be > 0"),
         ("batches: {workers: {yield_at: -1}}", "workers.yield_at: must be >= 0"),
         ("batches: {nope: 1}", "nope"),
     ],

@@ -60,6 +60,7 @@ def lane_config(cfg: Config) -> Config:
         j,
         prefix=j.prefix + ":batches",
         deadline_s=b.completion_window_s,
+        max_attempts=b.max_deliveries,
         workers=JobWorkersConfig(concurrency=b.workers.concurrency, priority=b.workers.priority),
     )
     return msgspec.structs.replace(cfg, jobs=lane)
