@@ -383,6 +383,24 @@ def _completed(c: openai.OpenAI, batch_id: str) -> int:
     return counts.completed if counts is not None else 0
 
 
+def test_object_store_down_then_back(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    """The store unusable (its directory is a file): uploads answer 503, nothing half-made;
+    back: the same upload works and its batch runs."""
+    with batch_gateway(tmp_path, mock_upstream) as g:
+        (tmp_path / "objects").write_bytes(b"not a directory")
+        c = client(g)
+        data = jsonl_bytes([request("a"), request("b")])
+        with pytest.raises(openai.InternalServerError) as err:
+            c.files.create(file=("a.jsonl", data), purpose="batch")
+        assert err.value.status_code == 503
+        assert isinstance(err.value.body, dict) and err.value.body["code"] == "batch_store_unavailable"
+        assert list(c.files.list()) == []  # no metadata without its bytes
+        (tmp_path / "objects").unlink()
+        f = c.files.create(file=("a.jsonl", data), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert wait_batch(c, b.id, {"completed", "failed"}).status == "completed"
+
+
 # ---- the parsers, without a gateway -------------------------------------------------------------
 def test_multipart_parse() -> None:
     body = (

@@ -102,7 +102,7 @@ class BatchesApi:
                 body = await self._files(parts[2:], method, query, caller, principal, scope, read_body)
             else:
                 body = await self._batches(parts[2:], method, query, caller, principal, read_body)
-        except (RedisError, ObjectStoreError) as exc:
+        except (RedisError, ObjectStoreError, OSError) as exc:  # OSError: a local store's disk
             log.warning("batches: %s %s: %s", method, scope.path, exc)
             raise _UNAVAILABLE from None
         if isinstance(body, tuple):
