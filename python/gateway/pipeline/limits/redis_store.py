@@ -119,106 +119,152 @@ end
 #     UTC month, then 4 per check: fits (1/0), then 'r': the debt (after the take when taken:
 #     `bucket_state` derives remaining, reset and retry in Python, exact integers, less Lua), 0, 0;
 #     'c': leases held, 0, 0; 'b': day spent, month spent, the window it does not fit (0, 1, 2)}
-ACQUIRE = (
-    LUA_LIB
-    + LUA_MONTH_OF
-    + """
-local member = ARGV[1]
-local ttl = tonumber(ARGV[2])
+# Written for Redis CPU (it runs on every request; benchmarks/exact_decision_cost.py,
+# benchmarks/results/2026-12-05-exact-decision.md): the same arithmetic and commands as `LUA_LIB`'s
+# `debt` / `store` and `month_of`, inlined (no closures made per call), no table per check (the
+# state lives in the reply table, allocated once at its usual size; slot 3 of a bucket marks a
+# refund to write back until the reply is complete), the day and second from TIME's seconds
+# (floor(now / 86400e6) = floor(s / 86400)), and a budget hash whose windows are current written
+# in 2 fields, not 4. A bucket key of another type (a pre-2026-12 hash) is dropped as before.
+ACQUIRE = """
+local tm = redis.call('TIME')
+local sec = tonumber(tm[1])
+local now = sec * 1000000 + tonumber(tm[2])
+local day = math.floor(sec / 86400)
 local n = #KEYS
-local day = fdiv(now, 86400000000)
-local month = -1
+local out = {0, sec, day, -1, 0, 0, 0, 0, 0, 0, 0, 0}
 local code = 0
-local st = {}
-local over = {}
-local no = {}
-local kinds = {}
-local lims = {}
-local costs = {}
-local dirty = {}
+local today = nil
+local dirty = false
 for i = 1, n do
   local j = 6 * i - 3
   local kind = ARGV[j]
   local a = tonumber(ARGV[j + 1])
   local c = tonumber(ARGV[j + 3])
-  kinds[i], lims[i], costs[i] = kind, a, c
   local key = KEYS[i]
+  local o = 4 * i
+  local fits = 1
   if kind == 'r' then
-    st[i] = debt(key, a)
+    local d = 0
+    local v = redis.pcall('GET', key)
+    if v then
+      if type(v) == 'table' then
+        redis.call('DEL', key)
+      else
+        local p = string.find(v, ':', 1, true)
+        d = tonumber(string.sub(v, 1, p - 1))
+        local e = now - tonumber(string.sub(v, p + 1))
+        if e < 0 then e = 0 end
+        if e * a >= d then d = 0 else d = d - e * a end
+      end
+    end
+    local given = 0
     local g = tonumber(ARGV[j + 5])
-    if g > 0 and st[i] > 0 then
-      st[i] = st[i] - g * U
-      if st[i] < 0 then st[i] = 0 end
-      dirty[i] = true
+    if g > 0 and d > 0 then
+      d = d - g * 60000000
+      if d < 0 then d = 0 end
+      dirty = true
+      given = 1
     end
-    no[i] = st[i] + c * U > a * U
+    if d + c * 60000000 > a * 60000000 then fits = 0 end
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = fits, d, given, 0
   elseif kind == 'c' then
-    -- expired leases (of crashed workers) are pruned only when they could matter
-    st[i] = redis.call('ZCARD', key)
-    if st[i] >= a then
+    local held = redis.call('ZCARD', key)
+    if held >= a then
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-      st[i] = redis.call('ZCARD', key)
+      held = redis.call('ZCARD', key)
     end
-    no[i] = st[i] >= a
+    if held >= a then fits = 0 end
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = fits, held, 0, 0
   else
     local b = tonumber(ARGV[j + 2])
-    if month < 0 then month = month_of(day) end
+    local month = out[4]
+    if month < 0 then
+      local z = day + 719468
+      local era = math.floor(z / 146097)
+      local doe = z - era * 146097
+      local yoe = doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)
+      yoe = math.floor(yoe / 365)
+      local y = yoe + era * 400
+      local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+      local mp = math.floor((5 * doy + 2) / 153)
+      local m = mp + 3
+      if mp >= 10 then m = mp - 9 end
+      if m <= 2 then y = y + 1 end
+      month = y * 12 + m - 1
+      out[4] = month
+    end
     local v = redis.call('HMGET', key, 'd', 'ds', 'm', 'ms')
     local sd = 0
     local sm = 0
-    if tonumber(v[1]) == day then sd = tonumber(v[2]) end
-    if tonumber(v[3]) == month then sm = tonumber(v[4]) end
-    st[i] = {sd, sm, tonumber(v[1]) == day}
-    over[i] = 0
+    local td = tonumber(v[1]) == day
+    local tmo = tonumber(v[3]) == month
+    if td then sd = tonumber(v[2]) end
+    if tmo then sm = tonumber(v[4]) end
+    today = today or {}
+    if not td then today[i] = 0 elseif tmo then today[i] = 2 else today[i] = 1 end
+    local over = 0
     if c > 0 then
-      if a ~= 0 and sd + c > a then over[i] = 1 elseif b ~= 0 and sm + c > b then over[i] = 2 end
+      if a ~= 0 and sd + c > a then over = 1 elseif b ~= 0 and sm + c > b then over = 2 end
     end
-    no[i] = over[i] > 0
+    if over > 0 then fits = 0 end
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = fits, sd, sm, over
   end
-  if code == 0 and no[i] and ARGV[j + 4] == '1' then code = i end
+  if code == 0 and fits == 0 and ARGV[j + 4] == '1' then code = i end
 end
 if code == 0 then
   for i = 1, n do
-    local kind, a, c, key = kinds[i], lims[i], costs[i], KEYS[i]
-    if no[i] then
-      -- a shadow check that would refuse: not taken
-    elseif kind == 'r' then
-      if c > 0 then
-        st[i] = st[i] + c * U
-        store(key, st[i], a)
-        dirty[i] = false
+    local o = 4 * i
+    local j = 6 * i - 3
+    if out[o + 1] == 1 then
+      local kind = ARGV[j]
+      local c = tonumber(ARGV[j + 3])
+      if kind == 'r' then
+        if c > 0 then
+          local a = tonumber(ARGV[j + 1])
+          local d = out[o + 2] + c * 60000000
+          out[o + 2] = d
+          redis.call('SET', KEYS[i], string.format('%d:%d', d, now), 'PX', math.ceil(d / (a * 1000)) + 1000)
+          out[o + 3] = 0
+        end
+      elseif kind == 'c' then
+        local ttl = tonumber(ARGV[2])
+        redis.call('ZADD', KEYS[i], now + ttl * 1000, ARGV[1])
+        redis.call('PEXPIRE', KEYS[i], ttl)
+        out[o + 2] = out[o + 2] + 1
+      elseif c > 0 then
+        local sd = out[o + 2] + c
+        local sm = out[o + 3] + c
+        out[o + 2], out[o + 3] = sd, sm
+        if today[i] == 2 then
+          redis.call('HSET', KEYS[i], 'ds', string.format('%d', sd), 'ms', string.format('%d', sm))
+        else
+          redis.call('HSET', KEYS[i], 'd', string.format('%d', day), 'ds', string.format('%d', sd),
+                     'm', string.format('%d', out[4]), 'ms', string.format('%d', sm))
+          if today[i] == 0 then redis.call('PEXPIRE', KEYS[i], BUDGET_TTL_MS) end
+        end
       end
-    elseif kind == 'c' then
-      redis.call('ZADD', key, now + ttl * 1000, member)
-      redis.call('PEXPIRE', key, ttl)
-      st[i] = st[i] + 1
-    elseif c > 0 then
-      local s = st[i]
-      s[1] = s[1] + c
-      s[2] = s[2] + c
-      redis.call('HSET', key, 'd', string.format('%d', day), 'ds', string.format('%d', s[1]),
-                 'm', string.format('%d', month), 'ms', string.format('%d', s[2]))
-      -- the TTL is set by the first write of each UTC day, not by every request
-      if not s[3] then redis.call('PEXPIRE', key, BUDGET_TTL_MS) end
     end
   end
 end
-for i = 1, n do
-  if dirty[i] then store(KEYS[i], st[i], lims[i]) end
+if dirty then
+  for i = 1, n do
+    if out[4 * i + 3] == 1 and ARGV[6 * i - 3] == 'r' then
+      out[4 * i + 3] = 0
+      local d = out[4 * i + 2]
+      local a = tonumber(ARGV[6 * i - 2])
+      if d <= 0 then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('SET', KEYS[i], string.format('%d:%d', d, now), 'PX', math.ceil(d / (a * 1000)) + 1000)
+      end
+    end
+  end
 end
-local out = {code, fdiv(now, 1000000), day, month}
-local o = 4
-for i = 1, n do
-  local fits = 1
-  if no[i] then fits = 0 end
-  local x, y, z = st[i], 0, 0
-  if kinds[i] == 'b' or kinds[i] == 'q' then x, y, z = st[i][1], st[i][2], over[i] end
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4] = fits, x, y, z
-  o = o + 4
-end
+out[1] = code
+for k = 4 * n + 5, 12 do out[k] = nil end
 return out
-"""
-).replace("BUDGET_TTL_MS", str(33 * 86_400_000))
+""".replace("BUDGET_TTL_MS", str(33 * 86_400_000))
 
 # The settlement: give back unused reserved tokens and money, charge use beyond them, drop the
 # leases. KEYS: what the lease holds (token buckets, lease sets, budget hashes). ARGV: lease

@@ -1,0 +1,239 @@
+"""What one exact limits decision costs Redis (issue 19 item 2: <= 15 µs per decision).
+
+Runs the decision script (`redis_store.ACQUIRE`) of this tree beside the one of a baseline git
+revision, interleaved, on a private redis-server started for the run, with the keys and
+arguments `RedisStore.decide` builds (`PlanKeys` of a real `LimitsStage` plan), and reports
+Redis's own accounting per call (`INFO commandstats`, evalsha usec / calls: Lua and the commands
+it runs, not the socket I/O) and redis-server CPU per call (/proc/<pid>/stat: with the I/O of
+calls pipelined `--batch` at a time). An empty script (`return 1`) with the same keys and
+arguments is the floor. Each cell: `-n` decisions over `--keys` keys (their buckets exist: the
+common case), every decision carrying a deferred refund (what a request that used less than it
+reserved leaves for the next one: `RedisStore._refunds`).
+
+Plans: `rpm_tpm` (a key's requests and tokens per minute), `budget` (rpm + tpm + a daily and
+monthly budget). Prints a markdown table with /proc/loadavg per cell, then medians and bests.
+
+Usage: .venv/bin/python benchmarks/exact_decision_cost.py [--baseline REV] [-n 20000]
+       [--rounds 5] [--plan rpm_tpm,budget]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hiredis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+from gateway import config as config_mod  # noqa: E402
+from gateway.pipeline.limits import LimitsStage, redis_store  # noqa: E402
+from gateway.principal import Principal  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+STORE = "python/gateway/pipeline/limits/redis_store.py"
+TIERS = {
+    "rpm_tpm": "{rpm: 100000000, tpm: 100000000}",
+    "budget": "{rpm: 100000000, tpm: 100000000, budget_usd_per_day: 1000000, budget_usd_per_month: 5000000}",
+}
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def scripts_at(rev: str) -> dict[str, str]:
+    """The scripts (`ACQUIRE`, ...) of redis_store.py at git revision `rev`: its top-level
+    string assignments evaluated on their own (no imports)."""
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:{STORE}"], capture_output=True, text=True, check=True
+    ).stdout
+    env: dict[str, object] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
+            try:
+                exec(compile(ast.Module([node], []), STORE, "exec"), {"str": str}, env)
+            except Exception:  # not a script: skipped
+                continue
+    return {k: v for k, v in env.items() if isinstance(v, str)}
+
+
+class Conn:
+    """A blocking RESP connection that pipelines `batch` commands per write."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.reader = hiredis.Reader()
+
+    def call(self, *args: object) -> object:
+        return self.pipeline([hiredis.pack_command(args)])[0]
+
+    def pipeline(self, cmds: list[bytes]) -> list[object]:
+        self.sock.sendall(b"".join(cmds))
+        out: list[object] = []
+        while len(out) < len(cmds):
+            reply = self.reader.gets()
+            if reply is False:
+                self.reader.feed(self.sock.recv(1 << 20))
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                raise reply
+            out.append(reply)
+        return out
+
+
+def plan_calls(plan_name: str, keys: int) -> list[tuple[tuple[str, ...], list[object]]]:
+    """Per key: the KEYS and ARGV `RedisStore.decide` sends for one request of 100 tokens and a
+    cost of 1000 nano-USD, carrying a deferred refund of 30 tokens."""
+    cfg = config_mod.parse(
+        "providers: [{name: p, base_url: 'http://127.0.0.1:1/v1'}]\n"
+        "models: [{name: m, provider: p}]\n"
+        f"tiers: {{pro: {TIERS[plan_name]}}}\n"
+        "limits: {backend: redis, redis: {url: 'redis://127.0.0.1:1/0'}}\n"
+    )
+    stage = LimitsStage(cfg)
+    out = []
+    for k in range(keys):
+        principal = Principal(f"k{k}", b"", "", "pro", cfg.tiers["pro"], None, float("inf"), False)
+        plan = stage.plan(principal, "m")
+        pk = redis_store.PlanKeys(plan, cfg.limits.redis.key_prefix)
+        costs = (0, 1, 100, 1000, 1, 100)
+        args: list[object] = ["", cfg.limits.redis.lease_ttl_ms]
+        for c, (kind, limit, limit2, enforce) in zip(plan.checks, pk.check_args, strict=True):
+            args += (kind, limit, limit2, costs[c.kind], enforce, 30 if c.kind == 2 else 0)
+        out.append((pk.keys, args))
+    return out
+
+
+def commandstats(conn: Conn) -> tuple[int, int]:
+    info = conn.call("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    m = re.search(rb"cmdstat_evalsha:calls=(\d+),usec=(\d+)", info)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def cell(conn: Conn, pid: int, sha: str, calls: list, n: int, batch: int) -> tuple[float, float]:
+    """(Lua µs per call from commandstats, redis-server CPU µs per call)."""
+    packed = [hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)) for keys, args in calls]
+    conn.call("CONFIG", "RESETSTAT")
+    cpu0 = cpu_s(pid)
+    done = 0
+    while done < n:
+        k = min(batch, n - done)
+        conn.pipeline([packed[(done + i) % len(packed)] for i in range(k)])
+        done += k
+    cpu1 = cpu_s(pid)
+    ncalls, usec = commandstats(conn)
+    assert ncalls == n, (ncalls, n)
+    return usec / ncalls, (cpu1 - cpu0) / n * 1e6
+
+
+def check_same(conn: Conn, shas: dict[str, str], calls: list) -> None:
+    """The scripts answer the same values from the same state (the clock aside)."""
+    for keys, args in calls[:3]:
+        replies = []
+        for name in ("before", "after"):
+            conn.call("FLUSHALL")
+            for _ in range(3):
+                r = conn.call("EVALSHA", shas[name], len(keys), *keys, *args)
+            assert isinstance(r, list)
+            replies.append([r[0], *r[2:]])  # r[1] is the clock (s)
+        if replies[0] != replies[1]:
+            raise SystemExit(f"the scripts differ: {replies}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", default="06ab089", help="git revision of the 'before' scripts")
+    ap.add_argument("-n", type=int, default=20_000, help="decisions per cell")
+    ap.add_argument("--keys", type=int, default=100, help="distinct keys per cell")
+    ap.add_argument("--batch", type=int, default=50, help="calls per pipelined write")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--plan", default="rpm_tpm,budget")
+    ap.add_argument("--extra", action="append", default=[], help="NAME=FILE: another script to measure")
+    args = ap.parse_args()
+    if shutil.which("redis-server") is None:
+        raise SystemExit("needs redis-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                conn = Conn(port)
+                conn.call("PING")
+                break
+            except OSError:
+                time.sleep(0.05)
+        scripts = {
+            "empty": "return 1",
+            "before": scripts_at(args.baseline)["ACQUIRE"],
+            "after": redis_store.ACQUIRE,
+        }
+        for extra in args.extra:
+            name, _, path = extra.partition("=")
+            scripts[name] = Path(path).read_text()
+        shas = {}
+        for name, src in scripts.items():
+            shas[name] = conn.call("SCRIPT", "LOAD", src).decode()  # type: ignore[union-attr]
+            assert shas[name] == hashlib.sha1(src.encode()).hexdigest()
+        version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
+        print(
+            f"{version}; baseline {args.baseline}; n={args.n} per cell, {args.keys} keys, "
+            f"batch {args.batch}, "
+            f"{args.rounds} interleaved rounds; start loadavg {loadavg()}"
+        )
+        print()
+        print("| plan | round | script | Lua µs/call (commandstats) | redis-server CPU µs/call | loadavg |")
+        print("|---|---|---|---|---|---|")
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for plan in args.plan.split(","):
+            calls = plan_calls(plan, args.keys)
+            check_same(conn, shas, calls)
+            for rnd in range(args.rounds):
+                for name in scripts:
+                    conn.call("FLUSHALL")
+                    lua, cpu = cell(conn, proc.pid, shas[name], calls, args.n, args.batch)
+                    results.setdefault((plan, name), []).append((lua, cpu))
+                    print(
+                        f"| {plan} | {rnd + 1} | {name} | {lua:.2f} | {cpu:.2f} | {loadavg()} |", flush=True
+                    )
+        print()
+        print("| plan | script | Lua µs/call median (best) | CPU µs/call median (best) |")
+        print("|---|---|---|---|")
+        for (plan, name), rs in results.items():
+            lua = [r[0] for r in rs]
+            cpu = [r[1] for r in rs]
+            print(
+                f"| {plan} | {name} | {statistics.median(lua):.2f} ({min(lua):.2f}) "
+                f"| {statistics.median(cpu):.2f} ({min(cpu):.2f}) |"
+            )
+        print(f"\nend loadavg {loadavg()}")
+    finally:
+        proc.kill()
+        proc.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
