@@ -10,7 +10,7 @@ it 75/25 by a hash of `group` (paraphrases never straddle the split), picks the 
 grouped 5-fold cross-validation on the training part only, fits on the training part, evaluates
 once on the held-out part (accuracy, and the cost saved against sending everything to the strong
 model at the prices below), and writes 1/classifier.json and REPORT.md. Deterministic. The
-fitting helpers are the prompt guard's (../prompt_guard/train.py), loaded by path.
+fitting helpers are the three classifiers' shared ../prompt_guard/training.py.
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: 2 shared cores, and determinism
 
-import datetime as dt
-import hashlib
-import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +28,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "1"))
 sys.path.insert(0, str(HERE.parent / "prompt_guard" / "1"))
+sys.path.insert(0, str(HERE.parent / "prompt_guard"))
 
+import training as tr  # noqa: E402
 from features import NAMES, estimate_tokens, raw_features, transform  # noqa: E402
 from minilm import MODEL_NAME, MiniLM  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("prompt_guard_train", HERE.parent / "prompt_guard" / "train.py")
-assert _spec is not None and _spec.loader is not None
-guard = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(guard)
 
 DATA = HERE / "data" / "requests.jsonl"
 OUT_WEIGHTS = HERE / "1" / "classifier.json"
@@ -47,7 +40,6 @@ OUT_REPORT = HERE / "REPORT.md"
 POSITIVE = "hard"
 TEST_PERCENT = 25
 FOLDS = 5
-LAMBDAS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 # Word pieces the encoder reads (MiniLM allows 256): every request of the set fits in far fewer,
 # and half the sequence bounds the CPU cost of a long prompt (its length still counts through the
 # prompt-tokens feature, computed by the gateway on the whole text).
@@ -80,7 +72,9 @@ def savings(rows: list[dict], hard_pred: np.ndarray) -> dict[str, float | int]:
         "saved_pct": round(100 * (1 - routed / strong), 1),
         "oracle_saved_pct": round(100 * (1 - oracle / strong), 1),
         "to_cheap": int((~hard_pred).sum()),
-        "hard_to_cheap": int(sum(1 for r, h in zip(rows, hard_pred, strict=True) if not h and r["label"] == POSITIVE)),
+        "hard_to_cheap": int(
+            sum(1 for r, h in zip(rows, hard_pred, strict=True) if not h and r["label"] == POSITIVE)
+        ),
     }
 
 
@@ -100,63 +94,36 @@ def projected(rows: list[dict], hard_pred: np.ndarray, simple_share: float) -> f
 
 
 def main() -> None:
-    raw = DATA.read_bytes()
-    rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-    if {r["label"] for r in rows} - {POSITIVE, "simple"}:
-        raise SystemExit("labels must be 'simple' or 'hard'")
+    raw, rows, y = tr.load_set(DATA, POSITIVE, "simple")
     texts = [r["text"] for r in rows]
-    y = np.array([1 if r["label"] == POSITIVE else 0 for r in rows])
     groups = [r["group"] for r in rows]
     feats = np.array(
         [transform(raw_features(r["text"], bool(r.get("tools")), int(r.get("turns", 1)))) for r in rows]
     )
 
-    t0 = time.perf_counter()
     enc = MiniLM(max_seq_len=MAX_SEQ_LEN)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    emb = np.zeros((len(texts), enc.dim), dtype=np.float32)
-    for i in range(0, len(texts), 32):
-        idx = order[i : i + 32]
-        emb[idx] = enc.embed([texts[j] for j in idx])
-    embed_s = time.perf_counter() - t0
-
-    test = np.array([guard.bucket(g) < TEST_PERCENT for g in groups])
-    train = ~test
-    fold = np.array([guard.bucket("fold:" + g, FOLDS) for g in groups])
+    emb, embed_s = tr.embed_all(enc, texts)
+    test, train, fold = tr.group_split(groups, TEST_PERCENT, FOLDS)
     mean, std = feats[train].mean(axis=0), feats[train].std(axis=0)
     std[std == 0] = 1.0
     x = np.hstack([emb.astype(np.float64), (feats - mean) / std])
 
-    best_lam, best_loss, best_oof = LAMBDAS[0], float("inf"), np.zeros(0)
-    cv_table = []
-    for lam in LAMBDAS:
-        oof = np.zeros(len(y))
-        for k in range(FOLDS):
-            tr, va = train & (fold != k), train & (fold == k)
-            w, b = guard.fit_logreg(x[tr], y[tr], lam)
-            oof[va] = guard.sigmoid(x[va] @ w + b)
-        p = np.clip(oof[train], 1e-7, 1 - 1e-7)
-        loss = float(-np.mean(y[train] * np.log(p) + (1 - y[train]) * np.log(1 - p)))
-        cv_table.append((lam, round(loss, 4), guard.metrics(y[train], oof[train], THRESHOLD)["accuracy"]))
-        if loss < best_loss:
-            best_lam, best_loss, best_oof = lam, loss, oof
-    cv = guard.metrics(y[train], best_oof[train], THRESHOLD)
+    best_lam, best_oof, cv_table = tr.select_lambda(x, y, train, fold, FOLDS, THRESHOLD, "accuracy")
+    cv = tr.metrics(y[train], best_oof[train], THRESHOLD)
 
-    w, b = guard.fit_logreg(x[train], y[train], best_lam)
-    score = guard.sigmoid(x @ w + b)
-    held = guard.metrics(y[test], score[test], THRESHOLD)
-    train_m = guard.metrics(y[train], score[train], THRESHOLD)
+    w, b = tr.fit_logreg(x[train], y[train], best_lam)
+    score = tr.sigmoid(x @ w + b)
+    held = tr.metrics(y[test], score[test], THRESHOLD)
+    train_m = tr.metrics(y[train], score[train], THRESHOLD)
     test_rows = [rows[i] for i in np.flatnonzero(test)]
-    sweep = [(t, guard.metrics(y[test], score[test], t), savings(test_rows, score[test] >= t)) for t in SWEEP]
+    sweep = [(t, tr.metrics(y[test], score[test], t), savings(test_rows, score[test] >= t)) for t in SWEEP]
     saved = savings(test_rows, score[test] >= THRESHOLD)
     # the same routing without the cheap features: what they add
-    w0, b0 = guard.fit_logreg(x[train][:, : enc.dim], y[train], best_lam)
-    text_only = guard.metrics(y[test], guard.sigmoid(x[test][:, : enc.dim] @ w0 + b0), THRESHOLD)
+    w0, b0 = tr.fit_logreg(x[train][:, : enc.dim], y[train], best_lam)
+    text_only = tr.metrics(y[test], tr.sigmoid(x[test][:, : enc.dim] @ w0 + b0), THRESHOLD)
 
     errors = [
-        (rows[i]["label"], round(float(score[i]), 3), texts[i])
-        for i in np.flatnonzero(test)
-        if (score[i] >= THRESHOLD) != (y[i] == 1)
+        (rows[i]["label"], round(float(score[i]), 3), texts[i]) for i in tr.misses(test, score, y, THRESHOLD)
     ]
     out = {
         "embedding_model": MODEL_NAME,
@@ -171,27 +138,17 @@ def main() -> None:
         "bias": float(b),
         "threshold": THRESHOLD,
         "l2_lambda": best_lam,
-        "trained_at": dt.date.today().isoformat(),
-        "dataset": str(DATA.relative_to(HERE)),
-        "dataset_sha256": hashlib.sha256(raw).hexdigest(),
-        "split": f"sha256(group) % 100 < {TEST_PERCENT} -> held out",
-        "counts": {
-            "train": int(train.sum()),
-            "test": int(test.sum()),
-            "train_hard": int(y[train].sum()),
-            "test_hard": int(y[test].sum()),
-            "groups": len(set(groups)),
+        **tr.provenance(DATA, HERE, raw, TEST_PERCENT),
+        "counts": tr.counts(train, test, y, groups, POSITIVE),
+        "metrics": {
+            "held_out": held,
+            "cv_out_of_fold": cv,
+            "train": train_m,
+            "held_out_text_only": text_only,
         },
-        "metrics": {"held_out": held, "cv_out_of_fold": cv, "train": train_m, "held_out_text_only": text_only},
         "cost": {"cheap": CHEAP, "strong": STRONG, "out_tokens": OUT_TOKENS, "held_out": saved},
     }
     OUT_WEIGHTS.write_text(json.dumps(out, indent=1) + "\n")
-
-    def row(name: str, m: dict[str, float | int]) -> str:
-        return (
-            f"| {name} | {m['n']} | {m['accuracy']:.4f} | {m['precision']:.4f} | {m['recall']:.4f} "
-            f"| {m['f1']:.4f} | {m['roc_auc']:.4f} | {m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} |"
-        )
 
     n_test = int(test.sum())
     lines = [
@@ -213,12 +170,11 @@ def main() -> None:
         "",
         f"## Routing accuracy (threshold {THRESHOLD})",
         "",
-        "| set | n | accuracy | precision | recall | F1 | ROC AUC | TP | FP | FN | TN |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        row("held out", held),
-        row("held out, text only (no cheap features)", text_only),
-        row("train CV, out of fold", cv),
-        row("train (fit)", train_m),
+        *tr.TABLE_HEAD,
+        tr.table_row("held out", held),
+        tr.table_row("held out, text only (no cheap features)", text_only),
+        tr.table_row("train CV, out of fold", cv),
+        tr.table_row("train (fit)", train_m),
         "",
         "Positive class = hard. FN = a hard request sent to the cheap model (a quality miss); FP = a simple",
         "one sent to the strong model (a cost miss).",
