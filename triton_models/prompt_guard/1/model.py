@@ -2,8 +2,8 @@
 
 Input `text` (BYTES, dims [1]); outputs `score` (FP32, dims [1], probability of an attack) and
 `label` (BYTES, dims [1], "jailbreak" or "benign" by the trained threshold). All requests of a
-dynamic batch are embedded in one forward pass. The classifier (1/classifier.json, written by
-../train.py) is found through the model-config parameter `classifier_path`, relative to the
+dynamic batch are embedded in one forward pass (`batching.py`). The classifier (1/classifier.json,
+written by ../train.py) is found through the model-config parameter `classifier_path`, relative to the
 serving model's version folder: toxicity_guard links this file and loads its own weights.
 """
 
@@ -20,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from batching import classify_batch, decode_texts  # noqa: E402
 from minilm import MODEL_NAME, MiniLM  # noqa: E402
 
 
@@ -50,54 +51,20 @@ class TritonPythonModel:
             f"dataset {str(clf.get('dataset_sha256', ''))[:12]}) in {time.perf_counter() - t0:.3f} s"
         )
 
-    def _texts(self, request: pb_utils.InferenceRequest) -> list[str]:
+    def _parse(self, request: pb_utils.InferenceRequest) -> tuple[list[str], None]:
         tensor = pb_utils.get_input_tensor_by_name(request, "text")
         if tensor is None:
             raise ValueError("missing input 'text'")
-        arr = tensor.as_numpy()
-        if arr.ndim != 2 or arr.shape[1] != 1:
-            raise ValueError(f"input 'text' must have shape [batch, 1], got {list(arr.shape)}")
-        out = []
-        for item in arr.reshape(-1):
-            if isinstance(item, bytes):
-                out.append(item.decode("utf-8", errors="replace"))
-            elif isinstance(item, str):
-                out.append(item)
-            else:
-                raise ValueError(f"input 'text' must be BYTES, got {type(item).__name__}")
-        return out
+        return decode_texts(tensor.as_numpy()), None
+
+    def _score(self, texts: list[str], _: list[None]) -> np.ndarray:
+        emb = self.encoder.embed(texts).astype(np.float64)
+        return (1.0 / (1.0 + np.exp(-(emb @ self.w + self.b)))).astype(np.float32)
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
-        responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
-        spans: list[tuple[int, int, int]] = []  # (request index, start, end) into `texts`
-        texts: list[str] = []
-        for i, req in enumerate(requests):
-            try:
-                items = self._texts(req)
-            except Exception as e:  # a bad request fails alone, never the batch
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-                continue
-            spans.append((i, len(texts), len(texts) + len(items)))
-            texts.extend(items)
-        if texts:
-            try:
-                emb = self.encoder.embed(texts).astype(np.float64)
-                scores = (1.0 / (1.0 + np.exp(-(emb @ self.w + self.b)))).astype(np.float32)
-            except Exception as e:
-                err = pb_utils.TritonError(f"{self.name} inference failed: {e}")
-                for i, _, _ in spans:
-                    responses[i] = pb_utils.InferenceResponse(error=err)
-                return responses
-            for i, start, end in spans:
-                s = scores[start:end].reshape(-1, 1)
-                labels = np.array(
-                    [[(self.pos if v >= self.threshold else self.neg).encode()] for v in s[:, 0]],
-                    dtype=np.object_,
-                )
-                responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("score", s), pb_utils.Tensor("label", labels)]
-                )
-        return responses
+        return classify_batch(
+            requests, self._parse, self._score, (self.pos, self.neg, self.threshold), self.name
+        )
 
     def finalize(self) -> None:
         self.encoder = None

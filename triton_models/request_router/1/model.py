@@ -4,8 +4,8 @@ Inputs `text` (BYTES, dims [1]: the prompt text, all messages joined by newlines
 (FP32, dims [4]: prompt tokens as the gateway estimates them, a code fence (0/1), tools in the
 request (0/1), turns; `features.py`); outputs `score` (FP32, dims [1], P(hard)) and `label`
 (BYTES, dims [1], "hard" or "simple" by the trained threshold). All requests of a dynamic batch
-are embedded in one forward pass; a bad request fails alone. The encoder is the prompt guard's
-numpy all-MiniLM-L6-v2 (`../../prompt_guard/1/minilm.py`, one copy of the forward pass).
+are embedded in one forward pass; a bad request fails alone. The encoder and the batch plumbing
+are the prompt guard's (`../../prompt_guard/1/minilm.py` and `batching.py`: one copy of each).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1] / "prompt_guard" / "1"))
 
+from batching import classify_batch, decode_texts  # noqa: E402
 from features import NAMES, RAW, transform  # noqa: E402
 from minilm import MODEL_NAME, MiniLM  # noqa: E402
 
@@ -53,57 +54,25 @@ class TritonPythonModel:
         )
 
     @staticmethod
-    def _inputs(request: pb_utils.InferenceRequest) -> tuple[list[str], np.ndarray]:
+    def _parse(request: pb_utils.InferenceRequest) -> tuple[list[str], np.ndarray]:
         text = pb_utils.get_input_tensor_by_name(request, "text")
         feats = pb_utils.get_input_tensor_by_name(request, "features")
         if text is None or feats is None:
             raise ValueError("inputs 'text' and 'features' are required")
         arr, f = text.as_numpy(), feats.as_numpy()
-        if arr.ndim != 2 or arr.shape[1] != 1:
-            raise ValueError(f"input 'text' must have shape [batch, 1], got {list(arr.shape)}")
+        texts = decode_texts(arr)
         if f.shape != (arr.shape[0], len(RAW)):
             raise ValueError(f"input 'features' must have shape [batch, {len(RAW)}], got {list(f.shape)}")
-        texts = []
-        for item in arr.reshape(-1):
-            if not isinstance(item, bytes | str):
-                raise ValueError(f"input 'text' must be BYTES, got {type(item).__name__}")
-            texts.append(item.decode("utf-8", errors="replace") if isinstance(item, bytes) else item)
         return texts, np.array([transform([float(v) for v in row]) for row in f], dtype=np.float64)
 
+    def _score(self, texts: list[str], feats: list[np.ndarray]) -> np.ndarray:
+        emb = self.encoder.embed(texts).astype(np.float64)
+        x = np.hstack([emb, (np.vstack(feats) - self.mean) / self.std])
+        return (1.0 / (1.0 + np.exp(-(x @ self.w + self.b)))).astype(np.float32)
+
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
-        responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
-        spans: list[tuple[int, int, int]] = []
-        texts: list[str] = []
-        feats: list[np.ndarray] = []
-        for i, req in enumerate(requests):
-            try:
-                t, f = self._inputs(req)
-            except Exception as e:  # a bad request fails alone, never the batch
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-                continue
-            spans.append((i, len(texts), len(texts) + len(t)))
-            texts.extend(t)
-            feats.append(f)
-        if texts:
-            try:
-                emb = self.encoder.embed(texts).astype(np.float64)
-                x = np.hstack([emb, (np.vstack(feats) - self.mean) / self.std])
-                scores = (1.0 / (1.0 + np.exp(-(x @ self.w + self.b)))).astype(np.float32)
-            except Exception as e:
-                err = pb_utils.TritonError(f"request_router inference failed: {e}")
-                for i, _, _ in spans:
-                    responses[i] = pb_utils.InferenceResponse(error=err)
-                return responses
-            for i, start, end in spans:
-                s = scores[start:end].reshape(-1, 1)
-                labels = np.array(
-                    [[(self.pos if v >= self.threshold else self.neg).encode()] for v in s[:, 0]],
-                    dtype=np.object_,
-                )
-                responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("score", s), pb_utils.Tensor("label", labels)]
-                )
-        return responses
+        labels = (self.pos, self.neg, self.threshold)
+        return classify_batch(requests, self._parse, self._score, labels, "request_router")
 
     def finalize(self) -> None:
         self.encoder = None
