@@ -17,26 +17,24 @@ documents to index, never instructions a model follows, so a jailbreak score mea
 classifications. Token-id inputs carry no text and are not scanned.
 
 Concurrent checks in a worker are coalesced into one batched `ModelInfer` call while a previous
-one is in flight (no added wait when idle), so a busy worker sends batches, not a call each.
+one is in flight (no added wait when idle), so a busy worker sends batches, not a call each
+(`upstreams/triton_classify.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from typing import TYPE_CHECKING, Any, cast
-
-from tritonclient.grpc import service_pb2 as pb
 
 from .. import _fastpath, embeddings
 from ..config import GuardCheck, GuardConfig, GuardKind, OnError
 from ..context import Endpoint, RequestContext
 from ..errors import Fault, GatewayError
 from ..schemas import ChatRequestView, EmbeddingsRequestView
-from ..upstreams.grpc_transport import RpcError
-from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error
+from ..upstreams.triton_classify import TritonClassifier
+from ..upstreams.triton_grpc import TritonAdapter
 from . import guard_rules
 from .sentences import segments
 from .stage import Part
@@ -118,13 +116,12 @@ class RulesGuard:
 class TritonGuard:
     """Scores prompts with a classifier model (`text` BYTES [1] -> `score` FP32 [1])."""
 
-    __slots__ = ("_inflight", "_queue", "adapter", "cfg")
+    __slots__ = ("adapter", "cfg", "classifier")
 
     def __init__(self, cfg: GuardConfig, adapter: TritonAdapter) -> None:
         self.cfg = cfg
         self.adapter = adapter
-        self._queue: list[tuple[bytes, asyncio.Future[float]]] = []
-        self._inflight = False
+        self.classifier = TritonClassifier(adapter, cfg.model, cfg.timeout_ms, cfg.max_batch, 0, "guard")
 
     async def check(self, text: str) -> str | None:
         """None (passed) or the verdict when the model was not asked; raises _Blocked."""
@@ -140,53 +137,7 @@ class TritonGuard:
         return None
 
     async def score(self, text: str) -> float:
-        fut: asyncio.Future[float] = self.adapter.loop.create_future()
-        self._queue.append((text[-self.cfg.max_chars :].encode(), fut))
-        if not self._inflight:
-            self._launch()
-        return await fut
-
-    def _launch(self) -> None:
-        batch = self._queue[: self.cfg.max_batch]
-        del self._queue[: self.cfg.max_batch]
-        self._inflight = True
-        self.adapter.loop.create_task(self._run(batch))
-
-    async def _run(self, batch: list[tuple[bytes, asyncio.Future[float]]]) -> None:
-        try:
-            live = [(t, f) for t, f in batch if not f.done()]  # waiters that timed out are gone
-            if live:
-                scores = await self._infer([t for t, _ in live])
-                for (_, f), s in zip(live, scores, strict=True):
-                    if not f.done():
-                        f.set_result(s)
-        except Exception as exc:
-            for _, f in batch:
-                if not f.done():
-                    f.set_exception(exc)
-        finally:
-            self._inflight = False
-            if self._queue:
-                self._launch()
-
-    async def _infer(self, texts: list[bytes]) -> list[float]:
-        n = len(texts)
-        request = pb.ModelInferRequest(
-            model_name=self.cfg.model,
-            inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=(n, 1))],
-            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="score")],
-            raw_input_contents=[b"".join(struct.pack("<I", len(t)) + t for t in texts)],
-        )
-        try:
-            resp = await self.adapter.unary(
-                "ModelInfer", request, pb.ModelInferResponse, self.cfg.timeout_ms / 1000
-            )
-        except RpcError as exc:
-            raise map_rpc_error(exc, self.cfg.model) from None
-        raw = resp.raw_output_contents[0] if resp.raw_output_contents else b""
-        if len(raw) != 4 * n:
-            raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"guard model returned {len(raw)} bytes for {n}")
-        return list(struct.unpack(f"<{n}f", raw))
+        return await self.classifier.score(text[-self.cfg.max_chars :].encode())
 
 
 Guard = RulesGuard | TritonGuard

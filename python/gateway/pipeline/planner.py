@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
-from tritonclient.grpc import service_pb2 as pb
 
 from .. import _fastpath
 from ..config import Config
@@ -34,11 +32,11 @@ from ..config_planner import PlanConfig
 from ..context import RequestContext
 from ..errors import Fault, GatewayError
 from ..schemas import ChatRequestView, CompletionRequestView
-from ..upstreams.grpc_transport import RpcError
-from ..upstreams.triton_grpc import TritonAdapter, map_rpc_error
+from ..upstreams.triton_classify import TritonClassifier
 from .stage import Part
 
 if TYPE_CHECKING:
+    from ..upstreams.triton_grpc import TritonAdapter
     from ..worker import Worker
 
 log = logging.getLogger("gateway.planner")
@@ -47,6 +45,8 @@ PLAN_HEADER = "x-fastpath-plan"
 ROUTED, SHADOW, FALLBACK = "routed", "shadow", "fallback"
 #: the choice was not among the caller's allowed models: the first allowed target serves it
 RESTRICTED = "restricted"
+#: the request router's `features` input (`request_features`)
+N_FEATURES = 4
 _raw_top = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encode = msgspec.json.Encoder().encode
 
@@ -103,69 +103,15 @@ def request_features(view: ChatRequestView | CompletionRequestView) -> tuple[str
 class RouterClient:
     """The classifier on Triton: (text, features) -> P(hard), coalescing concurrent calls."""
 
-    __slots__ = ("_inflight", "_queue", "adapter", "cfg")
+    __slots__ = ("classifier", "max_chars")
 
     def __init__(self, cfg: Config, adapter: TritonAdapter) -> None:
-        self.cfg = cfg.planner
-        self.adapter = adapter
-        self._queue: list[tuple[bytes, tuple[float, ...], asyncio.Future[float]]] = []
-        self._inflight = False
+        p = cfg.planner
+        self.max_chars = p.max_chars
+        self.classifier = TritonClassifier(adapter, p.model, p.timeout_ms, p.max_batch, N_FEATURES, "router")
 
     async def score(self, text: str, features: tuple[float, ...]) -> float:
-        fut: asyncio.Future[float] = self.adapter.loop.create_future()
-        self._queue.append((text[-self.cfg.max_chars :].encode(), features, fut))
-        if not self._inflight:
-            self._launch()
-        return await fut
-
-    def _launch(self) -> None:
-        batch = self._queue[: self.cfg.max_batch]
-        del self._queue[: self.cfg.max_batch]
-        self._inflight = True
-        self.adapter.loop.create_task(self._run(batch))
-
-    async def _run(self, batch: list[tuple[bytes, tuple[float, ...], asyncio.Future[float]]]) -> None:
-        try:
-            live = [item for item in batch if not item[2].done()]  # waiters that timed out are gone
-            if live:
-                scores = await self._infer(live)
-                for (_, _, f), s in zip(live, scores, strict=True):
-                    if not f.done():
-                        f.set_result(s)
-        except Exception as exc:
-            for _, _, f in batch:
-                if not f.done():
-                    f.set_exception(exc)
-        finally:
-            self._inflight = False
-            if self._queue:
-                self._launch()
-
-    async def _infer(self, items: list[tuple[bytes, tuple[float, ...], Any]]) -> list[float]:
-        n = len(items)
-        tensor = pb.ModelInferRequest.InferInputTensor
-        request = pb.ModelInferRequest(
-            model_name=self.cfg.model,
-            inputs=[
-                tensor(name="text", datatype="BYTES", shape=(n, 1)),
-                tensor(name="features", datatype="FP32", shape=(n, 4)),
-            ],
-            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="score")],
-            raw_input_contents=[
-                b"".join(struct.pack("<I", len(t)) + t for t, _, _ in items),
-                struct.pack(f"<{4 * n}f", *(v for _, f, _ in items for v in f)),
-            ],
-        )
-        try:
-            resp = await self.adapter.unary(
-                "ModelInfer", request, pb.ModelInferResponse, self.cfg.timeout_ms / 1000
-            )
-        except RpcError as exc:
-            raise map_rpc_error(exc, self.cfg.model) from None
-        raw = resp.raw_output_contents[0] if resp.raw_output_contents else b""
-        if len(raw) != 4 * n:
-            raise GatewayError(Fault.UPSTREAM_BAD_RESPONSE, f"router model returned {len(raw)} bytes for {n}")
-        return list(struct.unpack(f"<{n}f", raw))
+        return await self.classifier.score(text[-self.max_chars :].encode(), features)
 
 
 class PlannerStage(Part):
