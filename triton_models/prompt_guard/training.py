@@ -14,10 +14,13 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+#: held out: sha256(group) % 100 < TEST_PERCENT; grouped CV folds on the training part
+TEST_PERCENT = 25
+FOLDS = 5
 LAMBDAS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 TABLE_HEAD = (
     "| set | n | accuracy | precision | recall | F1 | ROC AUC | TP | FP | FN | TN |",
@@ -193,3 +196,134 @@ def confusion(held: dict[str, float | int], positive: str, negative: str) -> lis
         f"| actual {positive} | {held['tp']} | {held['fn']} |",
         f"| actual {negative} | {held['fp']} | {held['tn']} |",
     ]
+
+
+class Labelled(NamedTuple):
+    """A labelled set, embedded and split."""
+
+    raw: bytes
+    rows: list[dict[str, Any]]
+    y: np.ndarray
+    texts: list[str]
+    groups: list[str]
+    emb: np.ndarray
+    embed_s: float
+    test: np.ndarray
+    train: np.ndarray
+    fold: np.ndarray
+
+
+def load_embedded(
+    path: Path, positive: str, negative: str, enc: Any, test_percent: int, folds: int
+) -> Labelled:
+    raw, rows, y = load_set(path, positive, negative)
+    texts = [r["text"] for r in rows]
+    groups = [r["group"] for r in rows]
+    emb, embed_s = embed_all(enc, texts)
+    return Labelled(raw, rows, y, texts, groups, emb, embed_s, *group_split(groups, test_percent, folds))
+
+
+class GuardFit(NamedTuple):
+    """A guard's fit: lambda by CV log-loss, the threshold by F-beta out of fold, the training part fit."""
+
+    lam: float
+    cv_table: list[tuple[float, float, float | int]]
+    thr: float
+    cv: dict[str, float | int]
+    w: np.ndarray
+    b: float
+    score: np.ndarray
+    held: dict[str, float | int]
+    held_05: dict[str, float | int]
+    train: dict[str, float | int]
+
+
+def fit_guard(x: np.ndarray, d: Labelled, folds: int, beta: float) -> GuardFit:
+    y, train, test = d.y, d.train, d.test
+    lam, oof, cv_table = select_lambda(x, y, train, d.fold, folds, 0.5, "f1")
+    thr = fbeta_threshold(y[train], oof[train], beta)
+    cv = metrics(y[train], oof[train], thr)
+    w, b = fit_logreg(x[train], y[train], lam)
+    score = sigmoid(x @ w + b)
+    held = metrics(y[test], score[test], thr)
+    held_05 = metrics(y[test], score[test], 0.5)
+    return GuardFit(lam, cv_table, thr, cv, w, b, score, held, held_05, metrics(y[train], score[train], thr))
+
+
+def guard_weights(
+    model_name: str,
+    enc: Any,
+    labels: tuple[str, str],
+    f: GuardFit,
+    rule: str,
+    d: Labelled,
+    here: Path,
+    data: Path,
+    test_percent: int,
+) -> dict[str, Any]:
+    """The weights file a guard model loads (`1/classifier.json`); `labels` is (positive, negative)."""
+    return {
+        "embedding_model": model_name,
+        "embedding_dim": enc.dim,
+        "max_seq_len": enc.max_seq_len,
+        "positive_label": labels[0],
+        "negative_label": labels[1],
+        "weights": [float(v) for v in f.w],
+        "bias": f.b,
+        "threshold": round(f.thr, 6),
+        "l2_lambda": f.lam,
+        "threshold_rule": rule,
+        **provenance(data, here, d.raw, test_percent),
+        "counts": counts(d.train, d.test, d.y, d.groups, labels[0]),
+        "metrics": {
+            "held_out": f.held,
+            "held_out_at_0.5": f.held_05,
+            "cv_out_of_fold": f.cv,
+            "train": f.train,
+        },
+    }
+
+
+def guard_table(f: GuardFit) -> list[str]:
+    return [
+        *TABLE_HEAD,
+        table_row("held out (threshold)", f.held),
+        table_row("held out (0.5)", f.held_05),
+        table_row("train CV, out of fold", f.cv),
+        table_row("train (fit)", f.train),
+    ]
+
+
+def set_summary(d: Labelled, lam: float, out: dict[str, Any], noun: str, folds: int) -> list[str]:
+    """The report's dataset, split and classifier lines (`noun`: what a row is, e.g. "prompts")."""
+    pos, neg = out["positive_label"], out["negative_label"]
+    y, train, test = d.y, d.train, d.test
+    return [
+        f"- dataset: `{out['dataset']}`, {len(d.rows)} {noun} ({int(y.sum())} {pos}, "
+        f"{int(len(y) - y.sum())} {neg}) in {len(set(d.groups))} groups, sha256 `{out['dataset_sha256']}`",
+        f"- split by group: {int(train.sum())} train / {int(test.sum())} held out "
+        f"({int(y[test].sum())} {pos}, {int(test.sum() - y[test].sum())} {neg})",
+        f"- classifier: class-balanced logistic regression, L2 lambda {lam:g} (grouped {folds}-fold CV "
+        f"log-loss), Newton's method",
+    ]
+
+
+def lambda_table(cv_table: list[tuple[float, float, float | int]], column: str) -> list[str]:
+    return [
+        f"CV over lambda (out-of-fold log-loss, {column}):",
+        "",
+        f"| lambda | log-loss | {column.split()[0]} |",
+        "|---|---|---|",
+        *[f"| {lam:g} | {loss} | {v} |" for lam, loss, v in cv_table],
+    ]
+
+
+def train_guard(
+    model_name: str, enc: Any, data: Path, here: Path, labels: tuple[str, str], beta: float
+) -> tuple[Labelled, GuardFit, dict[str, Any]]:
+    """A guard's whole fit: the set embedded and split, lambda and threshold by grouped CV, the
+    training part fit; and its weights file's content."""
+    d = load_embedded(data, labels[0], labels[1], enc, TEST_PERCENT, FOLDS)
+    f = fit_guard(d.emb.astype(np.float64), d, FOLDS, beta)
+    rule = f"max F{beta:g} on grouped {FOLDS}-fold out-of-fold training scores"
+    return d, f, guard_weights(model_name, enc, labels, f, rule, d, here, data, TEST_PERCENT)

@@ -38,8 +38,6 @@ DATA = HERE / "data" / "requests.jsonl"
 OUT_WEIGHTS = HERE / "1" / "classifier.json"
 OUT_REPORT = HERE / "REPORT.md"
 POSITIVE = "hard"
-TEST_PERCENT = 25
-FOLDS = 5
 # Word pieces the encoder reads (MiniLM allows 256): every request of the set fits in far fewer,
 # and half the sequence bounds the CPU cost of a long prompt (its length still counts through the
 # prompt-tokens feature, computed by the gateway on the whole text).
@@ -94,21 +92,17 @@ def projected(rows: list[dict], hard_pred: np.ndarray, simple_share: float) -> f
 
 
 def main() -> None:
-    raw, rows, y = tr.load_set(DATA, POSITIVE, "simple")
-    texts = [r["text"] for r in rows]
-    groups = [r["group"] for r in rows]
+    enc = MiniLM(max_seq_len=MAX_SEQ_LEN)
+    d = tr.load_embedded(DATA, POSITIVE, "simple", enc, tr.TEST_PERCENT, tr.FOLDS)
+    rows, y, texts, test, train = d.rows, d.y, d.texts, d.test, d.train
     feats = np.array(
         [transform(raw_features(r["text"], bool(r.get("tools")), int(r.get("turns", 1)))) for r in rows]
     )
-
-    enc = MiniLM(max_seq_len=MAX_SEQ_LEN)
-    emb, embed_s = tr.embed_all(enc, texts)
-    test, train, fold = tr.group_split(groups, TEST_PERCENT, FOLDS)
     mean, std = feats[train].mean(axis=0), feats[train].std(axis=0)
     std[std == 0] = 1.0
-    x = np.hstack([emb.astype(np.float64), (feats - mean) / std])
+    x = np.hstack([d.emb.astype(np.float64), (feats - mean) / std])
 
-    best_lam, best_oof, cv_table = tr.select_lambda(x, y, train, fold, FOLDS, THRESHOLD, "accuracy")
+    best_lam, best_oof, cv_table = tr.select_lambda(x, y, train, d.fold, tr.FOLDS, THRESHOLD, "accuracy")
     cv = tr.metrics(y[train], best_oof[train], THRESHOLD)
 
     w, b = tr.fit_logreg(x[train], y[train], best_lam)
@@ -138,8 +132,8 @@ def main() -> None:
         "bias": float(b),
         "threshold": THRESHOLD,
         "l2_lambda": best_lam,
-        **tr.provenance(DATA, HERE, raw, TEST_PERCENT),
-        "counts": tr.counts(train, test, y, groups, POSITIVE),
+        **tr.provenance(DATA, HERE, d.raw, tr.TEST_PERCENT),
+        "counts": tr.counts(train, test, y, d.groups, POSITIVE),
         "metrics": {
             "held_out": held,
             "cv_out_of_fold": cv,
@@ -151,6 +145,7 @@ def main() -> None:
     OUT_WEIGHTS.write_text(json.dumps(out, indent=1) + "\n")
 
     n_test = int(test.sum())
+    summary = tr.set_summary(d, best_lam, out, "requests", tr.FOLDS)
     lines = [
         "# request_router training report",
         "",
@@ -160,13 +155,9 @@ def main() -> None:
         f"- embedding model: `{MODEL_NAME}` (numpy, `../prompt_guard/1/minilm.py`), 384-d, the first "
         f"{MAX_SEQ_LEN} word pieces, plus 4 cheap "
         f"features ({', '.join(NAMES)}; standardised)",
-        f"- dataset: `data/requests.jsonl`, {len(rows)} requests ({int(y.sum())} hard, "
-        f"{int(len(y) - y.sum())} simple) in {len(set(groups))} groups, sha256 `{out['dataset_sha256']}`",
-        f"- split by group: {int(train.sum())} train / {n_test} held out "
-        f"({int(y[test].sum())} hard, {n_test - int(y[test].sum())} simple)",
-        f"- classifier: class-balanced logistic regression, L2 lambda {best_lam:g} (grouped {FOLDS}-fold CV "
-        "log-loss), Newton's method; score = P(hard); routed to the strong model when score >= threshold",
-        f"- embedding time for the whole set: {embed_s:.1f} s on this CPU",
+        *summary[:-1],
+        summary[-1] + "; score = P(hard); routed to the strong model when score >= threshold",
+        f"- embedding time for the whole set: {d.embed_s:.1f} s on this CPU",
         "",
         f"## Routing accuracy (threshold {THRESHOLD})",
         "",
