@@ -6,9 +6,10 @@ arguments `RedisStore.decide` builds (`PlanKeys` of a real `LimitsStage` plan), 
 Redis's own accounting per call (`INFO commandstats`, evalsha usec / calls: Lua and the commands
 it runs, not the socket I/O) and redis-server CPU per call (/proc/<pid>/stat: with the I/O of
 calls pipelined `--batch` at a time). An empty script (`return 1`) with the same keys and
-arguments is the floor. Each cell: `-n` decisions over `--keys` keys (their buckets exist: the
-common case), every decision carrying a deferred refund (what a request that used less than it
-reserved leaves for the next one: `RedisStore._refunds`).
+arguments is the floor of any script, `commands only` (the decision's Redis commands without its
+logic) the floor of this key layout. Each cell: `-n` decisions over `--keys` keys (their buckets
+exist: the common case), every decision carrying a deferred refund (what a request that used
+less than it reserved leaves for the next one: `RedisStore._refunds`).
 
 Plans: `rpm_tpm` (a key's requests and tokens per minute), `budget` (rpm + tpm + a daily and
 monthly budget). Prints a markdown table with /proc/loadavg per cell, then medians and bests.
@@ -47,6 +48,23 @@ TIERS = {
     "rpm_tpm": "{rpm: 100000000, tpm: 100000000}",
     "budget": "{rpm: 100000000, tpm: 100000000, budget_usd_per_day: 1000000, budget_usd_per_month: 5000000}",
 }
+
+
+#: The commands a decision of these plans runs, with none of its logic: the floor of this key
+#: layout (TIME; per bucket GET, SET PX; per budget HMGET, HSET of its 2 sums).
+COMMANDS_ONLY = """
+local tm = redis.call('TIME')
+for i = 1, #KEYS do
+  if ARGV[6 * i - 3] == 'r' then
+    redis.pcall('GET', KEYS[i])
+    redis.call('SET', KEYS[i], '6000000000:1796443833123456', 'PX', 61000)
+  else
+    redis.call('HMGET', KEYS[i], 'd', 'ds', 'm', 'ms')
+    redis.call('HSET', KEYS[i], 'ds', '1000', 'ms', '1000')
+  end
+end
+return 1
+"""
 
 
 def loadavg() -> str:
@@ -187,6 +205,7 @@ def main() -> int:
                 time.sleep(0.05)
         scripts = {
             "empty": "return 1",
+            "commands only": COMMANDS_ONLY,
             "before": scripts_at(args.baseline)["ACQUIRE"],
             "after": redis_store.ACQUIRE,
         }
@@ -228,6 +247,14 @@ def main() -> int:
                 f"| {plan} | {name} | {statistics.median(lua):.2f} ({min(lua):.2f}) "
                 f"| {statistics.median(cpu):.2f} ({min(cpu):.2f}) |"
             )
+        print()
+        print("| plan | after / before, per round (paired: the same minute), median (range) |")
+        print("|---|---|")
+        for plan in args.plan.split(","):
+            ratios = [
+                a[0] / b[0] for a, b in zip(results[(plan, "after")], results[(plan, "before")], strict=True)
+            ]
+            print(f"| {plan} | {statistics.median(ratios):.2f} ({min(ratios):.2f} to {max(ratios):.2f}) |")
         print(f"\nend loadavg {loadavg()}")
     finally:
         proc.kill()

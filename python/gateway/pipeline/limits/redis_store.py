@@ -120,17 +120,21 @@ end
 #     `bucket_state` derives remaining, reset and retry in Python, exact integers, less Lua), 0, 0;
 #     'c': leases held, 0, 0; 'b': day spent, month spent, the window it does not fit (0, 1, 2)}
 # Written for Redis CPU (it runs on every request; benchmarks/exact_decision_cost.py,
-# benchmarks/results/2026-12-05-exact-decision.md): the same arithmetic and commands as `LUA_LIB`'s
-# `debt` / `store` and `month_of`, inlined (no closures made per call), no table per check (the
-# state lives in the reply table, allocated once at its usual size; slot 3 of a bucket marks a
-# refund to write back until the reply is complete), the day and second from TIME's seconds
-# (floor(now / 86400e6) = floor(s / 86400)), and a budget hash whose windows are current written
-# in 2 fields, not 4. A bucket key of another type (a pre-2026-12 hash) is dropped as before.
+# benchmarks/results/2026-12-05-exact-decision.md): Redis's Lua spends ~0.1-0.2 µs per C function
+# call and per table, so the same arithmetic and commands as `LUA_LIB`'s `debt` / `store` and
+# `month_of` are inlined (no closures made per call), strings become numbers by arithmetic
+# coercion (`x + 0`: the same conversion as `tonumber`, no call), the library functions are looked
+# up once, no table is made per check (the state lives in the reply table, allocated once at its
+# usual size; slot 3 of a bucket marks a refund to write back until the reply is complete), the
+# day comes from TIME's seconds (floor(now / 86400e6) = floor(s / 86400)), and a budget hash whose
+# windows are current is written in 2 fields, not 4. Replies, keys, values and TTLs are the same.
 ACQUIRE = """
-local tm = redis.call('TIME')
-local sec = tonumber(tm[1])
-local now = sec * 1000000 + tonumber(tm[2])
-local day = math.floor(sec / 86400)
+local rcall, rpcall = redis.call, redis.pcall
+local find, sub, fmt, ceil = string.find, string.sub, string.format, math.ceil
+local tm = rcall('TIME')
+local sec = tm[1] + 0
+local now = sec * 1000000 + tm[2]
+local day = (sec - sec % 86400) / 86400
 local n = #KEYS
 local out = {0, sec, day, -1, 0, 0, 0, 0, 0, 0, 0, 0}
 local code = 0
@@ -139,27 +143,27 @@ local dirty = false
 for i = 1, n do
   local j = 6 * i - 3
   local kind = ARGV[j]
-  local a = tonumber(ARGV[j + 1])
-  local c = tonumber(ARGV[j + 3])
+  local a = ARGV[j + 1] + 0
+  local c = ARGV[j + 3] + 0
   local key = KEYS[i]
   local o = 4 * i
   local fits = 1
   if kind == 'r' then
     local d = 0
-    local v = redis.pcall('GET', key)
+    local v = rpcall('GET', key)
     if v then
       if type(v) == 'table' then
-        redis.call('DEL', key)
+        rcall('DEL', key)
       else
-        local p = string.find(v, ':', 1, true)
-        d = tonumber(string.sub(v, 1, p - 1))
-        local e = now - tonumber(string.sub(v, p + 1))
+        local p = find(v, ':', 1, true)
+        d = sub(v, 1, p - 1) + 0
+        local e = now - sub(v, p + 1)
         if e < 0 then e = 0 end
         if e * a >= d then d = 0 else d = d - e * a end
       end
     end
     local given = 0
-    local g = tonumber(ARGV[j + 5])
+    local g = ARGV[j + 5] + 0
     if g > 0 and d > 0 then
       d = d - g * 60000000
       if d < 0 then d = 0 end
@@ -169,32 +173,32 @@ for i = 1, n do
     if d + c * 60000000 > a * 60000000 then fits = 0 end
     out[o + 1], out[o + 2], out[o + 3], out[o + 4] = fits, d, given, 0
   elseif kind == 'c' then
-    local held = redis.call('ZCARD', key)
+    local held = rcall('ZCARD', key)
     if held >= a then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-      held = redis.call('ZCARD', key)
+      rcall('ZREMRANGEBYSCORE', key, '-inf', now)
+      held = rcall('ZCARD', key)
     end
     if held >= a then fits = 0 end
     out[o + 1], out[o + 2], out[o + 3], out[o + 4] = fits, held, 0, 0
   else
-    local b = tonumber(ARGV[j + 2])
+    local b = ARGV[j + 2] + 0
     local month = out[4]
     if month < 0 then
+      local floor = math.floor
       local z = day + 719468
-      local era = math.floor(z / 146097)
+      local era = floor(z / 146097)
       local doe = z - era * 146097
-      local yoe = doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)
-      yoe = math.floor(yoe / 365)
+      local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
       local y = yoe + era * 400
-      local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-      local mp = math.floor((5 * doy + 2) / 153)
+      local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+      local mp = floor((5 * doy + 2) / 153)
       local m = mp + 3
       if mp >= 10 then m = mp - 9 end
       if m <= 2 then y = y + 1 end
       month = y * 12 + m - 1
       out[4] = month
     end
-    local v = redis.call('HMGET', key, 'd', 'ds', 'm', 'ms')
+    local v = rcall('HMGET', key, 'd', 'ds', 'm', 'ms')
     local sd = 0
     local sm = 0
     local td = tonumber(v[1]) == day
@@ -218,30 +222,29 @@ if code == 0 then
     local j = 6 * i - 3
     if out[o + 1] == 1 then
       local kind = ARGV[j]
-      local c = tonumber(ARGV[j + 3])
+      local c = ARGV[j + 3] + 0
       if kind == 'r' then
         if c > 0 then
-          local a = tonumber(ARGV[j + 1])
           local d = out[o + 2] + c * 60000000
           out[o + 2] = d
-          redis.call('SET', KEYS[i], string.format('%d:%d', d, now), 'PX', math.ceil(d / (a * 1000)) + 1000)
+          rcall('SET', KEYS[i], fmt('%d:%d', d, now), 'PX', ceil(d / (ARGV[j + 1] * 1000)) + 1000)
           out[o + 3] = 0
         end
       elseif kind == 'c' then
-        local ttl = tonumber(ARGV[2])
-        redis.call('ZADD', KEYS[i], now + ttl * 1000, ARGV[1])
-        redis.call('PEXPIRE', KEYS[i], ttl)
+        local ttl = ARGV[2] + 0
+        rcall('ZADD', KEYS[i], now + ttl * 1000, ARGV[1])
+        rcall('PEXPIRE', KEYS[i], ttl)
         out[o + 2] = out[o + 2] + 1
       elseif c > 0 then
         local sd = out[o + 2] + c
         local sm = out[o + 3] + c
         out[o + 2], out[o + 3] = sd, sm
         if today[i] == 2 then
-          redis.call('HSET', KEYS[i], 'ds', string.format('%d', sd), 'ms', string.format('%d', sm))
+          rcall('HSET', KEYS[i], 'ds', fmt('%d', sd), 'ms', fmt('%d', sm))
         else
-          redis.call('HSET', KEYS[i], 'd', string.format('%d', day), 'ds', string.format('%d', sd),
-                     'm', string.format('%d', out[4]), 'ms', string.format('%d', sm))
-          if today[i] == 0 then redis.call('PEXPIRE', KEYS[i], BUDGET_TTL_MS) end
+          rcall('HSET', KEYS[i], 'd', fmt('%d', day), 'ds', fmt('%d', sd), 'm', fmt('%d', out[4]),
+                     'ms', fmt('%d', sm))
+          if today[i] == 0 then rcall('PEXPIRE', KEYS[i], BUDGET_TTL_MS) end
         end
       end
     end
@@ -252,11 +255,10 @@ if dirty then
     if out[4 * i + 3] == 1 and ARGV[6 * i - 3] == 'r' then
       out[4 * i + 3] = 0
       local d = out[4 * i + 2]
-      local a = tonumber(ARGV[6 * i - 2])
       if d <= 0 then
-        redis.call('DEL', KEYS[i])
+        rcall('DEL', KEYS[i])
       else
-        redis.call('SET', KEYS[i], string.format('%d:%d', d, now), 'PX', math.ceil(d / (a * 1000)) + 1000)
+        rcall('SET', KEYS[i], fmt('%d:%d', d, now), 'PX', ceil(d / (ARGV[6 * i - 2] * 1000)) + 1000)
       end
     end
   end
