@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from _common import redis_cli, start_redis
 from proxy_overhead import BODY, REQUEST, free_port, proc_cpu_s, run_wrk, tree, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,26 +83,7 @@ class SingleRedis:
 
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                str(tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        end = time.monotonic() + 10
-        while redis_cli(self.port, "PING") != "PONG":
-            if time.monotonic() > end:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+        self.proc = start_redis(self.port, tmp)
 
     @property
     def url(self) -> str:
@@ -113,11 +95,6 @@ class SingleRedis:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
-
-
-def redis_cli(port: int, *args: str) -> str:
-    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, check=False)
-    return out.stdout.strip()
 
 
 def info_cpu_s(port: int) -> float:

@@ -58,6 +58,7 @@ sys.path.insert(0, str(REPO / "python"))
 import uvloop  # noqa: E402
 from budget_harness import parse, request, used  # noqa: E402 (the tests' in-process harness)
 
+from _common import redis_cli, start_redis  # noqa: E402
 from gateway.errors import GatewayError  # noqa: E402
 from gateway.pipeline.limits import LimitsStage  # noqa: E402
 from gateway.pipeline.limits.redis_store import ACQUIRE, PlanKeys  # noqa: E402
@@ -94,30 +95,15 @@ class PrivateRedis:
 
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(tmp)),
-                *("--enable-debug-command", "local"),  # DEBUG SET-ACTIVE-EXPIRE (the load)
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        end = time.monotonic() + 10
-        while self.cli("PING") != "PONG":
-            if time.monotonic() > end:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+        # DEBUG SET-ACTIVE-EXPIRE (the load)
+        self.proc = start_redis(self.port, tmp, "--appendonly", "no", "--enable-debug-command", "local")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run(
-            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, check=False
-        )
-        return out.stdout.strip()
+        return redis_cli(self.port, *args)
 
     def info(self, section: str) -> dict[str, str]:
         return dict(line.split(":", 1) for line in self.cli("INFO", section).splitlines() if ":" in line)

@@ -25,7 +25,6 @@ import contextlib
 import http.client
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,61 +40,22 @@ REPO = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
 sys.path[:0] = [str(REPO / "python"), str(REPO / "tests" / "python")]
 
+from _common import env, free_port, loadavg, process  # noqa: E402
 from gateway.dev.openai_mock import embed_text  # noqa: E402
 from gateway.vector_index import upsert  # noqa: E402
 
 BODY = '{{"model":"{model}","messages":[{{"role":"user","content":"hello there"}}],"max_tokens":8}}'
 
 
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ, PYTHONUNBUFFERED="1")
-    # the extension stages (tests/python/parallel_parts.py) and the package
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "python"), str(REPO / "python")])
-    return e
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} not up (exit {proc.poll()})") from None
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def process(cmd: list[str], health: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(health, proc)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+# the extension stages (tests/python/parallel_parts.py) and the package
+ENV = env(REPO / "tests" / "python", REPO / "python")
 
 
 @contextlib.contextmanager
 def mock() -> Iterator[int]:
     port = free_port()
     cmd = [sys.executable, "-m", "gateway.dev.openai_mock", "--host", "127.0.0.1", "--port", str(port)]
-    with process(cmd, f"http://127.0.0.1:{port}/health"):
+    with process(cmd, f"http://127.0.0.1:{port}/health", ENV):
         yield port
 
 
@@ -106,7 +66,7 @@ def gateway(tmp: Path, text: str) -> Iterator[tuple[int, subprocess.Popen[bytes]
     cfg.write_text(text)
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)]
     cmd += ["--workers", "1", "--log-level", "error"]
-    with process(cmd, f"http://127.0.0.1:{port}/healthz") as proc:
+    with process(cmd, f"http://127.0.0.1:{port}/healthz", ENV) as proc:
         yield port, proc
 
 

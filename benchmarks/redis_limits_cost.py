@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from _common import free_port, loadavg
 from gateway import config as config_mod
 from gateway.pipeline.limits import LimitsStage
 from gateway.principal import Principal
@@ -44,16 +45,6 @@ PLANS = {
     "rpm_tpm": "{rpm: 100000000, tpm: 100000000}",
     "bench": "{rpm: 100000000, tpm: 100000000, max_concurrent: 100000}",
 }
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_s(pid: int) -> float:
