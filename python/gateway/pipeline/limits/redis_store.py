@@ -184,14 +184,16 @@ for i = 1, n do
     local b = ARGV[j + 2] + 0
     local month = out[4]
     if month < 0 then
-      local floor = math.floor
+      -- `month_of` with floor(a / b) as (a - a % b) / b: all positive here, no call
       local z = day + 719468
-      local era = floor(z / 146097)
+      local era = (z - z % 146097) / 146097
       local doe = z - era * 146097
-      local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+      local yoe = doe - (doe - doe % 1460) / 1460 + (doe - doe % 36524) / 36524
+      yoe = yoe - (doe - doe % 146096) / 146096
+      yoe = (yoe - yoe % 365) / 365
       local y = yoe + era * 400
-      local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
-      local mp = floor((5 * doy + 2) / 153)
+      local doy = doe - (365 * yoe + (yoe - yoe % 4) / 4 - (yoe - yoe % 100) / 100)
+      local mp = (5 * doy + 2 - (5 * doy + 2) % 153) / 153
       local m = mp + 3
       if mp >= 10 then m = mp - 9 end
       if m <= 2 then y = y + 1 end
@@ -203,8 +205,8 @@ for i = 1, n do
     local sm = 0
     local td = tonumber(v[1]) == day
     local tmo = tonumber(v[3]) == month
-    if td then sd = tonumber(v[2]) end
-    if tmo then sm = tonumber(v[4]) end
+    if td then sd = v[2] + 0 end
+    if tmo then sm = v[4] + 0 end
     today = today or {}
     if not td then today[i] = 0 elseif tmo then today[i] = 2 else today[i] = 1 end
     local over = 0
