@@ -24,6 +24,7 @@ from budget_harness import parse as parse_models
 from conftest import Gateway, MockUpstream, run_gateway
 from redis_cluster import LocalCluster, cluster_or_skip
 from test_auth import auth_config, chat, post
+from test_limits_leased import tiers_yaml
 from test_limits_redis import U, _burst, _refilled
 from test_streaming import wait_for
 
@@ -88,22 +89,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def _yaml(url: str, prefix: str) -> str:
-    lines = ["auth:", "  enabled: true", "  keys:"]
-    lines += [f"    - {{id: {t}, key: {KEY}-{t}, tier: {t}}}" for t in TIERS]
-    lines += ["tiers:", *(f"  {t}: {v}" for t, v in TIERS.items())]
-    lines += [
-        "prices:",
-        "  echo: {input_per_mtok: 0, output_per_mtok: 20}",
-        "limits:",
-        "  backend: redis",
-        "  redis:",
-        f"    url: '{url}'",
-        f"    key_prefix: '{prefix}'",
-        "    on_error: fail_closed",  # a cluster error is a 503 here, never a local decision
-        "    timeout_ms: 2000",
-        "    slice_idle_ms: 1000",
-    ]
-    return "\n" + "\n".join(lines) + "\n"
+    # a cluster error is a 503 here, never a local decision
+    return tiers_yaml(KEY, TIERS, url, prefix, "on_error: fail_closed")
 
 
 @pytest.fixture(scope="module")

@@ -46,22 +46,29 @@ def cap(limit: int) -> int:
     return limit // (2 * WORKERS)
 
 
-def _yaml(prefix: str) -> str:
+def tiers_yaml(key: str, tiers: dict[str, str], url: str, prefix: str, *redis: str) -> str:
+    """A key per tier (`{key}-{tier}`), the tiers, echo's prices and Redis limits at `url`
+    (`redis`: more lines of the `limits.redis` section)."""
     lines = ["auth:", "  enabled: true", "  keys:"]
-    lines += [f"    - {{id: {t}, key: {KEY}-{t}, tier: {t}}}" for t in TIERS]
-    lines += ["tiers:", *(f"  {t}: {v}" for t, v in TIERS.items())]
+    lines += [f"    - {{id: {t}, key: {key}-{t}, tier: {t}}}" for t in tiers]
+    lines += ["tiers:", *(f"  {t}: {v}" for t, v in tiers.items())]
     lines += [
         "prices:",
         "  echo: {input_per_mtok: 0, output_per_mtok: 20}",
         "limits:",
         "  backend: redis",
         "  redis:",
-        f"    url: {REDIS_URL}",
+        f"    url: '{url}'",
         f"    key_prefix: '{prefix}'",
+        *(f"    {line}" for line in redis),
         "    timeout_ms: 2000",
         "    slice_idle_ms: 1000",
     ]
     return "\n" + "\n".join(lines) + "\n"
+
+
+def _yaml(prefix: str) -> str:
+    return tiers_yaml(KEY, TIERS, REDIS_URL, prefix)
 
 
 @pytest.fixture(scope="module")
