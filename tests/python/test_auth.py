@@ -33,11 +33,13 @@ def post(
     key: str | None = None,
     header: str = "authorization",
     path: str = "/v1/chat/completions",
+    extra_headers: dict[str, str] | None = None,
+    timeout: float = 20,
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json"} | (extra_headers or {})
     if key is not None:
         headers[header] = f"Bearer {key}" if header == "authorization" else key
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("POST", path, json.dumps(body).encode(), headers)
         resp = conn.getresponse()
