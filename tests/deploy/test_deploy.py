@@ -5,11 +5,11 @@ secret keys, selectors, mounts and COPY sources exist)."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from gateway.config import Config, load
@@ -27,16 +27,10 @@ def env_file(path: Path) -> dict[str, str]:
 
 
 def load_with(path: Path, values: dict[str, str]) -> Config:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
         return load(path)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def port_of(listen: str) -> int:

@@ -400,14 +400,8 @@ def s3_server() -> Iterator[Any]:
     pytest.importorskip("moto", reason="moto[server] (the dev extra) is not installed")
     from s3_server import CREDENTIALS, run_s3_server
 
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in CREDENTIALS.items():
+            mp.setenv(k, v)
         with run_s3_server() as server:
             yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -11,7 +11,6 @@ parts), never with hard-coded model text: each route's model answers in its own 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,19 +22,11 @@ import anthropic
 import openai
 import pytest
 from conftest import Gateway, MockUpstream, TritonServer, _env, run_gateway
+from test_triton_parity import ASK, WEATHER
 
 #: route -> (chat model, embedding model)
 ROUTES = {"openai-wire": ("local-echo", "local-embed-mock"), "triton": ("local-llm", "local-embed")}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-# the Triton test LLM's directive (triton_models/README.md); the mock calls a forced tool anyway
-ASK = 'Weather in Paris? [[testllm tool_call name=get_weather args={"city":"Paris"}]]'
+# ASK: the Triton test LLM's directive (triton_models/README.md); the mock calls a forced tool anyway
 QUESTION = "Tell me about rivers and boats."
 
 
@@ -51,9 +42,9 @@ def make_run(
         "FASTPATH_LOCAL_TRITON_GRPC": triton.grpc_address,
         "FASTPATH_LOCAL_MOCK_URL": f"http://127.0.0.1:{mock_upstream.port}/v1",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
         text = resources.files("gateway").joinpath("default.yaml").read_text()
         cfg = tmp / "default.yaml"
         cfg.write_text(text)
@@ -71,12 +62,6 @@ def make_run(
         key = next(w for w in made.stdout.split() if w.startswith("sk-"))
         with run_gateway(tmp, None, config_text=text, workers=2) as gw:
             yield gw, key
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(params=sorted(ROUTES))
