@@ -4,22 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 from typing import Any
+
+from contract_parts import _append  # one O_APPEND write per line
 
 from gateway.context import RequestContext
 from gateway.errors import Fault, GatewayError
 from gateway.pipeline.stage import Part
-
-
-def _append(path: str, row: dict[str, Any]) -> None:
-    # one write per line, O_APPEND: lines never interleave
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(row) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 class Sleeper(Part):

@@ -238,6 +238,19 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])  # closed on exit: connections are refused
 
 
+async def store_error(call: Awaitable[Any]) -> str:
+    """The message of the ObjectStoreError (not ObjectNotFound) that `call` raises; it never
+    carries the credentials' values."""
+    with pytest.raises(ObjectStoreError) as err:
+        # the store's own deadlines end it; this bound only keeps a regression from hanging
+        await asyncio.wait_for(call, 20)
+    message = str(err.value)
+    assert not isinstance(err.value, ObjectNotFound)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in message
+    assert os.environ["AWS_ACCESS_KEY_ID"] not in message
+    return message
+
+
 @pytest.mark.parametrize("down", ["refused", "silent"])
 def test_s3_server_down_fails_fast_and_clearly(
     s3_server: Any, down: str, request: pytest.FixtureRequest
@@ -261,14 +274,8 @@ def test_s3_server_down_fails_fast_and_clearly(
             lambda: keys(store),
         ]
         for op in ops if down == "refused" else ops[:2]:  # a silent server costs a timeout a call
-            with pytest.raises(ObjectStoreError) as err:
-                # the store's own deadlines end it; this bound only keeps a regression from hanging
-                await asyncio.wait_for(op(), 20)
-            message = str(err.value)
-            assert not isinstance(err.value, ObjectNotFound)
+            message = await store_error(op())
             assert f"127.0.0.1:{port}" in message and "fastpath-test" in message
-            assert os.environ["AWS_SECRET_ACCESS_KEY"] not in message
-            assert os.environ["AWS_ACCESS_KEY_ID"] not in message
 
     asyncio.run(main())
 
@@ -284,13 +291,8 @@ def test_s3_denied_names_the_credentials_not_their_values(s3_server: Any) -> Non
                 ("get", store.get("k")),
                 ("head", store.exists("k")),
             ):
-                with pytest.raises(ObjectStoreError) as err:
-                    await asyncio.wait_for(call, 20)
-                message = str(err.value)
-                assert not isinstance(err.value, ObjectNotFound)
+                message = await store_error(call)
                 assert f"{op} 'k' failed:" in message and "check AWS_ACCESS_KEY_ID" in message
-                assert os.environ["AWS_SECRET_ACCESS_KEY"] not in message
-                assert os.environ["AWS_ACCESS_KEY_ID"] not in message
 
         asyncio.run(main())
 
