@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "prompt_guard" / "1"))
 
+from batching import decode_items  # noqa: E402
 from minilm import MODEL_NAME, MiniLM  # noqa: E402
 
 
@@ -45,15 +46,7 @@ class TritonPythonModel:
         arr = tensor.as_numpy()
         if arr.ndim != 1:
             raise ValueError(f"input 'text' must have shape [n], got {list(arr.shape)}")
-        out = []
-        for item in arr:
-            if isinstance(item, bytes):
-                out.append(item.decode("utf-8", errors="replace"))
-            elif isinstance(item, str):
-                out.append(item)
-            else:
-                raise ValueError(f"input 'text' must be BYTES, got {type(item).__name__}")
-        return out
+        return decode_items(arr)
 
     def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         enc = self.encoder

@@ -15,11 +15,16 @@ import triton_python_backend_utils as pb_utils
 
 
 def decode_texts(arr: np.ndarray) -> list[str]:
-    """A `text` input of shape [batch, 1] (BYTES) as str; invalid UTF-8 is replaced, never fatal."""
+    """A `text` input of shape [batch, 1] (BYTES) as str."""
     if arr.ndim != 2 or arr.shape[1] != 1:
         raise ValueError(f"input 'text' must have shape [batch, 1], got {list(arr.shape)}")
+    return decode_items(arr.reshape(-1))
+
+
+def decode_items(items: np.ndarray) -> list[str]:
+    """The items of a BYTES `text` input as str; invalid UTF-8 is replaced, never fatal."""
     out = []
-    for item in arr.reshape(-1):
+    for item in items:
         if isinstance(item, bytes):
             out.append(item.decode("utf-8", errors="replace"))
         elif isinstance(item, str):
