@@ -1,18 +1,20 @@
 """What one exact limits decision costs Redis (issue 19 item 2: <= 15 µs per decision).
 
 Runs the decision script (`redis_store.ACQUIRE`) of this tree beside the one of a baseline git
-revision, interleaved, on a private redis-server started for the run, with the keys and
-arguments `RedisStore.decide` builds (`PlanKeys` of a real `LimitsStage` plan), and reports
-Redis's own accounting per call (`INFO commandstats`, evalsha usec / calls: Lua and the commands
-it runs, not the socket I/O) and redis-server CPU per call (/proc/<pid>/stat: with the I/O of
-calls pipelined `--batch` at a time). An empty script (`return 1`) with the same keys and
-arguments is the floor of any script, `commands only` (the decision's Redis commands without its
-logic) the floor of this key layout. Each cell: `-n` decisions over `--keys` keys (their buckets
-exist: the common case), every decision carrying a deferred refund (what a request that used
-less than it reserved leaves for the next one: `RedisStore._refunds`).
+revision on a private redis-server started for the run, the scripts taking turns every `--block`
+calls (the shared box's speed changes within seconds: only calls made in the same seconds
+compare), each on its own keys, with the keys and arguments `RedisStore.decide` builds (`PlanKeys`
+of a real `LimitsStage` plan). Reports Redis's own accounting per call (`INFO commandstats`,
+evalsha usec / calls: Lua and the commands it runs, not the socket I/O) and redis-server CPU per
+call (/proc/<pid>/stat: with the I/O of calls pipelined `--batch` at a time). An empty script
+(`return 1`) with the same keys and arguments is the floor of any script, `commands only` (the
+decision's Redis commands without its logic) the floor of this key layout. Each cell: `-n`
+decisions over `--keys` keys (their buckets exist: the common case), every decision carrying a
+deferred refund (what a request that used less than it reserved leaves for the next one:
+`RedisStore._refunds`).
 
 Plans: `rpm_tpm` (a key's requests and tokens per minute), `budget` (rpm + tpm + a daily and
-monthly budget). Prints a markdown table with /proc/loadavg per cell, then medians and bests.
+monthly budget). Prints a markdown table with /proc/loadavg per round, then medians and bests.
 
 Usage: .venv/bin/python benchmarks/exact_decision_cost.py [--baseline REV] [-n 20000]
        [--rounds 5] [--plan rpm_tpm,budget]
@@ -116,7 +118,7 @@ class Conn:
         return out
 
 
-def plan_calls(plan_name: str, keys: int) -> list[tuple[tuple[str, ...], list[object]]]:
+def plan_calls(plan_name: str, keys: int, salt: str = "") -> list[tuple[tuple[str, ...], list[object]]]:
     """Per key: the KEYS and ARGV `RedisStore.decide` sends for one request of 100 tokens and a
     cost of 1000 nano-USD, carrying a deferred refund of 30 tokens."""
     cfg = config_mod.parse(
@@ -128,7 +130,7 @@ def plan_calls(plan_name: str, keys: int) -> list[tuple[tuple[str, ...], list[ob
     stage = LimitsStage(cfg)
     out = []
     for k in range(keys):
-        principal = Principal(f"k{k}", b"", "", "pro", cfg.tiers["pro"], None, float("inf"), False)
+        principal = Principal(f"{salt}k{k}", b"", "", "pro", cfg.tiers["pro"], None, float("inf"), False)
         plan = stage.plan(principal, "m")
         pk = redis_store.PlanKeys(plan, cfg.limits.redis.key_prefix)
         costs = (0, 1, 100, 1000, 1, 100)
@@ -146,20 +148,32 @@ def commandstats(conn: Conn) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def cell(conn: Conn, pid: int, sha: str, calls: list, n: int, batch: int) -> tuple[float, float]:
-    """(Lua µs per call from commandstats, redis-server CPU µs per call)."""
-    packed = [hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)) for keys, args in calls]
+def interleaved(
+    conn: Conn, pid: int, shas: dict[str, str], calls: dict[str, list], n: int, batch: int, block: int
+) -> dict[str, tuple[float, float]]:
+    """Per script: (Lua µs per call from commandstats, redis-server CPU µs per call), the scripts
+    taking turns every `block` calls (each on its own keys) so that they share the box's load."""
+    packed = {
+        name: [hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)) for keys, args in calls[name]]
+        for name, sha in shas.items()
+    }
+    usec = dict.fromkeys(shas, 0)
+    cpu = dict.fromkeys(shas, 0.0)
     conn.call("CONFIG", "RESETSTAT")
-    cpu0 = cpu_s(pid)
     done = 0
     while done < n:
-        k = min(batch, n - done)
-        conn.pipeline([packed[(done + i) % len(packed)] for i in range(k)])
+        k = min(block, n - done)
+        for name, cmds in packed.items():
+            calls0, usec0 = commandstats(conn)
+            cpu0 = cpu_s(pid)
+            for i in range(0, k, batch):
+                conn.pipeline([cmds[(done + i + j) % len(cmds)] for j in range(min(batch, k - i))])
+            cpu[name] += cpu_s(pid) - cpu0
+            calls1, usec1 = commandstats(conn)
+            assert calls1 - calls0 == k, (calls1 - calls0, k)
+            usec[name] += usec1 - usec0
         done += k
-    cpu1 = cpu_s(pid)
-    ncalls, usec = commandstats(conn)
-    assert ncalls == n, (ncalls, n)
-    return usec / ncalls, (cpu1 - cpu0) / n * 1e6
+    return {name: (usec[name] / n, cpu[name] / n * 1e6) for name in shas}
 
 
 def check_same(conn: Conn, shas: dict[str, str], calls: list) -> None:
@@ -182,6 +196,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=20_000, help="decisions per cell")
     ap.add_argument("--keys", type=int, default=100, help="distinct keys per cell")
     ap.add_argument("--batch", type=int, default=50, help="calls per pipelined write")
+    ap.add_argument("--block", type=int, default=500, help="calls per script before the next takes its turn")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--plan", default="rpm_tpm,budget")
     ap.add_argument("--extra", action="append", default=[], help="NAME=FILE: another script to measure")
@@ -223,20 +238,20 @@ def main() -> int:
             f"{args.rounds} interleaved rounds; start loadavg {loadavg()}"
         )
         print()
-        print("| plan | round | script | Lua µs/call (commandstats) | redis-server CPU µs/call | loadavg |")
+        print("| plan | round | script | Lua µs/call | redis-server CPU µs/call | loadavg (round start) |")
         print("|---|---|---|---|---|---|")
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for plan in args.plan.split(","):
             calls = plan_calls(plan, args.keys)
             check_same(conn, shas, calls)
+            by_name = {name: plan_calls(plan, args.keys, salt=f"{i}") for i, name in enumerate(scripts)}
             for rnd in range(args.rounds):
-                for name in scripts:
-                    conn.call("FLUSHALL")
-                    lua, cpu = cell(conn, proc.pid, shas[name], calls, args.n, args.batch)
+                conn.call("FLUSHALL")
+                load = loadavg()
+                cells = interleaved(conn, proc.pid, shas, by_name, args.n, args.batch, args.block)
+                for name, (lua, cpu) in cells.items():
                     results.setdefault((plan, name), []).append((lua, cpu))
-                    print(
-                        f"| {plan} | {rnd + 1} | {name} | {lua:.2f} | {cpu:.2f} | {loadavg()} |", flush=True
-                    )
+                    print(f"| {plan} | {rnd + 1} | {name} | {lua:.2f} | {cpu:.2f} | {load} |", flush=True)
         print()
         print("| plan | script | Lua µs/call median (best) | CPU µs/call median (best) |")
         print("|---|---|---|---|")
@@ -248,7 +263,7 @@ def main() -> int:
                 f"| {statistics.median(cpu):.2f} ({min(cpu):.2f}) |"
             )
         print()
-        print("| plan | after / before, per round (paired: the same minute), median (range) |")
+        print("| plan | after / before, per round (interleaved), median (range) |")
         print("|---|---|")
         for plan in args.plan.split(","):
             ratios = [
