@@ -176,18 +176,29 @@ def interleaved(
     return {name: (usec[name] / n, cpu[name] / n * 1e6) for name in shas}
 
 
-def check_same(conn: Conn, shas: dict[str, str], calls: list) -> None:
-    """The scripts answer the same values from the same state (the clock aside)."""
-    for keys, args in calls[:3]:
+def check_same(conn: Conn, scripts: dict[str, str], calls: list) -> None:
+    """The scripts answer the same values and leave the same state, on a clock of this check's
+    own (TIME read from a hash instead: real time would differ between the runs)."""
+    outcomes = []
+    for name in ("before", "after"):
+        src = re.sub(
+            r"(redis\.call|rcall)\('TIME'\)", "redis.call('HMGET', 'bench:clock', 's', 'us')", scripts[name]
+        )
+        conn.call("FLUSHALL")
+        sha = conn.call("SCRIPT", "LOAD", src)
         replies = []
-        for name in ("before", "after"):
-            conn.call("FLUSHALL")
-            for _ in range(3):
-                r = conn.call("EVALSHA", shas[name], len(keys), *keys, *args)
-            assert isinstance(r, list)
-            replies.append([r[0], *r[2:]])  # r[1] is the clock (s)
-        if replies[0] != replies[1]:
-            raise SystemExit(f"the scripts differ: {replies}")
+        now = 1_796_443_833_000_000
+        for step in range(20):
+            now += (0, 7, 1_000, 700_000)[step % 4]
+            conn.call("HSET", "bench:clock", "s", now // 1_000_000, "us", now % 1_000_000)
+            keys, args = calls[step % 2]
+            replies.append(conn.call("EVALSHA", sha, len(keys), *keys, *args))
+        state = [(k, conn.call("DUMP", k)) for k in sorted(conn.call("KEYS", "*"))]  # type: ignore[arg-type]
+        outcomes.append((replies, state))
+    if outcomes[0][0] != outcomes[1][0]:
+        raise SystemExit(f"the scripts answer differently: {outcomes}")
+    if outcomes[0][1] != outcomes[1][1]:
+        raise SystemExit(f"the scripts leave different keys or values: {outcomes}")
 
 
 def main() -> int:
@@ -243,7 +254,7 @@ def main() -> int:
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for plan in args.plan.split(","):
             calls = plan_calls(plan, args.keys)
-            check_same(conn, shas, calls)
+            check_same(conn, scripts, calls)
             by_name = {name: plan_calls(plan, args.keys, salt=f"{i}") for i, name in enumerate(scripts)}
             for rnd in range(args.rounds):
                 conn.call("FLUSHALL")
