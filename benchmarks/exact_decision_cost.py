@@ -26,6 +26,7 @@ import argparse
 import ast
 import hashlib
 import os
+import random
 import re
 import shutil
 import socket
@@ -181,11 +182,8 @@ def check_same(conn: Conn, scripts: dict[str, str], calls: list) -> None:
     own (TIME read from a hash instead: real time would differ between the runs)."""
     outcomes = []
     for name in ("before", "after"):
-        src = re.sub(
-            r"(redis\.call|rcall)\('TIME'\)", "redis.call('HMGET', 'bench:clock', 's', 'us')", scripts[name]
-        )
         conn.call("FLUSHALL")
-        sha = conn.call("SCRIPT", "LOAD", src)
+        sha = conn.call("SCRIPT", "LOAD", fake_clock(scripts[name]))
         replies = []
         now = 1_796_443_833_000_000
         for step in range(20):
@@ -201,12 +199,79 @@ def check_same(conn: Conn, scripts: dict[str, str], calls: list) -> None:
         raise SystemExit(f"the scripts leave different keys or values: {outcomes}")
 
 
+def fake_clock(src: str) -> str:
+    """`src` reading TIME from the hash `bench:clock` (fields s, us): a clock the check sets."""
+    return re.sub(r"(redis\.call|rcall)\('TIME'\)", "redis.call('HMGET', 'bench:clock', 's', 'us')", src)
+
+
+def fuzz(port: int, scripts: dict[str, str], plans: int, seed: int = 7) -> int:
+    """Random plans (buckets, lease sets, budgets and token quotas; enforced or shadow; refunds;
+    tiny and huge limits; pre-2026-12 bucket hashes; budget windows of a past day or month), each
+    decided a few times on a clock that jumps (µs to days): both scripts, each in its own
+    database, must answer the same and leave the same keys, values and TTLs. -> decisions made."""
+    rnd = random.Random(seed)
+    conns = {"before": Conn(port), "after": Conn(port)}
+    conns["after"].call("SELECT", 1)
+    shas = {name: c.call("SCRIPT", "LOAD", fake_clock(scripts[name])) for name, c in conns.items()}
+    now = 1_796_443_833_000_000
+    decided = 0
+    for trial in range(plans):
+        checks = []
+        for i in range(rnd.randint(1, 5)):
+            kind = rnd.choice("rrcbq")
+            limit = {"r": rnd.choice([5, 20, 1000, 100000]), "c": rnd.randint(1, 3)}.get(
+                kind, rnd.choice([0, 1000, 5000])
+            )
+            limit2 = rnd.choice([0, -1, 3000, 20000]) if kind in "bq" else 0
+            checks.append((f"{{k{trial}}}:{i}", kind, limit, limit2, rnd.choice([1, 1, 0])))
+        for c in conns.values():
+            c.call("FLUSHDB")
+        for key, kind, *_ in checks:
+            r = rnd.random()
+            day = now // 86_400_000_000
+            for c in conns.values():
+                if kind == "r" and r < 0.1:
+                    c.call("HSET", key, "x", "1")
+                elif kind in "bq" and r < 0.5:
+                    c.call("HSET", key, "d", day - 1, "ds", 700, "m", 99999 if r < 0.3 else 0, "ms", 900)
+        for step in range(rnd.randint(3, 30)):
+            args: list[object] = [f"m{step}", 30000]
+            for _key, kind, limit, limit2, enforce in checks:
+                cost = rnd.choice(
+                    {"r": [0, 1, 1, 5, 50, 300], "c": [0], "b": [0, 100, 900], "q": [0, 1, 100]}[kind]
+                )
+                args += (
+                    kind,
+                    limit,
+                    limit2,
+                    cost,
+                    enforce,
+                    rnd.choice([0, 0, 10, 200]) if kind == "r" else 0,
+                )
+            now += rnd.choice([0, 1, 7, 1000, 123457, 3_000_000, 61_000_000, 86_400_000_000])
+            keys = [ch[0] for ch in checks]
+            seen, ttls = [], []
+            for name, c in conns.items():
+                c.call("HSET", "bench:clock", "s", now // 1_000_000, "us", now % 1_000_000)
+                reply = c.call("EVALSHA", shas[name], len(keys), *keys, *args)
+                seen.append((reply, [(k, c.call("DUMP", k)) for k in keys]))
+                ttls.append([c.call("PTTL", k) for k in keys])
+            decided += 1
+            same_ttls = all((a < 0) == (b < 0) and abs(a - b) < 1000 for a, b in zip(*ttls, strict=True))
+            if seen[0] != seen[1] or not same_ttls:
+                raise SystemExit(f"the scripts differ: plan {checks}, ARGV {args}: {seen}, TTLs {ttls}")
+    return decided
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", default="06ab089", help="git revision of the 'before' scripts")
     ap.add_argument("-n", type=int, default=20_000, help="decisions per cell")
     ap.add_argument("--keys", type=int, default=100, help="distinct keys per cell")
     ap.add_argument("--batch", type=int, default=50, help="calls per pipelined write")
+    ap.add_argument(
+        "--fuzz", type=int, default=300, help="random plans of the equivalence check first (0: none)"
+    )
     ap.add_argument("--block", type=int, default=500, help="calls per script before the next takes its turn")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--plan", default="rpm_tpm,budget")
@@ -245,10 +310,16 @@ def main() -> int:
         version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
         print(
             f"{version}; baseline {args.baseline}; n={args.n} per cell, {args.keys} keys, "
-            f"batch {args.batch}, "
-            f"{args.rounds} interleaved rounds; start loadavg {loadavg()}"
+            f"batch {args.batch}, block {args.block}, {args.rounds} rounds; start loadavg {loadavg()}"
         )
         print()
+        if args.fuzz:
+            decided = fuzz(port, scripts, args.fuzz)
+            print(
+                f"Equivalence: {decided} decisions of {args.fuzz} random plans on a jumping clock, "
+                "the same replies, keys, values and TTLs from both scripts."
+            )
+            print()
         print("| plan | round | script | Lua µs/call | redis-server CPU µs/call | loadavg (round start) |")
         print("|---|---|---|---|---|---|")
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
