@@ -200,7 +200,9 @@ def test_guard_scores_match_the_model_called_directly(triton: TritonServer) -> N
             {"name": "triton", "kind": "triton", "base_url": f"grpc://{triton.grpc_address}"}, ProviderConfig
         )
         adapter = TritonAdapter(cfg, bare_worker(asyncio.get_running_loop()))
-        guard = TritonGuard(GuardConfig(name="g", kind=GuardKind.TRITON, provider="triton"), adapter)
+        # equality, not speed: a loaded CI box may take seconds for the batch (default: 250 ms)
+        g = GuardConfig(name="g", kind=GuardKind.TRITON, provider="triton", timeout_ms=60_000)
+        guard = TritonGuard(g, adapter)
         try:
             return list(await asyncio.gather(*(guard.score(t) for t in texts)))
         finally:
