@@ -38,6 +38,9 @@ class ResponsesWebSocketConfig(msgspec.Struct, forbid_unknown_fields=True, froze
     #: a connection's whole life (OpenAI's: 60 min); past it, the next `response.create` (or the
     #: idle wait) gets `websocket_connection_limit_reached`, then close 1000
     max_connection_ms: int = 3_600_000
+    #: open connections per worker process; past it an upgrade is refused with 429
+    #: `websocket_connections_exceeded` (each open connection holds a task and its buffers)
+    max_connections: int = 1_000
 
 
 class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -70,6 +73,7 @@ def validate_responses(cfg: Config) -> None:
         ("purge_interval_s", r.purge_interval_s),
         ("websocket.idle_timeout_ms", r.websocket.idle_timeout_ms),
         ("websocket.max_connection_ms", r.websocket.max_connection_ms),
+        ("websocket.max_connections", r.websocket.max_connections),
     ):
         if value <= 0:
             raise ConfigError(f"{where}.{name}: must be > 0, got {value}")

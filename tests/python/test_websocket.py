@@ -17,6 +17,7 @@ from typing import Any
 import openai
 import pytest
 from conftest import Gateway, MockUpstream, gateway_config, run_gateway
+from test_streaming import wait_for
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -393,6 +394,7 @@ def test_granian_engine_serves_the_same_app(mock_upstream: MockUpstream, tmp_pat
     [
         ("{idle_timeout_ms: 0}", "websocket.idle_timeout_ms: must be > 0"),
         ("{max_connection_ms: -1}", "websocket.max_connection_ms: must be > 0"),
+        ("{max_connections: 0}", "websocket.max_connections: must be > 0"),
         ("{idle_timeout_ms: 5000, max_connection_ms: 1000}", "is longer than max_connection_ms"),
         ("{idle_ms: 5}", "idle_ms"),
     ],
@@ -403,3 +405,36 @@ def test_config_is_validated(websocket: str, message: str) -> None:
         parse(f"{base}responses:\n  websocket: {websocket}\n")
     assert message in str(info.value)
     assert parse(base).responses.websocket.max_connection_ms == 3_600_000
+
+
+def test_connections_per_worker_are_capped(mock_upstream: MockUpstream, tmp_path: Path) -> None:
+    """`responses.websocket.max_connections`: the upgrade past it is a 429 with the error JSON;
+    a closed connection frees its place."""
+    text = config(mock_upstream, tmp_path).replace(
+        "  websocket:\n", "  websocket:\n    max_connections: 2\n", 1
+    )
+    with run_gateway(tmp_path, mock_upstream, config_text=text) as g:
+        with ws_connect(g) as first, ws_connect(g) as second:
+            assert text_of(turn(first, model="echo", input="one"))
+            with pytest.raises(InvalidStatus) as info:
+                ws_connect(g)
+            response = info.value.response
+            assert response.status_code == 429
+            error = json.loads(response.body)["error"]
+            assert error["code"] == "websocket_connections_exceeded" and error["type"] == "rate_limit_error"
+            assert text_of(turn(second, model="echo", input="two"))  # the open ones go on
+
+        # both closed: places free again (the server sees the closes shortly after)
+        def opens() -> bool:
+            try:
+                with ws_connect(g) as again:
+                    return bool(text_of(turn(again, model="echo", input="three")))
+            except InvalidStatus:
+                return False
+
+        assert wait_for(opens, timeout_s=10)
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    assert events[-1]["type"] == "response.completed", events[-1]
+    return text(events)

@@ -257,6 +257,10 @@ class ResponsesSocket:
         return NORMAL
 
 
+#: this worker process's open connections (one Gateway per worker process)
+_open = [0]
+
+
 async def serve(gw: Gateway, scope: Any, protocol: Any, request_id: str, client: str) -> None:
     """An upgrade request: checked and authenticated, then served until it closes."""
     pipeline = gw.pipeline
@@ -270,11 +274,23 @@ async def serve(gw: Gateway, scope: Any, protocol: Any, request_id: str, client:
         auth = next((s for s in pipeline.request_stages if s.name == "auth"), None)
         if auth is not None:
             await auth.authenticate(scope.headers)  # type: ignore[attr-defined]
+        if _open[0] >= cfg.websocket.max_connections:
+            raise GatewayError(
+                Fault.RATE_LIMITED,
+                f"Too many WebSocket connections on this gateway worker (at most "
+                f"{cfg.websocket.max_connections}); retry later or use another connection.",
+                code="websocket_connections_exceeded",
+            )
     except GatewayError as err:
         log.info("websocket upgrade %s from %s refused: %s", request_id, client, err.message)
         _refuse(protocol, request_id, err)
         return
-    transport = await protocol.accept()
+    _open[0] += 1  # counted before the accept's await: concurrent upgrades see it
+    try:
+        transport = await protocol.accept()
+    except BaseException:
+        _open[0] -= 1
+        raise
     code = INTERNAL
     try:
         code = await ResponsesSocket(gw, scope, transport, client).run()
@@ -283,4 +299,5 @@ async def serve(gw: Gateway, scope: Any, protocol: Any, request_id: str, client:
     except Exception:
         log.exception("websocket %s from %s failed", request_id, client)
     finally:
+        _open[0] -= 1
         protocol.close(code)
