@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import openai
 import pytest
 from conftest import Gateway, MockUpstream, TritonServer, free_port, run_gateway
+from test_streaming import wait_for
 
 from gateway import config as config_mod
 from gateway.config import ConfigError, OnError
@@ -80,6 +82,7 @@ guards:
       timeout_ms: 30000, window_chars: 200, models: [chat-two]}}
   - {{name: injection_reply, kind: triton, provider: triton, model: prompt_guard, check: reply,
       timeout_ms: 30000, window_chars: 200, models: [chat-two]}}
+metrics: {{require_admin: false, publish_interval_ms: 50}}
 """
 
 
@@ -190,6 +193,30 @@ def test_toxic_unary_reply_is_an_error_naming_the_guard(gw: Gateway) -> None:
     assert ei.value.code == "toxicity"
     assert ei.value.response.headers["x-output-guard-error-code"] == "toxicity"
     assert "reply was blocked by the `toxicity` guard" in ei.value.message
+
+
+def test_reply_verdicts_are_counted_in_metrics(gw: Gateway) -> None:
+    def verdicts() -> dict[str, float]:
+        with urllib.request.urlopen(f"{gw.url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith('fastpath_output_classifier_verdicts_total{guard="toxicity",'):
+                verdict = line.split('verdict="', 1)[1].split('"', 1)[0]
+                out[verdict] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    before = verdicts()
+    client = _client(gw)
+    assert _ask(client, "chat", BENIGN[0]).http_response.status_code == 200
+    with pytest.raises(openai.BadRequestError):
+        _ask(client, "chat", "Summarize the report.", content=REPORT + THREAT + REPORT)
+
+    def counted() -> bool:
+        now = verdicts()
+        return all(now.get(v, 0) >= before.get(v, 0) + 1 for v in ("pass", "blocked"))
+
+    assert wait_for(counted, timeout_s=10), (before, verdicts())
 
 
 def test_toxic_completions_reply_is_an_error_too(gw: Gateway) -> None:

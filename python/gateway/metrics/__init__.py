@@ -103,6 +103,13 @@ class Family:
 _TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304]
 
 
+#: stage name -> the counter family its `counts` ({labels: n}) is published as
+_COUNTED = {
+    "planner": "fastpath_planner_decisions",
+    "output_classifier": "fastpath_output_classifier_verdicts",
+}
+
+
 def families(cfg: Config) -> dict[str, Family]:
     m = cfg.metrics
     lat, tok = m.latency_buckets, m.token_latency_buckets
@@ -194,6 +201,13 @@ def families(cfg: Config) -> dict[str, Family]:
             (),
         ),
         Family("fastpath_guard_verdicts", COUNTER, "Prompt guard verdicts.", ("guard", "verdict")),
+        Family(
+            "fastpath_output_classifier_verdicts",
+            COUNTER,
+            "Reply checks by a classifier guard (response stage output_classifier), per stream window or "
+            "unary reply: pass, blocked, fail_open, fail_closed.",
+            ("guard", "verdict"),
+        ),
         Family("fastpath_guard_duration_seconds", HISTOGRAM, "Prompt guard latency.", ("guard",), lat, NS),
         Family("fastpath_ledger_queue_depth", GAUGE, "Usage rows queued for the ledger.", ()),
         Family("fastpath_ledger_dropped_rows", COUNTER, "Usage rows dropped (queue full).", ()),
@@ -573,10 +587,10 @@ class MetricsObserver(Part):
                 for labels, n in zip(src.DECISION_LABELS, decisions, strict=True):
                     if n:
                         put(slot("fastpath_limiter_decisions", labels), float(n))
-            plans = getattr(src, "counts", None) if getattr(src, "name", "") == "planner" else None
-            if plans is not None:  # stage planner's own counters (labels from the config)
-                for labels, n in list(plans.items()):
-                    put(slot("fastpath_planner_decisions", labels), float(n))
+            counted = _COUNTED.get(getattr(src, "name", ""))
+            if counted is not None:  # a stage's own counters (labels from the config)
+                for labels, n in list(src.counts.items()):
+                    put(slot(counted, labels), float(n))
             pool = getattr(src, "pool", None)
             idle = getattr(pool, "idle_connections", None)
             if idle is not None:

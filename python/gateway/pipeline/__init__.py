@@ -167,7 +167,7 @@ class Pipeline:
             from ..metrics import MetricsObserver
 
             self.metrics = MetricsObserver(cfg)
-            self.metrics.watch(*stages, *observers, *worker.adapters.values())  # read off the path
+            self.metrics.watch(*stages, *response, *observers, *worker.adapters.values())  # read off the path
             observers.append(self.metrics)
         ext = load_extensions(cfg)
         stages += ext.request_stages
