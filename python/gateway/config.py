@@ -121,6 +121,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_stream_duration_ms: int = 900_000
     stream_ping_interval_ms: int = 15_000
     shutdown_grace_ms: int = 30_000
+    #: at shutdown (and when a reloaded generation retires) each pipeline part's `close()` gets
+    #: this long (the ledger drains, settlements finish); past it the part is left behind,
+    #: logged by name, so that a worker always exits
+    close_timeout_ms: int = 30_000
     backlog: int = 2048
     #: Peers (CIDRs) whose forwarding header names the client; from anyone else the socket peer
     #: is the client (gateway.edge). Empty: the header is never read.
@@ -861,6 +865,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"$.server.port: must be 0..65535, got {s.port}")
     _check_positive("$.server.workers", s.workers, allow_zero=True)
     _check_positive("$.server.shutdown_grace_ms", s.shutdown_grace_ms, allow_zero=True)
+    _check_positive("$.server.close_timeout_ms", s.close_timeout_ms)
     _check_all(
         "$.server",
         s,

@@ -3,6 +3,7 @@ gateway's processes find this module on PYTHONPATH: conftest adds tests/python).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -118,3 +119,22 @@ def recorder(options: dict[str, Any]) -> Recorder:
 
 def settle_counter(options: dict[str, Any]) -> SettleCounter:
     return SettleCounter(options)
+
+
+class HangsOnClose(Part):
+    """A request stage whose `close()` never returns (a part stuck at shutdown)."""
+
+    name = "hangs_on_close"
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        return None
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        return None
+
+    async def close(self) -> None:
+        await asyncio.Event().wait()
+
+
+def hangs_on_close(options: dict[str, Any]) -> HangsOnClose:
+    return HangsOnClose(options)

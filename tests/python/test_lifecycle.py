@@ -203,3 +203,21 @@ if {held!r}:
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split() == (["True", "True", "True", "stopped"] if held else ["False", "False"])
+
+
+def test_a_part_stuck_in_close_does_not_keep_the_worker_alive(
+    mock_upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """`server.close_timeout_ms`: a part whose close never returns is left behind, named in the
+    log, and the worker (and the master) exit; without the bound the worker waited forever."""
+    text = gateway_config(mock_upstream.port, close_timeout_ms=300) + (
+        'extensions:\n  - {kind: request_stage, factory: "contract_parts:hangs_on_close"}\n'
+    )
+    log_path = tmp_path / "gateway.log"
+    with (
+        open(log_path, "wb") as out,
+        run_gateway(tmp_path, mock_upstream, config_text=text, output=out) as gw,
+    ):
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(20) == 0
+    assert "closing hangs_on_close took longer than 0.3 s" in log_path.read_text()

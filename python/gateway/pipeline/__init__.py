@@ -62,6 +62,7 @@ INTERNAL = GatewayError(Fault.INTERNAL, "The gateway failed to handle the reques
 
 class Pipeline:
     __slots__ = (
+        "_close_timeout_s",
         "_loop",
         "archiver",
         "batches",
@@ -80,6 +81,7 @@ class Pipeline:
 
     def __init__(self, cfg: Config, worker: Worker) -> None:
         self._loop = worker.loop
+        self._close_timeout_s = cfg.server.close_timeout_ms / 1000
         stages: list[RequestStage] = []
         finish: list[FinishStage] = []
         response: list[ResponseStage] = []
@@ -252,11 +254,17 @@ class Pipeline:
 
     async def close(self) -> None:
         """Worker shutdown: every part, in reverse order (the ledger drains its queue)."""
+        timeout_s = self._close_timeout_s
         for part in reversed(self._parts()):
+            name = getattr(part, "name", part)
             try:
-                await part.close()
+                await asyncio.wait_for(part.close(), timeout_s)
+            except TimeoutError:
+                log.error(
+                    "closing %s took longer than %g s (server.close_timeout_ms): left behind", name, timeout_s
+                )
             except Exception:
-                log.exception("closing %s failed", getattr(part, "name", part))
+                log.exception("closing %s failed", name)
 
     # ---- one request ----------------------------------------------------------------------------
     async def serve(self, ctx: RequestContext, protocol: Any, task: asyncio.Task[Any]) -> None:
